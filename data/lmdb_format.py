@@ -1,0 +1,116 @@
+"""The LMDB layout of the authors' release (SPEC.md §3), read and written.
+
+One LMDB file per split (`data/<name>/train.lmdb`, `data/<name>/test.lmdb`):
+    b'__len__'  -> pickle(int)              number of records
+    b'__keys__' -> pickle(list[bytes])      the record keys, in order
+    key         -> pickle((bytes, int))     encoded image file (JPEG/PNG) and its label
+
+Records are unpickled with a restricted unpickler that refuses every class, so a
+hostile file cannot run code: the format only ever holds ints, bytes, lists and tuples.
+"""
+import io
+import os
+import pickle
+import shutil
+
+import lmdb
+
+LEN_KEY = b"__len__"
+KEYS_KEY = b"__keys__"
+_MAP_SIZE = 1 << 40  # an upper bound only; the file grows with what is written
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: records hold only bytes and ints")
+
+
+def plain_loads(blob: bytes):
+    """pickle.loads for plain data (ints, bytes, str, lists, tuples); refuses any class."""
+    return _PlainDataUnpickler(io.BytesIO(blob)).load()
+
+
+def _open(path: str, readonly: bool) -> lmdb.Environment:
+    # The release's files are single files (subdir=False); a directory-style LMDB also opens.
+    return lmdb.open(path, subdir=os.path.isdir(path), readonly=readonly, lock=not readonly,
+                     readahead=False, meminit=False, map_size=_MAP_SIZE if not readonly else 0)
+
+
+class LMDBReader:
+    """Random access to the records of one split. Opens lazily, so it can be sent to DataLoader workers."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._env = None
+        env = _open(path, readonly=True)
+        with env.begin() as txn:
+            keys_blob = txn.get(KEYS_KEY)
+            len_blob = txn.get(LEN_KEY)
+        env.close()
+        if keys_blob is None or len_blob is None:
+            raise ValueError(f"{path} is not in the release's LMDB format (no __keys__ / __len__ entries)")
+        self.keys = plain_loads(keys_blob)
+        if plain_loads(len_blob) != len(self.keys):
+            raise ValueError(f"{path}: __len__ disagrees with the number of __keys__")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getstate__(self):
+        return {"path": self.path, "keys": self.keys, "_env": None}
+
+    def __getitem__(self, index: int) -> tuple[bytes, int]:
+        """Returns (encoded image bytes, label). Raises KeyError/ValueError on a damaged record."""
+        if self._env is None:
+            self._env = _open(self.path, readonly=True)
+        key = self.keys[index]
+        with self._env.begin() as txn:
+            blob = txn.get(key)
+        if blob is None:
+            raise KeyError(key)
+        image_bytes, label = plain_loads(blob)
+        return image_bytes, int(label)
+
+    def labels(self) -> list[int]:
+        return [self[i][1] for i in range(len(self))]
+
+
+def record_key(index: int) -> bytes:
+    return f"{index:08d}".encode()
+
+
+def write_lmdb(path: str, records) -> int:
+    """Write an iterable of (image_bytes, label) to `path` in the release's format; returns the count.
+
+    Atomic: the records go to `<path>.partial` first, which is renamed to `path` only once
+    complete, so an interrupted build never leaves a file that looks finished. Refuses to
+    replace an existing `path`; the caller decides about overwriting.
+    """
+    if os.path.exists(path):
+        raise FileExistsError(path)
+    partial = path + ".partial"
+    for stale in (partial, partial + "-lock"):
+        if os.path.isdir(stale):
+            shutil.rmtree(stale)
+        elif os.path.exists(stale):
+            os.remove(stale)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    env = _open(partial, readonly=False)
+    keys = []
+    txn = env.begin(write=True)
+    for index, (image_bytes, label) in enumerate(records):
+        key = record_key(index)
+        txn.put(key, pickle.dumps((bytes(image_bytes), int(label)), protocol=4))
+        keys.append(key)
+        if len(keys) % 1000 == 0:  # bounded transaction size
+            txn.commit()
+            txn = env.begin(write=True)
+    txn.put(KEYS_KEY, pickle.dumps(keys, protocol=4))
+    txn.put(LEN_KEY, pickle.dumps(len(keys), protocol=4))
+    txn.commit()
+    env.sync()
+    env.close()
+    if os.path.exists(partial + "-lock"):
+        os.remove(partial + "-lock")
+    os.replace(partial, path)
+    return len(keys)

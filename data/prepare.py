@@ -1,0 +1,614 @@
+"""Build data/<name>/{train,test}.lmdb (the release's format, SPEC.md §3) from a dataset as its owners publish it.
+
+    python -m data.prepare cub --src ~/downloads/CUB_200_2011 --out data
+    python -m data.prepare imagefolder --src ~/my_xrays --name my_xrays --resize 256
+    python -m data.prepare --check cub --out data
+
+Converters and the splits they write (train / test, the usual benchmark splits):
+    aircraft        FGVC-Aircraft, variant level (100 classes): trainval (6,667) / test (3,333);
+                    data/variants.txt order; --src is fgvc-aircraft-2013b/ (or its data/)
+    cub             CUB-200-2011: train_test_split.txt (5,994 / 5,794); classes.txt order
+    dtd             DTD split 1: train1 + val1 (3,760) / test1 (1,880); class names sorted
+    stanford_dogs   Stanford Dogs: train_list.mat (12,000) / test_list.mat (8,580); label numbers;
+                    --src holds the .mat files (lists.tar) and Images/ (images.tar)
+    vgg_flower_102  Oxford Flowers-102: trnid + valid (2,040) / tstid (6,149) of setid.mat;
+                    label numbers of imagelabels.mat; images in jpg/
+    chest_xray      Kermany et al. (Kaggle "chest-xray-pneumonia"): train/ (5,216) / test/ (624);
+                    NORMAL = 0, PNEUMONIA = 1; val/ (16 images) is not used
+    imagefolder     your own <src>/<class>/<image> (or <src>/{train,test}/<class>/<image>); class
+                    folders sorted; without train/ and test/, each class is split with --seed,
+                    --test_fraction of its images going to test. Needs --name.
+The train split of each benchmark includes its validation part: the recipe has no validation.
+
+Images are stored byte-for-byte by default. `--resize N` instead stores JPEG (quality 95) shrunk
+so that the shorter side is N (aspect ratio kept, never enlarged): a smaller, faster LMDB that is
+still a faithful picture; training resizes to 224x224 anyway, so N >= 224 loses nothing there.
+
+Every image is decoded once while building. An unreadable one stops the build (naming it) unless
+--skip_bad, which skips and lists it. Both splits are written into a hidden folder
+`<out>/.<name>.partial-*` and moved to `<out>/<name>` only once both are complete; an existing
+`<out>/<name>` is replaced (after that) only with --overwrite.
+
+After building, the images per split and per class are printed and stored in
+`<out>/<name>/counts.json`; a split whose size differs from the standard split prints a
+`warning: <name> <split>: expected ... images (standard split), found ...` line on stderr and
+does not fail (fake or partial sources are legitimate). `--check NAME` decodes every record of an
+existing `<out>/<name>` (ours, or the authors' data.tar.gz) and checks labels and counts.
+"""
+import argparse
+import io
+import json
+import os
+import sys
+import uuid
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from data.datasets import DATASETS, IMAGE_EXTENSIONS, SPLITS
+from data.lmdb_format import LMDBReader, write_lmdb
+from utils import UserError
+
+# Sizes of the standard splits (train includes validation where the dataset has one).
+EXPECTED_COUNTS = {
+    "aircraft": {"train": 6667, "test": 3333},
+    "cub": {"train": 5994, "test": 5794},
+    "dtd": {"train": 3760, "test": 1880},
+    "stanford_dogs": {"train": 12000, "test": 8580},
+    "vgg_flower_102": {"train": 2040, "test": 6149},
+    "chest_xray": {"train": 5216, "test": 624},
+}
+JPEG_QUALITY = 95
+MAX_LISTED_PROBLEMS = 20
+
+
+class Source(NamedTuple):
+    splits: dict  # split -> list of (image path, 0-based label)
+    classes: list  # label -> class name
+
+
+# ---------------------------------------------------------------- reading the published layouts
+
+def _locate(src: str, marker: str, subdirs) -> str:
+    """The folder under `src` (one of `subdirs`) holding `marker`, so that --src may point at the
+    extracted archive or at the folder inside it; the first candidate when none has it."""
+    for sub in subdirs:
+        if os.path.exists(os.path.join(src, sub, marker)):
+            return os.path.normpath(os.path.join(src, sub))
+    return os.path.normpath(os.path.join(src, subdirs[0]))
+
+
+def _require(path: str, layout: str) -> str:
+    if not os.path.exists(path):
+        raise UserError(f"missing {path} (expected {layout})")
+    return path
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+def _pairs(path: str) -> list[tuple[str, str]]:
+    """'<id> <value with spaces>' lines."""
+    pairs = []
+    for number, line in enumerate(_read_lines(path), 1):
+        fields = line.split(maxsplit=1)
+        if len(fields) != 2:
+            raise UserError(f"{path}:{number}: expected '<id> <value>', got {line!r}")
+        pairs.append((fields[0], fields[1]))
+    return pairs
+
+
+def _loadmat(path: str, keys) -> dict:
+    import scipy.io
+
+    try:
+        mat = scipy.io.loadmat(path, squeeze_me=True)
+    except Exception as e:  # corrupt file, MATLAB v7.3 (HDF5), ...
+        raise UserError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    for key in keys:
+        if key not in mat:
+            found = ", ".join(k for k in mat if not k.startswith("__"))
+            raise UserError(f"{path} has no variable '{key}' (found: {found})")
+    return mat
+
+
+def _mat_ints(path: str, values) -> list[int]:
+    values = np.atleast_1d(np.asarray(values, dtype=np.float64)).ravel()
+    if not np.all(values == np.round(values)):
+        raise UserError(f"{path}: expected integer labels or ids")
+    return [int(v) for v in values]
+
+
+def _mat_strings(values) -> list[str]:
+    return [str(np.asarray(v).squeeze()) for v in np.atleast_1d(values).ravel()]
+
+
+def _image_files(folder: str) -> list[str]:
+    """Images under `folder`, sorted; hidden files (macOS '._x.jpeg' copies in zips) left out."""
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += [os.path.join(root, n) for n in names
+                  if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+    return sorted(files)
+
+
+def _class_folders(folder: str) -> list[str]:
+    return sorted(d for d in os.listdir(folder)
+                  if os.path.isdir(os.path.join(folder, d)) and not d.startswith(".") and d != "__MACOSX")
+
+
+def _folder_split(split_dir: str, classes: list[str]) -> list[tuple[str, int]]:
+    extra = sorted(set(_class_folders(split_dir)) - set(classes))
+    if extra:
+        raise UserError(f"{split_dir} has class folders that train/ lacks: {', '.join(extra)}")
+    return [(path, label) for label, cls in enumerate(classes)
+            for path in _image_files(os.path.join(split_dir, cls))]
+
+
+# ---------------------------------------------------------------- one converter per dataset
+
+def aircraft(src: str) -> Source:
+    layout = "FGVC-Aircraft: data/variants.txt, data/images_variant_{trainval,test}.txt, data/images/"
+    root = _locate(src, "variants.txt", ["data", "fgvc-aircraft-2013b/data", "."])
+    classes = _read_lines(_require(os.path.join(root, "variants.txt"), layout))
+    label_of = {name: label for label, name in enumerate(classes)}
+    image_dir = _require(os.path.join(root, "images"), layout)
+    splits = {}
+    for split, index in (("train", "images_variant_trainval.txt"), ("test", "images_variant_test.txt")):
+        path = _require(os.path.join(root, index), layout)
+        items = []
+        for image_id, variant in _pairs(path):
+            if variant not in label_of:
+                raise UserError(f"{path}: variant {variant!r} of image {image_id} is not in variants.txt")
+            items.append((os.path.join(image_dir, f"{image_id}.jpg"), label_of[variant]))
+        splits[split] = items
+    return Source(splits, classes)
+
+
+def cub(src: str) -> Source:
+    layout = "CUB-200-2011: images.txt, image_class_labels.txt, train_test_split.txt, classes.txt, images/"
+    root = _locate(src, "images.txt", [".", "CUB_200_2011"])
+    index = {name: _pairs(_require(os.path.join(root, name), layout))
+             for name in ("classes.txt", "images.txt", "image_class_labels.txt", "train_test_split.txt")}
+    image_dir = _require(os.path.join(root, "images"), layout)
+    label_of = {class_id: label for label, (class_id, _) in enumerate(index["classes.txt"])}
+    classes = [name for _, name in index["classes.txt"]]
+    class_of, is_train = dict(index["image_class_labels.txt"]), dict(index["train_test_split.txt"])
+    splits = {"train": [], "test": []}
+    for image_id, relpath in index["images.txt"]:
+        for table, name in ((class_of, "image_class_labels.txt"), (is_train, "train_test_split.txt")):
+            if image_id not in table:
+                raise UserError(f"{os.path.join(root, name)} has no line for image {image_id}")
+        if class_of[image_id] not in label_of:
+            raise UserError(f"class {class_of[image_id]} of image {image_id} is not in classes.txt")
+        split = "train" if is_train[image_id] == "1" else "test"
+        splits[split].append((os.path.join(image_dir, relpath), label_of[class_of[image_id]]))
+    return Source(splits, classes)
+
+
+def dtd(src: str) -> Source:
+    layout = "DTD: labels/train1.txt, labels/val1.txt, labels/test1.txt, images/<class>/"
+    root = _locate(src, os.path.join("labels", "train1.txt"), [".", "dtd"])
+    lists = {name: _read_lines(_require(os.path.join(root, "labels", name), layout))
+             for name in ("train1.txt", "val1.txt", "test1.txt")}
+    image_dir = _require(os.path.join(root, "images"), layout)
+    for name, lines in lists.items():
+        for line in lines:
+            if "/" not in line:
+                raise UserError(f"{os.path.join(root, 'labels', name)}: expected '<class>/<image>', got {line!r}")
+    classes = sorted({line.split("/")[0] for lines in lists.values() for line in lines})
+    label_of = {name: label for label, name in enumerate(classes)}
+
+    def items(lines):
+        return [(os.path.join(image_dir, line), label_of[line.split("/")[0]]) for line in lines]
+
+    return Source({"train": items(lists["train1.txt"] + lists["val1.txt"]), "test": items(lists["test1.txt"])},
+                  classes)
+
+
+def stanford_dogs(src: str) -> Source:
+    layout = "Stanford Dogs: train_list.mat, test_list.mat (lists.tar), Images/ (images.tar)"
+    image_dir = _require(os.path.join(src, "Images"), layout)
+    splits, names = {}, {}
+    for split in SPLITS:
+        path = _require(os.path.join(src, f"{split}_list.mat"), layout)
+        mat = _loadmat(path, ("file_list", "labels"))
+        files, numbers = _mat_strings(mat["file_list"]), _mat_ints(path, mat["labels"])
+        if len(files) != len(numbers) or min(numbers, default=1) < 1:
+            raise UserError(f"{path}: file_list and 1-based labels do not match")
+        for file, number in zip(files, numbers):
+            folder = file.split("/")[0]  # 'n02085620-Chihuahua'
+            if names.setdefault(number, folder) != folder:
+                raise UserError(f"{path}: label {number} is both {names[number]} and {folder}")
+        splits[split] = [(os.path.join(image_dir, f), n - 1) for f, n in zip(files, numbers)]
+    classes = [names.get(number, str(number)) for number in range(1, max(names, default=0) + 1)]
+    return Source(splits, classes)
+
+
+def vgg_flower_102(src: str) -> Source:
+    layout = "Oxford Flowers-102: imagelabels.mat, setid.mat, jpg/image_00001.jpg ..."
+    labels_path = _require(os.path.join(src, "imagelabels.mat"), layout)
+    setid_path = _require(os.path.join(src, "setid.mat"), layout)
+    image_dir = _require(os.path.join(src, "jpg"), layout)
+    numbers = _mat_ints(labels_path, _loadmat(labels_path, ("labels",))["labels"])
+    if min(numbers, default=1) < 1:
+        raise UserError(f"{labels_path}: labels are 1-based, found {min(numbers)}")
+    setid = _loadmat(setid_path, ("trnid", "valid", "tstid"))
+    ids = {key: _mat_ints(setid_path, setid[key]) for key in ("trnid", "valid", "tstid")}
+    for image_id in ids["trnid"] + ids["valid"] + ids["tstid"]:
+        if not 1 <= image_id <= len(numbers):
+            raise UserError(f"{setid_path}: image id {image_id} outside 1..{len(numbers)} of imagelabels.mat")
+
+    def items(image_ids):
+        return [(os.path.join(image_dir, f"image_{i:05d}.jpg"), numbers[i - 1] - 1) for i in sorted(image_ids)]
+
+    classes = [str(number) for number in range(1, max(numbers, default=0) + 1)]
+    return Source({"train": items(ids["trnid"] + ids["valid"]), "test": items(ids["tstid"])}, classes)
+
+
+def chest_xray(src: str) -> Source:
+    layout = "the chest X-ray set: train/{NORMAL,PNEUMONIA}/, test/{NORMAL,PNEUMONIA}/"
+    root = _locate(src, "train", [".", "chest_xray", os.path.join("chest_xray", "chest_xray")])
+    train_dir = _require(os.path.join(root, "train"), layout)
+    test_dir = _require(os.path.join(root, "test"), layout)
+    classes = _class_folders(train_dir)
+    return Source({"train": _folder_split(train_dir, classes), "test": _folder_split(test_dir, classes)}, classes)
+
+
+def imagefolder(src: str, test_fraction: float, seed: int) -> Source:
+    import random
+
+    has = {split: os.path.isdir(os.path.join(src, split)) for split in SPLITS}
+    if all(has.values()):
+        classes = _class_folders(os.path.join(src, "train"))
+        return Source({split: _folder_split(os.path.join(src, split), classes) for split in SPLITS}, classes)
+    if any(has.values()):
+        present, absent = ("train", "test") if has["train"] else ("test", "train")
+        raise UserError(f"{src} has {present}/ but no {absent}/: give both, or put the class folders "
+                        f"directly in {src} for a seeded split")
+    classes = _class_folders(src)
+    if not classes:
+        raise UserError(f"no class folders in {src} (expected {src}/<class>/<image>)")
+    if not 0 < test_fraction < 1:
+        raise UserError(f"--test_fraction must be between 0 and 1, got {test_fraction}")
+    splits = {"train": [], "test": []}
+    for label, cls in enumerate(classes):
+        files = _image_files(os.path.join(src, cls))
+        # Seeded by class name: a class's split does not change when other classes are added.
+        random.Random(f"{seed}:{cls}").shuffle(files)
+        n_test = round(len(files) * test_fraction)
+        if len(files) >= 2:
+            n_test = min(max(n_test, 1), len(files) - 1)
+        splits["test"] += [(f, label) for f in sorted(files[:n_test])]
+        splits["train"] += [(f, label) for f in sorted(files[n_test:])]
+    return Source(splits, classes)
+
+
+CONVERTERS = {"aircraft": aircraft, "cub": cub, "dtd": dtd, "stanford_dogs": stanford_dogs,
+              "vgg_flower_102": vgg_flower_102, "chest_xray": chest_xray, "imagefolder": imagefolder}
+
+
+# ---------------------------------------------------------------- images
+
+def _decode(image_bytes: bytes) -> Image.Image:
+    """Fully decoded and converted as data.decode_image will, so a truncated file fails here, not mid-training."""
+    img = Image.open(io.BytesIO(image_bytes))
+    img.load()
+    img.convert("RGB")
+    return img
+
+
+def _load(path: str, resize):
+    """(image bytes to store, None), or (None, why it cannot be used)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        img = _decode(data)
+        if resize is None:
+            return data, None
+        # No EXIF transpose: decode_image ignores orientation too, so both options give the same pixels.
+        img = img.convert("L" if img.mode == "L" else "RGB")
+        scale = resize / min(img.size)
+        if scale < 1:
+            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=JPEG_QUALITY)
+        return buf.getvalue(), None
+    except Exception as e:  # OSError, PIL's UnidentifiedImageError / DecompressionBombError, ...
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _ordered_map(fn, items, workers: int):
+    """map(fn, items) on threads (PIL decodes without the GIL), in order, a bounded window ahead."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= 4 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ---------------------------------------------------------------- build
+
+def _records(items, args, skipped: list, desc: str):
+    """(image bytes, label) of each usable image; unreadable ones stop the build or, with --skip_bad, go to `skipped`."""
+    loaded = _ordered_map(lambda path: _load(path, args.resize), (path for path, _ in items), args.workers)
+    for (path, label), (data, error) in tqdm(zip(items, loaded), total=len(items), desc=desc, unit="img"):
+        if error is not None:
+            if not args.skip_bad:
+                raise UserError(f"cannot read image {path}: {error} (fix or remove it, or pass --skip_bad)")
+            tqdm.write(f"skipped unreadable image {path}: {error}", file=sys.stderr)
+            skipped.append(path)
+            continue
+        yield data, label
+
+
+def _count(labels, classes) -> dict:
+    per_class = Counter(labels)
+    return {"total": len(labels), "per_class": {name: per_class.get(label, 0) for label, name in enumerate(classes)}}
+
+
+def _print_counts(counts: dict, classes) -> None:
+    width = max([len(c) for c in classes] + [5])
+    print(f"{'label':>5}  {'class':<{width}}  {'train':>6}  {'test':>6}")
+    for label, name in enumerate(classes):
+        row = "  ".join(f"{counts[split]['per_class'].get(name, 0):>6}" if split in counts else f"{'-':>6}"
+                        for split in SPLITS)
+        print(f"{label:>5}  {name:<{width}}  {row}")
+    print(f"{'':>5}  {'total':<{width}}  " + "  ".join(f"{counts[s]['total'] if s in counts else '-':>6}"
+                                                        for s in SPLITS))
+
+
+def _warn_expected(dataset: str, name: str, counts: dict) -> None:
+    for split, expected in EXPECTED_COUNTS.get(dataset, {}).items():
+        if split in counts and counts[split]["total"] != expected:
+            print(f"warning: {name} {split}: expected {expected} images (standard split), "
+                  f"found {counts[split]['total']}", file=sys.stderr)
+
+
+def _check_target(target: str, src: str, overwrite: bool) -> None:
+    real_target, real_src = os.path.realpath(target), os.path.realpath(src)
+    if real_src == real_target or real_src.startswith(real_target + os.sep):
+        raise UserError(f"--src {src} is inside the output {target}: building would replace the source; "
+                        f"choose another --out or --name")
+    if os.path.lexists(target) and not _is_empty_dir(target) and not overwrite:
+        raise UserError(f"{target} already exists; pass --overwrite to replace it "
+                        f"(the old one is kept until the new one is complete)")
+
+
+def _is_empty_dir(path: str) -> bool:
+    return os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)
+
+
+def _remove(path: str) -> None:
+    import shutil
+
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def _move_into_place(partial: str, target: str, overwrite: bool) -> None:
+    if _is_empty_dir(target):
+        os.rmdir(target)
+    if not os.path.lexists(target):
+        os.rename(partial, target)
+        return
+    if not overwrite:  # appeared while we were building
+        raise UserError(f"{target} already exists; pass --overwrite to replace it")
+    old = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(target, old)
+    try:
+        os.rename(partial, target)
+    except OSError:
+        os.rename(old, target)
+        raise
+    _remove(old)
+
+
+def build(args) -> dict:
+    name = args.name or args.dataset
+    if args.dataset == "imagefolder" and not args.name:
+        raise UserError("imagefolder needs --name NAME (the folder it builds: <out>/NAME)")
+    if not name.replace("_", "").replace("-", "").replace(".", "").isalnum() or name.startswith("."):
+        raise UserError(f"--name {name!r}: use letters, digits, '_', '-' and '.' (it names a folder)")
+    if args.src is None:
+        raise UserError(f"give the dataset's folder: python -m data.prepare {args.dataset} --src PATH")
+    if not os.path.isdir(args.src):
+        raise UserError(f"--src {args.src} is not a folder")
+    if args.resize is not None and args.resize < 1:
+        raise UserError(f"--resize must be a positive number of pixels, got {args.resize}")
+    target = os.path.join(args.out, name)
+    _check_target(target, args.src, args.overwrite)
+
+    if args.dataset == "imagefolder":
+        source = imagefolder(args.src, args.test_fraction, args.seed)
+    else:
+        source = CONVERTERS[args.dataset](args.src)
+    classes = source.classes
+    if len(set(classes)) != len(classes):
+        raise UserError(f"{args.src}: duplicate class names in the index")
+    if name in DATASETS and len(classes) > DATASETS[name]:
+        raise UserError(f"{args.src} has {len(classes)} classes, but '{name}' models have {DATASETS[name]}; "
+                        f"choose another --name")
+    if args.dataset in DATASETS and len(classes) != DATASETS[args.dataset]:
+        print(f"warning: {name}: {len(classes)} classes found, the standard dataset has {DATASETS[args.dataset]}",
+              file=sys.stderr)
+    missing = [path for items in source.splits.values() for path, _ in items if not os.path.isfile(path)]
+    if missing and not args.skip_bad:  # fail before spending minutes on the images that are there
+        raise UserError(f"missing image {missing[0]} ({len(missing)} listed images are missing; "
+                        f"pass --skip_bad to build without them)")
+    os.makedirs(args.out, exist_ok=True)
+    for entry in sorted(os.listdir(args.out)):
+        if entry.startswith(f".{name}.partial-"):
+            print(f"warning: {os.path.join(args.out, entry)} is left from an interrupted build; delete it "
+                  f"to free the space", file=sys.stderr)
+
+    # ---- both splits into a hidden folder, moved into place only once complete
+    partial = os.path.join(args.out, f".{name}.partial-{uuid.uuid4().hex[:8]}")
+    os.mkdir(partial)
+    try:
+        counts = {}
+        for split in SPLITS:
+            path = os.path.join(partial, f"{split}.lmdb")
+            skipped = []
+            write_lmdb(path, _records(source.splits[split], args, skipped, desc=f"{name} {split}"))
+            counts[split] = _count(LMDBReader(path).labels(), classes)  # what was written, read back
+            counts[split]["skipped"] = skipped
+        summary = {"name": name, "dataset": args.dataset, "src": os.path.abspath(args.src), "resize": args.resize,
+                   "num_classes": len(classes), "classes": classes, "splits": counts,
+                   "expected": EXPECTED_COUNTS.get(args.dataset)}
+        with open(os.path.join(partial, "counts.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        _move_into_place(partial, target, args.overwrite)
+    finally:
+        _remove(partial)
+
+    # ---- report
+    print(f"{name}: wrote {target}/train.lmdb ({counts['train']['total']} images) and "
+          f"{target}/test.lmdb ({counts['test']['total']} images), {len(classes)} classes")
+    _print_counts(counts, classes)
+    print(f"counts stored in {os.path.join(target, 'counts.json')}")
+    for split in SPLITS:
+        if counts[split]["skipped"]:
+            print(f"warning: {name} {split}: skipped {len(counts[split]['skipped'])} unreadable images "
+                  f"(listed in counts.json)", file=sys.stderr)
+    _warn_expected(args.dataset, name, counts)
+    return summary
+
+
+# ---------------------------------------------------------------- check
+
+def _read_records(reader: LMDBReader, problems: list):
+    for index in range(len(reader)):
+        try:
+            yield reader.keys[index], reader[index]
+        except Exception as e:  # missing key, refused or broken pickle
+            problems.append(f"{reader.path} record {reader.keys[index]!r}: cannot read ({type(e).__name__}: {e})")
+
+
+def _decode_error(record):
+    try:
+        _decode(record[1][0])
+        return None
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def check(args) -> dict:
+    name = args.check
+    root = os.path.join(args.out, name)
+    if not os.path.isdir(root):
+        raise UserError(f"{root} does not exist; build it with `python -m data.prepare`")
+    stored = None
+    if os.path.exists(os.path.join(root, "counts.json")):
+        with open(os.path.join(root, "counts.json")) as f:
+            stored = json.load(f)
+    num_classes = DATASETS.get(name) or (stored or {}).get("num_classes")
+    problems, labels = [], {}
+    for split in SPLITS:
+        path = os.path.join(root, f"{split}.lmdb")
+        if not os.path.exists(path):
+            problems.append(f"missing {path}")
+            continue
+        try:
+            reader = LMDBReader(path)
+        except Exception as e:
+            problems.append(f"cannot open {path}: {type(e).__name__}: {e}")
+            continue
+        records = _read_records(reader, problems)
+        decoded = _ordered_map(lambda record: (record, _decode_error(record)), records, args.workers)
+        labels[split] = []
+        for (key, (_, label)), error in tqdm(decoded, total=len(reader), desc=f"{name} {split}", unit="img"):
+            if error is not None:
+                problems.append(f"{path} record {key!r}: image does not decode ({error})")
+            if label < 0 or (num_classes is not None and label >= num_classes):
+                problems.append(f"{path} record {key!r}: label {label} outside 0..{(num_classes or 0) - 1}")
+            else:
+                labels[split].append(label)
+    if num_classes is None:
+        print(f"warning: {name}: class count unknown (not a known dataset, no counts.json); "
+              f"labels checked only for being >= 0", file=sys.stderr)
+        num_classes = max([max(v, default=-1) for v in labels.values()], default=-1) + 1
+    classes = stored["classes"] if stored else [str(label) for label in range(num_classes)]
+    counts = {split: _count(split_labels, classes) for split, split_labels in labels.items()}
+    if stored:
+        for split in counts:
+            want = stored["splits"].get(split, {})
+            if (want.get("total"), want.get("per_class")) != (counts[split]["total"], counts[split]["per_class"]):
+                problems.append(f"{root} {split}: counts differ from counts.json "
+                                f"({counts[split]['total']} images, counts.json says {want.get('total')})")
+
+    _print_counts(counts, classes)
+    _warn_expected((stored or {}).get("dataset", name), name, counts)
+    if problems:
+        for problem in problems[:MAX_LISTED_PROBLEMS]:
+            print(problem, file=sys.stderr)
+        if len(problems) > MAX_LISTED_PROBLEMS:
+            print(f"... and {len(problems) - MAX_LISTED_PROBLEMS} more", file=sys.stderr)
+        raise UserError(f"{root}: {len(problems)} problems found")
+    print(f"{root}: ok, every record decodes, labels in 0..{num_classes - 1}")
+    return counts
+
+
+# ---------------------------------------------------------------- command line
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Build or check data/<name>/{train,test}.lmdb",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("dataset", nargs="?", choices=sorted(CONVERTERS), metavar="NAME",
+                        help=f"converter: one of {', '.join(CONVERTERS)}")
+    parser.add_argument("--src", default=None, help="the dataset as downloaded and extracted")
+    parser.add_argument("--out", default="data", help="writes <out>/<name>/{train,test}.lmdb and counts.json")
+    parser.add_argument("--name", default=None,
+                        help="output folder name (required for imagefolder; default: the converter's name)")
+    parser.add_argument("--resize", type=int, default=None, metavar="N",
+                        help="store JPEG (quality 95) with the shorter side shrunk to N, instead of the original bytes")
+    parser.add_argument("--skip_bad", action="store_true",
+                        help="skip (and list) unreadable or missing images instead of stopping")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing <out>/<name>, once the new one is complete")
+    parser.add_argument("--test_fraction", type=float, default=0.2,
+                        help="imagefolder without train/ and test/: fraction of each class that goes to test")
+    parser.add_argument("--seed", type=int, default=0, help="imagefolder without train/ and test/: split seed")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="threads decoding images")
+    parser.add_argument("--check", default=None, metavar="NAME",
+                        help="instead of building, decode every record of <out>/NAME and check labels and counts")
+    return parser
+
+
+def main(args):
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    if args.check is not None:
+        if args.dataset is not None:
+            raise UserError("give either a converter NAME to build or --check NAME, not both")
+        return check(args)
+    if args.dataset is None:
+        raise UserError(f"give a converter NAME ({', '.join(CONVERTERS)}) or --check NAME")
+    return build(args)
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

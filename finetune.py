@@ -1,0 +1,136 @@
+"""Stage 3 — fine-tuning: a linear classifier on the CLS token, trained with labels.
+
+The encoder comes from the initial model θ₀ (`--scratch True`), or from a checkpoint of stage 1
+or 2 (`--scratch False --ckpt_name NAME`, read from <checkpoint_dir>/<NAME>/<dataset>). After the
+last step the test accuracy and loss are printed and written to a results file.
+
+    python finetune.py --dataset cub                                  # from the self-distilled model
+    python finetune.py --dataset cub --ckpt_name further-pretrain-20000
+    python finetune.py --dataset cub --scratch True                   # from θ₀
+    bash run_finetune.sh 0 cub                                        # 5 seeds, then mean ± std
+
+Writes results/<dataset>/<init>/seed<k>.json (test_acc, test_loss and the run's arguments) and the
+run's record and metrics in results/<dataset>/<init>/seed<k>/; <init> is `initial` or NAME.
+"""
+import argparse
+import os
+
+import torch
+import torch.nn.functional as F
+
+import utils
+from data import ImageDataset
+from models import build_classifier, has_checkpoint, image_stats, load_encoder_state, load_mae
+
+FINETUNE_BETAS = (0.9, 0.999)
+NO_DECAY_NAMES = ("bias", "position_embeddings", "cls_token")  # the release's rule; LayerNorm weights decay
+VAL_SPLIT_SEED = 0  # the held-out part is the same for every seed and every init
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Fine-tuning a classifier from θ₀ or a checkpoint (stage 3).",
+                                parents=[utils.shared_parser()])
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--scratch", type=utils.str2bool, default=False,
+                   help="True: start from --model_name (θ₀); False: from <checkpoint_dir>/<ckpt_name>/<dataset>")
+    g.add_argument("--ckpt_name", default="self-further-pretrain-20000",
+                   help="checkpoint to start from when --scratch False, e.g. further-pretrain-20000")
+    g.add_argument("--dropout", type=float, default=0.1, help="dropout on the hidden states")
+    g.add_argument("--val_split", type=float, default=0.0,
+                   help="fraction of the training set held out for validation (0: none, as in the paper)")
+    g.add_argument("--results_dir", default="results", help="where results/<dataset>/<init>/seed<k>.json go")
+    p.set_defaults(steps=10000, batch_size=32, lr=1e-4, warmup_steps=500, clip_grad=1.0)
+    return p
+
+
+def no_weight_decay(name: str, param) -> bool:
+    return any(n in name for n in NO_DECAY_NAMES)
+
+
+def creating_command(ckpt_name: str, dataset: str) -> str:
+    """The launcher that writes checkpoints/<ckpt_name>/<dataset>."""
+    for prefix, launcher in (("self-further-pretrain-", "run_selftrain.sh"), ("further-pretrain-", "run_pretrain.sh")):
+        if ckpt_name.startswith(prefix):
+            return f"bash {launcher} GPU {dataset} {ckpt_name[len(prefix):]}"
+    return "pretrain.py or selftrain.py with --output_dir"
+
+
+def train_val_split(n: int, val_split: float) -> tuple[list[int], list[int]]:
+    if not 0.0 <= val_split < 1.0:
+        raise utils.UserError(f"--val_split must be in [0, 1), got {val_split}")
+    order = torch.randperm(n, generator=utils.generator(VAL_SPLIT_SEED, utils.STREAM_SPLIT, 0)).tolist()
+    n_val = round(n * val_split)
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+@torch.no_grad()
+def evaluate(model, run: utils.Run, dataset) -> dict:
+    """Accuracy and mean cross-entropy over the whole dataset (summed over processes)."""
+    model.eval()
+    correct = loss_sum = 0.0
+    for images, labels in run.eval_batches(dataset):
+        with run.autocast():
+            logits = model(images).logits
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        correct += (logits.argmax(dim=-1) == labels).sum().item()
+    correct, loss_sum = run.all_reduce_sum([correct, loss_sum])
+    return {"acc": correct / len(dataset), "loss": loss_sum / len(dataset)}
+
+
+def main(args):
+    init = "initial" if args.scratch else args.ckpt_name
+    out_dir = args.output_dir or os.path.join(args.results_dir, args.dataset, init, f"seed{args.seed}")
+    result_path = os.path.normpath(out_dir) + ".json"
+    checkpoint = args.model_name if args.scratch else os.path.join(args.checkpoint_dir, args.ckpt_name, args.dataset)
+    if not args.scratch and not has_checkpoint(checkpoint):
+        raise utils.UserError(f"checkpoint not found: {checkpoint} (create it with "
+                              f"`{creating_command(args.ckpt_name, args.dataset)}`, or pass --scratch True)")
+    run = utils.Run(args, out_dir, "finetune", result_path, *image_stats(args.model_name))
+    if run.already_done:
+        return
+
+    # ---- the encoder to start from, and the data: train (optionally minus a held-out part) and test
+    if args.scratch:
+        initial = load_mae(args.model_name)
+        config, encoder_state = initial.config, initial.vit.state_dict()
+    else:
+        config, encoder_state = load_encoder_state(checkpoint, args.model_name)
+    full_train = ImageDataset(args.dataset, "train", args.data_dir, config.image_size)
+    test_set = ImageDataset(args.dataset, "test", args.data_dir, config.image_size)
+    train_idx, val_idx = train_val_split(len(full_train), args.val_split)
+    train_set = torch.utils.data.Subset(full_train, train_idx)
+
+    # ---- model: the checkpoint's encoder + a new linear head
+    model = build_classifier(config, encoder_state, full_train.num_classes(), args.dropout)
+    optimizer = utils.adamw(utils.param_groups(model, args.weight_decay, no_weight_decay), args.lr,
+                            FINETUNE_BETAS, run.device)
+    scheduler = utils.linear_schedule(optimizer, args.warmup_steps, args.steps)
+    classifier = run.prepare(model, optimizer, scheduler)
+
+    # ---- supervised training, horizontal flip as the only augmentation
+    classifier.train()
+    for step, (images, labels) in run.batches(train_set):
+        flip = run.global_rand(step, utils.STREAM_FLIP) < 0.5  # (B,), a function of (seed, step, sample)
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        with run.autocast():
+            logits = classifier(images).logits  # (B, classes)
+        loss = F.cross_entropy(logits.float(), labels)
+        run.step(step, loss, cls_loss=loss)
+
+    # ---- evaluation, once, after the last step
+    test = evaluate(model, run, test_set)
+    result = {"test_acc": test["acc"], "test_loss": test["loss"], "dataset": args.dataset, "init": init,
+              "seed": args.seed, "checkpoint": checkpoint, "num_test": len(test_set)}
+    if val_idx:
+        val = evaluate(model, run, torch.utils.data.Subset(full_train, val_idx))
+        result.update(val_acc=val["acc"], val_loss=val["loss"], num_val=len(val_idx))
+    run.finish()
+    if run.is_main:
+        result.update(run.record())
+        utils.write_json(result_path, result)
+    run.print(f"[finetune] {args.dataset} from {init}, seed {args.seed}: test accuracy {100 * test['acc']:.2f}% "
+              f"loss {test['loss']:.4f} -> {result_path}")
+
+
+if __name__ == "__main__":
+    utils.run_cli(get_args_parser, main)

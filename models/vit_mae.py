@@ -1,0 +1,258 @@
+"""The ViT-MAE pieces the method needs, by name, on top of Hugging Face `transformers`.
+
+    load_mae(name)              the initial MAE model θ₀ (encoder + decoder): hub id, local dir, or `vit-mae-tiny`
+    mae_loss(mae, x, noise)     MAE reconstruction loss on the masked image
+    cls_feature(encoder, x)     CLS token of the last layer after the final LayerNorm, on the *unmasked* image:
+                                the representation h(x) that self-distillation matches
+    load_encoder(path, name)    the encoder of a checkpoint (the frozen teacher)
+    build_classifier(...)       ViTForImageClassification whose encoder comes from θ₀ or a checkpoint
+    save_model(model, dir)      a directory stock `from_pretrained` opens (config.json + model.safetensors)
+
+Checkpoints written by the authors' release (`model.pt`, a pickled {"args", "state_dict"} of the
+encoder with transformers-4.x parameter names) are read wherever a checkpoint is read.
+"""
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+
+import torch
+from torch import nn
+from transformers import ViTConfig, ViTForImageClassification, ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel
+from transformers.utils import logging as hf_logging
+
+from utils import UserError
+
+hf_logging.disable_progress_bar()  # per-file loading bars drown the training log
+
+TINY_NAME = "vit-mae-tiny"
+# A small ViT-MAE for CPU tests and the demo: 32x32 images, 4x4 patches (64 tokens + CLS).
+TINY_CONFIG = dict(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                   intermediate_size=128, decoder_hidden_size=32, decoder_num_hidden_layers=2,
+                   decoder_num_attention_heads=4, decoder_intermediate_size=64)
+TINY_INIT_SEED = 0  # vit-mae-tiny's θ₀ is this seed's initialisation, the same in every stage and run
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
+RELEASE_CHECKPOINT = "model.pt"  # the authors' release
+
+
+# ----------------------------------------------------------------------------- loading θ₀
+
+def load_mae(model_name: str, mask_ratio: float = 0.75, norm_pix_loss: bool = True) -> ViTMAEForPreTraining:
+    """θ₀ as a ViTMAEForPreTraining (encoder + decoder) with the recipe's masking settings."""
+    if model_name == TINY_NAME:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(TINY_INIT_SEED)
+            model = ViTMAEForPreTraining(ViTMAEConfig(**TINY_CONFIG))
+    else:
+        model = _from_pretrained(ViTMAEForPreTraining, model_name)
+    # transformers reads both from the config at call time
+    model.config.mask_ratio = mask_ratio
+    model.config.norm_pix_loss = norm_pix_loss
+    return model
+
+
+def _from_pretrained(cls, name: str):
+    if os.path.isdir(name):
+        config_path = os.path.join(name, "config.json")
+        if not os.path.exists(config_path) or not any(os.path.exists(os.path.join(name, f)) for f in WEIGHTS_FILES):
+            raise UserError(f"'{name}' is not a model directory (needs config.json and model.safetensors)")
+        with open(config_path) as f:
+            model_type = json.load(f).get("model_type")
+        if model_type != "vit_mae":
+            raise UserError(f"'{name}' holds a '{model_type}' model; a ViT-MAE model (model_type vit_mae) is needed")
+        return cls.from_pretrained(name)
+    if os.path.exists(name):
+        raise UserError(f"--model_name '{name}' is a file; pass a model directory, a hub id or {TINY_NAME}")
+    try:
+        return cls.from_pretrained(name)
+    except OSError as e:
+        raise UserError(f"cannot load '{name}' from the Hugging Face Hub ({str(e).splitlines()[0]}); "
+                        f"on a machine with access run `hf download {name} --local-dir DIR`, "
+                        f"then pass --model_name DIR") from None
+
+
+def image_stats(model_name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the model's image processor; ImageNet's when it has none (as vit-mae-base)."""
+    path = os.path.join(model_name, "preprocessor_config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            cfg = json.load(f)
+        return tuple(cfg.get("image_mean", IMAGENET_MEAN)), tuple(cfg.get("image_std", IMAGENET_STD))
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+# ----------------------------------------------------------------------------- the two representations
+
+def mae_loss(mae: nn.Module, pixel_values: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """MAE loss: mean squared error on the masked patches (per-patch normalised targets if norm_pix_loss).
+
+    pixel_values: (B, 3, H, W) normalised; noise: (B, N) in [0, 1), the patches with the smallest
+    noise are kept (fraction 1 - mask_ratio)."""
+    return mae(pixel_values, noise=noise).loss
+
+
+@contextlib.contextmanager
+def _no_masking(config):
+    saved = config.mask_ratio
+    config.mask_ratio = 0.0
+    try:
+        yield
+    finally:
+        config.mask_ratio = saved
+
+
+def cls_feature(encoder: ViTMAEModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """h(x): the CLS token of the last encoder layer after the final LayerNorm, all patches visible.
+
+    (B, 3, H, W) -> (B, D). Runs the library's own encoder forward with masking turned off and an
+    increasing `noise`, so the patches keep their order (no shuffle, nothing dropped)."""
+    batch, num_patches = pixel_values.shape[0], encoder.embeddings.patch_embeddings.num_patches
+    in_order = torch.arange(num_patches, device=pixel_values.device, dtype=torch.float32).expand(batch, -1)
+    with _no_masking(encoder.config):
+        hidden = encoder(pixel_values, noise=in_order).last_hidden_state  # (B, 1+N, D)
+    return hidden[:, 0]
+
+
+class MAEWithFeature(nn.Module):
+    """The self-distillation student: one forward gives the MAE loss on the masked image and h(x) on
+    the unmasked one, so a single backward pass (and a single DDP synchronisation) covers both terms."""
+
+    def __init__(self, mae: ViTMAEForPreTraining):
+        super().__init__()
+        self.mae = mae
+
+    def forward(self, pixel_values, noise):
+        return mae_loss(self.mae, pixel_values, noise), cls_feature(self.mae.vit, pixel_values)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+# transformers 4.x (the authors' release) -> 5.x parameter names
+_V4_RENAMES = [
+    (r"\.attention\.attention\.query\.", ".attention.q_proj."),
+    (r"\.attention\.attention\.key\.", ".attention.k_proj."),
+    (r"\.attention\.attention\.value\.", ".attention.v_proj."),
+    (r"\.attention\.output\.dense\.", ".attention.o_proj."),
+    (r"\.intermediate\.dense\.", ".mlp.fc1."),
+    (r"\.output\.dense\.", ".mlp.fc2."),
+    (r"^encoder\.layer\.", "layers."),
+]
+
+
+def rename_v4_keys(state_dict: dict) -> dict:
+    """Encoder state dict with transformers-4.x names (or a `vit.`/`module.` prefix) -> 5.x names."""
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "vit."):
+            key = key[len(prefix):] if key.startswith(prefix) else key
+        for pattern, new in _V4_RENAMES:
+            key = re.sub(pattern, new, key)
+        out[key] = value
+    return out
+
+
+def read_release_checkpoint(path: str) -> dict:
+    """The authors' `model.pt`: {"args": argparse.Namespace, "state_dict": ...}. torch ≥ 2.6 refuses the
+    Namespace under weights_only=True, so it is allow-listed; nothing else is unpickled."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    state = blob["state_dict"] if isinstance(blob, dict) and "state_dict" in blob else blob
+    return {k: v for k, v in rename_v4_keys(state).items() if not k.startswith("decoder.")}
+
+
+def _checkpoint_files(path: str) -> tuple[str | None, str | None]:
+    """(model directory, release model.pt) for a checkpoint path; both None if there is none."""
+    if os.path.isfile(path) and path.endswith(".pt"):
+        return None, path
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path, None
+    if os.path.isfile(os.path.join(path, RELEASE_CHECKPOINT)):
+        return None, os.path.join(path, RELEASE_CHECKPOINT)
+    return None, None
+
+
+def has_checkpoint(path: str) -> bool:
+    return any(_checkpoint_files(path))
+
+
+def load_encoder_state(path: str, model_name: str) -> tuple[ViTMAEConfig, dict]:
+    """(config, encoder state dict with 5.x names, no prefix) of a checkpoint.
+
+    A model directory carries its own config; a release `model.pt` has the architecture of
+    `model_name` (the θ₀ it was trained from)."""
+    model_dir, release_pt = _checkpoint_files(path)
+    if release_pt is not None:
+        return load_mae(model_name).config, read_release_checkpoint(release_pt)
+    if model_dir is None:
+        raise FileNotFoundError(path)
+    with open(os.path.join(model_dir, "config.json")) as f:
+        model_type = json.load(f).get("model_type")
+    if model_type == "vit_mae":
+        mae = ViTMAEForPreTraining.from_pretrained(model_dir)
+        return mae.config, mae.vit.state_dict()
+    if model_type == "vit":  # a fine-tuned classifier
+        clf = ViTForImageClassification.from_pretrained(model_dir)
+        return mae_config_of(clf.config), clf.vit.state_dict()
+    raise UserError(f"checkpoint '{path}' holds a '{model_type}' model, not a ViT / ViT-MAE")
+
+
+def mae_config_of(vit_config: ViTConfig) -> ViTMAEConfig:
+    return ViTMAEConfig(**{k: getattr(vit_config, k) for k in _SHARED_ARCH})
+
+
+_SHARED_ARCH = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+                "layer_norm_eps", "image_size", "patch_size", "num_channels", "qkv_bias")
+
+
+def _load_exact(module: nn.Module, state: dict, what: str, allowed_missing=()) -> None:
+    """load_state_dict that names an architecture mismatch in one line and asserts the missing keys."""
+    own = module.state_dict()
+    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = sorted(set(own) - set(state) - set(allowed_missing))
+    unexpected = sorted(set(state) - set(own))
+    if wrong or missing or unexpected:
+        detail = (f"shape of {wrong[0]}: {tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}" if wrong
+                  else f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}")
+        raise UserError(f"{what} does not match the model's architecture ({detail})")
+    result = module.load_state_dict(state, strict=False)
+    assert sorted(result.missing_keys) == sorted(allowed_missing) and not result.unexpected_keys, result
+
+
+def load_encoder(path: str, model_name: str) -> ViTMAEModel:
+    """The encoder of a checkpoint as a ViTMAEModel (used as the frozen teacher)."""
+    config, state = load_encoder_state(path, model_name)
+    encoder = ViTMAEModel(config)
+    _load_exact(encoder, state, f"checkpoint '{path}'")
+    return encoder
+
+
+def build_classifier(config: ViTMAEConfig, encoder_state: dict, num_classes: int, dropout: float
+                     ) -> ViTForImageClassification:
+    """A ViT classifier (linear head on the final-LayerNorm CLS token) whose encoder is `encoder_state`.
+
+    Every encoder tensor comes from `encoder_state`; only `classifier.weight/bias` are new."""
+    vit_config = ViTConfig(**{k: getattr(config, k) for k in _SHARED_ARCH}, num_labels=num_classes,
+                           hidden_dropout_prob=dropout, attention_probs_dropout_prob=0.0)
+    model = ViTForImageClassification(vit_config)
+    _load_exact(model, {"vit." + k: v for k, v in encoder_state.items()}, "the encoder checkpoint",
+                allowed_missing=("classifier.weight", "classifier.bias"))
+    return model
+
+
+def save_model(model: nn.Module, out_dir: str) -> None:
+    """config.json + model.safetensors, readable by stock `from_pretrained`.
+
+    Written into a temporary folder first and moved in weights-last, so `model.safetensors` exists
+    only once the whole checkpoint is there (the stages use it as their "done" marker)."""
+    tmp = os.path.join(out_dir, ".saving")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    names = sorted(os.listdir(tmp), key=lambda n: n.endswith(".safetensors"))
+    for name in names:
+        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    os.rmdir(tmp)

@@ -1,0 +1,79 @@
+"""Stage 1 — further pre-training (the teacher).
+
+Continues masked auto-encoding (MAE) of the initial model θ₀ on the target dataset's training
+images (labels unused). The result θ_T is the teacher of self-distillation (selftrain.py), and can
+itself be fine-tuned (finetune.py) for the paper's "further pre-training" row.
+
+    python pretrain.py --dataset cub                       # the recipe: ViT-B/16 MAE, 20k steps, batch 64
+    bash run_pretrain.sh 0 cub                             # the same, through the original launcher
+    python pretrain.py --dataset digits --model_name vit-mae-tiny --steps 50 --batch_size 16 --device cpu
+
+Writes <checkpoint_dir>/further-pretrain-<steps>/<dataset>/: the full MAE model (config.json +
+model.safetensors), args.json (the run record) and metrics.jsonl.
+"""
+import argparse
+import os
+
+import utils
+from data import ImageDataset
+from models import image_stats, load_mae, mae_loss
+
+MAE_BETAS = (0.9, 0.95)
+
+
+def further_pretrain_dir(checkpoint_dir: str, steps: int, dataset: str) -> str:
+    return os.path.join(checkpoint_dir, f"further-pretrain-{steps}", dataset)
+
+
+def mae_args_parser() -> argparse.ArgumentParser:
+    """Flags of the two MAE stages (pre-training and self-distillation)."""
+    p = argparse.ArgumentParser(add_help=False, parents=[utils.shared_parser()])
+    g = p.add_argument_group("MAE")
+    g.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of patches hidden from the encoder")
+    g.add_argument("--norm_pix_loss", type=utils.str2bool, default=True,
+                   help="reconstruct per-patch normalised pixels (True/False)")
+    return p
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(description="Further pre-training: MAE on the target images (stage 1).",
+                                   parents=[mae_args_parser()])
+
+
+def no_weight_decay(name: str, param) -> bool:
+    """MAE's rule (timm's param_groups_weight_decay): no decay on biases and 1-D parameters."""
+    return param.ndim <= 1 or name.endswith(".bias")
+
+
+def main(args):
+    out_dir = args.output_dir or further_pretrain_dir(args.checkpoint_dir, args.steps, args.dataset)
+    run = utils.Run(args, out_dir, "further-pretrain", os.path.join(out_dir, "model.safetensors"),
+                    *image_stats(args.model_name))
+    if run.already_done:
+        return
+
+    # ---- the initial model θ₀ and the target images
+    mae = load_mae(args.model_name, args.mask_ratio, args.norm_pix_loss)
+    dataset = ImageDataset(args.dataset, "train", args.data_dir, mae.config.image_size)
+    num_patches = mae.vit.embeddings.patch_embeddings.num_patches
+
+    # ---- optimizer: AdamW, linear decay to 0
+    optimizer = utils.adamw(utils.param_groups(mae, args.weight_decay, no_weight_decay), args.lr, MAE_BETAS,
+                            run.device)
+    scheduler = utils.linear_schedule(optimizer, args.warmup_steps, args.steps)
+    model = run.prepare(mae, optimizer, scheduler)
+
+    # ---- MAE training
+    model.train()
+    for step, (images, _) in run.batches(dataset):
+        noise = run.masking_noise(step, num_patches)  # (B, N), a function of (seed, step, sample)
+        with run.autocast():
+            loss = mae_loss(model, images, noise)
+        run.step(step, loss, mae_loss=loss)
+
+    run.finish(mae)
+    run.print(f"[further-pretrain] saved {out_dir}")
+
+
+if __name__ == "__main__":
+    utils.run_cli(get_args_parser, main)

@@ -1,0 +1,92 @@
+"""Stage 2 — self-distillation (the student).
+
+The student starts again from the initial model θ₀ (encoder and decoder, not the teacher's
+weights) and is trained with MAE plus a loss that pulls its representation of each unmasked
+image toward that of the frozen, further pre-trained teacher θ_T (pretrain.py):
+
+    L = L_MAE(student; masked x) + λ · distill_loss(h_S(x), h_T(x))
+
+h(x) is the CLS token of the last encoder layer after the final LayerNorm, on all patches. The
+distillation gradient reaches the student's encoder only; the decoder learns from MAE alone.
+
+    python selftrain.py --dataset cub                      # teacher: checkpoints/further-pretrain-20000/cub
+    bash run_selftrain.sh 0 cub
+    python selftrain.py --dataset digits --model_name vit-mae-tiny --steps 50 --batch_size 16 --device cpu
+
+Writes <checkpoint_dir>/self-further-pretrain-<steps>/<dataset>/ (same contents as stage 1).
+"""
+import argparse
+import os
+
+import torch
+
+import utils
+from data import ImageDataset
+from models import MAEWithFeature, cls_feature, has_checkpoint, image_stats, load_encoder, load_mae
+from pretrain import MAE_BETAS, further_pretrain_dir, mae_args_parser, no_weight_decay
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Self-distillation: MAE + matching the teacher's CLS (stage 2).",
+                                parents=[mae_args_parser()])
+    g = p.add_argument_group("self-distillation")
+    g.add_argument("--teacher", default=None,
+                   help="the further pre-trained model (a directory written by pretrain.py, or the release's "
+                        "model.pt); default: <checkpoint_dir>/further-pretrain-<steps>/<dataset>")
+    g.add_argument("--distill_weight", type=float, default=1.0, help="λ, the weight of the distillation loss")
+    g.add_argument("--teacher_device", default=None,
+                   help="run the teacher on another device (e.g. cuda:1); default: the student's device")
+    return p
+
+
+def distill_loss(student_cls: torch.Tensor, teacher_cls: torch.Tensor) -> torch.Tensor:
+    """(1/B) Σ_i ‖h_S(x_i) − stopgrad(h_T(x_i))‖²: squared L2 distance summed over the hidden
+    dimensions, averaged over the batch. (B, D), (B, D) -> scalar."""
+    return (student_cls.float() - teacher_cls.detach().float()).pow(2).sum(dim=-1).mean()
+
+
+def main(args):
+    out_dir = args.output_dir or os.path.join(args.checkpoint_dir, f"self-further-pretrain-{args.steps}",
+                                              args.dataset)
+    teacher_path = args.teacher or further_pretrain_dir(args.checkpoint_dir, args.steps, args.dataset)
+    if not has_checkpoint(teacher_path):
+        raise utils.UserError(f"teacher not found: {teacher_path} (create it with `bash run_pretrain.sh GPU "
+                              f"{args.dataset} {args.steps}` or `python pretrain.py --dataset {args.dataset} "
+                              f"--steps {args.steps}`, or pass --teacher PATH)")
+    run = utils.Run(args, out_dir, "self-distill", os.path.join(out_dir, "model.safetensors"),
+                    *image_stats(args.model_name))
+    if run.already_done:
+        return
+
+    # ---- student: θ₀ again (encoder + decoder); teacher: the further pre-trained encoder, frozen
+    student_mae = load_mae(args.model_name, args.mask_ratio, args.norm_pix_loss)
+    teacher = load_encoder(teacher_path, args.model_name)
+    teacher_device = torch.device(args.teacher_device) if args.teacher_device else run.device
+    teacher.to(teacher_device).eval().requires_grad_(False)
+    dataset = ImageDataset(args.dataset, "train", args.data_dir, student_mae.config.image_size)
+    num_patches = student_mae.vit.embeddings.patch_embeddings.num_patches
+
+    # ---- optimizer: as in further pre-training
+    optimizer = utils.adamw(utils.param_groups(student_mae, args.weight_decay, no_weight_decay), args.lr,
+                            MAE_BETAS, run.device)
+    scheduler = utils.linear_schedule(optimizer, args.warmup_steps, args.steps)
+    student = run.prepare(MAEWithFeature(student_mae), optimizer, scheduler)
+
+    # ---- MAE + distillation, one backward pass for both terms
+    student.train()
+    for step, (images, _) in run.batches(dataset):
+        noise = run.masking_noise(step, num_patches)  # (B, N), the same masks as stage 1 would draw
+        with torch.inference_mode(), run.autocast():
+            teacher_cls = cls_feature(teacher, images.to(teacher_device)).to(run.device)  # (B, D)
+        with run.autocast():
+            mae, student_cls = student(images, noise)  # scalar, (B, D) on the unmasked images
+        distill = distill_loss(student_cls, teacher_cls.clone())  # clone: leave inference mode
+        loss = mae + args.distill_weight * distill
+        run.step(step, loss, mae_loss=mae, distill_loss=distill)
+
+    run.finish(student_mae)
+    run.print(f"[self-distill] saved {out_dir}")
+
+
+if __name__ == "__main__":
+    utils.run_cli(get_args_parser, main)

@@ -1,0 +1,5 @@
+"""Makes the repository root importable (`import data`, `import utils`) however pytest is started."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

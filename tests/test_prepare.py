@@ -1,0 +1,416 @@
+"""data.prepare: each converter on a tiny fake copy of its dataset's published layout, read back
+through the training loader; plus --check, --skip_bad, overwrite and error handling."""
+import io
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+import scipy.io
+from PIL import Image
+
+from data import ImageDataset, LMDBReader, write_lmdb
+from data.prepare import get_args_parser, main
+from utils import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLOURS = [(220, 30, 30), (30, 200, 40), (40, 40, 220), (210, 200, 30)]  # one per label
+GRAYS = [(60, 60, 60), (190, 190, 190)]
+
+
+def run(*argv):
+    return main(get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def save_jpeg(path, colour, size=(12, 8)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    mode = "L" if colour[0] == colour[1] == colour[2] else "RGB"
+    Image.new(mode, size, colour[0] if mode == "L" else colour).save(path, format="JPEG", quality=95)
+
+
+def write_text(path, lines):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("".join(line + "\n" for line in lines))
+
+
+def cell(strings):
+    """A MATLAB N x 1 cell array of strings, as in Stanford Dogs' lists."""
+    array = np.empty((len(strings), 1), dtype=object)
+    array[:, 0] = strings
+    return array
+
+
+# ---------------------------------------------------------------- fake sources in the real layouts
+# Each returns (--src, class names by label, {split: images per label}, colour per label).
+
+def fake_aircraft(root):
+    data = os.path.join(root, "fgvc-aircraft-2013b", "data")
+    variants = ["Cessna 172", "A340-300", "F/A-18"]  # file order, not alphabetical: it defines the labels
+    per_label = {"train": [3, 2, 2], "test": [1, 2, 1]}
+    write_text(os.path.join(data, "variants.txt"), variants)
+    next_id = 1034300
+    for split, index in (("train", "images_variant_trainval.txt"), ("test", "images_variant_test.txt")):
+        lines = []
+        for label, n in enumerate(per_label[split]):
+            for _ in range(n):
+                image_id = f"{next_id:07d}"
+                next_id += 7
+                save_jpeg(os.path.join(data, "images", f"{image_id}.jpg"), COLOURS[label])
+                lines.append(f"{image_id} {variants[label]}")
+        write_text(os.path.join(data, index), lines[::-1])
+    write_text(os.path.join(data, "images_variant_train.txt"), [])  # present in the release, unused here
+    return os.path.join(root, "fgvc-aircraft-2013b"), variants, per_label, COLOURS
+
+
+def fake_cub(root):
+    base = os.path.join(root, "CUB_200_2011")
+    classes = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross"]
+    per_label = {"train": [2, 3, 1], "test": [2, 1, 2]}
+    images, class_labels, split_lines = [], [], []
+    image_id = 0
+    for label, cls in enumerate(classes):
+        for split in ("test", "train"):
+            for _ in range(per_label[split][label]):
+                image_id += 1
+                rel = f"{cls}/{cls[4:]}_{image_id:04d}_{image_id * 13}.jpg"
+                save_jpeg(os.path.join(base, "images", rel), COLOURS[label])
+                images.append(f"{image_id} {rel}")
+                class_labels.append(f"{image_id} {label + 1}")
+                split_lines.append(f"{image_id} {int(split == 'train')}")
+    write_text(os.path.join(base, "classes.txt"), [f"{i + 1} {c}" for i, c in enumerate(classes)])
+    write_text(os.path.join(base, "images.txt"), images)
+    write_text(os.path.join(base, "image_class_labels.txt"), class_labels)
+    write_text(os.path.join(base, "train_test_split.txt"), split_lines)
+    return base, classes, per_label, COLOURS
+
+
+def fake_dtd(root):
+    base = os.path.join(root, "dtd")
+    classes = ["banded", "dotted", "zigzagged"]  # sorted names are the labels
+    per_file = {"train1.txt": [1, 2, 1], "val1.txt": [1, 0, 2], "test1.txt": [2, 1, 1], "train2.txt": [3, 3, 3]}
+    count = 0
+    for index, counts in per_file.items():
+        lines = []
+        for label, n in enumerate(counts):
+            for _ in range(n):
+                count += 1
+                rel = f"{classes[label]}/{classes[label]}_{count:04d}.jpg"
+                save_jpeg(os.path.join(base, "images", rel), COLOURS[label])
+                lines.append(rel)
+        write_text(os.path.join(base, "labels", index), lines[::-1])
+    per_label = {"train": [2, 2, 3], "test": [2, 1, 1]}
+    return base, classes, per_label, COLOURS
+
+
+def fake_stanford_dogs(root):
+    classes = ["n02085620-Chihuahua", "n02085782-Japanese_spaniel", "n02085936-Maltese_dog"]
+    per_label = {"train": [2, 1, 3], "test": [1, 2, 1]}
+    count = 0
+    for split in ("train", "test"):
+        files, labels = [], []
+        for label, n in enumerate(per_label[split]):
+            for _ in range(n):
+                count += 1
+                rel = f"{classes[label]}/{classes[label].split('-')[0]}_{1000 + count}.jpg"
+                save_jpeg(os.path.join(root, "Images", rel), COLOURS[label])
+                files.append(rel)
+                labels.append(label + 1)
+        scipy.io.savemat(os.path.join(root, f"{split}_list.mat"), {
+            "file_list": cell(files), "annotation_list": cell([f[:-4] for f in files]),
+            "labels": np.array(labels, dtype=np.float64).reshape(-1, 1)})
+    return root, classes, per_label, COLOURS
+
+
+def fake_vgg_flower_102(root):
+    numbers = [2, 1, 3, 1, 2, 2, 3, 1, 3, 2, 1]  # 1-based label of image_00001.jpg, ...
+    for i, number in enumerate(numbers, 1):
+        save_jpeg(os.path.join(root, "jpg", f"image_{i:05d}.jpg"), COLOURS[number - 1])
+    scipy.io.savemat(os.path.join(root, "imagelabels.mat"),
+                     {"labels": np.array([numbers], dtype=np.float64)})  # 1 x N, as shipped
+    ids = {"trnid": [3, 1, 5], "valid": [2, 9], "tstid": [4, 6, 7, 8, 10, 11]}
+    scipy.io.savemat(os.path.join(root, "setid.mat"),
+                     {k: np.array([v], dtype=np.float64) for k, v in ids.items()})
+    per_label = {"train": [1, 2, 2], "test": [3, 2, 1]}
+    return root, ["1", "2", "3"], per_label, COLOURS
+
+
+def fake_chest_xray(root):
+    base = os.path.join(root, "chest_xray")
+    classes = ["NORMAL", "PNEUMONIA"]
+    per_label = {"train": [2, 3], "test": [2, 1], "val": [1, 1]}
+    for split, counts in per_label.items():
+        for label, n in enumerate(counts):
+            for i in range(n):
+                name = f"IM-{i:04d}-0001.jpeg" if label == 0 else f"person{i}_bacteria_{i}.jpeg"
+                save_jpeg(os.path.join(base, split, classes[label], name), GRAYS[label])
+    with open(os.path.join(base, "train", "NORMAL", ".DS_Store"), "wb") as f:
+        f.write(b"\0" * 16)
+    del per_label["val"]  # shipped, not used
+    return root, classes, per_label, GRAYS
+
+
+def fake_imagefolder(root):
+    classes = ["cat", "dog"]
+    per_label = {"train": [3, 2], "test": [1, 2]}
+    for split, counts in per_label.items():
+        for label, n in enumerate(counts):
+            for i in range(n):
+                save_jpeg(os.path.join(root, split, classes[label], f"{i}.png"), COLOURS[label])
+    return root, classes, per_label, COLOURS
+
+
+FAKES = {"aircraft": fake_aircraft, "cub": fake_cub, "dtd": fake_dtd, "stanford_dogs": fake_stanford_dogs,
+         "vgg_flower_102": fake_vgg_flower_102, "chest_xray": fake_chest_xray, "imagefolder": fake_imagefolder}
+
+
+def assert_split(out, name, split, per_label, colours):
+    """Counts, labels and pixels, as the training loader sees them."""
+    dataset = ImageDataset(name, split, data_dir=str(out), image_size=16)
+    assert len(dataset) == sum(per_label)
+    found = Counter()
+    for i in range(len(dataset)):
+        image, label = dataset[i]
+        found[label] += 1
+        assert image.shape == (3, 16, 16)
+        mean = image.double().mean(dim=(1, 2)).numpy()
+        np.testing.assert_allclose(mean, colours[label], atol=6)
+    assert [found[label] for label in range(len(per_label))] == per_label
+
+
+# ---------------------------------------------------------------- converters
+
+@pytest.mark.parametrize("dataset", sorted(FAKES))
+def test_converter_round_trip(tmp_path, capsys, dataset):
+    src, classes, per_label, colours = FAKES[dataset](str(tmp_path / "src"))
+    out = tmp_path / "data"
+    name = "mine" if dataset == "imagefolder" else dataset
+    run(dataset, "--src", src, "--out", out, "--name", name, "--workers", 2)
+
+    for split in ("train", "test"):
+        assert_split(out, name, split, per_label[split], colours)
+    assert sorted(os.listdir(out / name)) == ["counts.json", "test.lmdb", "train.lmdb"]
+    assert [e for e in os.listdir(out) if e.startswith(".")] == []
+    counts = json.loads((out / name / "counts.json").read_text())
+    assert counts["classes"] == classes and counts["num_classes"] == len(classes)
+    for split in ("train", "test"):
+        assert counts["splits"][split]["total"] == sum(per_label[split])
+        assert list(counts["splits"][split]["per_class"].values()) == per_label[split]
+        assert counts["splits"][split]["skipped"] == []
+    stdout, stderr = capsys.readouterr()
+    assert f"counts stored in {out / name / 'counts.json'}" in stdout
+    if dataset != "imagefolder":  # the fakes are tiny: a warning, not a failure
+        assert f"warning: {dataset} train: expected" in stderr
+        assert f"found {sum(per_label['train'])}" in stderr
+
+
+def test_resize_stores_jpeg_with_shorter_side_n(tmp_path):
+    src, _, per_label, colours = fake_cub(str(tmp_path / "src"))
+    out = tmp_path / "data"
+    run("cub", "--src", src, "--out", out, "--resize", 4)
+    image_bytes, _ = LMDBReader(str(out / "cub" / "train.lmdb"))[0]
+    with Image.open(io.BytesIO(image_bytes)) as img:
+        assert img.format == "JPEG" and img.size == (6, 4)  # 12 x 8 originals, aspect kept
+    assert json.loads((out / "cub" / "counts.json").read_text())["resize"] == 4
+    for split in ("train", "test"):
+        assert_split(out, "cub", split, per_label[split], colours)
+
+
+def test_original_bytes_are_stored_exactly(tmp_path):
+    src, *_ = fake_dtd(str(tmp_path / "src"))
+    run("dtd", "--src", src, "--out", tmp_path / "data")
+    reader = LMDBReader(str(tmp_path / "data" / "dtd" / "test.lmdb"))
+    stored = {reader[i][0] for i in range(len(reader))}
+    test_files = (tmp_path / "src" / "dtd" / "labels" / "test1.txt").read_text().split()
+    assert stored == {(tmp_path / "src" / "dtd" / "images" / f).read_bytes() for f in test_files}
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("dataset, missing", [
+    ("aircraft", "data/images_variant_test.txt"), ("cub", "train_test_split.txt"), ("dtd", "labels/val1.txt"),
+    ("stanford_dogs", "test_list.mat"), ("vgg_flower_102", "setid.mat"), ("chest_xray", "chest_xray/test"),
+    ("cub", "images")])
+def test_missing_index_file_is_named(tmp_path, dataset, missing):
+    import shutil
+
+    src, *_ = FAKES[dataset](str(tmp_path / "src"))
+    path = os.path.join(src, missing)
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    with pytest.raises(UserError, match="missing .*" + os.path.basename(missing)):
+        run(dataset, "--src", src, "--out", tmp_path / "data")
+    assert not (tmp_path / "data").exists() or os.listdir(tmp_path / "data") == []
+
+
+def test_command_line_error_is_one_line_exit_2(tmp_path):
+    src, *_ = fake_cub(str(tmp_path / "src"))
+    os.remove(os.path.join(src, "images.txt"))
+    result = subprocess.run([sys.executable, "-m", "data.prepare", "cub", "--src", src, "--out", str(tmp_path / "d")],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: missing {os.path.join(src, 'images.txt')} (expected CUB-200-2011: images.txt, "
+        f"image_class_labels.txt, train_test_split.txt, classes.txt, images/)"]
+
+
+def corrupt_one_test_image(src):
+    """Truncates the first test image of fake_cub; returns its path."""
+    for line in open(os.path.join(src, "train_test_split.txt")):
+        image_id, is_train = line.split()
+        if is_train == "0":
+            break
+    rel = dict(line.split() for line in open(os.path.join(src, "images.txt")))[image_id]
+    path = os.path.join(src, "images", rel)
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    return path
+
+
+def test_bad_image_stops_the_build_and_leaves_nothing(tmp_path):
+    src, *_ = fake_cub(str(tmp_path / "src"))
+    bad = corrupt_one_test_image(src)
+    out = tmp_path / "data"
+    with pytest.raises(UserError, match=f"cannot read image {bad}.*--skip_bad"):
+        run("cub", "--src", src, "--out", out)
+    # train.lmdb was complete when test failed: neither may be left where a build looks finished
+    assert os.listdir(out) == []
+
+
+def test_skip_bad_lists_and_skips(tmp_path, capsys):
+    src, _, per_label, colours = fake_cub(str(tmp_path / "src"))
+    bad = corrupt_one_test_image(src)
+    out = tmp_path / "data"
+    run("cub", "--src", src, "--out", out, "--skip_bad")
+    counts = json.loads((out / "cub" / "counts.json").read_text())
+    assert counts["splits"]["test"]["skipped"] == [bad]
+    assert counts["splits"]["test"]["total"] == sum(per_label["test"]) - 1
+    assert counts["splits"]["train"]["total"] == sum(per_label["train"])
+    assert f"skipped unreadable image {bad}" in capsys.readouterr().err
+    dataset = ImageDataset("cub", "test", data_dir=str(out), image_size=16)
+    assert len(dataset) == sum(per_label["test"]) - 1
+
+
+def test_missing_listed_image_stops_before_building(tmp_path):
+    src, *_ = fake_vgg_flower_102(str(tmp_path / "src"))
+    missing = os.path.join(src, "jpg", "image_00007.jpg")
+    os.remove(missing)
+    with pytest.raises(UserError, match=f"missing image {missing}"):
+        run("vgg_flower_102", "--src", src, "--out", tmp_path / "data")
+    run("vgg_flower_102", "--src", src, "--out", tmp_path / "data", "--skip_bad")
+    counts = json.loads((tmp_path / "data" / "vgg_flower_102" / "counts.json").read_text())
+    assert counts["splits"]["test"]["skipped"] == [missing]
+
+
+def test_existing_target_is_replaced_only_with_overwrite_and_only_when_complete(tmp_path):
+    src, *_ = fake_cub(str(tmp_path / "src"))
+    out = tmp_path / "data"
+    run("cub", "--src", src, "--out", out)
+    first = (out / "cub" / "train.lmdb").read_bytes()
+    with pytest.raises(UserError, match="already exists; pass --overwrite"):
+        run("cub", "--src", src, "--out", out, "--resize", 4)
+    assert (out / "cub" / "train.lmdb").read_bytes() == first
+
+    corrupt_one_test_image(src)  # the new build fails halfway: the old one must survive intact
+    with pytest.raises(UserError, match="cannot read image"):
+        run("cub", "--src", src, "--out", out, "--resize", 4, "--overwrite")
+    assert (out / "cub" / "train.lmdb").read_bytes() == first
+    assert sorted(os.listdir(out)) == ["cub"]
+
+    run("cub", "--src", src, "--out", out, "--resize", 4, "--overwrite", "--skip_bad")
+    assert json.loads((out / "cub" / "counts.json").read_text())["resize"] == 4
+    assert sorted(os.listdir(out)) == ["cub"]
+
+
+def test_refuses_to_build_over_its_own_source(tmp_path):
+    src, *_ = fake_imagefolder(str(tmp_path / "data" / "mine"))
+    with pytest.raises(UserError, match="inside the output"):
+        run("imagefolder", "--src", src, "--out", tmp_path / "data", "--name", "mine", "--overwrite")
+
+
+# ---------------------------------------------------------------- --check
+
+def png(colour):
+    buf = io.BytesIO()
+    Image.new("RGB", (5, 4), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_check_accepts_a_good_build_and_rejects_a_corrupted_one(tmp_path, capsys):
+    src, *_ = fake_dtd(str(tmp_path / "src"))
+    out = tmp_path / "data"
+    run("dtd", "--src", src, "--out", out)
+    capsys.readouterr()
+    counts = run("--check", "dtd", "--out", out)
+    assert counts["train"]["per_class"] == {"banded": 2, "dotted": 2, "zigzagged": 3}
+    assert "ok, every record decodes" in capsys.readouterr().out
+
+    os.remove(out / "dtd" / "train.lmdb")
+    write_lmdb(str(out / "dtd" / "train.lmdb"), [(png(COLOURS[0]), 0), (b"not an image", 1), (png(COLOURS[1]), 47)])
+    with pytest.raises(UserError, match="problems found"):
+        run("--check", "dtd", "--out", out)
+    err = capsys.readouterr().err
+    assert "record b'00000001': image does not decode" in err
+    assert "record b'00000002': label 47 outside 0..46" in err
+    assert "train: counts differ from counts.json" in err
+
+
+def test_check_reads_the_authors_tarball_without_counts_json(tmp_path, capsys):
+    root = tmp_path / "data" / "aircraft"
+    write_lmdb(str(root / "train.lmdb"), [(png(COLOURS[i % 3]), i % 3) for i in range(6)])
+    write_lmdb(str(root / "test.lmdb"), [(png(COLOURS[0]), 99), (png(COLOURS[1]), 1)])
+    counts = run("--check", "aircraft", "--out", tmp_path / "data")
+    assert counts["train"]["total"] == 6 and counts["test"]["per_class"]["99"] == 1
+    err = capsys.readouterr().err
+    assert "warning: aircraft train: expected 6667 images (standard split), found 6" in err
+
+
+def test_check_of_a_missing_dataset_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        run("--check", "cub", "--out", tmp_path)
+
+
+# ---------------------------------------------------------------- imagefolder without train/test
+
+def flat_folder(root, sizes):
+    for cls, n in sizes.items():
+        for i in range(n):  # distinct sizes: distinct bytes, so records identify their files
+            save_jpeg(os.path.join(root, cls, f"img{i:02d}.jpg"), COLOURS[len(cls) % 4], size=(8 + i, 8))
+    return root
+
+
+def read_records(path):
+    reader = LMDBReader(str(path))
+    return [reader[i] for i in range(len(reader))]
+
+
+def test_imagefolder_seeded_split_is_deterministic_and_per_class(tmp_path):
+    src = flat_folder(str(tmp_path / "src"), {"a": 10, "bb": 5})
+
+    def build(out, seed):
+        run("imagefolder", "--src", src, "--name", "mine", "--out", tmp_path / out, "--seed", seed)
+        return {split: read_records(tmp_path / out / "mine" / f"{split}.lmdb") for split in ("train", "test")}
+
+    first, again, other = build("one", 0), build("two", 0), build("three", 1)
+    assert first == again
+    assert first["test"] != other["test"]
+    assert Counter(label for _, label in first["test"]) == {0: 2, 1: 1}  # round(0.2 * n) per class
+    assert Counter(label for _, label in first["train"]) == {0: 8, 1: 4}
+    train_and_test = [r for split in first.values() for r in split]
+    assert len({image for image, _ in train_and_test}) == 15
+
+    flat_folder(src, {"c": 4})  # a new class leaves the other classes' splits alone
+    grown = build("four", 0)
+    assert [r for r in grown["test"] if r[1] < 2] == first["test"]
+
+
+def test_imagefolder_needs_a_name_and_both_splits_or_neither(tmp_path):
+    src = flat_folder(str(tmp_path / "src"), {"a": 3})
+    with pytest.raises(UserError, match="needs --name"):
+        run("imagefolder", "--src", src, "--out", tmp_path / "data")
+    os.makedirs(os.path.join(src, "train", "a"))
+    with pytest.raises(UserError, match="has train/ but no test/"):
+        run("imagefolder", "--src", src, "--out", tmp_path / "data", "--name", "mine")

@@ -1,0 +1,475 @@
+"""Plumbing shared by the three stages, written once: flags, device and precision, distributed
+setup, seeding, data order, optimizer and schedule, checkpoints of the training state, run records.
+
+Randomness is a pure function of (seed, step, sample index) — data order, MAE masking noise and
+flips — or of (seed, step, rank) — dropout. So one process and N processes take the same optimizer
+steps, and a resumed run needs no saved random-number state to continue bit-identically.
+"""
+import argparse
+import datetime
+import functools
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: reported as one line, without a traceback."""
+
+
+# ----------------------------------------------------------------------------- command line
+
+def str2bool(value: str) -> bool:
+    """The original launchers' spelling: True/true/False/false (also 1/0, yes/no)."""
+    v = str(value).strip().lower()
+    if v in ("true", "1", "yes", "y"):
+        return True
+    if v in ("false", "0", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got '{value}'")
+
+
+def shared_parser() -> argparse.ArgumentParser:
+    """Flags common to the three stages. Defaults are the paper's recipe for the MAE stages;
+    finetune.py overrides the few that differ with set_defaults()."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", required=True,
+                   help="aircraft, chest_xray, cub, dtd, stanford_dogs, vgg_flower_102, digits (built in), "
+                        "or the name of your own folder under --data_dir")
+    g.add_argument("--data_dir", default="data", help="root holding <dataset>/{train,test}.lmdb or image folders")
+    g.add_argument("--workers", type=int, default=4, help="DataLoader worker processes per training process")
+    g = p.add_argument_group("model")
+    g.add_argument("--model_name", default="facebook/vit-mae-base",
+                   help="the initial MAE model θ₀: a hub id, a local directory from save_pretrained, "
+                        "or vit-mae-tiny (a small built-in config for CPU runs)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=20000, help="optimizer steps")
+    g.add_argument("--batch_size", type=int, default=64,
+                   help="global batch size (split evenly over the processes of a torchrun job)")
+    g.add_argument("--lr", type=float, default=1.5e-4, help="peak learning rate (AdamW)")
+    g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--warmup_steps", type=int, default=0, help="linear warmup steps, then linear decay to 0")
+    g.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm to this value (off: none)")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0, help="seeds data order, masking noise, flips, dropout, new heads")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, or cuda:N")
+    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU; fp32 reproduces the original numerics")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the model (slow start, faster steps)")
+    g.add_argument("--checkpoint_dir", default="checkpoints", help="where the MAE stages write and are read from")
+    g.add_argument("--output_dir", default=None, help="this run's directory (default: derived, see README)")
+    g.add_argument("--log_every", type=int, default=50, help="steps between metrics lines")
+    g.add_argument("--save_every", type=int, default=0,
+                   help="steps between resumable training states (0: only at the end); re-running the same "
+                        "command continues from the latest one")
+    g.add_argument("--overwrite", action="store_true", help="start again even if the output directory has a run")
+    g.add_argument("--plot", type=str2bool, nargs="?", const=True, default=False,
+                   help="write loss curves (loss_curves.png) into the run directory at the end")
+    return p
+
+
+def run_cli(get_args_parser, main) -> None:
+    """Entry-point wrapper: user mistakes become one line on stderr and exit code 2."""
+    args = get_args_parser().parse_args()
+    try:
+        main(args)
+    except UserError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _one_line(e: Exception) -> str:
+    # A DataLoader worker re-raises our error with its traceback in the message; keep the last line.
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    line = lines[-1] if lines else type(e).__name__
+    return line.split("UserError: ", 1)[-1]
+
+
+# ----------------------------------------------------------------------------- files
+
+def write_json(path: str, obj) -> None:
+    """Atomic: a reader never sees half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """Write to a temporary file, then rename: a kill mid-save leaves the previous file intact."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def git_commit() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def library_versions() -> dict:
+    import torchvision
+    import transformers
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "transformers": transformers.__version__}
+
+
+# ----------------------------------------------------------------------------- randomness
+
+def _mix(*parts: int) -> int:
+    """A 63-bit seed from integers (splitmix-style), so nearby (seed, step) pairs give unrelated streams."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+STREAM_ORDER, STREAM_NOISE, STREAM_FLIP, STREAM_DROPOUT, STREAM_SPLIT = range(5)
+
+
+def generator(seed: int, stream: int, index: int) -> torch.Generator:
+    """A CPU generator for one (seed, purpose, step-or-epoch)."""
+    return torch.Generator().manual_seed(_mix(seed, stream, index))
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Yields this process's slice of the global batch for steps start_step .. steps-1.
+
+    The global batch of step s is positions [s*B, (s+1)*B) of the endless sequence of per-epoch
+    permutations of the dataset (epoch e permuted by generator(seed, ORDER, e)); process r of W takes
+    the r-th contiguous part. So the data a step sees does not depend on how many processes there are."""
+
+    def __init__(self, n: int, global_batch: int, seed: int, start_step: int, steps: int, rank: int, world: int):
+        self.n, self.global_batch, self.seed = n, global_batch, seed
+        self.start_step, self.steps, self.rank, self.local = start_step, steps, rank, global_batch // world
+
+    @functools.lru_cache(maxsize=2)
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.n, generator=generator(self.seed, STREAM_ORDER, epoch))
+
+    def global_batch_indices(self, step: int) -> list[int]:
+        positions = range(step * self.global_batch, (step + 1) * self.global_batch)
+        return [int(self._permutation(p // self.n)[p % self.n]) for p in positions]
+
+    def __iter__(self):
+        for step in range(self.start_step, self.steps):
+            yield self.global_batch_indices(step)[self.rank * self.local:(self.rank + 1) * self.local]
+
+    def __len__(self):
+        return max(0, self.steps - self.start_step)
+
+
+# ----------------------------------------------------------------------------- optimizer and schedule
+
+def param_groups(model: torch.nn.Module, weight_decay: float, no_decay) -> list[dict]:
+    """Two AdamW groups: `no_decay(name, param)` selects the parameters without weight decay.
+    Frozen parameters (the MAE's fixed sin-cos position embeddings) are left out."""
+    decay, no = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no if no_decay(name, param) else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no, "weight_decay": 0.0}]
+
+
+def adamw(groups: list[dict], lr: float, betas: tuple[float, float], device: torch.device) -> torch.optim.AdamW:
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
+
+
+def linear_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup from 0 over warmup_steps, then linear decay to 0 at total_steps
+    (transformers' get_linear_schedule_with_warmup)."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------- one run
+
+STATE_FILE = "train_state.pt"
+RECORD_FILE = "args.json"
+METRICS_FILE = "metrics.jsonl"
+# Flags that change how a run is executed or reported, not what it computes: a resumed run may differ in them.
+RUN_CONTROL_FLAGS = {"workers", "log_every", "save_every", "plot", "overwrite", "device", "teacher_device",
+                     "compile", "precision"}
+
+
+def resolve_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {requested}: no CUDA device is available here; use --device cpu "
+                            f"(or GPU 'cpu' in the launchers)")
+        index = int(requested.split(":")[1]) if ":" in requested else local_rank
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        return torch.device("cuda", index)
+    if requested != "cpu":
+        raise UserError(f"--device '{requested}' is not understood; use auto, cpu, cuda or cuda:N")
+    return torch.device("cpu")
+
+
+class Run:
+    """Everything about one training run that is not the method: processes, device, precision,
+    data batches, the optimizer step, metrics, resumable state and the run record.
+
+        run = Run(args, out_dir, stage, done_file)      # set up; write the record
+        model = run.prepare(model, optimizer, scheduler)   # resume if a state exists; DDP; compile
+        for step, (images, labels) in run.batches(dataset): ... run.step(step, loss, **terms)
+        run.finish(model)
+    """
+
+    def __init__(self, args, out_dir: str, stage: str, done_file: str, mean, std):
+        self.args, self.out_dir, self.stage, self.done_file = args, out_dir, stage, done_file
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = resolve_device(args.device, local_rank)
+        if self.world > 1 and not dist.is_initialized():
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        if args.batch_size % self.world:
+            raise UserError(f"--batch_size {args.batch_size} is the global batch and must divide evenly over "
+                            f"{self.world} processes")
+        self.local_batch = args.batch_size // self.world
+        precision = args.precision if args.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        self.precision = precision
+        self.autocast = functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16,
+                                          enabled=precision == "bf16")
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+        self.is_main = self.rank == 0
+        self.start_step = 0
+        self.model = self.optimizer = self.scheduler = None
+        self._params = []
+        torch.manual_seed(_mix(args.seed, self.rank))  # new heads, anything built before the loop
+        self.already_done = os.path.exists(done_file) and not args.overwrite
+        if self.already_done:
+            self.print(f"[{stage}] already complete: {done_file} exists (pass --overwrite to run it again)")
+            return
+        self.state_path = os.path.join(out_dir, STATE_FILE)
+        self._check_resume()
+
+    # -- records
+    def record(self) -> dict:
+        return {"stage": self.stage, "args": vars(self.args), "command": sys.argv, "git_commit": git_commit(),
+                "versions": library_versions(), "device": self.device_name(), "world_size": self.world,
+                "precision": self.precision, "started": datetime.datetime.now().isoformat(timespec="seconds")}
+
+    def device_name(self) -> str:
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        return platform.processor() or platform.machine()
+
+    def print(self, *a) -> None:
+        if self.is_main:
+            print(*a, flush=True)
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def _check_resume(self) -> None:
+        record_path = os.path.join(self.out_dir, RECORD_FILE)
+        if self.args.overwrite or not os.path.exists(self.state_path) or not os.path.exists(record_path):
+            return
+        with open(record_path) as f:
+            before = json.load(f)["args"]
+        now = json.loads(json.dumps(vars(self.args), default=str))
+        changed = [k for k in now if k not in RUN_CONTROL_FLAGS and before.get(k) != now[k]]
+        if changed:
+            k = changed[0]
+            raise UserError(f"{self.out_dir} holds an unfinished run with other arguments ({k}: {before.get(k)!r} "
+                            f"there, {now[k]!r} now); pass the same arguments to resume it, --overwrite to "
+                            f"discard it, or --output_dir for a new run")
+
+    # -- model, optimizer, resume
+    def prepare(self, model: torch.nn.Module, optimizer, scheduler) -> torch.nn.Module:
+        """Write the run record, move to the device, load the latest training state if there is one,
+        wrap for DDP / compile. Nothing is written to disk before this point."""
+        if self.is_main:
+            os.makedirs(self.out_dir, exist_ok=True)
+            write_json(os.path.join(self.out_dir, RECORD_FILE), self.record())
+        model.to(self.device)
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        if os.path.exists(self.state_path) and not self.args.overwrite:
+            state = torch.load(self.state_path, map_location=self.device, weights_only=True)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            self.start_step = state["step"]
+            self.print(f"[{self.stage}] resuming from step {self.start_step} ({self.state_path})")
+        self._open_metrics()
+        if self.world > 1:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.args.compile:
+            model = torch.compile(model)
+        return model
+
+    def save_state(self, step: int) -> None:
+        """Everything needed to continue after `step` steps (randomness is recomputed from the seed)."""
+        if self.is_main:
+            atomic_torch_save({"step": step, "model": self.model.state_dict(),
+                               "optimizer": self.optimizer.state_dict(),
+                               "scheduler": self.scheduler.state_dict()}, self.state_path)
+        self._barrier()
+
+    # -- data
+    def batches(self, dataset, shuffle_seed: int | None = None):
+        """(step, (images, labels)) for the remaining steps; images (B_local, 3, H, W) normalised on
+        the device. Decoding and resizing happen in DataLoader workers, normalisation here."""
+        seed = self.args.seed if shuffle_seed is None else shuffle_seed
+        sampler = StepSampler(len(dataset), self.args.batch_size, seed, self.start_step, self.args.steps,
+                              self.rank, self.world)
+        loader = self._loader(dataset, batch_sampler=sampler)
+        for step, (images, labels) in enumerate(loader, start=self.start_step):
+            # dropout (the only randomness drawn from the global generator) is a function of (seed, step, rank)
+            torch.manual_seed(_mix(self.args.seed, STREAM_DROPOUT, step, self.rank))
+            yield step, (self.normalize(images), labels.to(self.device, non_blocking=True))
+
+    def _loader(self, dataset, **kw):
+        workers = self.args.workers
+        return torch.utils.data.DataLoader(
+            dataset, num_workers=workers, pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if workers > 0 else None, **kw)
+
+    def eval_batches(self, dataset):
+        """This process's share of a dataset, in order, for evaluation."""
+        indices = list(range(self.rank, len(dataset), self.world))
+        loader = self._loader(torch.utils.data.Subset(dataset, indices), batch_size=self.local_batch)
+        for images, labels in loader:
+            yield self.normalize(images), labels.to(self.device, non_blocking=True)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> float, scaled to [0, 1] and normalised with the model's mean/std."""
+        images = images.to(self.device, non_blocking=True).float().div_(255)
+        return (images - self.mean) / self.std
+
+    def global_rand(self, step: int, stream: int, *shape: int) -> torch.Tensor:
+        """This process's rows of a (global_batch, *shape) uniform tensor drawn from (seed, stream, step)."""
+        full = torch.rand(self.args.batch_size, *shape, generator=generator(self.args.seed, stream, step))
+        rows = full[self.rank * self.local_batch:(self.rank + 1) * self.local_batch]
+        return rows.to(self.device, non_blocking=True)
+
+    def masking_noise(self, step: int, num_patches: int) -> torch.Tensor:
+        """MAE masking noise (B_local, N): the patches with the smallest values stay visible."""
+        return self.global_rand(step, STREAM_NOISE, num_patches)
+
+    # -- the optimizer step, metrics, saving
+    def step(self, step: int, loss: torch.Tensor, **terms: torch.Tensor) -> None:
+        """Backward, clip, optimizer and schedule step; then log and save as asked."""
+        finite = torch.isfinite(loss.detach()).float()
+        if self.world > 1:  # every process stops together
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():
+            last = (f"the last good state is {self.state_path}" if os.path.exists(self.state_path)
+                    else "no state was saved (see --save_every)")
+            raise UserError(f"the loss is not finite at step {step + 1} ({loss.item()}); stopped before "
+                            f"updating the weights; {last}")
+        loss.backward()
+        max_norm = self.args.clip_grad if self.args.clip_grad is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % self.args.log_every == 0 or done == self.args.steps:
+            self._log(done, loss=loss, grad_norm=grad_norm, **terms)
+        if self.args.save_every and done % self.args.save_every == 0 and done < self.args.steps:
+            self.save_state(done)
+
+    def _open_metrics(self) -> None:
+        self.metrics_path = os.path.join(self.out_dir, METRICS_FILE)
+        if self.is_main and os.path.exists(self.metrics_path):
+            # drop lines past the resumed step (a killed run may have logged beyond its last state)
+            with open(self.metrics_path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= self.start_step]
+            with open(self.metrics_path, "w") as f:
+                f.writelines(kept)
+        self._progress = None
+        if self.is_main and sys.stderr.isatty():
+            from tqdm import tqdm
+            self._progress = tqdm(total=self.args.steps, initial=self.start_step, desc=self.stage, dynamic_ncols=True)
+        self._clock = (time.perf_counter(), self.start_step)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _log(self, done: int, **terms) -> None:
+        now = time.perf_counter()
+        last_time, last_step = self._clock
+        self._clock = (now, done)
+        entry = {"step": done, "lr": self.scheduler.get_last_lr()[0]}
+        values = torch.stack([v.detach().float() for v in terms.values()])
+        if self.world > 1:  # the mean over processes (grad_norm is already the same everywhere)
+            dist.all_reduce(values)
+            values /= self.world
+        entry.update(zip(terms, values.tolist()))
+        entry["images_per_s"] = (done - last_step) * self.args.batch_size / max(now - last_time, 1e-9)
+        entry["peak_mem_mb"] = self.peak_memory_mb()
+        if not self.is_main:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        if self._progress is not None:
+            self._progress.update(done - self._progress.n)
+            self._progress.set_postfix(loss=f"{entry['loss']:.4f}", img_s=f"{entry['images_per_s']:.1f}")
+        else:
+            remaining = (self.args.steps - done) * self.args.batch_size / max(entry["images_per_s"], 1e-9)
+            parts = " ".join(f"{k} {entry[k]:.4f}" for k in terms if k != "grad_norm")
+            print(f"[{self.stage}] step {done}/{self.args.steps} {parts} lr {entry['lr']:.3g} "
+                  f"{entry['images_per_s']:.1f} img/s eta {datetime.timedelta(seconds=round(remaining))}",
+                  flush=True)
+
+    def peak_memory_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux: the process's peak RSS
+
+    def finish(self, model_to_save: torch.nn.Module | None = None) -> None:
+        """Save the final model (rank 0), drop the resumable state, draw the curves if asked."""
+        if self._progress is not None:
+            self._progress.close()
+        if self.is_main:
+            if model_to_save is not None:
+                from models import save_model
+                save_model(model_to_save, self.out_dir)
+            if os.path.exists(self.state_path):
+                os.remove(self.state_path)
+            if self.args.plot:
+                from plots import plot_metrics
+                plot_metrics(self.metrics_path, os.path.join(self.out_dir, "loss_curves.png"))
+        self._barrier()
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t.tolist()
