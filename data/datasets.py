@@ -8,6 +8,7 @@ A dataset `<name>` lives under `<data_dir>/<name>/` in one of two layouts:
 use, so the demo and the tests need no download.
 """
 import io
+import json
 import os
 
 import numpy as np
@@ -60,7 +61,7 @@ def _folder_items(split_dir: str) -> tuple[list[tuple[str, int]], list[str]]:
     for label, cls in enumerate(classes):
         for root, _, files in sorted(os.walk(os.path.join(split_dir, cls))):
             for f in sorted(files):
-                if f.lower().endswith(IMAGE_EXTENSIONS):
+                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):  # macOS ._x.jpg
                     items.append((os.path.join(root, f), label))
     return items, classes
 
@@ -98,7 +99,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __init__(self, name: str, split: str, data_dir: str, image_size: int):
         self.name, self.split, self.image_size = name, split, image_size
-        root = dataset_dir(name, data_dir)
+        self.root = root = dataset_dir(name, data_dir)
         lmdb_path, folder = os.path.join(root, f"{split}.lmdb"), os.path.join(root, split)
         if os.path.exists(lmdb_path):
             try:
@@ -127,8 +128,14 @@ class ImageDataset(torch.utils.data.Dataset):
                             f"cannot decode ({type(e).__name__}: {e})") from None
 
     def num_classes(self) -> int:
+        """The registry's count; for other datasets data.prepare's counts.json, else the labels seen."""
         if self.name in DATASETS:
             return DATASETS[self.name]
+        if os.path.exists(counts := os.path.join(self.root, "counts.json")):
+            with open(counts) as f:
+                return int(json.load(f)["num_classes"])
+        if isinstance(self.reader, _FolderReader):
+            return len(self.reader.classes)
         return max(self.reader.labels()) + 1
 
 

@@ -18,6 +18,7 @@ import lmdb
 LEN_KEY = b"__len__"
 KEYS_KEY = b"__keys__"
 _MAP_SIZE = 1 << 40  # an upper bound only; the file grows with what is written
+_COMMIT_BYTES = 64 << 20
 
 
 class _PlainDataUnpickler(pickle.Unpickler):
@@ -30,6 +31,27 @@ def plain_loads(blob: bytes):
     return _PlainDataUnpickler(io.BytesIO(blob)).load()
 
 
+_READ_ENVS: dict[tuple, tuple[int, lmdb.Environment]] = {}  # file identity -> (pid, env)
+
+
+def _read_env(path: str) -> lmdb.Environment:
+    """A read-only environment shared by every reader of `path` in this process.
+
+    LMDB refuses a second open of the same file in one process, and an environment must not be used
+    across fork() (DataLoader workers): a child closes the one it inherited and opens its own."""
+    # keyed by the data file's identity, not its path: a build reads its split back, then renames it
+    st = os.stat(os.path.join(path, "data.mdb") if os.path.isdir(path) else path)
+    key = (st.st_dev, st.st_ino)
+    pid, env = _READ_ENVS.get(key, (None, None))
+    if env is not None and pid != os.getpid():
+        env.close()
+        env = None
+    if env is None:
+        env = _open(path, readonly=True)
+        _READ_ENVS[key] = (os.getpid(), env)
+    return env
+
+
 def _open(path: str, readonly: bool) -> lmdb.Environment:
     # The release's files are single files (subdir=False); a directory-style LMDB also opens.
     return lmdb.open(path, subdir=os.path.isdir(path), readonly=readonly, lock=not readonly,
@@ -37,16 +59,13 @@ def _open(path: str, readonly: bool) -> lmdb.Environment:
 
 
 class LMDBReader:
-    """Random access to the records of one split. Opens lazily, so it can be sent to DataLoader workers."""
+    """Random access to the records of one split; safe to send to DataLoader workers."""
 
     def __init__(self, path: str):
         self.path = path
-        self._env = None
-        env = _open(path, readonly=True)
-        with env.begin() as txn:
+        with _read_env(path).begin() as txn:
             keys_blob = txn.get(KEYS_KEY)
             len_blob = txn.get(LEN_KEY)
-        env.close()
         if keys_blob is None or len_blob is None:
             raise ValueError(f"{path} is not in the release's LMDB format (no __keys__ / __len__ entries)")
         self.keys = plain_loads(keys_blob)
@@ -56,15 +75,10 @@ class LMDBReader:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def __getstate__(self):
-        return {"path": self.path, "keys": self.keys, "_env": None}
-
     def __getitem__(self, index: int) -> tuple[bytes, int]:
         """Returns (encoded image bytes, label). Raises KeyError/ValueError on a damaged record."""
-        if self._env is None:
-            self._env = _open(self.path, readonly=True)
         key = self.keys[index]
-        with self._env.begin() as txn:
+        with _read_env(self.path).begin() as txn:
             blob = txn.get(key)
         if blob is None:
             raise KeyError(key)
@@ -96,20 +110,27 @@ def write_lmdb(path: str, records) -> int:
             os.remove(stale)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     env = _open(partial, readonly=False)
-    keys = []
+    keys, pending_bytes = [], 0
     txn = env.begin(write=True)
-    for index, (image_bytes, label) in enumerate(records):
-        key = record_key(index)
-        txn.put(key, pickle.dumps((bytes(image_bytes), int(label)), protocol=4))
-        keys.append(key)
-        if len(keys) % 1000 == 0:  # bounded transaction size
-            txn.commit()
-            txn = env.begin(write=True)
-    txn.put(KEYS_KEY, pickle.dumps(keys, protocol=4))
-    txn.put(LEN_KEY, pickle.dumps(len(keys), protocol=4))
-    txn.commit()
-    env.sync()
-    env.close()
+    try:
+        for index, (image_bytes, label) in enumerate(records):
+            key = record_key(index)
+            blob = pickle.dumps((bytes(image_bytes), int(label)), protocol=4)
+            txn.put(key, blob)
+            keys.append(key)
+            pending_bytes += len(blob)
+            if pending_bytes > _COMMIT_BYTES:  # bounded transaction size, whatever the image sizes
+                txn.commit()
+                txn, pending_bytes = env.begin(write=True), 0
+        txn.put(KEYS_KEY, pickle.dumps(keys, protocol=4))
+        txn.put(LEN_KEY, pickle.dumps(len(keys), protocol=4))
+        txn.commit()
+        env.sync()
+    except BaseException:
+        txn.abort()
+        raise
+    finally:
+        env.close()
     if os.path.exists(partial + "-lock"):
         os.remove(partial + "-lock")
     os.replace(partial, path)

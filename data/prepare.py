@@ -14,7 +14,8 @@ Converters and the splits they write (train / test, the usual benchmark splits):
     vgg_flower_102  Oxford Flowers-102: trnid + valid (2,040) / tstid (6,149) of setid.mat;
                     label numbers of imagelabels.mat; images in jpg/
     chest_xray      Kermany et al. (Kaggle "chest-xray-pneumonia"): train/ (5,216) / test/ (624);
-                    NORMAL = 0, PNEUMONIA = 1; val/ (16 images) is not used
+                    NORMAL = 0, PNEUMONIA = 1; val/ (16 images) is not used (Mendeley's original
+                    has no val/ and 5,232 train images: expect a count warning with it)
     imagefolder     your own <src>/<class>/<image> (or <src>/{train,test}/<class>/<image>); class
                     folders sorted; without train/ and test/, each class is split with --seed,
                     --test_fraction of its images going to test. Needs --name.
@@ -39,6 +40,8 @@ import argparse
 import io
 import json
 import os
+import random
+import shutil
 import sys
 import uuid
 from collections import Counter, deque
@@ -46,6 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
+import scipy.io
 from PIL import Image
 from tqdm import tqdm
 
@@ -108,8 +112,6 @@ def _pairs(path: str) -> list[tuple[str, str]]:
 
 
 def _loadmat(path: str, keys) -> dict:
-    import scipy.io
-
     try:
         mat = scipy.io.loadmat(path, squeeze_me=True)
     except Exception as e:  # corrupt file, MATLAB v7.3 (HDF5), ...
@@ -122,7 +124,10 @@ def _loadmat(path: str, keys) -> dict:
 
 
 def _mat_ints(path: str, values) -> list[int]:
-    values = np.atleast_1d(np.asarray(values, dtype=np.float64)).ravel()
+    try:
+        values = np.atleast_1d(np.asarray(values, dtype=np.float64)).ravel()
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: expected numeric labels or ids") from None
     if not np.all(values == np.round(values)):
         raise UserError(f"{path}: expected integer labels or ids")
     return [int(v) for v in values]
@@ -266,8 +271,6 @@ def chest_xray(src: str) -> Source:
 
 
 def imagefolder(src: str, test_fraction: float, seed: int) -> Source:
-    import random
-
     has = {split: os.path.isdir(os.path.join(src, split)) for split in SPLITS}
     if all(has.values()):
         classes = _class_folders(os.path.join(src, "train"))
@@ -346,7 +349,8 @@ def _ordered_map(fn, items, workers: int):
 # ---------------------------------------------------------------- build
 
 def _records(items, args, skipped: list, desc: str):
-    """(image bytes, label) of each usable image; unreadable ones stop the build or, with --skip_bad, go to `skipped`."""
+    """(image bytes, label) of each usable image; an unreadable one stops the build, or with
+    --skip_bad is left out and appended to `skipped`."""
     loaded = _ordered_map(lambda path: _load(path, args.resize), (path for path, _ in items), args.workers)
     for (path, label), (data, error) in tqdm(zip(items, loaded), total=len(items), desc=desc, unit="img"):
         if error is not None:
@@ -396,8 +400,6 @@ def _is_empty_dir(path: str) -> bool:
 
 
 def _remove(path: str) -> None:
-    import shutil
-
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path)
     elif os.path.lexists(path):
@@ -570,12 +572,13 @@ def check(args) -> dict:
 # ---------------------------------------------------------------- command line
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Build or check data/<name>/{train,test}.lmdb",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", nargs="?", choices=sorted(CONVERTERS), metavar="NAME",
                         help=f"converter: one of {', '.join(CONVERTERS)}")
     parser.add_argument("--src", default=None, help="the dataset as downloaded and extracted")
-    parser.add_argument("--out", default="data", help="writes <out>/<name>/{train,test}.lmdb and counts.json")
+    parser.add_argument("--out", default="data",
+                        help="writes <out>/<name>/{train,test}.lmdb and counts.json (default: data)")
     parser.add_argument("--name", default=None,
                         help="output folder name (required for imagefolder; default: the converter's name)")
     parser.add_argument("--resize", type=int, default=None, metavar="N",
@@ -585,10 +588,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing <out>/<name>, once the new one is complete")
     parser.add_argument("--test_fraction", type=float, default=0.2,
-                        help="imagefolder without train/ and test/: fraction of each class that goes to test")
-    parser.add_argument("--seed", type=int, default=0, help="imagefolder without train/ and test/: split seed")
+                        help="imagefolder without train/ and test/: fraction of each class that goes to test "
+                             "(default: 0.2)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="imagefolder without train/ and test/: split seed (default: 0)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="threads decoding images")
+                        help="threads decoding images (default: min(8, CPUs))")
     parser.add_argument("--check", default=None, metavar="NAME",
                         help="instead of building, decode every record of <out>/NAME and check labels and counts")
     return parser

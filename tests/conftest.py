@@ -1,5 +1,30 @@
-"""Makes the repository root importable (`import data`, `import utils`) however pytest is started."""
+"""Shared fixtures. Makes the repository root importable (`import data`, `import utils`) however pytest
+is started, and keeps the tests off the network (the Hub is never reachable here)."""
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY = ["--model_name", "vit-mae-tiny", "--device", "cpu", "--workers", "0", "--log_every", "1"]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A data root holding the built-in `digits` dataset (built once per test session)."""
+    from data import dataset_dir
+    root = tmp_path_factory.mktemp("data")
+    dataset_dir("digits", str(root))
+    return str(root)
+
+
+@pytest.fixture
+def stage_args(data_dir, tmp_path):
+    """argv builder for the three stages: tiny model, CPU, outputs under tmp_path."""
+    def build(*extra, batch_size=8, steps=4):
+        return [*TINY, "--dataset", "digits", "--data_dir", data_dir, "--checkpoint_dir", str(tmp_path / "ckpt"),
+                "--steps", str(steps), "--batch_size", str(batch_size), *map(str, extra)]
+    return build

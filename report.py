@@ -1,0 +1,279 @@
+"""The paper's results table: test accuracy, mean ± std over the fine-tuning seeds, per (init, dataset).
+
+Reads the result files that finetune.py writes, `<results_dir>/<dataset>/<init>/seed<k>.json`
+(only those: the per-run folders `seed<k>/` are skipped), where <init> is `initial` (fine-tuned from
+θ₀), `further-pretrain-<steps>`, `self-further-pretrain-<steps>`, or any other checkpoint name.
+
+    python report.py                                   # results/report.md, results/report.csv; prints the table
+    python report.py --datasets cub dtd --steps 20000
+    python report.py --datasets cub --init self-further-pretrain-20000   # one line: mean ± std of its seeds
+    python report.py --datasets cub --init initial --seeds 1 2 3         # ... of these seeds (run_finetune.sh)
+
+The table. Rows: "Fine-tuning (initial model)", "Further pre-training (<steps>)",
+"Self-distillation (<steps>)" (steps ascending within each), then other checkpoints by name.
+Columns: the paper's six datasets in its order (aircraft, chest_xray, cub, dtd, stanford_dogs,
+vgg_flower_102), then other datasets alphabetically. A cell is the test accuracy in percent,
+`mean ± std (n=seeds)` with the sample standard deviation (ddof=1), or `mean (n=1)` for one seed;
+`—` where there are no results (never 0). The best mean of a column is in **bold** (ties: all of
+them), when at least two rows of that column have results. If some results carry a validation
+accuracy (finetune.py --val_split), a second table shows it the same way, for those datasets.
+
+report.csv: one row per (init, dataset) that has results, columns
+init,row_name,dataset,n,mean_acc,std_acc,mean_loss,best,n_val,mean_val_acc,std_val_acc,best_val;
+accuracies in percent, mean_loss the mean test cross-entropy, best / best_val 1 for the bold cells
+(else 0), std empty for a single seed, the val columns empty without validation results.
+"""
+import argparse
+import csv
+import json
+import os
+import re
+import statistics
+
+import utils
+
+PAPER_DATASETS = ("aircraft", "chest_xray", "cub", "dtd", "stanford_dogs", "vgg_flower_102")
+INITIAL = "initial"
+FURTHER_PRETRAIN = re.compile(r"^further-pretrain-(\d+)$")
+SELF_DISTILL = re.compile(r"^self-further-pretrain-(\d+)$")
+RESULT_FILE = re.compile(r"^seed(\d+)\.json$")
+MISSING = "—"
+CSV_COLUMNS = ("init", "row_name", "dataset", "n", "mean_acc", "std_acc", "mean_loss", "best",
+               "n_val", "mean_val_acc", "std_val_acc", "best_val")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Mean ± std of the fine-tuning results, as the paper's table.")
+    p.add_argument("--results_dir", default="results", help="finetune.py's --results_dir")
+    p.add_argument("--datasets", nargs="+", default=None,
+                   help="columns to show (default: every dataset with results); a named dataset without "
+                        "results shows as a column of —")
+    p.add_argument("--out_dir", default=None, help="where report.md and report.csv go (default: --results_dir)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="keep only the further pre-training / self-distillation rows of this many steps "
+                        "(the initial model's row and other checkpoints stay)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="only the results of these fine-tuning seeds (default: all); with --init, a missing "
+                        "one is an error")
+    p.add_argument("--init", default=None,
+                   help="print one line per dataset for this init only (e.g. self-further-pretrain-20000); "
+                        "writes no files")
+    return p
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_result(path: str) -> dict:
+    """One seed<k>.json, checked: a clear error naming the file if it is not a finetune.py result."""
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise utils.UserError(f"cannot read result file {path}: {e}") from None
+    if not isinstance(result, dict) or "test_acc" not in result:
+        raise utils.UserError(f"result file {path} has no test_acc (not written by finetune.py?)")
+    for key in ("test_acc", "val_acc") if result.get("val_acc") is not None else ("test_acc",):
+        value = result[key]
+        if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+            raise utils.UserError(f"result file {path}: {key} is {value!r}, expected a fraction in [0, 1]")
+    return result
+
+
+def find_results(results_dir: str, datasets=None, seeds=None) -> dict[tuple[str, str], dict[int, dict]]:
+    """{(dataset, init): {seed: result}} for every <results_dir>/<dataset>/<init>/seed<k>.json.
+
+    <init> is the path below the dataset folder, so a --ckpt_name with a slash is one init too."""
+    if not os.path.isdir(results_dir):
+        raise utils.UserError(f"results directory not found: {results_dir} (finetune.py writes it)")
+    found = {}
+    for dataset in sorted(os.listdir(results_dir)):
+        dataset_root = os.path.join(results_dir, dataset)
+        if dataset.startswith(".") or not os.path.isdir(dataset_root) or (datasets and dataset not in datasets):
+            continue
+        for root, dirs, files in os.walk(dataset_root):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            paths = {int(m.group(1)): os.path.join(root, f) for f in files if (m := RESULT_FILE.match(f))}
+            paths = {seed: path for seed, path in sorted(paths.items()) if seeds is None or seed in seeds}
+            if paths and root != dataset_root:
+                init = os.path.relpath(root, dataset_root).replace(os.sep, "/")
+                found[(dataset, init)] = {seed: read_result(path) for seed, path in paths.items()}
+    return found
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summarize(results_dir: str, datasets=None, seeds=None) -> dict[tuple[str, str], dict]:
+    """{(dataset, init): summary} over the seeds of each (or those of `seeds` only); accuracies in percent.
+
+    summary: seeds (sorted list), n, mean_acc, std_acc (sample std; None for one seed), mean_loss,
+    and n_val, mean_val_acc, std_val_acc over the seeds that have a validation accuracy (0 / None)."""
+    summaries = {}
+    for key, by_seed in find_results(results_dir, datasets, seeds).items():
+        results = list(by_seed.values())
+        acc = [100.0 * r["test_acc"] for r in results]
+        losses = [r["test_loss"] for r in results if isinstance(r.get("test_loss"), (int, float))]
+        val = [100.0 * r["val_acc"] for r in results if r.get("val_acc") is not None]
+        mean_acc, std_acc = _mean_std(acc)
+        mean_val, std_val = _mean_std(val)
+        summaries[key] = {"seeds": sorted(by_seed), "n": len(acc), "mean_acc": mean_acc, "std_acc": std_acc,
+                          "mean_loss": statistics.fmean(losses) if losses else None,
+                          "n_val": len(val), "mean_val_acc": mean_val, "std_val_acc": std_val}
+    return summaries
+
+
+# ----------------------------------------------------------------------------- rows, columns, cells
+
+def row_name(init: str) -> str:
+    if init == INITIAL:
+        return "Fine-tuning (initial model)"
+    if m := FURTHER_PRETRAIN.match(init):
+        return f"Further pre-training ({m.group(1)})"
+    if m := SELF_DISTILL.match(init):
+        return f"Self-distillation ({m.group(1)})"
+    return init
+
+
+def _row_order(init: str) -> tuple:
+    if init == INITIAL:
+        return (0, 0, "")
+    for group, pattern in ((1, FURTHER_PRETRAIN), (2, SELF_DISTILL)):
+        if m := pattern.match(init):
+            return (group, int(m.group(1)), "")
+    return (3, 0, init)
+
+
+def _step_count(init: str) -> int | None:
+    m = FURTHER_PRETRAIN.match(init) or SELF_DISTILL.match(init)
+    return int(m.group(1)) if m else None
+
+
+def _column_order(dataset: str) -> tuple:
+    return (PAPER_DATASETS.index(dataset), "") if dataset in PAPER_DATASETS else (len(PAPER_DATASETS), dataset)
+
+
+def _best(summaries: dict, inits: list[str], dataset: str, mean_key: str) -> set[str]:
+    """The inits with the highest mean in this column; none when fewer than two rows can compete."""
+    means = {i: summaries[(dataset, i)][mean_key] for i in inits
+             if (dataset, i) in summaries and summaries[(dataset, i)][mean_key] is not None}
+    if len(means) < 2:
+        return set()
+    top = max(means.values())
+    return {i for i, m in means.items() if m == top}
+
+
+def cell(summary: dict | None, mean_key: str, std_key: str, n_key: str) -> str:
+    if summary is None or summary[mean_key] is None:
+        return MISSING
+    std = summary[std_key]
+    text = f"{summary[mean_key]:.2f}" + (f" ± {std:.2f}" if std is not None else "")
+    return f"{text} (n={summary[n_key]})"
+
+
+def markdown_table(summaries: dict, inits: list[str], datasets: list[str], mean_key: str, std_key: str,
+                   n_key: str) -> str:
+    header = [""] + datasets
+    rows = []
+    best = {d: _best(summaries, inits, d, mean_key) for d in datasets}
+    for init in inits:
+        cells = [row_name(init)]
+        for d in datasets:
+            text = cell(summaries.get((d, init)), mean_key, std_key, n_key)
+            cells.append(f"**{text}**" if init in best[d] else text)
+        rows.append(cells)
+    widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def write_csv(path: str, summaries: dict, inits: list[str], datasets: list[str]) -> None:
+    best = {d: _best(summaries, inits, d, "mean_acc") for d in datasets}
+    best_val = {d: _best(summaries, inits, d, "mean_val_acc") for d in datasets}
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        for init in inits:
+            for d in datasets:
+                s = summaries.get((d, init))
+                if s is None:
+                    continue
+                writer.writerow([init, row_name(init), d, s["n"], _number(s["mean_acc"]), _number(s["std_acc"]),
+                                 _number(s["mean_loss"]), int(init in best[d]), s["n_val"] or "",
+                                 _number(s["mean_val_acc"]), _number(s["std_val_acc"]),
+                                 int(init in best_val[d]) if s["n_val"] else ""])
+
+
+def one_line(dataset: str, init: str, s: dict) -> str:
+    """e.g. `cub self-further-pretrain-20000: test accuracy 85.21 ± 0.43 % over 5 seeds (1 2 3 4 5)`"""
+    spread = f" ± {s['std_acc']:.2f}" if s["std_acc"] is not None else ""
+    seeds = " ".join(map(str, s["seeds"]))
+    line = (f"{dataset} {init}: test accuracy {s['mean_acc']:.2f}{spread} % over {s['n']} "
+            f"seed{'s' if s['n'] != 1 else ''} ({seeds})")
+    if s["n_val"]:
+        val_spread = f" ± {s['std_val_acc']:.2f}" if s["std_val_acc"] is not None else ""
+        line += f"; validation accuracy {s['mean_val_acc']:.2f}{val_spread} % (n={s['n_val']})"
+    return line
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(args):
+    summaries = summarize(args.results_dir, args.datasets, args.seeds)
+    where = f"{args.results_dir}/<dataset>/<init>/seed<k>.json"
+    if args.datasets:
+        where += f" for {', '.join(args.datasets)}"
+    if args.seeds:
+        where += f" with seeds {' '.join(map(str, args.seeds))}"
+
+    if args.init is not None:
+        found = sorted((d for d, i in summaries if i == args.init), key=_column_order)
+        if not found:
+            raise utils.UserError(f"no results for init '{args.init}' in {where}")
+        for d in found:
+            s = summaries[(d, args.init)]
+            missing = sorted(set(args.seeds or s["seeds"]) - set(s["seeds"]))
+            if missing:
+                raise utils.UserError(f"{d} {args.init}: no result for seed {' '.join(map(str, missing))} "
+                                      f"(expected {args.results_dir}/{d}/{args.init}/seed{missing[0]}.json)")
+            print(one_line(d, args.init, s))
+        return
+
+    if args.steps is not None:
+        summaries = {(d, i): s for (d, i), s in summaries.items() if _step_count(i) in (None, args.steps)}
+    if not summaries:
+        steps = f" with {args.steps} steps" if args.steps is not None else ""
+        raise utils.UserError(f"no fine-tuning results{steps} in {where} (run finetune.py first)")
+    datasets = sorted(set(args.datasets or []) | {d for d, _ in summaries}, key=_column_order)
+    inits = sorted({i for _, i in summaries}, key=_row_order)
+
+    sections = ["## Test accuracy (%)", "",
+                markdown_table(summaries, inits, datasets, "mean_acc", "std_acc", "n")]
+    val_datasets = [d for d in datasets if any(s["n_val"] for (d2, _), s in summaries.items() if d2 == d)]
+    if val_datasets:
+        sections += ["", "## Validation accuracy (%)", "",
+                     markdown_table(summaries, inits, val_datasets, "mean_val_acc", "std_val_acc", "n_val")]
+    sections += ["", "Mean ± sample standard deviation over fine-tuning seeds (n = number of seeds); "
+                     f"**bold**: best mean of the column; {MISSING}: no results."]
+    text = "\n".join(sections) + "\n"
+
+    out_dir = args.out_dir or args.results_dir
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(text)
+    write_csv(os.path.join(out_dir, "report.csv"), summaries, inits, datasets)
+    print(text, end="")
+
+
+if __name__ == "__main__":
+    utils.run_cli(get_args_parser, main)

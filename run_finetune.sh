@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Stage 3, fine-tuning, one run per seed in $SEEDS (default "1 2 3 4 5"), then mean ± std:
+#   bash run_finetune.sh GPU DATASET [SCRATCH] [CKPT] [CKPT_DIR] [finetune.py flags...]
+#   SCRATCH: True = from the initial model, False (default) = from CKPT_DIR/CKPT/DATASET
+#   CKPT: default self-further-pretrain-20000; CKPT_DIR: default checkpoints
+# Example: SEEDS="1 2" bash run_finetune.sh cpu digits True --model_name vit-mae-tiny --steps 50
+set -euo pipefail
+USAGE="bash run_finetune.sh GPU DATASET [SCRATCH] [CKPT] [CKPT_DIR] [finetune.py flags...]"
+source "$(dirname "$0")/scripts/launch.sh"
+
+[ $# -ge 2 ] || usage_error "GPU and DATASET are required"
+GPU=$1 DATASET=$2
+shift 2
+SCRATCH=False CKPT=self-further-pretrain-20000 CKPT_DIR=checkpoints
+if [ $# -gt 0 ] && ! is_flag "$1"; then SCRATCH=$1; shift; fi
+if [ $# -gt 0 ] && ! is_flag "$1"; then CKPT=$1; shift; fi
+if [ $# -gt 0 ] && ! is_flag "$1"; then CKPT_DIR=$1; shift; fi
+case "$SCRATCH" in
+  True|true|TRUE|1) INIT=initial ;;
+  False|false|FALSE|0) INIT=$CKPT ;;
+  *) usage_error "SCRATCH must be True or False, not '$SCRATCH'" ;;
+esac
+
+# the summary reads the same results folder as the runs write to
+RESULTS_DIR=results
+prev=""
+for arg in "$@"; do
+  [ "$prev" = "--results_dir" ] && RESULTS_DIR=$arg
+  [[ "$arg" == --results_dir=* ]] && RESULTS_DIR=${arg#--results_dir=}
+  prev=$arg
+done
+
+SEEDS=${SEEDS:-1 2 3 4 5}
+for seed in $SEEDS; do
+  launch "$GPU" finetune.py --dataset "$DATASET" --scratch "$SCRATCH" --ckpt_name "$CKPT" \
+    --checkpoint_dir "$CKPT_DIR" --seed "$seed" "$@"
+done
+"$PYTHON" "$REPO_DIR/report.py" --results_dir "$RESULTS_DIR" --datasets "$DATASET" --init "$INIT" --seeds $SEEDS

@@ -1,0 +1,199 @@
+"""report.py: the table's numbers against an independent recomputation, missing cells, the best
+marking, row/column order, the CSV, the --init line, --steps, and bad result files."""
+import csv
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from report import get_args_parser, main, summarize
+from utils import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEEDS = (1, 2, 3, 4, 5)
+
+
+def write_result(results_dir, dataset, init, seed, acc, loss=1.0, **extra):
+    folder = os.path.join(results_dir, dataset, init)
+    # the per-run folder next to each result file must be ignored
+    os.makedirs(os.path.join(folder, f"seed{seed}"), exist_ok=True)
+    with open(os.path.join(folder, f"seed{seed}", "args.json"), "w") as f:
+        json.dump({"test_acc": 0.0}, f)
+    with open(os.path.join(folder, f"seed{seed}.json"), "w") as f:
+        json.dump({"test_acc": acc, "test_loss": loss, "dataset": dataset, "init": init, "seed": seed,
+                   "args": {"seed": seed}, **extra}, f)
+
+
+def run(*argv):
+    return main(get_args_parser().parse_args([str(a) for a in argv]))
+
+
+@pytest.fixture
+def results(tmp_path):
+    """{(dataset, init): [(seed, acc, loss)]} written under tmp_path/results.
+
+    cub: all three rows, self-distillation best; dtd: initial and further pre-training only (the
+    self-distillation cell is missing), one seed for further pre-training; digits: initial only."""
+    rng = random.Random(0)
+    plan = {("cub", "initial"): (0.60, SEEDS), ("cub", "further-pretrain-20000"): (0.70, SEEDS),
+            ("cub", "self-further-pretrain-20000"): (0.80, SEEDS),
+            ("dtd", "initial"): (0.50, (1, 2, 3)), ("dtd", "further-pretrain-20000"): (0.40, (7,)),
+            ("digits", "initial"): (0.90, (0, 1))}
+    values = {}
+    for (dataset, init), (centre, seeds) in plan.items():
+        values[(dataset, init)] = [(s, centre + rng.uniform(-0.03, 0.03), rng.uniform(0.5, 2.0)) for s in seeds]
+        for seed, acc, loss in values[(dataset, init)]:
+            write_result(tmp_path / "results", dataset, init, seed, acc, loss)
+    return tmp_path / "results", values
+
+
+def expected_cell(runs):
+    acc = [100 * a for _, a, _ in runs]
+    if len(acc) == 1:
+        return f"{acc[0]:.2f} (n=1)"
+    return f"{statistics.mean(acc):.2f} ± {statistics.stdev(acc):.2f} (n={len(acc)})"
+
+
+def table_rows(markdown):
+    """{row name: [cells]} of the first table, and its header."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    split = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    header, body = split[0], split[2:]
+    return header, {r[0]: r[1:] for r in body}
+
+
+def test_table_numbers_missing_best_and_order(results, capsys):
+    results_dir, values = results
+    run("--results_dir", results_dir)
+    printed = capsys.readouterr().out
+    with open(results_dir / "report.md") as f:
+        markdown = f.read()
+    assert printed == markdown
+
+    header, rows = table_rows(markdown)
+    assert header == ["", "cub", "dtd", "digits"]  # paper datasets in the paper's order, then others
+    assert list(rows) == ["Fine-tuning (initial model)", "Further pre-training (20000)", "Self-distillation (20000)"]
+    inits = dict(zip(rows, ["initial", "further-pretrain-20000", "self-further-pretrain-20000"]))
+    for name, cells in rows.items():
+        for dataset, text in zip(header[1:], cells):
+            runs = values.get((dataset, inits[name]))
+            if runs is None:
+                assert text == "—"
+                continue
+            assert text.strip("*") == expected_cell(runs)
+    # best per column, bold; no bold in a column with a single row of results (digits)
+    assert rows["Self-distillation (20000)"][0].startswith("**")
+    assert not rows["Fine-tuning (initial model)"][0].startswith("**")
+    assert rows["Fine-tuning (initial model)"][1].startswith("**")  # dtd: 50 % beats 40 %
+    assert rows["Self-distillation (20000)"][1] == "—"
+    assert "**" not in rows["Fine-tuning (initial model)"][2]
+    assert "Validation accuracy" not in markdown
+
+
+def test_csv(results):
+    results_dir, values = results
+    out_dir = results_dir.parent / "report"
+    run("--results_dir", results_dir, "--out_dir", out_dir)
+    assert not os.path.exists(results_dir / "report.csv")
+    with open(out_dir / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["init", "row_name", "dataset", "n", "mean_acc", "std_acc", "mean_loss", "best",
+                             "n_val", "mean_val_acc", "std_val_acc", "best_val"]
+    assert {(r["dataset"], r["init"]) for r in rows} == set(values)  # the missing cell has no row
+    for r in rows:
+        runs = values[(r["dataset"], r["init"])]
+        acc = [100 * a for _, a, _ in runs]
+        assert int(r["n"]) == len(runs)
+        assert float(r["mean_acc"]) == pytest.approx(statistics.mean(acc), abs=1e-4)
+        assert float(r["mean_loss"]) == pytest.approx(statistics.mean(l for _, _, l in runs), abs=1e-4)
+        if len(runs) > 1:
+            assert float(r["std_acc"]) == pytest.approx(statistics.stdev(acc), abs=1e-4)
+        else:
+            assert r["std_acc"] == ""
+        assert r["n_val"] == r["mean_val_acc"] == ""
+    best = {(r["dataset"], r["init"]) for r in rows if r["best"] == "1"}
+    assert best == {("cub", "self-further-pretrain-20000"), ("dtd", "initial")}
+
+
+def test_summarize(results):
+    results_dir, values = results
+    summaries = summarize(results_dir, datasets=["dtd"])
+    assert set(summaries) == {("dtd", "initial"), ("dtd", "further-pretrain-20000")}
+    s = summaries[("dtd", "initial")]
+    acc = [100 * a for _, a, _ in values[("dtd", "initial")]]
+    assert s["seeds"] == [1, 2, 3] and s["n"] == 3
+    assert s["mean_acc"] == pytest.approx(statistics.mean(acc))
+    assert s["std_acc"] == pytest.approx(statistics.stdev(acc))
+    assert summaries[("dtd", "further-pretrain-20000")]["std_acc"] is None
+
+
+def test_init_line(results, capsys):
+    results_dir, values = results
+    run("--results_dir", results_dir, "--datasets", "cub", "--init", "self-further-pretrain-20000")
+    acc = [100 * a for _, a, _ in values[("cub", "self-further-pretrain-20000")]]
+    assert capsys.readouterr().out == (f"cub self-further-pretrain-20000: test accuracy {statistics.mean(acc):.2f} ± "
+                                       f"{statistics.stdev(acc):.2f} % over 5 seeds (1 2 3 4 5)\n")
+    assert not os.path.exists(results_dir / "report.md")
+    with pytest.raises(UserError, match="no results for init 'self-further-pretrain-20000'"):
+        run("--results_dir", results_dir, "--datasets", "dtd", "--init", "self-further-pretrain-20000")
+
+
+def test_steps_and_other_inits(results, capsys):
+    results_dir, _ = results
+    write_result(results_dir, "cub", "further-pretrain-5000", 1, 0.65)
+    write_result(results_dir, "cub", "self-further-pretrain-5000", 1, 0.66)
+    write_result(results_dir, "aircraft", "my-checkpoint", 1, 0.30)
+    run("--results_dir", results_dir)
+    header, rows = table_rows(capsys.readouterr().out)
+    assert header[:3] == ["", "aircraft", "cub"]
+    assert list(rows) == ["Fine-tuning (initial model)", "Further pre-training (5000)", "Further pre-training (20000)",
+                          "Self-distillation (5000)", "Self-distillation (20000)", "my-checkpoint"]
+    run("--results_dir", results_dir, "--steps", 5000, "--datasets", "cub", "chest_xray")
+    header, rows = table_rows(capsys.readouterr().out)
+    assert header == ["", "chest_xray", "cub"]  # a named dataset without results: a column of —
+    assert list(rows) == ["Fine-tuning (initial model)", "Further pre-training (5000)", "Self-distillation (5000)"]
+    assert all(cells[0] == "—" for cells in rows.values())
+
+
+def test_validation_table(tmp_path, capsys):
+    accs = {("initial", 1): (0.5, 0.55), ("initial", 2): (0.52, 0.58), ("further-pretrain-20000", 1): (0.6, None)}
+    for (init, seed), (test_acc, val_acc) in accs.items():
+        extra = {"val_acc": val_acc, "val_loss": 1.0} if val_acc is not None else {}
+        write_result(tmp_path, "cub", init, seed, test_acc, **extra)
+    run("--results_dir", tmp_path)
+    markdown = capsys.readouterr().out
+    val_table = markdown.split("## Validation accuracy (%)")[1]
+    _, rows = table_rows(val_table)
+    val = [55.0, 58.0]
+    assert rows["Fine-tuning (initial model)"] == [f"{statistics.mean(val):.2f} ± {statistics.stdev(val):.2f} (n=2)"]
+    assert rows["Further pre-training (20000)"] == ["—"]
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"test_loss": 1.0}', '{"test_acc": 85.2}', "[1, 2]"])
+def test_bad_result_file(tmp_path, content):
+    write_result(tmp_path, "cub", "initial", 1, 0.5)
+    bad = tmp_path / "cub" / "initial" / "seed2.json"
+    bad.write_text(content)
+    with pytest.raises(UserError, match=str(bad)):
+        run("--results_dir", tmp_path)
+
+
+def test_cli_errors_exit_2(tmp_path):
+    def cli(results_dir):
+        return subprocess.run([sys.executable, "report.py", "--results_dir", str(results_dir)], cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+
+    (tmp_path / "empty" / "cub" / "initial" / "seed1").mkdir(parents=True)
+    proc = cli(tmp_path / "empty")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: no fine-tuning results") and proc.stderr.count("\n") == 1
+
+    write_result(tmp_path / "bad", "cub", "initial", 1, 0.5)
+    (tmp_path / "bad" / "cub" / "initial" / "seed1.json").write_text("{")
+    proc = cli(tmp_path / "bad")
+    assert proc.returncode == 2
+    assert "seed1.json" in proc.stderr and proc.stderr.count("\n") == 1
