@@ -223,9 +223,17 @@ def _load_exact(module: nn.Module, state: dict, what: str, allowed_missing=()) -
     assert sorted(result.missing_keys) == sorted(allowed_missing) and not result.unexpected_keys, result
 
 
-def load_encoder(path: str, model_name: str) -> ViTMAEModel:
-    """The encoder of a checkpoint as a ViTMAEModel (used as the frozen teacher)."""
+def check_same_architecture(config: ViTMAEConfig, reference: ViTMAEConfig, what: str) -> None:
+    for key in _SHARED_ARCH:
+        if getattr(config, key) != getattr(reference, key):
+            raise UserError(f"{what} does not match the model's architecture "
+                            f"({key}: {getattr(config, key)} vs {getattr(reference, key)})")
+
+
+def load_encoder(path: str, model_name: str, reference: ViTMAEConfig) -> ViTMAEModel:
+    """The encoder of a checkpoint as a ViTMAEModel (the frozen teacher), checked against `reference`."""
     config, state = load_encoder_state(path, model_name)
+    check_same_architecture(config, reference, f"checkpoint '{path}'")
     encoder = ViTMAEModel(config)
     _load_exact(encoder, state, f"checkpoint '{path}'")
     return encoder

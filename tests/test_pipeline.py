@@ -108,8 +108,8 @@ def test_selftrain_student_starts_from_initial_weights_and_never_touches_the_tea
     seen = {}
     real_load_encoder, real_prepare = selftrain.load_encoder, utils.Run.prepare
 
-    def spy_load_encoder(path, name):
-        seen["teacher"] = real_load_encoder(path, name)
+    def spy_load_encoder(path, name, reference):
+        seen["teacher"] = real_load_encoder(path, name, reference)
         return seen["teacher"]
 
     def spy_prepare(self, model, optimizer, scheduler):
@@ -251,7 +251,7 @@ def test_release_model_pt_loads_as_teacher_and_for_finetuning(stage_args, tmp_pa
     release_dir.mkdir(parents=True)
     torch.save({"args": argparse.Namespace(lr=1.5e-4, dataset="digits"), "state_dict": v4_state},
                release_dir / "model.pt")
-    teacher = load_encoder(str(release_dir), "vit-mae-tiny")
+    teacher = load_encoder(str(release_dir), "vit-mae-tiny", trained.config)
     for k, v in trained.vit.state_dict().items():
         assert torch.equal(teacher.state_dict()[k], v)
     # the self-distillation stage takes it as its default teacher, and fine-tuning as a checkpoint

@@ -129,6 +129,7 @@ def test_summarize(results):
     assert s["mean_acc"] == pytest.approx(statistics.mean(acc))
     assert s["std_acc"] == pytest.approx(statistics.stdev(acc))
     assert summaries[("dtd", "further-pretrain-20000")]["std_acc"] is None
+    assert set(summarize(results_dir, seeds=[7])) == {("dtd", "further-pretrain-20000")}
 
 
 def test_init_line(results, capsys):
@@ -138,6 +139,16 @@ def test_init_line(results, capsys):
     assert capsys.readouterr().out == (f"cub self-further-pretrain-20000: test accuracy {statistics.mean(acc):.2f} ± "
                                        f"{statistics.stdev(acc):.2f} % over 5 seeds (1 2 3 4 5)\n")
     assert not os.path.exists(results_dir / "report.md")
+
+    # --seeds: only the seeds a launcher just ran; one it ran without a result is an error
+    run("--results_dir", results_dir, "--datasets", "cub", "--init", "initial", "--seeds", 4, 2)
+    acc = [100 * a for s, a, _ in values[("cub", "initial")] if s in (2, 4)]
+    assert capsys.readouterr().out == (f"cub initial: test accuracy {statistics.mean(acc):.2f} ± "
+                                       f"{statistics.stdev(acc):.2f} % over 2 seeds (2 4)\n")
+    run("--results_dir", results_dir, "--datasets", "dtd", "--init", "further-pretrain-20000")
+    assert capsys.readouterr().out.endswith("% over 1 seed (7)\n")
+    with pytest.raises(UserError, match="no result for seed 9"):
+        run("--results_dir", results_dir, "--datasets", "cub", "--init", "initial", "--seeds", 1, 9)
     with pytest.raises(UserError, match="no results for init 'self-further-pretrain-20000'"):
         run("--results_dir", results_dir, "--datasets", "dtd", "--init", "self-further-pretrain-20000")
 

@@ -1,0 +1,628 @@
+"""Speed and memory of our training steps, measured against the computation of the authors' release.
+
+For each stage (further pre-training, self-distillation, fine-tuning) two steps run on the same model,
+batch and device, one after the other in the same process:
+  ours       the loop body of pretrain.py / selftrain.py / finetune.py, through the same utils.Run
+             (bf16 autocast and fused AdamW on CUDA, fp32 on CPU; one backward pass; --compile optional)
+  reference  the release's computation (trainer.py of the 2023 code) on the current libraries: fp32 with
+             TF32 matmuls and convolutions (torch 1.8's CUDA defaults), eager attention, for-loop AdamW
+             (foreach=False), zero_grad without set_to_none, the release's `.item()` per step; for
+             self-distillation two backward passes (MAE, then distillation) and the student's unmasked
+             feature from a hand-written forward of its own, as the release did
+and the table gives images/s, peak memory (CUDA: torch.cuda.max_memory_allocated, reset before each
+measurement; CPU: n/a, as the process's peak RSS cannot be reset between measurements), the ratio
+ours/reference and, on CUDA, the model FLOPs utilisation (MFU) against the GPU's dense bf16 peak.
+Batches are synthetic uint8 images already on the device (ours normalises them on the device, as
+utils.Run does; the reference gets them normalised, as its DataLoader delivered them), so the
+model step is measured without the data path.
+
+    python bench.py                       # CUDA: ViT-B/16 at 224, batches 64/64/32; CPU: vit-mae-tiny
+    python bench.py --model vit-b16       # on CPU: ViT-B/16 (random weights) at batch 8
+    python bench.py --compile             # our model torch.compile'd
+    python bench.py --data --workers_list 0 1 2 4 8    # the data path only (see below)
+
+`--data` measures the loader alone, in images/s delivered to the device, per worker count: ours
+(data.ImageDataset through utils.Run.batches: PIL decode + resize to uint8 in the workers,
+normalisation on the device) against the release's per-image path (PIL decode, then
+transformers' PIL/NumPy ViT image processor: resize, rescale and normalise to float32 in the
+worker, and the release's collate_fn), on an LMDB of generated 500x375 JPEGs written with
+data.write_lmdb into a temporary directory.
+
+Model FLOPs (counted analytically, multiply-add = 2 FLOPs). A transformer layer of width d and MLP
+width f on T tokens costs, forward,
+    2·T·(4d² + 2df)   the q, k, v, output projections and the MLP
+  + 4·T²·d            the attention scores QKᵀ and the attention-weighted sum of V.
+With N = (image/patch)² patches and K = int(N·(1 − mask_ratio)) kept by the MAE mask:
+    unmasked encoder = patch embedding (2·N·3p²·d) + L_enc layers on 1+N tokens
+    MAE forward      = patch embedding (all N, embedded before masking) + L_enc layers on 1+K tokens
+                       + decoder embedding (2·(1+K)·d·d_dec) + L_dec decoder layers on 1+N tokens
+                       + pixel prediction (2·(1+N)·d_dec·3p²)
+    further pre-training:  3 × MAE                                  (forward + backward = 3 × forward)
+    self-distillation:     3 × (MAE + unmasked encoder) + 1 × unmasked encoder (the frozen teacher)
+    fine-tuning:           3 × (unmasked encoder + classifier head 2·d·classes)
+For ViT-B/16 at 224 that is 3×19.7, 3×(19.7+35.0)+35.0 and 3×35.0 GFLOPs per image. MFU = FLOPs per
+image × images/s / peak; the reference's MFU uses the same FLOPs and the same bf16 peak.
+"""
+import argparse
+import contextlib
+import copy
+import gc
+import io
+import os
+import platform
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel
+
+import finetune
+import pretrain
+import selftrain
+import utils
+from data import ImageDataset, LMDBReader, write_lmdb
+from models import TINY_NAME, MAEWithFeature, build_classifier, cls_feature, load_mae, mae_loss
+from models.vit_mae import IMAGENET_MEAN, IMAGENET_STD
+
+VIT_B16 = "vit-b16"
+STAGES = ("further-pretrain", "self-distill", "finetune")
+PAPER_BATCH = {"further-pretrain": 64, "self-distill": 64, "finetune": 32}
+CPU_VIT_B16_BATCH = 8  # ViT-B/16 steps on a CPU take seconds per image
+NUM_CLASSES = 200  # CUB, the largest head of the six datasets
+# Dense bf16 peak of the GPUs we run on (TFLOP/s), matched against torch.cuda.get_device_name, first match wins.
+BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200", 989.0), ("H100", 989.0), ("A100", 312.0))
+SYNTHETIC_DATASET = "synthetic"
+SYNTHETIC_IMAGE_SIZE = (500, 375)  # (width, height): a typical CUB / Stanford Dogs photo
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Images/s and peak memory of our steps vs the release's computation.")
+    g = p.add_argument_group("model steps")
+    g.add_argument("--model", default=None, choices=[TINY_NAME, VIT_B16],
+                   help=f"{VIT_B16}: ViT-B/16 MAE (the vit-mae-base architecture, random weights); "
+                        f"default: {VIT_B16} on CUDA, {TINY_NAME} on CPU")
+    g.add_argument("--batch_size", type=int, default=None,
+                   help=f"one batch size for every stage; default: the paper's (64, 64, 32), or "
+                        f"{CPU_VIT_B16_BATCH} for {VIT_B16} on CPU")
+    g.add_argument("--warmup_steps", type=int, default=None, help="untimed steps first (default: 5 CUDA, 2 CPU)")
+    g.add_argument("--steps", type=int, default=None,
+                   help=f"timed steps per measurement (default: 20 CUDA, 10 CPU, 3 for {VIT_B16} on CPU)")
+    g.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="which stages to measure")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile our model (as the scripts' --compile); the reference is never compiled")
+    g.add_argument("--peak_tflops", type=float, default=None,
+                   help="the GPU's dense bf16 peak for MFU (default: looked up from the device name)")
+    g = p.add_argument_group("data path")
+    g.add_argument("--data", action="store_true", help="measure the loader only, not the model steps")
+    g.add_argument("--workers_list", type=int, nargs="+", default=[0, 1, 2, 4, 8],
+                   help="DataLoader worker counts to measure")
+    g.add_argument("--data_images", type=int, default=256, help="generated JPEGs in the LMDB")
+    g.add_argument("--data_batch_size", type=int, default=64, help="images per batch")
+    g.add_argument("--data_batches", type=int, default=20, help="timed batches per measurement")
+    g.add_argument("--image_size", type=int, default=224, help="the size images are resized to")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    return p
+
+
+class Setting:
+    """What every measurement shares: device, batch size, step counts, a scratch directory."""
+
+    def __init__(self, args, device: torch.device, tmp: str):
+        on_cpu = device.type == "cpu"
+        self.device, self.tmp, self.compile = device, tmp, args.compile
+        self.model = args.model or (TINY_NAME if on_cpu else VIT_B16)
+        small_batch = CPU_VIT_B16_BATCH if on_cpu and self.model == VIT_B16 else None
+        self.batch = {s: args.batch_size or small_batch or PAPER_BATCH[s] for s in STAGES}
+        self.warmup = args.warmup_steps if args.warmup_steps is not None else (2 if on_cpu else 5)
+        default_steps = 20 if not on_cpu else 3 if self.model == VIT_B16 else 10
+        self.steps = args.steps if args.steps is not None else default_steps
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+# ----------------------------------------------------------------------------- models
+
+def initial_mae(model: str) -> ViTMAEForPreTraining:
+    """θ₀ with the recipe's masking settings: vit-mae-tiny exactly as our scripts build it, or the
+    ViT-B/16 MAE architecture (ViTMAEConfig() defaults = facebook/vit-mae-base) with random weights."""
+    if model == TINY_NAME:
+        return load_mae(TINY_NAME)
+    mae = ViTMAEForPreTraining(ViTMAEConfig())
+    mae.config.mask_ratio, mae.config.norm_pix_loss = 0.75, True  # as load_mae sets them
+    return mae
+
+
+def _assert_attention(model: torch.nn.Module, implementation: str) -> None:
+    found = {m.config._attn_implementation for m in model.modules()
+             if type(m).__name__.endswith("Attention") and hasattr(m, "config")}
+    assert found == {implementation}, f"attention implementations {found}, expected {implementation}"
+
+
+def eager_config(config: ViTMAEConfig) -> ViTMAEConfig:
+    """A copy with eager attention. Set before construction: ViTMAE's decoder deep-copies the config,
+    so set_attn_implementation("eager") on a built ViTMAEForPreTraining leaves the decoder on SDPA."""
+    config = copy.deepcopy(config)
+    config._attn_implementation = "eager"
+    return config
+
+
+def release_mae(theta0: ViTMAEForPreTraining) -> ViTMAEForPreTraining:
+    mae = ViTMAEForPreTraining(eager_config(theta0.config))
+    mae.load_state_dict(theta0.state_dict())
+    _assert_attention(mae, "eager")
+    return mae
+
+
+def encoder_copy(theta0: ViTMAEForPreTraining, attn_implementation: str | None = None) -> ViTMAEModel:
+    """A frozen teacher: θ₀'s encoder (its weights do not change the cost)."""
+    config = copy.deepcopy(theta0.config) if attn_implementation is None else eager_config(theta0.config)
+    encoder = ViTMAEModel(config)
+    encoder.load_state_dict(theta0.vit.state_dict())
+    return encoder.eval().requires_grad_(False)
+
+
+def release_cls_feature(encoder: ViTMAEModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The release's unmasked CLS feature (SelfPreTrainer.get_student_features, also what its ViTModel
+    teacher computed): patch + position embeddings, CLS token, every encoder layer, final LayerNorm.
+    Equal to models.cls_feature; written out by hand, as the release did. (B, 3, H, W) -> (B, D)."""
+    embeddings = encoder.embeddings
+    position = embeddings.position_embeddings  # (1, 1+N, D)
+    patches = embeddings.patch_embeddings(pixel_values) + position[:, 1:]  # (B, N, D)
+    cls = (embeddings.cls_token + position[:, :1]).expand(patches.shape[0], -1, -1)  # (B, 1, D)
+    hidden = torch.cat([cls, patches], dim=1)  # (B, 1+N, D)
+    for layer in encoder.layers:
+        hidden = layer(hidden, None)
+    return encoder.layernorm(hidden)[:, 0]
+
+
+@contextlib.contextmanager
+def release_numerics(device: torch.device):
+    """fp32 with TF32 matmuls and cuDNN convolutions: torch 1.8's defaults on CUDA (the release had no
+    autocast). Restores the previous settings afterwards."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def release_adamw(model, no_decay, lr: float, betas) -> torch.optim.AdamW:
+    """torch 1.8's AdamW: one parameter at a time (foreach=False), not fused; the same groups as ours."""
+    groups = utils.param_groups(model, 0.01, no_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=False, fused=False)
+
+
+# ----------------------------------------------------------------------------- timing
+
+def synthetic_batch(s: Setting, stage: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, S, S) uint8 images and (B,) labels on the device, fixed by a seed."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (s.batch[stage], 3, image_size, image_size), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, NUM_CLASSES, (s.batch[stage],), generator=g)
+    return images.to(s.device), labels.to(s.device)
+
+
+def measure(s: Setting, stage: str, step) -> dict:
+    """Runs step(i) for the warmup steps, then times s.steps more. Peak memory covers all of them
+    (the optimizer's state appears at the first step)."""
+    s.sync()
+    if s.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(s.device)
+    for i in range(s.warmup):
+        step(i)
+    s.sync()
+    start = time.perf_counter()
+    for i in range(s.warmup, s.warmup + s.steps):
+        step(i)
+    s.sync()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(s.device) / 2**20 if s.device.type == "cuda" else None
+    return {"images_per_s": s.steps * s.batch[stage] / seconds, "peak_mib": peak}
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def our_run(s: Setting, stage: str, script) -> utils.Run:
+    """utils.Run with the stage script's own defaults (optimizer, clipping, precision), in a scratch
+    directory, logging never (the steps stop before --steps)."""
+    out_dir = os.path.join(s.tmp, f"{stage}-ours")
+    argv = ["--dataset", SYNTHETIC_DATASET, "--device", str(s.device), "--batch_size", str(s.batch[stage]),
+            "--steps", str(s.warmup + s.steps + 1), "--log_every", str(10**9), "--output_dir", out_dir,
+            "--compile" if s.compile else "--no-compile"]
+    if script is finetune:
+        argv += ["--scratch", "True"]
+    args = script.get_args_parser().parse_args(argv)
+    return utils.Run(args, out_dir, f"bench {stage}", os.path.join(out_dir, "never"), IMAGENET_MEAN, IMAGENET_STD)
+
+
+# ----------------------------------------------------------------------------- further pre-training
+
+def ours_further_pretrain(s: Setting, theta0) -> dict:
+    """pretrain.py's loop body."""
+    run = our_run(s, "further-pretrain", pretrain)
+    mae, args = copy.deepcopy(theta0), run.args
+    num_patches = mae.vit.embeddings.patch_embeddings.num_patches
+    optimizer = utils.adamw(utils.param_groups(mae, args.weight_decay, pretrain.no_weight_decay), args.lr,
+                            pretrain.MAE_BETAS, run.device)
+    model = run.prepare(mae, optimizer, utils.linear_schedule(optimizer, args.warmup_steps, args.steps))
+    model.train()
+    batch, _ = synthetic_batch(s, "further-pretrain", mae.config.image_size)
+
+    def step(i):
+        images = run.normalize(batch)
+        noise = run.masking_noise(i, num_patches)
+        with run.autocast():
+            loss = mae_loss(model, images, noise)
+        run.step(i, loss, mae_loss=loss)
+
+    result = measure(s, "further-pretrain", step)
+    run.finish()
+    return result
+
+
+def reference_further_pretrain(s: Setting, theta0) -> dict:
+    """The release's PreTrainer loop: fp32, model-drawn mask, zero_grad, backward, step, loss.item()."""
+    mae = release_mae(theta0).to(s.device).train()
+    optimizer = release_adamw(mae, pretrain.no_weight_decay, 1.5e-4, pretrain.MAE_BETAS)
+    scheduler = utils.linear_schedule(optimizer, 0, 10**9)
+    batch, _ = synthetic_batch(s, "further-pretrain", mae.config.image_size)
+    images = normalised(batch, s.device)
+
+    def step(_):
+        loss = mae(images).loss
+        mae.zero_grad(set_to_none=False)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss.item()  # the release's progress bar
+
+    with release_numerics(s.device):
+        return measure(s, "further-pretrain", step)
+
+
+def normalised(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """What the release's DataLoader delivered: float32 images normalised with the model's statistics."""
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return (batch.float() / 255 - mean) / std
+
+
+# ----------------------------------------------------------------------------- self-distillation
+
+def ours_self_distill(s: Setting, theta0) -> dict:
+    """selftrain.py's loop body: one forward of the student gives both terms, one backward pass."""
+    run = our_run(s, "self-distill", selftrain)
+    student_mae, args = copy.deepcopy(theta0), run.args
+    teacher = encoder_copy(theta0).to(run.device)
+    num_patches = student_mae.vit.embeddings.patch_embeddings.num_patches
+    optimizer = utils.adamw(utils.param_groups(student_mae, args.weight_decay, pretrain.no_weight_decay), args.lr,
+                            pretrain.MAE_BETAS, run.device)
+    student = run.prepare(MAEWithFeature(student_mae), optimizer,
+                          utils.linear_schedule(optimizer, args.warmup_steps, args.steps))
+    student.train()
+    batch, _ = synthetic_batch(s, "self-distill", student_mae.config.image_size)
+
+    def step(i):
+        images = run.normalize(batch)
+        noise = run.masking_noise(i, num_patches)
+        with torch.inference_mode(), run.autocast():
+            teacher_cls = cls_feature(teacher, images)  # (B, D)
+        with run.autocast():
+            mae, student_cls = student(images, noise)
+        distill = selftrain.distill_loss(student_cls, teacher_cls.clone())
+        loss = mae + args.distill_weight * distill
+        run.step(i, loss, mae_loss=mae, distill_loss=distill)
+
+    result = measure(s, "self-distill", step)
+    run.finish()
+    return result
+
+
+def reference_self_distill(s: Setting, theta0) -> dict:
+    """The release's SelfPreTrainer loop: MAE forward and backward; teacher forward; the student's
+    unmasked feature by a second, hand-written forward; distillation backward; one optimizer step."""
+    student = release_mae(theta0).to(s.device).train()
+    teacher = encoder_copy(theta0, "eager").to(s.device)
+    optimizer = release_adamw(student, pretrain.no_weight_decay, 1.5e-4, pretrain.MAE_BETAS)
+    scheduler = utils.linear_schedule(optimizer, 0, 10**9)
+    batch, _ = synthetic_batch(s, "self-distill", student.config.image_size)
+    images = normalised(batch, s.device)
+
+    def step(_):
+        loss = student(images).loss
+        student.zero_grad(set_to_none=False)
+        loss.backward()
+        with torch.no_grad():
+            teacher_h = release_cls_feature(teacher, images)
+        student_h = release_cls_feature(student.vit, images)
+        distill = F.mse_loss(student_h, teacher_h, reduction="sum") / images.shape[0]
+        distill.backward()
+        optimizer.step()
+        scheduler.step()
+        loss.item()
+
+    with release_numerics(s.device):
+        return measure(s, "self-distill", step)
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+def ours_finetune(s: Setting, theta0) -> dict:
+    """finetune.py's loop body (from θ₀, as --scratch True): flip, classifier, cross-entropy."""
+    run = our_run(s, "finetune", finetune)
+    args = run.args
+    model = build_classifier(theta0.config, theta0.vit.state_dict(), NUM_CLASSES, args.dropout)
+    optimizer = utils.adamw(utils.param_groups(model, args.weight_decay, finetune.no_weight_decay), args.lr,
+                            finetune.FINETUNE_BETAS, run.device)
+    classifier = run.prepare(model, optimizer, utils.linear_schedule(optimizer, args.warmup_steps, args.steps))
+    classifier.train()
+    batch, labels = synthetic_batch(s, "finetune", theta0.config.image_size)
+
+    def step(i):
+        images = run.normalize(batch)
+        flip = run.global_rand(i, utils.STREAM_FLIP) < 0.5  # (B,)
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        with run.autocast():
+            logits = classifier(images).logits  # (B, classes)
+        loss = F.cross_entropy(logits.float(), labels)
+        run.step(i, loss, cls_loss=loss)
+
+    result = measure(s, "finetune", step)
+    run.finish()
+    return result
+
+
+def reference_finetune(s: Setting, theta0) -> dict:
+    """The release's FinetuningTrainer loop: per-sample flip on the device (its kornia RandomCrop(224)
+    of a 224 image is a no-op and is left out), loss inside the model, accuracy .item(), zero_grad,
+    backward, per-parameter gradient clipping, step."""
+    model = build_classifier(theta0.config, theta0.vit.state_dict(), NUM_CLASSES, 0.1)
+    model.set_attn_implementation("eager")
+    _assert_attention(model, "eager")
+    model.to(s.device).train()
+    optimizer = release_adamw(model, finetune.no_weight_decay, 1e-4, finetune.FINETUNE_BETAS)
+    scheduler = utils.linear_schedule(optimizer, 500, 10**9)
+    batch, labels = synthetic_batch(s, "finetune", theta0.config.image_size)
+    images = normalised(batch, s.device)
+
+    def step(_):
+        flip = torch.rand(images.shape[0], device=images.device) < 0.5
+        x = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        out = model(pixel_values=x, labels=labels)
+        (out.logits.argmax(dim=1) == labels).float().mean().item()  # the release's accuracy()
+        model.zero_grad(set_to_none=False)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=False)
+        optimizer.step()
+        scheduler.step()
+        out.loss.item()
+
+    with release_numerics(s.device):
+        return measure(s, "finetune", step)
+
+
+MEASURE = {"further-pretrain": (ours_further_pretrain, reference_further_pretrain),
+           "self-distill": (ours_self_distill, reference_self_distill),
+           "finetune": (ours_finetune, reference_finetune)}
+
+
+# ----------------------------------------------------------------------------- FLOPs and MFU
+
+def layer_flops(tokens: int, width: int, mlp_width: int) -> int:
+    """Forward FLOPs of one transformer layer (see the module docstring)."""
+    return 2 * tokens * (4 * width**2 + 2 * width * mlp_width) + 4 * tokens**2 * width
+
+
+def step_flops_per_image(stage: str, c: ViTMAEConfig, num_classes: int = NUM_CLASSES) -> int:
+    """Model FLOPs of one training step, per image (forward + backward = 3 × forward)."""
+    num_patches = (c.image_size // c.patch_size) ** 2
+    kept = int(num_patches * (1 - c.mask_ratio))
+    pixels_per_patch = c.num_channels * c.patch_size**2
+    patch_embedding = 2 * num_patches * pixels_per_patch * c.hidden_size
+    unmasked = patch_embedding + c.num_hidden_layers * layer_flops(1 + num_patches, c.hidden_size,
+                                                                    c.intermediate_size)
+    mae = (patch_embedding
+           + c.num_hidden_layers * layer_flops(1 + kept, c.hidden_size, c.intermediate_size)
+           + 2 * (1 + kept) * c.hidden_size * c.decoder_hidden_size
+           + c.decoder_num_hidden_layers * layer_flops(1 + num_patches, c.decoder_hidden_size,
+                                                       c.decoder_intermediate_size)
+           + 2 * (1 + num_patches) * c.decoder_hidden_size * pixels_per_patch)
+    if stage == "further-pretrain":
+        return 3 * mae
+    if stage == "self-distill":
+        return 3 * (mae + unmasked) + unmasked
+    return 3 * (unmasked + 2 * c.hidden_size * num_classes)
+
+
+def bf16_peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
+    if override_tflops is not None:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in BF16_PEAK_TFLOPS if key in name), None)
+
+
+# ----------------------------------------------------------------------------- the data path
+
+def write_synthetic_lmdb(data_dir: str, num_images: int, seed: int = 0) -> None:
+    """<data_dir>/synthetic/train.lmdb: 500x375 JPEGs (quality 90, ~45 kB) of smooth random colour fields
+    with a little grain, like photos in size and decoding cost."""
+    rng = np.random.default_rng(seed)
+    width, height = SYNTHETIC_IMAGE_SIZE
+    grain = [rng.normal(0, 6, (height, width, 3)).astype(np.float32) for _ in range(4)]
+
+    def records():
+        for i in range(num_images):
+            coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+            smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.float32)
+            buf = io.BytesIO()
+            Image.fromarray((smooth + grain[i % 4]).clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+            yield buf.getvalue(), i % NUM_CLASSES
+
+    write_lmdb(os.path.join(data_dir, SYNTHETIC_DATASET, "train.lmdb"), records())
+
+
+class ReleaseDataset(torch.utils.data.Dataset):
+    """The release's ImageFolderLMDB with its AutoFeatureExtractor transform: decode, then the ViT image
+    processor (PIL resize, rescale and normalise in NumPy float32) per image, in the worker."""
+
+    def __init__(self, lmdb_path: str, image_size: int):
+        from transformers import ViTImageProcessorPil  # transformers 5's PIL/NumPy ViTImageProcessor
+        self.reader = LMDBReader(lmdb_path)
+        self.processor = ViTImageProcessorPil(size={"height": image_size, "width": image_size},
+                                              resample=Image.BILINEAR, image_mean=list(IMAGENET_MEAN),
+                                              image_std=list(IMAGENET_STD))
+
+    def __len__(self):
+        return len(self.reader)
+
+    def __getitem__(self, index):
+        image_bytes, label = self.reader[index]
+        image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
+        return self.processor(image), label
+
+
+def release_collate(data):
+    """The release's collate_fn."""
+    x, y = zip(*data)
+    x = torch.cat([torch.tensor(np.array(item["pixel_values"])) for item in x])  # (B, 3, S, S) float32
+    return x, torch.tensor(y)
+
+
+def time_loader(batches, batch_size: int, warmup: int, timed: int, device: torch.device) -> float:
+    """Images/s of an iterator of device batches, after `warmup` batches (worker start-up)."""
+    batches = iter(batches)
+    for _ in range(warmup):
+        next(batches)
+    start = time.perf_counter()
+    for _ in range(timed):
+        images = next(batches)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    del images
+    return timed * batch_size / (time.perf_counter() - start)
+
+
+def ours_loader(args, device: torch.device, data_dir: str, workers: int, warmup: int) -> float:
+    """data.ImageDataset through utils.Run.batches, the training scripts' data path."""
+    out_dir = os.path.join(data_dir, "ours-run")
+    run_args = pretrain.get_args_parser().parse_args([
+        "--dataset", SYNTHETIC_DATASET, "--data_dir", data_dir, "--device", str(device),
+        "--workers", str(workers), "--batch_size", str(args.data_batch_size),
+        "--steps", str(warmup + args.data_batches)])
+    run = utils.Run(run_args, out_dir, "bench data", os.path.join(out_dir, "never"), IMAGENET_MEAN, IMAGENET_STD)
+    dataset = ImageDataset(SYNTHETIC_DATASET, "train", data_dir, args.image_size)
+    batches = (images for _, (images, _) in run.batches(dataset))
+    return time_loader(batches, args.data_batch_size, warmup, args.data_batches, device)
+
+
+def reference_loader(args, device: torch.device, data_dir: str, workers: int, warmup: int) -> float:
+    """The release's get_dataloader: shuffled, pinned, its collate_fn; batches moved to the device."""
+    dataset = ReleaseDataset(os.path.join(data_dir, SYNTHETIC_DATASET, "train.lmdb"), args.image_size)
+    sampler = torch.utils.data.RandomSampler(dataset, replacement=True,
+                                             num_samples=(warmup + args.data_batches) * args.data_batch_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.data_batch_size, sampler=sampler,
+                                         num_workers=workers, collate_fn=release_collate,
+                                         pin_memory=device.type == "cuda")
+    batches = (x.to(device) for x, _ in loader)
+    return time_loader(batches, args.data_batch_size, warmup, args.data_batches, device)
+
+
+def bench_data(args, device: torch.device, tmp: str) -> list[dict]:
+    write_synthetic_lmdb(tmp, args.data_images)
+    rows = []
+    for workers in args.workers_list:
+        warmup = workers + 1  # every worker has delivered its first batch
+        ours = ours_loader(args, device, tmp, workers, warmup)
+        reference = reference_loader(args, device, tmp, workers, warmup)
+        rows.append({"workers": workers, "ours_images_per_s": ours, "reference_images_per_s": reference,
+                     "ratio": ours / reference})
+        print_table(rows[-1:], DATA_COLUMNS, header=len(rows) == 1)
+    return rows
+
+
+# ----------------------------------------------------------------------------- the table
+
+STAGE_COLUMNS = (("stage", "stage", "{}"), ("batch", "batch", "{}"),
+                 ("ours_images_per_s", "ours img/s", "{:.1f}"), ("reference_images_per_s", "ref img/s", "{:.1f}"),
+                 ("ratio", "ratio", "{:.2f}"),
+                 ("ours_peak_mib", "ours MiB", "{:.0f}"), ("reference_peak_mib", "ref MiB", "{:.0f}"),
+                 ("memory_ratio", "mem ratio", "{:.2f}"),
+                 ("ours_mfu", "ours MFU", "{:.1%}"), ("reference_mfu", "ref MFU", "{:.1%}"),
+                 ("gflops_per_image", "GFLOP/img", "{:.2f}"))
+DATA_COLUMNS = (("workers", "workers", "{}"), ("ours_images_per_s", "ours img/s", "{:.1f}"),
+                ("reference_images_per_s", "ref img/s", "{:.1f}"), ("ratio", "ratio", "{:.2f}"))
+
+
+def print_table(rows: list[dict], columns, header: bool = True) -> None:
+    cells = [[("n/a" if row[key] is None else fmt.format(row[key])) for key, _, fmt in columns] for row in rows]
+    widths = [max(len(title), 10) for _, title, _ in columns]
+    if header:
+        print("  ".join(f"{title:>{w}}" for (_, title, _), w in zip(columns, widths)), flush=True)
+    for line in cells:
+        print("  ".join(f"{cell:>{w}}" for cell, w in zip(line, widths)), flush=True)
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model_name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        model_name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                          model_name)
+    return f"{model_name}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
+
+
+def bench_stages(args, device: torch.device, tmp: str) -> list[dict]:
+    s = Setting(args, device, tmp)
+    theta0 = initial_mae(s.model)
+    peak = bf16_peak_flops(device, args.peak_tflops)
+    print(f"model {s.model}, image {theta0.config.image_size}, ours: "
+          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}{', compiled' if s.compile else ''}; "
+          f"{s.warmup} warmup + {s.steps} timed steps; peak memory: "
+          f"{'max_memory_allocated' if device.type == 'cuda' else 'n/a on CPU'}; "
+          f"MFU against {'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s bf16'}", flush=True)
+    rows = []
+    for stage in args.stages:
+        ours_fn, reference_fn = MEASURE[stage]
+        ours = ours_fn(s, theta0)
+        free_memory()
+        reference = reference_fn(s, theta0)
+        free_memory()
+        flops = step_flops_per_image(stage, theta0.config)
+        row = {"stage": stage, "batch": s.batch[stage],
+               "ours_images_per_s": ours["images_per_s"], "reference_images_per_s": reference["images_per_s"],
+               "ratio": ours["images_per_s"] / reference["images_per_s"],
+               "ours_peak_mib": ours["peak_mib"], "reference_peak_mib": reference["peak_mib"],
+               "memory_ratio": (ours["peak_mib"] / reference["peak_mib"]) if ours["peak_mib"] else None,
+               "ours_mfu": flops * ours["images_per_s"] / peak if peak else None,
+               "reference_mfu": flops * reference["images_per_s"] / peak if peak else None,
+               "gflops_per_image": flops / 1e9}
+        rows.append(row)
+        print_table([row], STAGE_COLUMNS, header=len(rows) == 1)
+    return rows
+
+
+def main(args) -> list[dict]:
+    device = utils.resolve_device(args.device, 0)
+    print(f"device: {describe(device)}; torch {torch.__version__}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        rows = bench_data(args, device, tmp) if args.data else bench_stages(args, device, tmp)
+    return rows
+
+
+if __name__ == "__main__":
+    utils.run_cli(get_args_parser, main)
