@@ -85,7 +85,7 @@ def main(args):
     if not args.scratch and not has_checkpoint(checkpoint):
         raise utils.UserError(f"checkpoint not found: {checkpoint} (create it with "
                               f"`{creating_command(args.ckpt_name, args.dataset)}`, or pass --scratch True)")
-    run = utils.Run(args, out_dir, "finetune", result_path, *image_stats(args.model_name))
+    run = utils.Run(args, out_dir, "finetune", result_path, *image_stats(checkpoint, args.model_name))
     if run.already_done:
         return
 

@@ -460,7 +460,7 @@ class Run:
         if self.is_main:
             if model_to_save is not None:
                 from models import save_model
-                save_model(model_to_save, self.out_dir)
+                save_model(model_to_save, self.out_dir, self.mean.flatten().tolist(), self.std.flatten().tolist())
             if os.path.exists(self.state_path):
                 os.remove(self.state_path)
             if self.args.plot:

@@ -22,7 +22,6 @@ Output size: an S x S image is upscaled by k = ceil(128 / S) (at least 1; neares
 pixels high for n images; e.g. 8 images at S = 32: 522 x 1058 (W x H), at S = 224: 906 x 1826.
 """
 import argparse
-import json
 import math
 import os
 
@@ -67,18 +66,6 @@ def trained_with_norm_pix_loss(checkpoint: str) -> bool:
     if checkpoint == TINY_NAME:
         return True  # an untrained θ₀: show it in the units every run from it learns by default
     return ViTMAEConfig.from_pretrained(checkpoint).norm_pix_loss
-
-
-def checkpoint_image_stats(checkpoint: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The (mean, std) the checkpoint was trained with. pretrain.py / selftrain.py normalise with θ₀'s
-    statistics and save no image processor, so their run record (args.json) names the θ₀ to ask."""
-    record = os.path.join(checkpoint, utils.RECORD_FILE)
-    if not os.path.isfile(os.path.join(checkpoint, "preprocessor_config.json")) and os.path.isfile(record):
-        with open(record) as f:
-            model_name = json.load(f).get("args", {}).get("model_name")
-        if model_name:
-            return image_stats(model_name)
-    return image_stats(checkpoint)
 
 
 # ----------------------------------------------------------------------------- reconstruction
@@ -147,7 +134,7 @@ def main(args):
     mae = load_mae(args.checkpoint, args.mask_ratio)
     mae.config.norm_pix_loss = (trained_with_norm_pix_loss(args.checkpoint) if args.norm_pix_loss is None
                                 else args.norm_pix_loss)
-    mean, std = checkpoint_image_stats(args.checkpoint)
+    mean, std = image_stats(args.checkpoint)  # checkpoints carry their preprocessing
     dataset = ImageDataset(args.dataset, args.split, args.data_dir, mae.config.image_size)
 
     generator = torch.Generator().manual_seed(args.seed)

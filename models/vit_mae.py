@@ -38,6 +38,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
 RELEASE_CHECKPOINT = "model.pt"  # the authors' release
+PROCESSOR_FILE = "preprocessor_config.json"
 
 
 # ----------------------------------------------------------------------------- loading θ₀
@@ -76,13 +77,15 @@ def _from_pretrained(cls, name: str):
                         f"then pass --model_name DIR") from None
 
 
-def image_stats(model_name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) of the model's image processor; ImageNet's when it has none (as vit-mae-base)."""
-    path = os.path.join(model_name, "preprocessor_config.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            cfg = json.load(f)
-        return tuple(cfg.get("image_mean", IMAGENET_MEAN)), tuple(cfg.get("image_std", IMAGENET_STD))
+def image_stats(*model_dirs: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the first of `model_dirs` that has an image-processor file; ImageNet's otherwise
+    (the values of vit-mae-base's processor)."""
+    for model_dir in model_dirs:
+        path = os.path.join(model_dir, PROCESSOR_FILE)
+        if os.path.isfile(path):
+            with open(path) as f:
+                cfg = json.load(f)
+            return tuple(cfg.get("image_mean", IMAGENET_MEAN)), tuple(cfg.get("image_std", IMAGENET_STD))
     return IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -252,14 +255,20 @@ def build_classifier(config: ViTMAEConfig, encoder_state: dict, num_classes: int
     return model
 
 
-def save_model(model: nn.Module, out_dir: str) -> None:
-    """config.json + model.safetensors, readable by stock `from_pretrained`.
+def save_model(model: nn.Module, out_dir: str, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD) -> None:
+    """config.json + model.safetensors, readable by stock `from_pretrained`, and the preprocessing the
+    model was trained with (a ViTImageProcessor file: resize, rescale to [0, 1], normalise).
 
     Written into a temporary folder first and moved in weights-last, so `model.safetensors` exists
     only once the whole checkpoint is there (the stages use it as their "done" marker)."""
     tmp = os.path.join(out_dir, ".saving")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
+    size = model.config.image_size
+    with open(os.path.join(tmp, PROCESSOR_FILE), "w") as f:
+        json.dump({"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
+                   "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                   "image_mean": list(image_mean), "image_std": list(image_std)}, f, indent=2)
     names = sorted(os.listdir(tmp), key=lambda n: n.endswith(".safetensors"))
     for name in names:
         os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))

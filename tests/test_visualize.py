@@ -1,7 +1,6 @@
 """visualize.py: the PNG end to end (size rule, masked / pasted columns), and the numerical claim that
 the reconstruction inverts transformers' norm_pix_loss normalisation (an oracle decoder that outputs
 exactly the loss target reconstructs the original image)."""
-import json
 import os
 from types import SimpleNamespace
 
@@ -10,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from models import TINY_NAME, load_mae
+from models import TINY_NAME, image_stats, load_mae, save_model
 from models.vit_mae import IMAGENET_MEAN, IMAGENET_STD
-from visualize import (GAP, HEADER, checkpoint_image_stats, get_args_parser, main, reconstruction_grid,
+from visualize import (GAP, HEADER, get_args_parser, main, reconstruction_grid,
                        trained_with_norm_pix_loss, upscale_factor)
 
 GREY = 128  # round(0.5 * 255)
@@ -114,16 +113,11 @@ def test_skipping_the_unnormalisation_is_visible():
 
 
 def test_checkpoint_settings(tmp_path):
-    """A checkpoint directory's own norm_pix_loss, and θ₀'s image statistics through its run record."""
-    theta0 = tmp_path / "theta0"
-    load_mae(TINY_NAME).save_pretrained(theta0)
-    (theta0 / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.25] * 3}))
+    """A checkpoint directory's own norm_pix_loss, and the image statistics it was trained with."""
     checkpoint = tmp_path / "further-pretrain-10" / "digits"
-    load_mae(str(theta0), norm_pix_loss=False).save_pretrained(checkpoint)
-    (checkpoint / "args.json").write_text(json.dumps({"args": {"model_name": str(theta0)}}))
-
+    save_model(load_mae(TINY_NAME, norm_pix_loss=False), str(checkpoint), (0.5,) * 3, (0.25,) * 3)
     assert trained_with_norm_pix_loss(str(checkpoint)) is False
     assert trained_with_norm_pix_loss(TINY_NAME) is True
-    assert checkpoint_image_stats(str(checkpoint)) == ((0.5,) * 3, (0.25,) * 3)
-    os.remove(checkpoint / "args.json")
-    assert checkpoint_image_stats(str(checkpoint)) == (IMAGENET_MEAN, IMAGENET_STD)
+    assert image_stats(str(checkpoint)) == ((0.5,) * 3, (0.25,) * 3)
+    os.remove(checkpoint / "preprocessor_config.json")
+    assert image_stats(str(checkpoint)) == (IMAGENET_MEAN, IMAGENET_STD)

@@ -1,0 +1,49 @@
+"""bench.py: the table it prints and returns, and that its reference computes what ours computes."""
+import pytest
+import torch
+from transformers import ViTMAEConfig
+
+import bench
+from models import cls_feature, load_mae, mae_loss
+
+
+def test_bench_table(capsys):
+    args = bench.get_args_parser().parse_args(["--device", "cpu", "--model", "vit-mae-tiny", "--batch_size", "8",
+                                               "--warmup_steps", "1", "--steps", "2"])
+    rows = bench.main(args)
+    printed = capsys.readouterr().out
+
+    assert [row["stage"] for row in rows] == list(bench.STAGES)
+    for row in rows:
+        assert row["stage"] in printed
+        assert row["batch"] == 8
+        assert row["ours_images_per_s"] > 0 and row["reference_images_per_s"] > 0
+        assert row["ratio"] == pytest.approx(row["ours_images_per_s"] / row["reference_images_per_s"])
+        assert row["gflops_per_image"] > 0
+        # CPU: no resettable peak memory, no MFU
+        assert row["ours_peak_mib"] is None and row["ours_mfu"] is None
+    # the printed ratio is the printed ours / printed reference, to the printed precision (0.1 img/s, 0.01)
+    stage_lines = [line.split() for line in printed.splitlines() if line.split()[:1] in ([s] for s in bench.STAGES)]
+    assert len(stage_lines) == len(bench.STAGES)
+    for cells in stage_lines:
+        ours, reference, ratio = map(float, cells[2:5])
+        assert (ours - 0.05) / (reference + 0.05) - 0.005 <= ratio <= (ours + 0.05) / (reference - 0.05) + 0.005
+
+
+def test_reference_is_the_same_computation():
+    """Eager attention and the release's hand-written unmasked forward give our numbers."""
+    theta0 = load_mae("vit-mae-tiny").eval()
+    reference = bench.release_mae(theta0).eval()
+    x = torch.randn(3, 3, 32, 32)
+    noise = torch.rand(3, 64)
+    with torch.no_grad():
+        assert mae_loss(reference, x, noise) == pytest.approx(mae_loss(theta0, x, noise).item(), rel=1e-5)
+        torch.testing.assert_close(bench.release_cls_feature(reference.vit, x), cls_feature(theta0.vit, x),
+                                   rtol=1e-5, atol=1e-5)
+    # ViT-B/16 FLOPs per image, as the module docstring states: MAE forward 19.6 G, unmasked encoder 35.1 G
+    # (the usual 17.6 GMACs of ViT-B/16 at 224)
+    config = ViTMAEConfig()
+    assert bench.step_flops_per_image("further-pretrain", config) / 3e9 == pytest.approx(19.56, abs=0.01)
+    assert bench.step_flops_per_image("finetune", config, num_classes=0) / 3e9 == pytest.approx(35.13, abs=0.01)
+    assert bench.step_flops_per_image("self-distill", config) / 1e9 == pytest.approx(3 * (19.56 + 35.13) + 35.13,
+                                                                                      abs=0.1)
