@@ -29,3 +29,8 @@ test: $(VENV)
 
 clean-demo:
 	rm -rf $(DEMO_DIR)
+
+# make reproduce-small   the paper's table and Fig. 1 at small scale on CPU (~30 min): SMALL_REPRODUCTION.md
+.PHONY: reproduce-small
+reproduce-small: $(VENV)
+	bash run_small_reproduction.sh

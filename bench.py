@@ -9,12 +9,12 @@ batch and device, one after the other in the same process:
              (foreach=False), zero_grad without set_to_none, the release's `.item()` per step; for
              self-distillation two backward passes (MAE, then distillation) and the student's unmasked
              feature from a hand-written forward of its own, as the release did
-and the table gives images/s, peak memory (CUDA: torch.cuda.max_memory_allocated, reset before each
-measurement; CPU: n/a, as the process's peak RSS cannot be reset between measurements), the ratio
-ours/reference and, on CUDA, the model FLOPs utilisation (MFU) against the GPU's dense bf16 peak.
-Batches are synthetic uint8 images already on the device (ours normalises them on the device, as
-utils.Run does; the reference gets them normalised, as its DataLoader delivered them), so the
-model step is measured without the data path.
+and the table gives images/s (the batch over the median time of the timed steps), peak memory (CUDA:
+torch.cuda.max_memory_allocated, reset before each measurement; CPU: n/a, as the process's peak RSS
+cannot be reset between measurements), the ratios ours/reference and, on CUDA, the model FLOPs
+utilisation (MFU) against the GPU's dense bf16 peak. Batches are synthetic uint8 images already on the
+device (ours normalises them there, as utils.Run does; the reference gets them normalised, as its
+DataLoader delivered them), so the model step is measured without the data path.
 
     python bench.py                       # CUDA: ViT-B/16 at 224, batches 64/64/32; CPU: vit-mae-tiny
     python bench.py --model vit-b16       # on CPU: ViT-B/16 (random weights) at batch 8
@@ -41,8 +41,8 @@ With N = (image/patch)² patches and K = int(N·(1 − mask_ratio)) kept by the 
     self-distillation:     3 × (MAE + unmasked encoder) + 1 × unmasked encoder (the frozen teacher)
     fine-tuning:           3 × (unmasked encoder + classifier head 2·d·classes)
 For ViT-B/16 at 224 (MAE forward 19.6, unmasked encoder 35.1 GFLOPs) a step costs 58.7, 199.2 and
-105.4 GFLOPs per image. MFU = FLOPs per
-image × images/s / peak; the reference's MFU uses the same FLOPs and the same bf16 peak.
+105.4 GFLOPs per image. MFU = FLOPs per image × images/s / peak; the reference's MFU uses the same
+FLOPs and the same bf16 peak, although it computes in fp32/TF32.
 """
 import argparse
 import contextlib
@@ -88,7 +88,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch_size", type=int, default=None,
                    help=f"one batch size for every stage; default: the paper's (64, 64, 32), or "
                         f"{CPU_VIT_B16_BATCH} for {VIT_B16} on CPU")
-    g.add_argument("--warmup_steps", type=int, default=None, help="untimed steps first (default: 5 CUDA, 2 CPU)")
+    g.add_argument("--warmup_steps", type=int, default=None,
+                   help=f"untimed steps first (default: 5 CUDA, 2 CPU, 1 for {VIT_B16} on CPU)")
     g.add_argument("--steps", type=int, default=None,
                    help=f"timed steps per measurement (default: 20 CUDA, 10 CPU, 3 for {VIT_B16} on CPU)")
     g.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="which stages to measure")
@@ -115,11 +116,10 @@ class Setting:
         on_cpu = device.type == "cpu"
         self.device, self.tmp, self.compile = device, tmp, args.compile
         self.model = args.model or (TINY_NAME if on_cpu else VIT_B16)
-        small_batch = CPU_VIT_B16_BATCH if on_cpu and self.model == VIT_B16 else None
-        self.batch = {s: args.batch_size or small_batch or PAPER_BATCH[s] for s in STAGES}
-        self.warmup = args.warmup_steps if args.warmup_steps is not None else (2 if on_cpu else 5)
-        default_steps = 20 if not on_cpu else 3 if self.model == VIT_B16 else 10
-        self.steps = args.steps if args.steps is not None else default_steps
+        cpu_b16 = on_cpu and self.model == VIT_B16
+        self.batch = {s: args.batch_size or (CPU_VIT_B16_BATCH if cpu_b16 else PAPER_BATCH[s]) for s in STAGES}
+        self.warmup = args.warmup_steps if args.warmup_steps is not None else 5 if not on_cpu else 1 if cpu_b16 else 2
+        self.steps = args.steps if args.steps is not None else 20 if not on_cpu else 3 if cpu_b16 else 10
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -560,6 +560,7 @@ def bench_data(args, device: torch.device, tmp: str) -> list[dict]:
 
 # ----------------------------------------------------------------------------- the table
 
+# (row key, title, format); the first column is left-aligned, the others right-aligned
 STAGE_COLUMNS = (("stage", "stage", "{}"), ("batch", "batch", "{}"),
                  ("ours_images_per_s", "ours img/s", "{:.1f}"), ("reference_images_per_s", "ref img/s", "{:.1f}"),
                  ("ratio", "ratio", "{:.2f}"),
@@ -569,15 +570,18 @@ STAGE_COLUMNS = (("stage", "stage", "{}"), ("batch", "batch", "{}"),
                  ("gflops_per_image", "GFLOP/img", "{:.2f}"))
 DATA_COLUMNS = (("workers", "workers", "{}"), ("ours_images_per_s", "ours img/s", "{:.1f}"),
                 ("reference_images_per_s", "ref img/s", "{:.1f}"), ("ratio", "ratio", "{:.2f}"))
+FIRST_WIDTH = max(len(stage) for stage in STAGES)
 
 
 def print_table(rows: list[dict], columns, header: bool = True) -> None:
-    cells = [[("n/a" if row[key] is None else fmt.format(row[key])) for key, _, fmt in columns] for row in rows]
-    widths = [max(len(title), 10) for _, title, _ in columns]
+    """Rows under a header, in fixed-width columns (so rows printed one at a time line up)."""
+    def line(cells):
+        first, *rest = cells
+        return "  ".join([f"{first:<{FIRST_WIDTH}}"] + [f"{cell:>10}" for cell in rest])
     if header:
-        print("  ".join(f"{title:>{w}}" for (_, title, _), w in zip(columns, widths)), flush=True)
-    for line in cells:
-        print("  ".join(f"{cell:>{w}}" for cell, w in zip(line, widths)), flush=True)
+        print(line([title for _, title, _ in columns]), flush=True)
+    for row in rows:
+        print(line(["n/a" if row[key] is None else fmt.format(row[key]) for key, _, fmt in columns]), flush=True)
 
 
 def describe(device: torch.device) -> str:
@@ -587,7 +591,8 @@ def describe(device: torch.device) -> str:
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         model_name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
                           model_name)
-    return f"{model_name}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
+    load = os.getloadavg()[0]  # other processes disturb CPU timings: say how busy the machine was
+    return f"{model_name}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, load average {load:.2f}"
 
 
 def bench_stages(args, device: torch.device, tmp: str) -> list[dict]:

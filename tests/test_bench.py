@@ -23,7 +23,8 @@ def test_bench_table(capsys):
         # CPU: no resettable peak memory, no MFU
         assert row["ours_peak_mib"] is None and row["ours_mfu"] is None
     # the printed ratio is the printed ours / printed reference, to the printed precision (0.1 img/s, 0.01)
-    stage_lines = [line.split() for line in printed.splitlines() if line.split()[:1] in ([s] for s in bench.STAGES)]
+    table = [line.split() for line in printed.splitlines()]
+    stage_lines = [cells for cells in table if cells and cells[0] in bench.STAGES]
     assert len(stage_lines) == len(bench.STAGES)
     for cells in stage_lines:
         ours, reference, ratio = map(float, cells[2:5])

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The paper's table and Fig. 1 at small scale, on CPU, about 30 minutes (SMALL_REPRODUCTION.md):
+#   bash run_small_reproduction.sh [small_reproduction.py flags...]
+# Writes runs/small_reproduction/ (--out_dir); running it again continues where it stopped.
+set -euo pipefail
+USAGE="bash run_small_reproduction.sh [small_reproduction.py flags...]"
+source "$(dirname "$0")/scripts/launch.sh"  # $PYTHON and $REPO_DIR
+
+"$PYTHON" "$REPO_DIR/small_reproduction.py" "$@"
