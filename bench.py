@@ -9,7 +9,8 @@ batch and device, one after the other in the same process:
              (foreach=False), zero_grad without set_to_none, the release's `.item()` per step; for
              self-distillation two backward passes (MAE, then distillation) and the student's unmasked
              feature from a hand-written forward of its own, as the release did
-and the table gives images/s (the batch over the median time of the timed steps), peak memory (CUDA:
+and the table gives images/s (the batch over the median time of the timed steps; with --repeats, the
+best of the repeated measurements), peak memory (CUDA:
 torch.cuda.max_memory_allocated, reset before each measurement; CPU: n/a, as the process's peak RSS
 cannot be reset between measurements), the ratios ours/reference and, on CUDA, the model FLOPs
 utilisation (MFU) against the GPU's dense bf16 peak. Batches are synthetic uint8 images already on the
@@ -92,6 +93,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"untimed steps first (default: 5 CUDA, 2 CPU, 1 for {VIT_B16} on CPU)")
     g.add_argument("--steps", type=int, default=None,
                    help=f"timed steps per measurement (default: 20 CUDA, 10 CPU, 3 for {VIT_B16} on CPU)")
+    g.add_argument("--repeats", type=int, default=None,
+                   help="measure ours and the reference alternately this many times and keep the best of each, "
+                        f"for a shared machine (default: 3 for {TINY_NAME} on CPU, else 1)")
     g.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="which stages to measure")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile our model (as the scripts' --compile); the reference is never compiled")
@@ -120,6 +124,7 @@ class Setting:
         self.batch = {s: args.batch_size or (CPU_VIT_B16_BATCH if cpu_b16 else PAPER_BATCH[s]) for s in STAGES}
         self.warmup = args.warmup_steps if args.warmup_steps is not None else 5 if not on_cpu else 1 if cpu_b16 else 2
         self.steps = args.steps if args.steps is not None else 20 if not on_cpu else 3 if cpu_b16 else 10
+        self.repeats = args.repeats if args.repeats is not None else 3 if on_cpu and not cpu_b16 else 1
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -159,9 +164,9 @@ def release_mae(theta0: ViTMAEForPreTraining) -> ViTMAEForPreTraining:
     return mae
 
 
-def encoder_copy(theta0: ViTMAEForPreTraining, attn_implementation: str | None = None) -> ViTMAEModel:
-    """A frozen teacher: θ₀'s encoder (its weights do not change the cost)."""
-    config = copy.deepcopy(theta0.config) if attn_implementation is None else eager_config(theta0.config)
+def frozen_encoder(theta0: ViTMAEForPreTraining, eager: bool = False) -> ViTMAEModel:
+    """A teacher: θ₀'s encoder, frozen (its weights do not change the cost)."""
+    config = eager_config(theta0.config) if eager else copy.deepcopy(theta0.config)
     encoder = ViTMAEModel(config)
     encoder.load_state_dict(theta0.vit.state_dict())
     return encoder.eval().requires_grad_(False)
@@ -197,7 +202,8 @@ def release_numerics(device: torch.device):
 
 
 def release_adamw(model, no_decay, lr: float, betas) -> torch.optim.AdamW:
-    """torch 1.8's AdamW: one parameter at a time (foreach=False), not fused; the same groups as ours."""
+    """torch 1.8's AdamW: one parameter at a time (foreach=False), not fused; the same groups and
+    hyperparameters as ours (the release's weight decay, 0.01)."""
     groups = utils.param_groups(model, 0.01, no_decay)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=False, fused=False)
 
@@ -309,7 +315,7 @@ def ours_self_distill(s: Setting, theta0) -> dict:
     """selftrain.py's loop body: one forward of the student gives both terms, one backward pass."""
     run = our_run(s, "self-distill", selftrain)
     student_mae, args = copy.deepcopy(theta0), run.args
-    teacher = encoder_copy(theta0).to(run.device)
+    teacher = frozen_encoder(theta0).to(run.device)
     num_patches = student_mae.vit.embeddings.patch_embeddings.num_patches
     optimizer = utils.adamw(utils.param_groups(student_mae, args.weight_decay, pretrain.no_weight_decay), args.lr,
                             pretrain.MAE_BETAS, run.device)
@@ -338,7 +344,7 @@ def reference_self_distill(s: Setting, theta0) -> dict:
     """The release's SelfPreTrainer loop: MAE forward and backward; teacher forward; the student's
     unmasked feature by a second, hand-written forward; distillation backward; one optimizer step."""
     student = release_mae(theta0).to(s.device).train()
-    teacher = encoder_copy(theta0, "eager").to(s.device)
+    teacher = frozen_encoder(theta0, eager=True).to(s.device)
     optimizer = release_adamw(student, pretrain.no_weight_decay, 1.5e-4, pretrain.MAE_BETAS)
     scheduler = utils.linear_schedule(optimizer, 0, 10**9)
     batch, _ = synthetic_batch(s, "self-distill", student.config.image_size)
@@ -562,14 +568,14 @@ def bench_data(args, device: torch.device, tmp: str) -> list[dict]:
 
 # (row key, title, format); the first column is left-aligned, the others right-aligned
 STAGE_COLUMNS = (("stage", "stage", "{}"), ("batch", "batch", "{}"),
-                 ("ours_images_per_s", "ours img/s", "{:.1f}"), ("reference_images_per_s", "ref img/s", "{:.1f}"),
+                 ("ours_images_per_s", "ours img/s", "{:.4g}"), ("reference_images_per_s", "ref img/s", "{:.4g}"),
                  ("ratio", "ratio", "{:.2f}"),
                  ("ours_peak_mib", "ours MiB", "{:.0f}"), ("reference_peak_mib", "ref MiB", "{:.0f}"),
                  ("memory_ratio", "mem ratio", "{:.2f}"),
                  ("ours_mfu", "ours MFU", "{:.1%}"), ("reference_mfu", "ref MFU", "{:.1%}"),
                  ("gflops_per_image", "GFLOP/img", "{:.2f}"))
-DATA_COLUMNS = (("workers", "workers", "{}"), ("ours_images_per_s", "ours img/s", "{:.1f}"),
-                ("reference_images_per_s", "ref img/s", "{:.1f}"), ("ratio", "ratio", "{:.2f}"))
+DATA_COLUMNS = (("workers", "workers", "{}"), ("ours_images_per_s", "ours img/s", "{:.4g}"),
+                ("reference_images_per_s", "ref img/s", "{:.4g}"), ("ratio", "ratio", "{:.2f}"))
 FIRST_WIDTH = max(len(stage) for stage in STAGES)
 
 
@@ -595,22 +601,31 @@ def describe(device: torch.device) -> str:
     return f"{model_name}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, load average {load:.2f}"
 
 
+def measure_pair(s: Setting, stage: str, theta0) -> tuple[dict, dict]:
+    """Ours, then the reference, alternately s.repeats times; the best images/s of each (the run least
+    disturbed by other processes) and the largest peak memory."""
+    results = {"ours": [], "reference": []}
+    for _ in range(s.repeats):
+        for name, measure_fn in zip(results, MEASURE[stage]):
+            results[name].append(measure_fn(s, theta0))
+            free_memory()
+    return tuple({"images_per_s": max(r["images_per_s"] for r in runs),
+                  "peak_mib": None if runs[0]["peak_mib"] is None else max(r["peak_mib"] for r in runs)}
+                 for runs in results.values())
+
+
 def bench_stages(args, device: torch.device, tmp: str) -> list[dict]:
     s = Setting(args, device, tmp)
     theta0 = initial_mae(s.model)
     peak = bf16_peak_flops(device, args.peak_tflops)
     print(f"model {s.model}, image {theta0.config.image_size}, ours: "
           f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}{', compiled' if s.compile else ''}; "
-          f"{s.warmup} warmup + {s.steps} timed steps; peak memory: "
+          f"{s.warmup} warmup + {s.steps} timed steps, best of {s.repeats}; peak memory: "
           f"{'max_memory_allocated' if device.type == 'cuda' else 'n/a on CPU'}; "
           f"MFU against {'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s bf16'}", flush=True)
     rows = []
     for stage in args.stages:
-        ours_fn, reference_fn = MEASURE[stage]
-        ours = ours_fn(s, theta0)
-        free_memory()
-        reference = reference_fn(s, theta0)
-        free_memory()
+        ours, reference = measure_pair(s, stage, theta0)
         flops = step_flops_per_image(stage, theta0.config)
         row = {"stage": stage, "batch": s.batch[stage],
                "ours_images_per_s": ours["images_per_s"], "reference_images_per_s": reference["images_per_s"],

@@ -37,6 +37,7 @@ def mae_args_parser() -> argparse.ArgumentParser:
 
 def get_args_parser() -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description="Further pre-training: MAE on the target images (stage 1).",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                    parents=[mae_args_parser()])
 
 

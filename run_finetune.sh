@@ -21,14 +21,7 @@ case "$SCRATCH" in
   *) usage_error "SCRATCH must be True or False, not '$SCRATCH'" ;;
 esac
 
-# the summary reads the same results folder as the runs write to
-RESULTS_DIR=results
-prev=""
-for arg in "$@"; do
-  [ "$prev" = "--results_dir" ] && RESULTS_DIR=$arg
-  [[ "$arg" == --results_dir=* ]] && RESULTS_DIR=${arg#--results_dir=}
-  prev=$arg
-done
+RESULTS_DIR=$(flag_value --results_dir results "$@")  # the summary reads what the runs wrote
 
 SEEDS=${SEEDS:-1 2 3 4 5}
 for seed in $SEEDS; do

@@ -28,6 +28,7 @@ from pretrain import MAE_BETAS, further_pretrain_dir, mae_args_parser, no_weight
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Self-distillation: MAE + matching the teacher's CLS (stage 2).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 parents=[mae_args_parser()])
     g = p.add_argument_group("self-distillation")
     g.add_argument("--teacher", default=None,

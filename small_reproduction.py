@@ -9,7 +9,7 @@ The protocol (and why each number is what it is) is in SMALL_REPRODUCTION.md. In
           --teacher = the further pre-trained model of the same step count), --seeds fine-tuning seeds each
   Fig. 1  the same at every step count of --fig1_steps (the table's --further_steps is one of them)
 
-    python small_reproduction.py                 # all of it; or `make reproduce-small`, `bash run_small_reproduction.sh`
+    python small_reproduction.py                 # all of it (= make reproduce-small, bash run_small_reproduction.sh)
     python small_reproduction.py --source_steps 4 --further_steps 2 --fig1_steps 2 4 --finetune_steps 3 \\
         --seeds 1 --source_crops 64 --out_dir /tmp/smoke           # the same pipeline in seconds (the test)
 
@@ -68,7 +68,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("source domain (θ₀)")
     g.add_argument("--source_crops", type=int, default=4000,
                    help="random square crops of scikit-learn's two sample photographs")
-    g.add_argument("--crop_min", type=int, default=48, help="smallest crop side in pixels (resized to 32 by the loader)")
+    g.add_argument("--crop_min", type=int, default=48,
+                   help="smallest crop side in pixels (the loader resizes every crop to the model's 32)")
     g.add_argument("--crop_max", type=int, default=160, help="largest crop side in pixels")
     g.add_argument("--source_steps", type=int, default=1500, help="MAE steps of θ₀ from vit-mae-tiny's random init")
     g.add_argument("--source_lr", type=float, default=1e-3, help="peak learning rate of θ₀'s MAE training")
@@ -265,7 +266,8 @@ def fig1_markdown(rows: list[dict], num_train: int) -> str:
         steps = "0 (θ₀)" if r["steps"] == 0 else str(r["steps"])
         lines.append(f"| {steps} | {r['steps'] * MAE_BATCH_SIZE / num_train:.0f} | {_cell(r['further'])} | "
                      f"{_cell(r['self'])} |")
-    return "\n".join(lines) + "\n\nTest accuracy (%) after fine-tuning, mean ± sample std over the fine-tuning seeds.\n"
+    note = "Test accuracy (%) after fine-tuning, mean ± sample std over the fine-tuning seeds."
+    return "\n".join(lines) + f"\n\n{note}\n"
 
 
 def write_fig1_csv(path: str, rows: list[dict]) -> None:

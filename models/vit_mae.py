@@ -266,8 +266,8 @@ def save_model(model: nn.Module, out_dir: str, image_mean=IMAGENET_MEAN, image_s
     model.save_pretrained(tmp)
     size = model.config.image_size
     with open(os.path.join(tmp, PROCESSOR_FILE), "w") as f:
-        json.dump({"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
-                   "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        json.dump({"image_processor_type": "ViTImageProcessor", "do_resize": True,
+                   "size": {"height": size, "width": size}, "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
                    "image_mean": list(image_mean), "image_std": list(image_std)}, f, indent=2)
     names = sorted(os.listdir(tmp), key=lambda n: n.endswith(".safetensors"))
     for name in names:

@@ -37,3 +37,15 @@ usage_error() {
 
 # is_flag ARG: true when ARG starts the pass-through flags (so optional positionals stop there)
 is_flag() { [[ "${1:-}" == -* ]]; }
+
+# flag_value NAME DEFAULT ARGS...: the value of --NAME among ARGS (last one wins, as in argparse)
+flag_value() {
+  local name=$1 value=$2 prev=""
+  shift 2
+  for arg in "$@"; do
+    [ "$prev" = "$name" ] && value=$arg
+    [[ "$arg" == "$name"=* ]] && value=${arg#"$name"=}
+    prev=$arg
+  done
+  echo "$value"
+}

@@ -19,23 +19,27 @@ def _launch(cmd: str, cwd, env_extra=None, timeout=300):
     return subprocess.run(["bash", "-c", cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_three_launchers_end_to_end_on_digits(data_dir, tmp_path):
-    flags = f"--model_name vit-mae-tiny --data_dir {data_dir} --batch_size 8 --workers 1 --log_every 2"
-    steps = 4
-    for cmd in (f"bash {REPO}/run_pretrain.sh cpu digits {steps} {flags}",
-                f"bash {REPO}/run_selftrain.sh cpu digits {steps} {flags}",
-                f"bash {REPO}/run_finetune.sh cpu digits False self-further-pretrain-{steps} {flags} --steps 3",
-                f"bash {REPO}/run_finetune.sh cpu digits True {flags} --steps 3"):
-        proc = _launch(cmd, tmp_path, {"SEEDS": "1 2"})
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+def test_launchers_end_to_end_on_digits_and_rerun_continues(data_dir, tmp_path):
+    """run_all.sh drives run_pretrain.sh, run_selftrain.sh and run_finetune.sh (True and False), then report.py."""
+    flags = f"--model_name vit-mae-tiny --data_dir {data_dir} --batch_size 8 --workers 1 --log_every 2 --steps 4"
+    env = {"SEEDS": "1 2", "STEPS": "4"}
+    proc = _launch(f"bash {REPO}/run_all.sh cpu digits {flags}", tmp_path, env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # outputs land relative to where the command runs, under the documented names
-    assert (tmp_path / "checkpoints" / f"further-pretrain-{steps}" / "digits" / "model.safetensors").exists()
-    assert (tmp_path / "checkpoints" / f"self-further-pretrain-{steps}" / "digits" / "model.safetensors").exists()
-    accs = [json.load(open(tmp_path / "results" / "digits" / "initial" / f"seed{s}.json"))["test_acc"] for s in (1, 2)]
-    assert len(accs) == 2
-    # the last launcher line is the summary over the seeds
-    assert "over 2 seeds" in proc.stdout.strip().splitlines()[-1]
-    assert f"{100 * sum(accs) / 2:.2f}" in proc.stdout.strip().splitlines()[-1]
+    assert (tmp_path / "checkpoints" / "further-pretrain-4" / "digits" / "model.safetensors").exists()
+    assert (tmp_path / "checkpoints" / "self-further-pretrain-4" / "digits" / "model.safetensors").exists()
+    for init in ("initial", "further-pretrain-4", "self-further-pretrain-4"):
+        accs = [json.load(open(tmp_path / "results" / "digits" / init / f"seed{s}.json"))["test_acc"] for s in (1, 2)]
+        summary = [line for line in proc.stdout.splitlines() if line.startswith(f"digits {init}:")]
+        assert len(summary) == 1 and "over 2 seeds" in summary[0]  # each run_finetune.sh ends with mean ± std
+        assert f"{100 * sum(accs) / 2:.2f}" in summary[0]
+    table = (tmp_path / "results" / "report.md").read_text()
+    assert "Self-distillation" in table and "digits" in table
+    before = (tmp_path / "results" / "digits" / "initial" / "seed1.json").read_bytes()
+    proc = _launch(f"bash {REPO}/run_all.sh cpu digits {flags}", tmp_path, env)  # again: nothing to redo
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("already complete") == 2 + 3 * 2
+    assert (tmp_path / "results" / "digits" / "initial" / "seed1.json").read_bytes() == before
 
 
 def _cli(module, argv, monkeypatch, capsys):
