@@ -7,10 +7,4 @@ set -euo pipefail
 USAGE="bash run_selftrain.sh GPU DATASET [STEPS] [selftrain.py flags...]"
 source "$(dirname "$0")/scripts/launch.sh"
 
-[ $# -ge 2 ] || usage_error "GPU and DATASET are required"
-GPU=$1 DATASET=$2
-shift 2
-STEPS=20000
-if [ $# -gt 0 ] && ! is_flag "$1"; then STEPS=$1; shift; fi
-
-launch "$GPU" selftrain.py --dataset "$DATASET" --steps "$STEPS" "$@"
+mae_stage selftrain.py "$@"

@@ -49,3 +49,14 @@ flag_value() {
   done
   echo "$value"
 }
+
+# mae_stage SCRIPT GPU DATASET [STEPS] [flags...]: run_pretrain.sh and run_selftrain.sh
+mae_stage() {
+  local script=$1
+  shift
+  [ $# -ge 2 ] || usage_error "GPU and DATASET are required"
+  local gpu=$1 dataset=$2 steps=20000
+  shift 2
+  if [ $# -gt 0 ] && ! is_flag "$1"; then steps=$1; shift; fi
+  launch "$gpu" "$script" --dataset "$dataset" --steps "$steps" "$@"
+}

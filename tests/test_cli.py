@@ -22,23 +22,23 @@ def _launch(cmd: str, cwd, env_extra=None, timeout=300):
 def test_launchers_end_to_end_on_digits_and_rerun_continues(data_dir, tmp_path):
     """run_all.sh drives run_pretrain.sh, run_selftrain.sh and run_finetune.sh (True and False), then report.py."""
     flags = f"--model_name vit-mae-tiny --data_dir {data_dir} --batch_size 8 --workers 1 --log_every 2 --steps 4"
-    env = {"SEEDS": "1 2", "STEPS": "4"}
+    env = {"SEEDS": "1", "STEPS": "4"}
     proc = _launch(f"bash {REPO}/run_all.sh cpu digits {flags}", tmp_path, env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # outputs land relative to where the command runs, under the documented names
     assert (tmp_path / "checkpoints" / "further-pretrain-4" / "digits" / "model.safetensors").exists()
     assert (tmp_path / "checkpoints" / "self-further-pretrain-4" / "digits" / "model.safetensors").exists()
     for init in ("initial", "further-pretrain-4", "self-further-pretrain-4"):
-        accs = [json.load(open(tmp_path / "results" / "digits" / init / f"seed{s}.json"))["test_acc"] for s in (1, 2)]
+        accs = [json.load(open(tmp_path / "results" / "digits" / init / f"seed{s}.json"))["test_acc"] for s in (1,)]
         summary = [line for line in proc.stdout.splitlines() if line.startswith(f"digits {init}:")]
-        assert len(summary) == 1 and "over 2 seeds" in summary[0]  # each run_finetune.sh ends with mean ± std
-        assert f"{100 * sum(accs) / 2:.2f}" in summary[0]
+        assert len(summary) == 1 and "over 1 seed" in summary[0]  # each run_finetune.sh ends with mean ± std
+        assert f"{100 * accs[0]:.2f}" in summary[0]
     table = (tmp_path / "results" / "report.md").read_text()
     assert "Self-distillation" in table and "digits" in table
     before = (tmp_path / "results" / "digits" / "initial" / "seed1.json").read_bytes()
     proc = _launch(f"bash {REPO}/run_all.sh cpu digits {flags}", tmp_path, env)  # again: nothing to redo
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("already complete") == 2 + 3 * 2
+    assert proc.stdout.count("already complete") == 2 + 3
     assert (tmp_path / "results" / "digits" / "initial" / "seed1.json").read_bytes() == before
 
 
