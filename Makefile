@@ -1,5 +1,6 @@
 # make demo   the whole method on CPU in minutes: digits + vit-mae-tiny, three routes, mean ± std
 # make test   the test suite (CPU, tiny models)
+# make reproduce-small   the paper's table and Fig. 1 at small scale on CPU (~35 min): SMALL_REPRODUCTION.md
 PYTHON := .venv/bin/python
 VENV := .venv/.installed
 DEMO_DIR := runs/demo
@@ -30,7 +31,6 @@ test: $(VENV)
 clean-demo:
 	rm -rf $(DEMO_DIR)
 
-# make reproduce-small   the paper's table and Fig. 1 at small scale on CPU (~30 min): SMALL_REPRODUCTION.md
 .PHONY: reproduce-small
 reproduce-small: $(VENV)
 	bash run_small_reproduction.sh

@@ -239,8 +239,9 @@ class Run:
     """Everything about one training run that is not the method: processes, device, precision,
     data batches, the optimizer step, metrics, resumable state and the run record.
 
-        run = Run(args, out_dir, stage, done_file)      # set up; write the record
-        model = run.prepare(model, optimizer, scheduler)   # resume if a state exists; DDP; compile
+        run = Run(args, out_dir, stage, done_file, mean, std)  # processes, device, seed; nothing on disk yet
+        if run.already_done: return                              # done_file exists: never redo or overwrite
+        model = run.prepare(model, optimizer, scheduler)         # write the record; resume; DDP; compile
         for step, (images, labels) in run.batches(dataset): ... run.step(step, loss, **terms)
         run.finish(model)
     """
