@@ -6,6 +6,7 @@ import pickle
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import ViTConfig, ViTForImageClassification, ViTMAEForPreTraining, ViTModel
 
@@ -75,7 +76,7 @@ def test_distill_loss_is_mean_over_batch_of_squared_distance_summed_over_dims():
 # ----------------------------------------------------------------------------- the stages
 
 def test_pretrain_writes_a_checkpoint_that_stock_from_pretrained_opens(stage_args, tmp_path):
-    pretrain.main(pretrain.get_args_parser().parse_args(stage_args()))
+    pretrain.main(pretrain.get_args_parser().parse_args(stage_args("--plot")))
     out = tmp_path / "ckpt" / "further-pretrain-4" / "digits"
     saved = _weights(out)  # stock from_pretrained
     initial = load_mae("vit-mae-tiny")
@@ -89,6 +90,9 @@ def test_pretrain_writes_a_checkpoint_that_stock_from_pretrained_opens(stage_arg
     # every file we write loads without pickled objects
     for name in os.listdir(out):
         assert not name.endswith((".pt", ".bin", ".pkl"))
+    # --plot: one panel per loss term (here mae_loss) and the learning rate, 4 x 3.2 inches each at 100 dpi
+    with Image.open(out / "loss_curves.png") as png:
+        assert png.format == "PNG" and png.size == (800, 320)
 
 
 def test_same_seed_same_numbers_other_seed_other_numbers(stage_args, tmp_path):
