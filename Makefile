@@ -4,11 +4,11 @@
 PYTHON := .venv/bin/python
 VENV := .venv/.installed
 DEMO_DIR := runs/demo
-DEMO_STEPS := 300
+DEMO_STEPS := 200
 # The demo's settings: a tiny model on 32x32 digits, so larger learning rates and far fewer steps than the
 # paper's ViT-B/16 recipe; everything else (masking, losses, schedules, weight decay) is the recipe.
 DEMO_FLAGS := --model_name vit-mae-tiny --checkpoint_dir $(DEMO_DIR)/checkpoints --workers 1 --log_every 100
-FINETUNE_FLAGS := $(DEMO_FLAGS) --results_dir $(DEMO_DIR)/results --steps 250 --warmup_steps 25 --lr 1e-3
+FINETUNE_FLAGS := $(DEMO_FLAGS) --results_dir $(DEMO_DIR)/results --steps 200 --warmup_steps 20 --lr 1e-3
 
 .PHONY: demo test clean-demo
 

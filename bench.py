@@ -10,12 +10,12 @@ batch and device, one after the other in the same process:
              self-distillation two backward passes (MAE, then distillation) and the student's unmasked
              feature from a hand-written forward of its own, as the release did
 and the table gives images/s (the batch over the median time of the timed steps; with --repeats, the
-best of the repeated measurements), peak memory (CUDA:
-torch.cuda.max_memory_allocated, reset before each measurement; CPU: n/a, as the process's peak RSS
-cannot be reset between measurements), the ratios ours/reference and, on CUDA, the model FLOPs
-utilisation (MFU) against the GPU's dense bf16 peak. Batches are synthetic uint8 images already on the
-device (ours normalises them there, as utils.Run does; the reference gets them normalised, as its
-DataLoader delivered them), so the model step is measured without the data path.
+best of the repeated measurements), peak memory (CUDA: torch.cuda.max_memory_allocated, reset before
+each measurement; CPU: n/a, as the process's peak RSS cannot be reset between measurements), the
+ratios ours/reference and, on CUDA, the model FLOPs utilisation (MFU) against the GPU's dense bf16
+peak. Batches are synthetic uint8 images already on the device (ours normalises them there, as
+utils.Run does; the reference gets them normalised, as its DataLoader delivered them), so the model
+step is measured without the data path.
 
     python bench.py                       # CUDA: ViT-B/16 at 224, batches 64/64/32; CPU: vit-mae-tiny
     python bench.py --model vit-b16       # on CPU: ViT-B/16 (random weights) at batch 8
@@ -107,7 +107,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="DataLoader worker counts to measure")
     g.add_argument("--data_images", type=int, default=256, help="generated JPEGs in the LMDB")
     g.add_argument("--data_batch_size", type=int, default=64, help="images per batch")
-    g.add_argument("--data_batches", type=int, default=20, help="timed batches per measurement")
+    g.add_argument("--data_batches", type=int, default=20,
+                   help="timed batches per measurement (rounded up to whole rounds of the workers)")
     g.add_argument("--image_size", type=int, default=224, help="the size images are resized to")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     return p
@@ -512,10 +513,18 @@ def release_collate(data):
     return x, torch.tensor(y)
 
 
-def time_loader(batches, batch_size: int, warmup: int, timed: int, device: torch.device) -> float:
-    """Images/s of an iterator of device batches, after `warmup` batches (worker start-up)."""
+def loader_batches(workers: int, timed: int) -> tuple[int, int]:
+    """(untimed, timed) batch counts. Each worker builds whole batches, and they start together, so
+    batches arrive in rounds of `workers`: the clock starts on the first batch of the second round
+    (start-up excluded) and stops on the first batch of a later round (whole rounds timed)."""
+    rounds = max(1, workers)
+    return workers + 1, -(-timed // rounds) * rounds
+
+
+def time_loader(batches, batch_size: int, untimed: int, timed: int, device: torch.device) -> float:
+    """Images/s of an iterator of device batches, after `untimed` batches."""
     batches = iter(batches)
-    for _ in range(warmup):
+    for _ in range(untimed):
         next(batches)
     start = time.perf_counter()
     for _ in range(timed):
@@ -526,38 +535,38 @@ def time_loader(batches, batch_size: int, warmup: int, timed: int, device: torch
     return timed * batch_size / (time.perf_counter() - start)
 
 
-def ours_loader(args, device: torch.device, data_dir: str, workers: int, warmup: int) -> float:
+def ours_loader(args, device: torch.device, data_dir: str, workers: int) -> float:
     """data.ImageDataset through utils.Run.batches, the training scripts' data path."""
+    untimed, timed = loader_batches(workers, args.data_batches)
     out_dir = os.path.join(data_dir, "ours-run")
     run_args = pretrain.get_args_parser().parse_args([
         "--dataset", SYNTHETIC_DATASET, "--data_dir", data_dir, "--device", str(device),
-        "--workers", str(workers), "--batch_size", str(args.data_batch_size),
-        "--steps", str(warmup + args.data_batches)])
+        "--workers", str(workers), "--batch_size", str(args.data_batch_size), "--steps", str(untimed + timed)])
     run = utils.Run(run_args, out_dir, "bench data", os.path.join(out_dir, "never"), IMAGENET_MEAN, IMAGENET_STD)
     dataset = ImageDataset(SYNTHETIC_DATASET, "train", data_dir, args.image_size)
     batches = (images for _, (images, _) in run.batches(dataset))
-    return time_loader(batches, args.data_batch_size, warmup, args.data_batches, device)
+    return time_loader(batches, args.data_batch_size, untimed, timed, device)
 
 
-def reference_loader(args, device: torch.device, data_dir: str, workers: int, warmup: int) -> float:
+def reference_loader(args, device: torch.device, data_dir: str, workers: int) -> float:
     """The release's get_dataloader: shuffled, pinned, its collate_fn; batches moved to the device."""
+    untimed, timed = loader_batches(workers, args.data_batches)
     dataset = ReleaseDataset(os.path.join(data_dir, SYNTHETIC_DATASET, "train.lmdb"), args.image_size)
     sampler = torch.utils.data.RandomSampler(dataset, replacement=True,
-                                             num_samples=(warmup + args.data_batches) * args.data_batch_size)
+                                             num_samples=(untimed + timed) * args.data_batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.data_batch_size, sampler=sampler,
                                          num_workers=workers, collate_fn=release_collate,
                                          pin_memory=device.type == "cuda")
     batches = (x.to(device) for x, _ in loader)
-    return time_loader(batches, args.data_batch_size, warmup, args.data_batches, device)
+    return time_loader(batches, args.data_batch_size, untimed, timed, device)
 
 
 def bench_data(args, device: torch.device, tmp: str) -> list[dict]:
     write_synthetic_lmdb(tmp, args.data_images)
     rows = []
     for workers in args.workers_list:
-        warmup = workers + 1  # every worker has delivered its first batch
-        ours = ours_loader(args, device, tmp, workers, warmup)
-        reference = reference_loader(args, device, tmp, workers, warmup)
+        ours = ours_loader(args, device, tmp, workers)
+        reference = reference_loader(args, device, tmp, workers)
         rows.append({"workers": workers, "ours_images_per_s": ours, "reference_images_per_s": reference,
                      "ratio": ours / reference})
         print_table(rows[-1:], DATA_COLUMNS, header=len(rows) == 1)
@@ -566,7 +575,7 @@ def bench_data(args, device: torch.device, tmp: str) -> list[dict]:
 
 # ----------------------------------------------------------------------------- the table
 
-# (row key, title, format); the first column is left-aligned, the others right-aligned
+# (row key, title, format); the first column is left-aligned, the others right-aligned, all fixed-width
 STAGE_COLUMNS = (("stage", "stage", "{}"), ("batch", "batch", "{}"),
                  ("ours_images_per_s", "ours img/s", "{:.4g}"), ("reference_images_per_s", "ref img/s", "{:.4g}"),
                  ("ratio", "ratio", "{:.2f}"),
@@ -576,14 +585,15 @@ STAGE_COLUMNS = (("stage", "stage", "{}"), ("batch", "batch", "{}"),
                  ("gflops_per_image", "GFLOP/img", "{:.2f}"))
 DATA_COLUMNS = (("workers", "workers", "{}"), ("ours_images_per_s", "ours img/s", "{:.4g}"),
                 ("reference_images_per_s", "ref img/s", "{:.4g}"), ("ratio", "ratio", "{:.2f}"))
-FIRST_WIDTH = max(len(stage) for stage in STAGES)
 
 
 def print_table(rows: list[dict], columns, header: bool = True) -> None:
-    """Rows under a header, in fixed-width columns (so rows printed one at a time line up)."""
+    """Rows under a header, in fixed-width columns, so that rows printed one at a time line up."""
+    first_width = max(len(stage) for stage in STAGES) if columns is STAGE_COLUMNS else 10
+
     def line(cells):
         first, *rest = cells
-        return "  ".join([f"{first:<{FIRST_WIDTH}}"] + [f"{cell:>10}" for cell in rest])
+        return "  ".join([f"{first:<{first_width}}"] + [f"{cell:>10}" for cell in rest])
     if header:
         print(line([title for _, title, _ in columns]), flush=True)
     for row in rows:
@@ -591,8 +601,8 @@ def print_table(rows: list[dict], columns, header: bool = True) -> None:
 
 
 def describe(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+    if device.type == "cuda":  # the CPUs matter for --data
+        return f"{torch.cuda.get_device_name(device)}, {os.cpu_count()} CPUs"
     model_name = platform.processor() or platform.machine()
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         model_name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
@@ -641,6 +651,9 @@ def bench_stages(args, device: torch.device, tmp: str) -> list[dict]:
 
 
 def main(args) -> list[dict]:
+    for flag in ("steps", "repeats", "batch_size", "data_batches", "data_images", "data_batch_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise utils.UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     device = utils.resolve_device(args.device, 0)
     print(f"device: {describe(device)}; torch {torch.__version__}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:

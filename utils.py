@@ -328,6 +328,7 @@ class Run:
             self.start_step = state["step"]
             self.print(f"[{self.stage}] resuming from step {self.start_step} ({self.state_path})")
         self._open_metrics()
+        self._first_bad = torch.zeros((), dtype=torch.int64, device=self.device)  # 0: no non-finite loss yet
         if self.world > 1:
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -386,26 +387,41 @@ class Run:
 
     # -- the optimizer step, metrics, saving
     def step(self, step: int, loss: torch.Tensor, **terms: torch.Tensor) -> None:
-        """Backward, clip, optimizer and schedule step; then log and save as asked."""
-        finite = torch.isfinite(loss.detach()).float()
-        if self.world > 1:  # every process stops together
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not finite.item():
-            last = (f"the last good state is {self.state_path}" if os.path.exists(self.state_path)
-                    else "no state was saved (see --save_every)")
-            raise UserError(f"the loss is not finite at step {step + 1} ({loss.item()}); stopped before "
-                            f"updating the weights; {last}")
+        """Backward, clip, optimizer and schedule step; then log and save as asked.
+
+        The loss is checked for NaN/inf on the device every step, but read back (a CPU-GPU sync) only at
+        logging and saving steps, so the GPU never waits; a non-finite step is never saved."""
+        self._first_bad = torch.where(torch.isfinite(loss.detach()) | (self._first_bad > 0),
+                                      self._first_bad, step + 1)
         loss.backward()
-        max_norm = self.args.clip_grad if self.args.clip_grad is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm)
+        done = step + 1
+        logging = done % self.args.log_every == 0 or done == self.args.steps
+        saving = self.args.save_every and done % self.args.save_every == 0 and done < self.args.steps
+        grad_norm = None
+        if self.args.clip_grad is not None or logging:  # the norm costs a pass over the gradients
+            max_norm = self.args.clip_grad if self.args.clip_grad is not None else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        if done % self.args.log_every == 0 or done == self.args.steps:
+        if logging or saving:
+            self._check_finite(loss)
+        if logging:
             self._log(done, loss=loss, grad_norm=grad_norm, **terms)
-        if self.args.save_every and done % self.args.save_every == 0 and done < self.args.steps:
+        if saving:
             self.save_state(done)
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        first_bad = self._first_bad.clone()
+        if self.world > 1:  # every process stops together, naming the earliest bad step
+            first_bad = torch.where(first_bad > 0, first_bad, torch.iinfo(torch.int64).max)
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+            first_bad = torch.where(first_bad == torch.iinfo(torch.int64).max, 0, first_bad)
+        if first_bad.item() > 0:
+            last = (f"the last good state is {self.state_path}" if os.path.exists(self.state_path)
+                    else "no state was saved (see --save_every)")
+            raise UserError(f"the loss is not finite at step {first_bad.item()} (lower --lr, or check the data); "
+                            f"nothing after it was saved; {last}")
 
     def _open_metrics(self) -> None:
         self.metrics_path = os.path.join(self.out_dir, METRICS_FILE)

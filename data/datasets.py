@@ -90,8 +90,8 @@ def decode_image(image_bytes: bytes, image_size: int) -> torch.Tensor:
     as the release's ViT image processor did. Normalisation happens later, on the device."""
     with Image.open(io.BytesIO(image_bytes)) as img:
         img = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
-        array = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (3, S, S)
+        array = np.array(img, dtype=np.uint8)  # (S, S, 3), a writable copy
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (3, S, S); contiguous batches stack fast
 
 
 class ImageDataset(torch.utils.data.Dataset):

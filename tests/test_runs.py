@@ -131,6 +131,13 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_state(stage
     state = torch.load(tmp_path / "r" / utils.STATE_FILE, weights_only=True)
     assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
     assert not (tmp_path / "r" / "model.safetensors").exists()
+    # read back only at logging / saving steps: found at step 6, still named as step 5, state 6 not written
+    calls.clear()
+    argv = pretrain.get_args_parser().parse_args(
+        stage_args("--save_every", 3, "--log_every", 3, "--output_dir", tmp_path / "r2", steps=8))
+    with pytest.raises(utils.UserError, match="not finite at step 5.*train_state.pt"):
+        pretrain.main(argv)
+    assert torch.load(tmp_path / "r2" / utils.STATE_FILE, weights_only=True)["step"] == 3
 
 
 def _torchrun(nproc, script, argv, cwd):
