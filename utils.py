@@ -405,13 +405,13 @@ class Run:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if logging or saving:
-            self._check_finite(loss)
+            self._check_finite()
         if logging:
             self._log(done, loss=loss, grad_norm=grad_norm, **terms)
         if saving:
             self.save_state(done)
 
-    def _check_finite(self, loss: torch.Tensor) -> None:
+    def _check_finite(self) -> None:
         first_bad = self._first_bad.clone()
         if self.world > 1:  # every process stops together, naming the earliest bad step
             first_bad = torch.where(first_bad > 0, first_bad, torch.iinfo(torch.int64).max)

@@ -57,6 +57,13 @@ def load_mae(model_name: str, mask_ratio: float = 0.75, norm_pix_loss: bool = Tr
     return model
 
 
+def initial_config(model_name: str) -> ViTMAEConfig:
+    """θ₀'s architecture without loading its weights."""
+    if model_name == TINY_NAME:
+        return ViTMAEConfig(**TINY_CONFIG)
+    return _from_pretrained(ViTMAEConfig, model_name)
+
+
 def _from_pretrained(cls, name: str):
     if os.path.isdir(name):
         config_path = os.path.join(name, "config.json")
@@ -190,7 +197,7 @@ def load_encoder_state(path: str, model_name: str) -> tuple[ViTMAEConfig, dict]:
     `model_name` (the θ₀ it was trained from)."""
     model_dir, release_pt = _checkpoint_files(path)
     if release_pt is not None:
-        return load_mae(model_name).config, read_release_checkpoint(release_pt)
+        return initial_config(model_name), read_release_checkpoint(release_pt)
     if model_dir is None:
         raise FileNotFoundError(path)
     with open(os.path.join(model_dir, "config.json")) as f:
