@@ -10,8 +10,7 @@
 # Example: STEPS=50 SEEDS="1 2" bash run_all.sh cpu digits --model_name vit-mae-tiny --batch_size 16
 set -euo pipefail
 USAGE="bash run_all.sh GPU [DATASET ...] [flags for every stage...]"
-HERE="$(cd "$(dirname "$0")" && pwd)"
-source "$HERE/scripts/launch.sh"
+source "$(dirname "$0")/scripts/launch.sh"
 
 [ $# -ge 1 ] || usage_error "GPU is required"
 GPU=$1
@@ -24,11 +23,11 @@ export SEEDS=${SEEDS:-1 2 3 4 5}
 
 for dataset in "${DATASETS[@]}"; do
   echo "=== $dataset: further pre-training, self-distillation, fine-tuning ($STEPS MAE steps; seeds $SEEDS)"
-  bash "$HERE/run_pretrain.sh" "$GPU" "$dataset" "$STEPS" --save_every 1000 "$@"
-  bash "$HERE/run_selftrain.sh" "$GPU" "$dataset" "$STEPS" --save_every 1000 "$@"
-  bash "$HERE/run_finetune.sh" "$GPU" "$dataset" True --save_every 1000 "$@"
-  bash "$HERE/run_finetune.sh" "$GPU" "$dataset" False "further-pretrain-$STEPS" --save_every 1000 "$@"
-  bash "$HERE/run_finetune.sh" "$GPU" "$dataset" False "self-further-pretrain-$STEPS" --save_every 1000 "$@"
+  bash "$REPO_DIR/run_pretrain.sh" "$GPU" "$dataset" "$STEPS" --save_every 1000 "$@"
+  bash "$REPO_DIR/run_selftrain.sh" "$GPU" "$dataset" "$STEPS" --save_every 1000 "$@"
+  bash "$REPO_DIR/run_finetune.sh" "$GPU" "$dataset" True --save_every 1000 "$@"
+  bash "$REPO_DIR/run_finetune.sh" "$GPU" "$dataset" False "further-pretrain-$STEPS" --save_every 1000 "$@"
+  bash "$REPO_DIR/run_finetune.sh" "$GPU" "$dataset" False "self-further-pretrain-$STEPS" --save_every 1000 "$@"
 done
 
 "$PYTHON" "$REPO_DIR/report.py" --datasets "${DATASETS[@]}" --steps "$STEPS"
