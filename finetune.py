@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import utils
 from data import ImageDataset
-from models import build_classifier, has_checkpoint, image_stats, load_encoder_state, load_mae
+from models import build_classifier, has_checkpoint, load_encoder_state, load_mae, preprocessing_of
 
 FINETUNE_BETAS = (0.9, 0.999)
 NO_DECAY_NAMES = ("bias", "position_embeddings", "cls_token")  # the release's rule; LayerNorm weights decay
@@ -86,7 +86,8 @@ def main(args):
     if not args.scratch and not has_checkpoint(checkpoint):
         raise utils.UserError(f"checkpoint not found: {checkpoint} (create it with "
                               f"`{creating_command(args.ckpt_name, args.dataset)}`, or pass --scratch True)")
-    run = utils.Run(args, out_dir, "finetune", result_path, *image_stats(checkpoint, args.model_name))
+    preprocessing = preprocessing_of(checkpoint, args.model_name)  # what the checkpoint was trained with
+    run = utils.Run(args, out_dir, "finetune", result_path, preprocessing)
     if run.already_done:
         return
 
@@ -96,8 +97,9 @@ def main(args):
         config, encoder_state = initial.config, initial.vit.state_dict()
     else:
         config, encoder_state = load_encoder_state(checkpoint, args.model_name)
-    full_train = ImageDataset(args.dataset, "train", args.data_dir, config.image_size)
-    test_set = ImageDataset(args.dataset, "test", args.data_dir, config.image_size)
+    preprocessing = preprocessing.check(config.image_size)
+    full_train = ImageDataset(args.dataset, "train", args.data_dir, preprocessing.size, preprocessing.resample)
+    test_set = ImageDataset(args.dataset, "test", args.data_dir, preprocessing.size, preprocessing.resample)
     train_idx, val_idx = train_val_split(len(full_train), args.val_split)
     train_set = torch.utils.data.Subset(full_train, train_idx)
 

@@ -16,23 +16,8 @@ import os
 
 import utils
 from data import ImageDataset
-from models import image_stats, load_mae, mae_loss
-
-MAE_BETAS = (0.9, 0.95)
-
-
-def further_pretrain_dir(checkpoint_dir: str, steps: int, dataset: str) -> str:
-    return os.path.join(checkpoint_dir, f"further-pretrain-{steps}", dataset)
-
-
-def mae_args_parser() -> argparse.ArgumentParser:
-    """Flags of the two MAE stages (pre-training and self-distillation)."""
-    p = argparse.ArgumentParser(add_help=False, parents=[utils.shared_parser()])
-    g = p.add_argument_group("MAE")
-    g.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of patches hidden from the encoder")
-    g.add_argument("--norm_pix_loss", type=utils.str2bool, default=True,
-                   help="reconstruct per-patch normalised pixels (True/False)")
-    return p
+from mae_common import MAE_BETAS, further_pretrain_dir, mae_args_parser, no_weight_decay
+from models import load_mae, mae_loss, preprocessing_of, save_model
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -41,21 +26,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                                    parents=[mae_args_parser()])
 
 
-def no_weight_decay(name: str, param) -> bool:
-    """MAE's rule (timm's param_groups_weight_decay): no decay on biases and 1-D parameters."""
-    return param.ndim <= 1 or name.endswith(".bias")
-
-
 def main(args):
     out_dir = args.output_dir or further_pretrain_dir(args.checkpoint_dir, args.steps, args.dataset)
-    run = utils.Run(args, out_dir, "further-pretrain", os.path.join(out_dir, "model.safetensors"),
-                    *image_stats(args.model_name))
+    preprocessing = preprocessing_of(args.model_name)  # θ₀'s image processor, as in the release
+    run = utils.Run(args, out_dir, "further-pretrain", os.path.join(out_dir, "model.safetensors"), preprocessing)
     if run.already_done:
         return
 
     # ---- the initial model θ₀ and the target images
-    mae = load_mae(args.model_name, args.mask_ratio, args.norm_pix_loss)
-    dataset = ImageDataset(args.dataset, "train", args.data_dir, mae.config.image_size)
+    mae = load_mae(args.model_name, args.mask_ratio, args.norm_pix_loss)  # sin-cos tables frozen
+    preprocessing = preprocessing.check(mae.config.image_size)
+    dataset = ImageDataset(args.dataset, "train", args.data_dir, preprocessing.size, preprocessing.resample)
     num_patches = mae.vit.embeddings.patch_embeddings.num_patches
 
     # ---- optimizer: AdamW, linear decay to 0
@@ -72,7 +53,9 @@ def main(args):
             loss = mae_loss(model, images, noise)
         run.step(step, loss, mae_loss=loss)
 
-    run.finish(mae)
+    if run.is_main:
+        save_model(mae, out_dir, preprocessing)
+    run.finish()
     run.print(f"[further-pretrain] saved {out_dir}")
 
 

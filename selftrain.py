@@ -22,8 +22,9 @@ import torch
 
 import utils
 from data import ImageDataset
-from models import MAEWithFeature, cls_feature, has_checkpoint, image_stats, load_encoder, load_mae
-from pretrain import MAE_BETAS, further_pretrain_dir, mae_args_parser, no_weight_decay
+from mae_common import MAE_BETAS, further_pretrain_dir, mae_args_parser, no_weight_decay, self_distill_dir
+from models import (MAEWithFeature, cls_feature, has_checkpoint, load_encoder, load_mae, preprocessing_of,
+                    save_model)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -47,24 +48,24 @@ def distill_loss(student_cls: torch.Tensor, teacher_cls: torch.Tensor) -> torch.
 
 
 def main(args):
-    out_dir = args.output_dir or os.path.join(args.checkpoint_dir, f"self-further-pretrain-{args.steps}",
-                                              args.dataset)
+    out_dir = args.output_dir or self_distill_dir(args.checkpoint_dir, args.steps, args.dataset)
     teacher_path = args.teacher or further_pretrain_dir(args.checkpoint_dir, args.steps, args.dataset)
     if not has_checkpoint(teacher_path):
         raise utils.UserError(f"teacher not found: {teacher_path} (create it with `bash run_pretrain.sh GPU "
                               f"{args.dataset} {args.steps}` or `python pretrain.py --dataset {args.dataset} "
                               f"--steps {args.steps}`, or pass --teacher PATH)")
-    run = utils.Run(args, out_dir, "self-distill", os.path.join(out_dir, "model.safetensors"),
-                    *image_stats(args.model_name))
+    preprocessing = preprocessing_of(args.model_name)  # θ₀'s image processor, as in the release
+    run = utils.Run(args, out_dir, "self-distill", os.path.join(out_dir, "model.safetensors"), preprocessing)
     if run.already_done:
         return
 
     # ---- student: θ₀ again (encoder + decoder); teacher: the further pre-trained encoder, frozen
-    student_mae = load_mae(args.model_name, args.mask_ratio, args.norm_pix_loss)
+    student_mae = load_mae(args.model_name, args.mask_ratio, args.norm_pix_loss)  # sin-cos tables frozen
     teacher = load_encoder(teacher_path, args.model_name, reference=student_mae.config)
     teacher_device = utils.resolve_device(args.teacher_device, 0) if args.teacher_device else run.device
     teacher.to(teacher_device).eval().requires_grad_(False)
-    dataset = ImageDataset(args.dataset, "train", args.data_dir, student_mae.config.image_size)
+    preprocessing = preprocessing.check(student_mae.config.image_size)
+    dataset = ImageDataset(args.dataset, "train", args.data_dir, preprocessing.size, preprocessing.resample)
     num_patches = student_mae.vit.embeddings.patch_embeddings.num_patches
 
     # ---- optimizer: as in further pre-training
@@ -85,7 +86,9 @@ def main(args):
         loss = mae + args.distill_weight * distill
         run.step(step, loss, mae_loss=mae, distill_loss=distill)
 
-    run.finish(student_mae)
+    if run.is_main:
+        save_model(student_mae, out_dir, preprocessing)
+    run.finish()
     run.print(f"[self-distill] saved {out_dir}")
 
 

@@ -6,6 +6,7 @@ flips — or of (seed, step, rank) — dropout. So one process and N processes t
 steps, and a resumed run needs no saved random-number state to continue bit-identically.
 """
 import argparse
+import dataclasses
 import datetime
 import functools
 import json
@@ -20,9 +21,7 @@ import time
 import torch
 import torch.distributed as dist
 
-
-class UserError(Exception):
-    """A mistake in what the user asked for: reported as one line, without a traceback."""
+from errors import UserError  # noqa: F401  (re-exported: stages raise utils.UserError)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -239,15 +238,16 @@ class Run:
     """Everything about one training run that is not the method: processes, device, precision,
     data batches, the optimizer step, metrics, resumable state and the run record.
 
-        run = Run(args, out_dir, stage, done_file, mean, std)  # processes, device, seed; nothing on disk yet
+        run = Run(args, out_dir, stage, done_file, preprocessing)  # processes, device, seed; nothing on disk yet
         if run.already_done: return                              # done_file exists: never redo or overwrite
         model = run.prepare(model, optimizer, scheduler)         # write the record; resume; DDP; compile
         for step, (images, labels) in run.batches(dataset): ... run.step(step, loss, **terms)
         run.finish(model)
     """
 
-    def __init__(self, args, out_dir: str, stage: str, done_file: str, mean, std):
+    def __init__(self, args, out_dir: str, stage: str, done_file: str, preprocessing):
         self.args, self.out_dir, self.stage, self.done_file = args, out_dir, stage, done_file
+        self.preprocessing = preprocessing  # models.Preprocessing: resize filter, mean, std
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.device = resolve_device(args.device, local_rank)
@@ -263,8 +263,8 @@ class Run:
         self.precision = precision
         self.autocast = functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16,
                                           enabled=precision == "bf16")
-        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+        self.mean = torch.tensor(preprocessing.mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(preprocessing.std, device=self.device).view(1, 3, 1, 1)
         self.is_main = self.rank == 0
         self.start_step = 0
         self.model = self.optimizer = self.scheduler = None
@@ -281,7 +281,9 @@ class Run:
     def record(self) -> dict:
         return {"stage": self.stage, "args": vars(self.args), "command": sys.argv, "git_commit": git_commit(),
                 "versions": library_versions(), "device": self.device_name(), "world_size": self.world,
-                "precision": self.precision, "started": datetime.datetime.now().isoformat(timespec="seconds")}
+                "precision": self.precision,
+                "preprocessing": dataclasses.asdict(self.preprocessing),
+                "started": datetime.datetime.now().isoformat(timespec="seconds")}
 
     def device_name(self) -> str:
         if self.device.type == "cuda":
@@ -470,18 +472,15 @@ class Run:
             return torch.cuda.max_memory_allocated(self.device) / 2**20
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux: the process's peak RSS
 
-    def finish(self, model_to_save: torch.nn.Module | None = None) -> None:
-        """Save the final model (rank 0), drop the resumable state, draw the curves if asked."""
+    def finish(self) -> None:
+        """Drop the resumable state, draw the curves if asked (after the stage saved what it produced)."""
         if self._progress is not None:
             self._progress.close()
         if self.is_main:
-            if model_to_save is not None:
-                from models import save_model
-                save_model(model_to_save, self.out_dir, self.mean.flatten().tolist(), self.std.flatten().tolist())
             if os.path.exists(self.state_path):
                 os.remove(self.state_path)
             if self.args.plot:
-                from plots import plot_metrics
+                from tools.plots import plot_metrics
                 plot_metrics(self.metrics_path, os.path.join(self.out_dir, "loss_curves.png"))
         self._barrier()
 

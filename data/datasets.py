@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from data.lmdb_format import LMDBReader, write_lmdb
-from utils import UserError
+from errors import UserError
 
 # name -> number of classes (SPEC.md §3)
 DATASETS = {
@@ -85,11 +85,12 @@ class _FolderReader:
         return [label for _, label in self.items]
 
 
-def decode_image(image_bytes: bytes, image_size: int) -> torch.Tensor:
-    """Encoded image -> (3, S, S) uint8, resized without keeping the aspect ratio (bilinear),
-    as the release's ViT image processor did. Normalisation happens later, on the device."""
+def decode_image(image_bytes: bytes, image_size: int, resample: int = Image.BILINEAR) -> torch.Tensor:
+    """Encoded image -> (3, S, S) uint8, resized without keeping the aspect ratio with the PIL filter
+    `resample` (the model's image processor's; bilinear by default), as the release's ViT image processor
+    did. Normalisation happens later, on the device."""
     with Image.open(io.BytesIO(image_bytes)) as img:
-        img = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+        img = img.convert("RGB").resize((image_size, image_size), resample)
         array = np.array(img, dtype=np.uint8)  # (S, S, 3), a writable copy
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (3, S, S); contiguous batches stack fast
 
@@ -97,8 +98,8 @@ def decode_image(image_bytes: bytes, image_size: int) -> torch.Tensor:
 class ImageDataset(torch.utils.data.Dataset):
     """One split of a dataset; item = ((3, S, S) uint8 image, label)."""
 
-    def __init__(self, name: str, split: str, data_dir: str, image_size: int):
-        self.name, self.split, self.image_size = name, split, image_size
+    def __init__(self, name: str, split: str, data_dir: str, image_size: int, resample: int = Image.BILINEAR):
+        self.name, self.split, self.image_size, self.resample = name, split, image_size, resample
         self.root = root = dataset_dir(name, data_dir)
         lmdb_path, folder = os.path.join(root, f"{split}.lmdb"), os.path.join(root, split)
         if os.path.exists(lmdb_path):
@@ -121,7 +122,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         try:
             image_bytes, label = self.reader[index]
-            return decode_image(image_bytes, self.image_size), label
+            return decode_image(image_bytes, self.image_size, self.resample), label
         except Exception as e:
             key = self.reader.keys[index]
             raise UserError(f"dataset '{self.name}' split '{self.split}' record {key!r}: "

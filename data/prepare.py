@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 from data.datasets import DATASETS, IMAGE_EXTENSIONS, SPLITS
 from data.lmdb_format import LMDBReader, write_lmdb
-from utils import UserError
+from errors import UserError
 
 # Sizes of the standard splits (train includes validation where the dataset has one).
 EXPECTED_COUNTS = {

@@ -1,6 +1,8 @@
 """The ViT-MAE pieces the method needs, by name, on top of Hugging Face `transformers`.
 
-    load_mae(name)              the initial MAE model θ₀ (encoder + decoder): hub id, local dir, or `vit-mae-tiny`
+    load_mae(name)              the initial MAE model θ₀ (encoder + decoder): hub id, local dir, or `vit-mae-tiny`;
+                                its two fixed sin-cos position tables frozen, as in MAE and the release
+    preprocessing_of(name)      the image preprocessing θ₀ (or a checkpoint) was trained with
     mae_loss(mae, x, noise)     MAE reconstruction loss on the masked image
     cls_feature(encoder, x)     CLS token of the last layer after the final LayerNorm, on the *unmasked* image:
                                 the representation h(x) that self-distillation matches
@@ -13,17 +15,19 @@ encoder with transformers-4.x parameter names) are read wherever a checkpoint is
 """
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import re
 import shutil
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import ViTConfig, ViTForImageClassification, ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel
 from transformers.utils import logging as hf_logging
 
-from utils import UserError
+from errors import UserError
 
 hf_logging.disable_progress_bar()  # per-file loading bars drown the training log
 
@@ -43,18 +47,71 @@ PROCESSOR_FILE = "preprocessor_config.json"
 
 # ----------------------------------------------------------------------------- loading θ₀
 
+# The fixed 2-D sin-cos position tables of MAE: never trained (MAE, and the release on transformers 4.17,
+# keep them frozen; transformers 5 returns them trainable, so we freeze them after every load).
+SINCOS_TABLES = ("vit.embeddings.position_embeddings", "decoder.decoder_pos_embed")
+
+
 def load_mae(model_name: str, mask_ratio: float = 0.75, norm_pix_loss: bool = True) -> ViTMAEForPreTraining:
-    """θ₀ as a ViTMAEForPreTraining (encoder + decoder) with the recipe's masking settings."""
+    """θ₀ as a ViTMAEForPreTraining (encoder + decoder) with the recipe's masking settings and its
+    sin-cos position tables frozen (left out of the optimizer)."""
     if model_name == TINY_NAME:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_INIT_SEED)
             model = ViTMAEForPreTraining(ViTMAEConfig(**TINY_CONFIG))
+            mae_initialize(model)
     else:
         model = _from_pretrained(ViTMAEForPreTraining, model_name)
+    freeze_sincos_tables(model)
     # transformers reads both from the config at call time
     model.config.mask_ratio = mask_ratio
     model.config.norm_pix_loss = norm_pix_loss
     return model
+
+
+def freeze_sincos_tables(mae: ViTMAEForPreTraining) -> None:
+    for name in SINCOS_TABLES:
+        mae.get_parameter(name).requires_grad_(False)
+
+
+def sincos_2d_table(dim: int, grid_size: int) -> torch.Tensor:
+    """MAE's fixed position table (1, 1 + grid², dim): a zero row for CLS, then for each patch (row-major)
+    sin/cos of its row coordinate in the first dim/2 channels and of its column in the last dim/2
+    (MAE's get_2d_sincos_pos_embed, computed in float64 as numpy does there, stored as float32)."""
+    def one_axis(positions: np.ndarray, d: int) -> np.ndarray:  # (M,) -> (M, d)
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        angles = np.einsum("m,d->md", positions, omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    grid_w, grid_h = np.meshgrid(np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64))
+    # MAE stacks (w, h) and encodes grid[0] first: the first half of the channels follows the column index
+    table = np.concatenate([one_axis(grid_w.reshape(-1), dim // 2), one_axis(grid_h.reshape(-1), dim // 2)], axis=1)
+    table = np.concatenate([np.zeros((1, dim)), table], axis=0)
+    return torch.from_numpy(table).float().unsqueeze(0)
+
+
+@torch.no_grad()
+def mae_initialize(mae: ViTMAEForPreTraining) -> None:
+    """MAE's initialize_weights, for a model built from a config (vit-mae-tiny): the fixed sin-cos tables,
+    the patch projection Xavier-uniform on its flattened (D, C·p·p) weight, cls and mask tokens
+    N(0, 0.02), every Linear Xavier-uniform with zero bias, every LayerNorm weight 1 and bias 0.
+    Draws from the global generator (the caller seeds it)."""
+    config = mae.config
+    grid = config.image_size // config.patch_size
+    mae.vit.embeddings.position_embeddings.copy_(sincos_2d_table(config.hidden_size, grid))
+    mae.decoder.decoder_pos_embed.copy_(sincos_2d_table(config.decoder_hidden_size, grid))
+    projection = mae.vit.embeddings.patch_embeddings.projection.weight
+    nn.init.xavier_uniform_(projection.view(projection.shape[0], -1))
+    nn.init.normal_(mae.vit.embeddings.cls_token, std=0.02)
+    nn.init.normal_(mae.decoder.mask_token, std=0.02)
+    for module in mae.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
 
 
 def initial_config(model_name: str) -> ViTMAEConfig:
@@ -84,16 +141,53 @@ def _from_pretrained(cls, name: str):
                         f"then pass --model_name DIR") from None
 
 
-def image_stats(*model_dirs: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) of the first of `model_dirs` that has an image-processor file; ImageNet's otherwise
-    (the values of vit-mae-base's processor)."""
-    for model_dir in model_dirs:
-        path = os.path.join(model_dir, PROCESSOR_FILE)
-        if os.path.isfile(path):
-            with open(path) as f:
-                cfg = json.load(f)
-            return tuple(cfg.get("image_mean", IMAGENET_MEAN)), tuple(cfg.get("image_std", IMAGENET_STD))
-    return IMAGENET_MEAN, IMAGENET_STD
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the model's input: resize to size x size (aspect ratio not kept) with the PIL
+    filter `resample`, scale to [0, 1], normalise with mean/std. `source`: the file it was read from."""
+    size: int | None = None  # None: the model's image_size
+    resample: int = 2  # PIL.Image.BILINEAR, transformers 4.17's default (the release's)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    source: str = "default (no preprocessor_config.json)"
+
+    def check(self, image_size: int) -> "Preprocessing":
+        if self.size is not None and self.size != image_size:
+            raise UserError(f"{self.source} resizes to {self.size} px but the model takes {image_size} px images")
+        return dataclasses.replace(self, size=image_size)
+
+
+def preprocessing_of(*names: str) -> Preprocessing:
+    """The preprocessing in the image-processor file of the first of `names` (model directories, hub ids)
+    that has one, as the release used θ₀'s processor; bilinear and ImageNet's mean/std otherwise."""
+    for name in names:
+        path = _processor_file(name)
+        if path is None:
+            continue
+        with open(path) as f:
+            cfg = json.load(f)
+        size = cfg.get("size")
+        if isinstance(size, dict):
+            size = size.get("height", size.get("shortest_edge"))
+        return Preprocessing(size=int(size) if size else None, resample=int(cfg.get("resample", 2)),
+                             mean=tuple(cfg.get("image_mean", IMAGENET_MEAN)),
+                             std=tuple(cfg.get("image_std", IMAGENET_STD)), source=path)
+    return Preprocessing()
+
+
+def _processor_file(name: str) -> str | None:
+    if name == TINY_NAME:
+        return None
+    if os.path.isdir(name):
+        path = os.path.join(name, PROCESSOR_FILE)
+        return path if os.path.isfile(path) else None
+    if os.path.exists(name) or name.count("/") != 1:  # a file (release model.pt), or not a hub id
+        return None
+    try:  # a hub id: the file sits in the local cache next to the weights once downloaded
+        from huggingface_hub import hf_hub_download
+        return hf_hub_download(name, PROCESSOR_FILE)
+    except Exception:  # offline, not cached, or the repository has no such file
+        return None
 
 
 # ----------------------------------------------------------------------------- the two representations
@@ -262,7 +356,7 @@ def build_classifier(config: ViTMAEConfig, encoder_state: dict, num_classes: int
     return model
 
 
-def save_model(model: nn.Module, out_dir: str, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD) -> None:
+def save_model(model: nn.Module, out_dir: str, preprocessing: Preprocessing = Preprocessing()) -> None:
     """config.json + model.safetensors, readable by stock `from_pretrained`, and the preprocessing the
     model was trained with (a ViTImageProcessor file: resize, rescale to [0, 1], normalise).
 
@@ -274,8 +368,9 @@ def save_model(model: nn.Module, out_dir: str, image_mean=IMAGENET_MEAN, image_s
     size = model.config.image_size
     with open(os.path.join(tmp, PROCESSOR_FILE), "w") as f:
         json.dump({"image_processor_type": "ViTImageProcessor", "do_resize": True,
-                   "size": {"height": size, "width": size}, "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-                   "image_mean": list(image_mean), "image_std": list(image_std)}, f, indent=2)
+                   "size": {"height": size, "width": size}, "resample": preprocessing.resample,
+                   "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                   "image_mean": list(preprocessing.mean), "image_std": list(preprocessing.std)}, f, indent=2)
     names = sorted(os.listdir(tmp), key=lambda n: n.endswith(".safetensors"))
     for name in names:
         os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))

@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import ViTMAEConfig
 
-import bench
+from tools import bench
 from models import cls_feature, load_mae, mae_loss
 
 

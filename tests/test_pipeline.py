@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import ViTConfig, ViTForImageClassification, ViTMAEForPreTraining, ViTModel
 
 import finetune
+import mae_common
 import pretrain
 import selftrain
 import utils
@@ -215,7 +216,7 @@ def test_finetune_weight_decay_groups_follow_the_release():
     assert "vit.layers.0.layernorm_before.weight" not in no_names  # LayerNorm weights are decayed
     assert all(n.endswith("bias") or "embeddings" in n for n in no_names)
     mae = load_mae("vit-mae-tiny")
-    decay, no_decay = utils.param_groups(mae, 0.01, pretrain.no_weight_decay)
+    decay, no_decay = utils.param_groups(mae, 0.01, mae_common.no_weight_decay)
     assert all(p.ndim <= 1 for p in no_decay["params"]) and all(p.ndim > 1 for p in decay["params"])
     assert all(p is not mae.vit.embeddings.position_embeddings for p in decay["params"] + no_decay["params"])
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from data import ImageDataset, LMDBReader, write_lmdb
 from data.prepare import get_args_parser, main
-from utils import UserError
+from errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 40, 220), (210, 200, 30)]  # one per label

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from report import get_args_parser, main, summarize
-from utils import UserError
+from errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = (1, 2, 3, 4, 5)

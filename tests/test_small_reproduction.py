@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 from transformers import ViTMAEForPreTraining
 
-import small_reproduction
+from tools import small_reproduction
 from data import LMDBReader
 from models import load_mae
-from utils import UserError
+from errors import UserError
 
 SHOTS, FIG1_STEPS, SEED = 3, (2, 3), 1
 TINY_RUN = ["--source_crops", 40, "--source_steps", 4, "--source_warmup_steps", 1, "--shots", SHOTS,

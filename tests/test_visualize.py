@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from models import TINY_NAME, image_stats, load_mae, save_model
+from models import TINY_NAME, Preprocessing, load_mae, preprocessing_of, save_model
 from models.vit_mae import IMAGENET_MEAN, IMAGENET_STD
-from visualize import (GAP, HEADER, get_args_parser, main, reconstruction_grid,
+from tools.visualize import (GAP, HEADER, get_args_parser, main, reconstruction_grid,
                        trained_with_norm_pix_loss, upscale_factor)
 
 GREY = 128  # round(0.5 * 255)
@@ -115,9 +115,12 @@ def test_skipping_the_unnormalisation_is_visible():
 def test_checkpoint_settings(tmp_path):
     """A checkpoint directory's own norm_pix_loss, and the image statistics it was trained with."""
     checkpoint = tmp_path / "further-pretrain-10" / "digits"
-    save_model(load_mae(TINY_NAME, norm_pix_loss=False), str(checkpoint), (0.5,) * 3, (0.25,) * 3)
+    save_model(load_mae(TINY_NAME, norm_pix_loss=False), str(checkpoint),
+               Preprocessing(resample=3, mean=(0.5,) * 3, std=(0.25,) * 3))
     assert trained_with_norm_pix_loss(str(checkpoint)) is False
     assert trained_with_norm_pix_loss(TINY_NAME) is True
-    assert image_stats(str(checkpoint)) == ((0.5,) * 3, (0.25,) * 3)
+    read = preprocessing_of(str(checkpoint))
+    assert (read.size, read.resample, read.mean, read.std) == (32, 3, (0.5,) * 3, (0.25,) * 3)
     os.remove(checkpoint / "preprocessor_config.json")
-    assert image_stats(str(checkpoint)) == (IMAGENET_MEAN, IMAGENET_STD)
+    read = preprocessing_of(str(checkpoint))
+    assert (read.size, read.resample, read.mean, read.std) == (None, 2, IMAGENET_MEAN, IMAGENET_STD)

@@ -17,10 +17,10 @@ peak. Batches are synthetic uint8 images already on the device (ours normalises 
 utils.Run does; the reference gets them normalised, as its DataLoader delivered them), so the model
 step is measured without the data path.
 
-    python bench.py                       # CUDA: ViT-B/16 at 224, batches 64/64/32; CPU: vit-mae-tiny
-    python bench.py --model vit-b16       # on CPU: ViT-B/16 (random weights) at batch 8
-    python bench.py --compile             # our model torch.compile'd
-    python bench.py --data --workers_list 0 1 2 4 8    # the data path only (see below)
+    python -m tools.bench                       # CUDA: ViT-B/16 at 224, batches 64/64/32; CPU: vit-mae-tiny
+    python -m tools.bench --model vit-b16       # on CPU: ViT-B/16 (random weights) at batch 8
+    python -m tools.bench --compile             # our model torch.compile'd
+    python -m tools.bench --data --workers_list 0 1 2 4 8    # the data path only (see below)
 
 `--data` measures the loader alone, in images/s delivered to the device, per worker count: ours
 (data.ImageDataset through utils.Run.batches: PIL decode + resize to uint8 in the workers,
@@ -62,11 +62,12 @@ from PIL import Image
 from transformers import ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel
 
 import finetune
+import mae_common
 import pretrain
 import selftrain
 import utils
 from data import ImageDataset, LMDBReader, write_lmdb
-from models import TINY_NAME, MAEWithFeature, build_classifier, cls_feature, load_mae, mae_loss
+from models import TINY_NAME, MAEWithFeature, Preprocessing, build_classifier, cls_feature, load_mae, mae_loss
 from models.vit_mae import IMAGENET_MEAN, IMAGENET_STD
 
 VIT_B16 = "vit-b16"
@@ -256,7 +257,7 @@ def our_run(s: Setting, stage: str, script) -> utils.Run:
     if script is finetune:
         argv += ["--scratch", "True"]
     args = script.get_args_parser().parse_args(argv)
-    return utils.Run(args, out_dir, f"bench {stage}", os.path.join(out_dir, "never"), IMAGENET_MEAN, IMAGENET_STD)
+    return utils.Run(args, out_dir, f"bench {stage}", os.path.join(out_dir, "never"), Preprocessing())
 
 
 # ----------------------------------------------------------------------------- further pre-training
@@ -266,8 +267,8 @@ def ours_further_pretrain(s: Setting, theta0) -> dict:
     run = our_run(s, "further-pretrain", pretrain)
     mae, args = copy.deepcopy(theta0), run.args
     num_patches = mae.vit.embeddings.patch_embeddings.num_patches
-    optimizer = utils.adamw(utils.param_groups(mae, args.weight_decay, pretrain.no_weight_decay), args.lr,
-                            pretrain.MAE_BETAS, run.device)
+    optimizer = utils.adamw(utils.param_groups(mae, args.weight_decay, mae_common.no_weight_decay), args.lr,
+                            mae_common.MAE_BETAS, run.device)
     model = run.prepare(mae, optimizer, utils.linear_schedule(optimizer, args.warmup_steps, args.steps))
     model.train()
     batch, _ = synthetic_batch(s, "further-pretrain", mae.config.image_size)
@@ -287,7 +288,7 @@ def ours_further_pretrain(s: Setting, theta0) -> dict:
 def reference_further_pretrain(s: Setting, theta0) -> dict:
     """The release's PreTrainer loop: fp32, model-drawn mask, zero_grad, backward, step, loss.item()."""
     mae = release_mae(theta0).to(s.device).train()
-    optimizer = release_adamw(mae, pretrain.no_weight_decay, 1.5e-4, pretrain.MAE_BETAS)
+    optimizer = release_adamw(mae, mae_common.no_weight_decay, 1.5e-4, mae_common.MAE_BETAS)
     scheduler = utils.linear_schedule(optimizer, 0, 10**9)
     batch, _ = synthetic_batch(s, "further-pretrain", mae.config.image_size)
     images = normalised(batch, s.device)
@@ -318,8 +319,8 @@ def ours_self_distill(s: Setting, theta0) -> dict:
     student_mae, args = copy.deepcopy(theta0), run.args
     teacher = frozen_encoder(theta0).to(run.device)
     num_patches = student_mae.vit.embeddings.patch_embeddings.num_patches
-    optimizer = utils.adamw(utils.param_groups(student_mae, args.weight_decay, pretrain.no_weight_decay), args.lr,
-                            pretrain.MAE_BETAS, run.device)
+    optimizer = utils.adamw(utils.param_groups(student_mae, args.weight_decay, mae_common.no_weight_decay), args.lr,
+                            mae_common.MAE_BETAS, run.device)
     student = run.prepare(MAEWithFeature(student_mae), optimizer,
                           utils.linear_schedule(optimizer, args.warmup_steps, args.steps))
     student.train()
@@ -346,7 +347,7 @@ def reference_self_distill(s: Setting, theta0) -> dict:
     unmasked feature by a second, hand-written forward; distillation backward; one optimizer step."""
     student = release_mae(theta0).to(s.device).train()
     teacher = frozen_encoder(theta0, eager=True).to(s.device)
-    optimizer = release_adamw(student, pretrain.no_weight_decay, 1.5e-4, pretrain.MAE_BETAS)
+    optimizer = release_adamw(student, mae_common.no_weight_decay, 1.5e-4, mae_common.MAE_BETAS)
     scheduler = utils.linear_schedule(optimizer, 0, 10**9)
     batch, _ = synthetic_batch(s, "self-distill", student.config.image_size)
     images = normalised(batch, s.device)
@@ -542,7 +543,7 @@ def ours_loader(args, device: torch.device, data_dir: str, workers: int) -> floa
     run_args = pretrain.get_args_parser().parse_args([
         "--dataset", SYNTHETIC_DATASET, "--data_dir", data_dir, "--device", str(device),
         "--workers", str(workers), "--batch_size", str(args.data_batch_size), "--steps", str(untimed + timed)])
-    run = utils.Run(run_args, out_dir, "bench data", os.path.join(out_dir, "never"), IMAGENET_MEAN, IMAGENET_STD)
+    run = utils.Run(run_args, out_dir, "bench data", os.path.join(out_dir, "never"), Preprocessing())
     dataset = ImageDataset(SYNTHETIC_DATASET, "train", data_dir, args.image_size)
     batches = (images for _, (images, _) in run.batches(dataset))
     return time_loader(batches, args.data_batch_size, untimed, timed, device)

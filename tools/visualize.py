@@ -1,7 +1,7 @@
 """MAE reconstructions of a checkpoint, as one PNG: what the model fills in for the hidden patches.
 
-    python visualize.py --checkpoint checkpoints/self-further-pretrain-20000/cub --dataset cub --out recon.png
-    python visualize.py --checkpoint vit-mae-tiny --dataset digits --out recon.png      # CPU smoke test
+    python -m tools.visualize --checkpoint checkpoints/self-further-pretrain-20000/cub --dataset cub --out recon.png
+    python -m tools.visualize --checkpoint vit-mae-tiny --dataset digits --out recon.png      # CPU smoke test
 
 --checkpoint is anything models.load_mae accepts: a directory written by pretrain.py / selftrain.py,
 a hub id, or vit-mae-tiny. --num_images images of the split are drawn with --seed, and so is the
@@ -32,7 +32,7 @@ from transformers import ViTMAEConfig
 
 import utils
 from data import SPLITS, ImageDataset
-from models import TINY_NAME, image_stats, load_mae
+from models import TINY_NAME, load_mae, preprocessing_of
 
 COLUMNS = ("original", "masked input", "reconstruction", "reconstruction + visible")
 MIN_CELL = 128  # pixels: smaller images are upscaled to at least this
@@ -134,8 +134,9 @@ def main(args):
     mae = load_mae(args.checkpoint, args.mask_ratio)
     mae.config.norm_pix_loss = (trained_with_norm_pix_loss(args.checkpoint) if args.norm_pix_loss is None
                                 else args.norm_pix_loss)
-    mean, std = image_stats(args.checkpoint)  # checkpoints carry their preprocessing
-    dataset = ImageDataset(args.dataset, args.split, args.data_dir, mae.config.image_size)
+    preprocessing = preprocessing_of(args.checkpoint).check(mae.config.image_size)  # checkpoints carry it
+    mean, std = preprocessing.mean, preprocessing.std
+    dataset = ImageDataset(args.dataset, args.split, args.data_dir, preprocessing.size, preprocessing.resample)
 
     generator = torch.Generator().manual_seed(args.seed)
     chosen = torch.randperm(len(dataset), generator=generator)[:args.num_images].sort().values

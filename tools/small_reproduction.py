@@ -9,8 +9,8 @@ The protocol (and why each number is what it is) is in SMALL_REPRODUCTION.md. In
           --teacher = the further pre-trained model of the same step count), --seeds fine-tuning seeds each
   Fig. 1  the same at every step count of --fig1_steps (the table's --further_steps is one of them)
 
-    python small_reproduction.py                 # all of it (= make reproduce-small, bash run_small_reproduction.sh)
-    python small_reproduction.py --source_steps 4 --further_steps 2 --fig1_steps 2 4 --finetune_steps 3 \\
+    python -m tools.small_reproduction                 # all of it (= make reproduce-small, bash run_small_reproduction.sh)
+    python -m tools.small_reproduction --source_steps 4 --further_steps 2 --fig1_steps 2 4 --finetune_steps 3 \\
         --seeds 1 --source_crops 64 --out_dir /tmp/smoke           # the same pipeline in seconds (the test)
 
 Every stage runs in this process through the stage's own `main` (pretrain.main, selftrain.main, finetune.main,
@@ -43,6 +43,7 @@ import torch
 from PIL import Image
 
 import finetune
+import mae_common
 import pretrain
 import report
 import selftrain
@@ -212,7 +213,7 @@ def plan(args, paths: dict) -> list[Stage]:
 
     stages += finetunes("initial", ["--scratch", "True"])
     for steps in [args.further_steps] + sorted(set(args.fig1_steps) - {args.further_steps}):
-        teacher = pretrain.further_pretrain_dir(paths["checkpoints"], steps, TARGET_DATASET)
+        teacher = mae_common.further_pretrain_dir(paths["checkpoints"], steps, TARGET_DATASET)
         student = os.path.join(paths["checkpoints"], init_name("self", steps), TARGET_DATASET)
         stages.append(Stage("further", f"further pre-training, {steps} steps", steps,
                             os.path.join(teacher, "model.safetensors"),

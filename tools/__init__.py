@@ -1,0 +1,2 @@
+"""Tools around the method (not the method itself): benchmarks, the small reproduction, pictures.
+Run them from the repository root as modules, e.g. `python -m tools.bench`."""
