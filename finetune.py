@@ -64,6 +64,15 @@ def train_val_split(n: int, val_split: float) -> tuple[list[int], list[int]]:
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
+def training_loss(classifier, images, labels, flip):
+    """Cross-entropy on one batch, each image horizontally flipped where `flip` (B,) is True (the only
+    augmentation). images (B, 3, H, W) normalised, labels (B,). -> (loss, the terms to log)."""
+    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    logits = classifier(images).logits  # (B, classes)
+    loss = F.cross_entropy(logits.float(), labels)
+    return loss, {"cls_loss": loss}
+
+
 @torch.no_grad()
 def evaluate(model, run: utils.Run, dataset) -> dict:
     """Accuracy and mean cross-entropy over the whole dataset (summed over processes)."""
@@ -114,11 +123,9 @@ def main(args):
     classifier.train()
     for step, (images, labels) in run.batches(train_set):
         flip = run.global_rand(step, utils.STREAM_FLIP) < 0.5  # (B,), a function of (seed, step, sample)
-        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         with run.autocast():
-            logits = classifier(images).logits  # (B, classes)
-        loss = F.cross_entropy(logits.float(), labels)
-        run.step(step, loss, cls_loss=loss)
+            loss, terms = training_loss(classifier, images, labels, flip)
+        run.step(step, loss, **terms)
 
     # ---- evaluation, once, after the last step
     test = evaluate(model, run, test_set)

@@ -26,6 +26,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                                    parents=[mae_args_parser()])
 
 
+def training_loss(mae, images, noise):
+    """The stage's objective on one batch: the MAE loss. images (B, 3, H, W) normalised, noise (B, N):
+    the patches with the smallest noise stay visible. -> (loss, the terms to log)."""
+    loss = mae_loss(mae, images, noise)
+    return loss, {"mae_loss": loss}
+
+
 def main(args):
     out_dir = args.output_dir or further_pretrain_dir(args.checkpoint_dir, args.steps, args.dataset)
     preprocessing = preprocessing_of(args.model_name)  # θ₀'s image processor, as in the release
@@ -50,8 +57,8 @@ def main(args):
     for step, (images, _) in run.batches(dataset):
         noise = run.masking_noise(step, num_patches)  # (B, N), a function of (seed, step, sample)
         with run.autocast():
-            loss = mae_loss(model, images, noise)
-        run.step(step, loss, mae_loss=loss)
+            loss, terms = training_loss(model, images, noise)
+        run.step(step, loss, **terms)
 
     if run.is_main:
         save_model(mae, out_dir, preprocessing)

@@ -47,6 +47,14 @@ def distill_loss(student_cls: torch.Tensor, teacher_cls: torch.Tensor) -> torch.
     return (student_cls.float() - teacher_cls.detach().float()).pow(2).sum(dim=-1).mean()
 
 
+def training_loss(student: MAEWithFeature, images, noise, teacher_cls, distill_weight: float):
+    """L = L_MAE(student; masked x) + λ · distill_loss(h_S(x), h_T(x)) on one batch. images (B, 3, H, W),
+    noise (B, N), teacher_cls (B, D) the frozen teacher's h_T(x). -> (loss, the terms to log)."""
+    mae, student_cls = student(images, noise)  # scalar, (B, D) on the unmasked images
+    distill = distill_loss(student_cls, teacher_cls)
+    return mae + distill_weight * distill, {"mae_loss": mae, "distill_loss": distill}
+
+
 def main(args):
     out_dir = args.output_dir or self_distill_dir(args.checkpoint_dir, args.steps, args.dataset)
     teacher_path = args.teacher or further_pretrain_dir(args.checkpoint_dir, args.steps, args.dataset)
@@ -81,10 +89,9 @@ def main(args):
         with torch.inference_mode(), run.autocast():
             teacher_cls = cls_feature(teacher, images.to(teacher_device)).to(run.device)  # (B, D)
         with run.autocast():
-            mae, student_cls = student(images, noise)  # scalar, (B, D) on the unmasked images
-        distill = distill_loss(student_cls, teacher_cls.clone())  # clone: leave inference mode
-        loss = mae + args.distill_weight * distill
-        run.step(step, loss, mae_loss=mae, distill_loss=distill)
+            loss, terms = training_loss(student, images, noise, teacher_cls.clone(),  # clone: leave inference mode
+                                        args.distill_weight)
+        run.step(step, loss, **terms)
 
     if run.is_main:
         save_model(student_mae, out_dir, preprocessing)
