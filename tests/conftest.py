@@ -1,5 +1,6 @@
 """Shared fixtures. Makes the repository root importable (`import data`, `import utils`) however pytest
 is started, and keeps the tests off the network (the Hub is never reachable here)."""
+import json
 import os
 import sys
 
@@ -34,3 +35,34 @@ def stage_args(data_dir, tmp_path):
         return [*TINY, "--dataset", "digits", "--data_dir", data_dir, "--checkpoint_dir", str(tmp_path / "ckpt"),
                 "--steps", str(steps), "--batch_size", str(batch_size), *map(str, extra)]
     return build
+
+
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
+
+
+@pytest.fixture(scope="session")
+def golden():
+    """The release's own numbers on a tiny config (tests/golden/README.md): (expected.json, batch, expected)."""
+    from safetensors.torch import load_file
+    with open(os.path.join(GOLDEN, "expected.json")) as f:
+        expected = json.load(f)
+    return (expected, load_file(os.path.join(GOLDEN, "batch.safetensors")),
+            load_file(os.path.join(GOLDEN, "expected.safetensors")))
+
+
+@pytest.fixture(scope="session")
+def theta0_dir(golden, tmp_path_factory):
+    """θ₀ as the release saved it: transformers-4.17 names, config.json and the image-processor file."""
+    from safetensors.torch import load_file, save_file
+    from transformers import ViTMAEConfig
+    expected = golden[0]
+    path = str(tmp_path_factory.mktemp("theta0"))
+    ViTMAEConfig(**expected["config"]).save_pretrained(path)
+    save_file(load_file(os.path.join(GOLDEN, "theta0.safetensors")), os.path.join(path, "model.safetensors"),
+              metadata={"format": "pt"})
+    pre = expected["preprocessing"]
+    with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+        json.dump({"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": pre["size"],
+                   "resample": pre["resample"], "do_normalize": True, "image_mean": pre["image_mean"],
+                   "image_std": pre["image_std"]}, f)
+    return path
