@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import utils
-from data import ImageDataset
+from data import ImageDataset, check_labels
 from models import build_classifier, has_checkpoint, load_encoder_state, load_mae, preprocessing_of
 
 FINETUNE_BETAS = (0.9, 0.999)
@@ -109,6 +109,7 @@ def main(args):
     preprocessing = preprocessing.check(config.image_size)
     full_train = ImageDataset(args.dataset, "train", args.data_dir, preprocessing.size, preprocessing.resample)
     test_set = ImageDataset(args.dataset, "test", args.data_dir, preprocessing.size, preprocessing.resample)
+    check_labels(full_train, test_set)  # a label out of range fails here, not deep inside cross-entropy
     train_idx, val_idx = train_val_split(len(full_train), args.val_split)
     train_set = torch.utils.data.Subset(full_train, train_idx)
 

@@ -2,7 +2,8 @@
 
 A dataset `<name>` lives under `<data_dir>/<name>/` in one of two layouts:
     <name>/train.lmdb, <name>/test.lmdb                 the authors' release (see lmdb_format.py)
-    <name>/train/<class>/<image>, <name>/test/<class>/<image>   an image folder (classes sorted by name)
+    <name>/train/<class>/<image>, <name>/test/<class>/<image>   an image folder
+The classes of an image folder are the sorted folders of train/ (hidden ones skipped), for both splits.
 
 `digits` (scikit-learn's bundled handwritten digits) is written into the LMDB layout on first
 use, so the demo and the tests need no download.
@@ -10,6 +11,9 @@ use, so the demo and the tests need no download.
 import io
 import json
 import os
+import shutil
+import sys
+from collections import Counter
 
 import numpy as np
 import torch
@@ -34,16 +38,29 @@ DIGITS_TEST_SIZE = 500  # of scikit-learn's 1,797 digits; the rest (1,297) is th
 
 
 def how_to_get(name: str, data_dir: str) -> str:
+    if name == "digits":
+        return how_to_rebuild(name, data_dir)
     if name in DATASETS:
         return (f"download data.tar.gz of the original release and run `tar zxvf data.tar.gz` "
                 f"(it creates {data_dir}/{name}/), or build it with `python -m data.prepare {name} --src PATH`")
     return f"build it with `python -m data.prepare imagefolder --src PATH --name {name}`"
 
 
+def how_to_rebuild(name: str, data_dir: str) -> str:
+    """What to do about a damaged dataset folder."""
+    if name == "digits":
+        return f"digits is built from scikit-learn on first use: delete {os.path.join(data_dir, name)} to rebuild it"
+    if name in DATASETS:
+        return (f"re-extract it from data.tar.gz, or rebuild it with "
+                f"`python -m data.prepare {name} --src PATH --out {data_dir} --overwrite`")
+    return (f"rebuild it with `python -m data.prepare imagefolder --src PATH --name {name} "
+            f"--out {data_dir} --overwrite`")
+
+
 def dataset_dir(name: str, data_dir: str) -> str:
-    """The folder of `name`, checked; `digits` is built on first use."""
+    """The folder of `name`, checked; `digits` is built on first use (a missing split file is rebuilt)."""
     root = os.path.join(data_dir, name)
-    if name == "digits" and not os.path.exists(os.path.join(root, "train.lmdb")):
+    if name == "digits" and not all(os.path.exists(os.path.join(root, f"{split}.lmdb")) for split in SPLITS):
         write_digits(root)
     if not os.path.isdir(root):
         if name not in DATASETS:
@@ -55,22 +72,44 @@ def dataset_dir(name: str, data_dir: str) -> str:
     return root
 
 
-def _folder_items(split_dir: str) -> tuple[list[tuple[str, int]], list[str]]:
-    classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
-    items = []
-    for label, cls in enumerate(classes):
-        for root, _, files in sorted(os.walk(os.path.join(split_dir, cls))):
-            for f in sorted(files):
-                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):  # macOS ._x.jpg
-                    items.append((os.path.join(root, f), label))
-    return items, classes
+# ---------------------------------------------------------------- image folders (also data.prepare's rules)
+
+def class_folders(folder: str) -> list[str]:
+    """The class folders of `folder`, sorted; hidden ones (.ipynb_checkpoints, .DS_Store) and __MACOSX left out."""
+    return sorted(d for d in os.listdir(folder)
+                  if os.path.isdir(os.path.join(folder, d)) and not d.startswith(".") and d != "__MACOSX")
+
+
+def image_files(folder: str) -> list[str]:
+    """Images under `folder`, sorted; hidden files (macOS '._x.jpeg' copies in zips) and folders left out."""
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += [os.path.join(root, n) for n in names
+                  if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+    return sorted(files)
+
+
+def folder_split(split_dir: str, classes: list[str]) -> list[tuple[str, int]]:
+    """(image path, label) of <split_dir>/<class>/..., labels from `classes` (train/'s list), so that a
+    class missing from one split does not shift the labels of the others."""
+    unknown = sorted(set(class_folders(split_dir)) - set(classes))
+    if unknown:
+        raise UserError(f"{split_dir} has class folders that train/ lacks: {', '.join(unknown)} "
+                        f"(the classifier's classes are train/'s; add them there or remove them)")
+    return [(path, label) for label, cls in enumerate(classes) for path in image_files(os.path.join(split_dir, cls))]
 
 
 class _FolderReader:
-    """Same interface as LMDBReader, over <split>/<class>/<image> files."""
+    """Same interface as LMDBReader, over <root>/<split>/<class>/<image> files; classes from <root>/train/."""
 
-    def __init__(self, split_dir: str):
-        self.items, self.classes = _folder_items(split_dir)
+    def __init__(self, root: str, split: str):
+        train_dir, split_dir = os.path.join(root, "train"), os.path.join(root, split)
+        if not os.path.isdir(train_dir):
+            raise UserError(f"{split_dir}/ is an image folder but {train_dir}/ is not: the class list comes "
+                            f"from train/ (give both splits as folders)")
+        self.classes = class_folders(train_dir)
+        self.items = folder_split(split_dir, self.classes)
         self.keys = [os.path.relpath(p, split_dir).encode() for p, _ in self.items]
 
     def __len__(self):
@@ -85,12 +124,27 @@ class _FolderReader:
         return [label for _, label in self.items]
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's modes of 16-bit PNGs and TIFFs
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """`img` with 8 bits per channel: a 16-bit grayscale image (PIL mode I;16 or I: 16-bit PNG/TIFF, common
+    for X-rays) becomes mode L by round(v / 257), mapping the full range 0..65535 onto 0..255 (the inverse
+    of the PNG rule v8 * 257); values outside 0..65535 are clipped. The same rule for every image, whatever
+    range it uses: 12-bit data (0..4095) comes out dark (0..16). PIL's own convert would clip every value
+    above 255 to white. Other modes are returned unchanged."""
+    if img.mode not in SIXTEEN_BIT_MODES:
+        return img
+    values = np.clip(np.asarray(img).astype(np.int64), 0, 65535)  # (H, W)
+    return Image.fromarray(((values + 128) // 257).astype(np.uint8))
+
+
 def decode_image(image_bytes: bytes, image_size: int, resample: int = Image.BILINEAR) -> torch.Tensor:
     """Encoded image -> (3, S, S) uint8, resized without keeping the aspect ratio with the PIL filter
     `resample` (the model's image processor's; bilinear by default), as the release's ViT image processor
-    did. Normalisation happens later, on the device."""
+    did. 16-bit images are scaled to 8 bits first (to_8bit). Normalisation happens later, on the device."""
     with Image.open(io.BytesIO(image_bytes)) as img:
-        img = img.convert("RGB").resize((image_size, image_size), resample)
+        img = to_8bit(img).convert("RGB").resize((image_size, image_size), resample)
         array = np.array(img, dtype=np.uint8)  # (S, S, 3), a writable copy
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (3, S, S); contiguous batches stack fast
 
@@ -100,16 +154,18 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __init__(self, name: str, split: str, data_dir: str, image_size: int, resample: int = Image.BILINEAR):
         self.name, self.split, self.image_size, self.resample = name, split, image_size, resample
+        self.data_dir = data_dir
         self.root = root = dataset_dir(name, data_dir)
         lmdb_path, folder = os.path.join(root, f"{split}.lmdb"), os.path.join(root, split)
         if os.path.exists(lmdb_path):
             try:
                 self.reader = LMDBReader(lmdb_path)
-            except Exception as e:  # lmdb.Error, pickle errors, ValueError
-                raise UserError(f"cannot read {lmdb_path}: {e}; rebuild it with "
-                                f"`python -m data.prepare` or re-extract data.tar.gz") from None
+            except Exception as e:  # lmdb.Error, pickle errors, ValueError (a truncated file among them)
+                raise UserError(f"cannot read {lmdb_path}: {e}; {how_to_rebuild(name, data_dir)}") from None
         elif os.path.isdir(folder):
-            self.reader = _FolderReader(folder)
+            self.reader = _FolderReader(root, split)
+            if split == "train":
+                _warn_small_classes(name, self.reader)
         else:
             raise UserError(f"dataset '{name}' has no {split} split: expected {lmdb_path} or {folder}/<class>/; "
                             f"{how_to_get(name, data_dir)}")
@@ -139,6 +195,40 @@ class ImageDataset(torch.utils.data.Dataset):
             return len(self.reader.classes)
         return max(self.reader.labels()) + 1
 
+    def check_labels(self, num_classes: int) -> None:
+        """Every label in 0..num_classes-1, checked before training: a bad one would otherwise stop
+        training (or evaluation, hours later) with a traceback deep inside cross-entropy."""
+        bad = [(key, label) for key, label in zip(self.reader.keys, self.reader.labels())
+               if not 0 <= label < num_classes]
+        if bad:
+            key, label = bad[0]
+            raise UserError(f"dataset '{self.name}' split '{self.split}' has label {label} (record {key!r}; "
+                            f"{len(bad)} of {len(self)} records out of range), but the dataset has "
+                            f"{num_classes} classes (labels 0..{num_classes - 1}); "
+                            f"{how_to_rebuild(self.name, self.data_dir)}")
+
+
+def check_labels(train: ImageDataset, *others: ImageDataset) -> int:
+    """Checks the labels of every split against the training split's number of classes; returns it."""
+    num_classes = train.num_classes()
+    for dataset in (train, *others):
+        dataset.check_labels(num_classes)
+    return num_classes
+
+
+def _warn_small_classes(name: str, reader: _FolderReader) -> None:
+    """One line on stderr (from the first process only) for train/ classes with no or one image."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    per_class = Counter(reader.labels())
+    empty = [cls for label, cls in enumerate(reader.classes) if per_class[label] == 0]
+    single = [cls for label, cls in enumerate(reader.classes) if per_class[label] == 1]
+    if empty or single:
+        parts = [f"{what}: {', '.join(classes[:10])}{' ...' if len(classes) > 10 else ''}"
+                 for what, classes in (("no images", empty), ("one image", single)) if classes]
+        print(f"warning: dataset '{name}' train/ has classes with {'; '.join(parts)} "
+              f"(the model can hardly learn them)", file=sys.stderr)
+
 
 def _png(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
@@ -158,10 +248,17 @@ def write_digits(root: str) -> None:
     index = np.arange(len(images))
     train_idx, test_idx = train_test_split(index, test_size=DIGITS_TEST_SIZE, random_state=0,
                                            stratify=digits.target)
-    # Built in a private folder, then moved into place: processes of a torchrun job may race here.
+    # Only the missing split files are written (an existing one is the same, and may be open elsewhere), in a
+    # private folder, then moved into place: processes of a torchrun job may race here.
+    missing = [split for split in SPLITS if not os.path.exists(os.path.join(root, f"{split}.lmdb"))]
+    if not missing:
+        return
     tmp = os.path.join(root, f".building-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed build that had our process id
     for split, idx in (("train", np.sort(train_idx)), ("test", np.sort(test_idx))):
-        write_lmdb(os.path.join(tmp, f"{split}.lmdb"), ((_png(images[i]), int(digits.target[i])) for i in idx))
-    for split in ("test", "train"):  # train last: its presence means "built"
+        if split in missing:
+            write_lmdb(os.path.join(tmp, f"{split}.lmdb"),
+                       ((_png(images[i]), int(digits.target[i])) for i in idx))
+    for split in missing:
         os.replace(os.path.join(tmp, f"{split}.lmdb"), os.path.join(root, f"{split}.lmdb"))
     os.rmdir(tmp)

@@ -40,7 +40,8 @@ def _read_env(path: str) -> lmdb.Environment:
     LMDB refuses a second open of the same file in one process, and an environment must not be used
     across fork() (DataLoader workers): a child closes the one it inherited and opens its own."""
     # keyed by the data file's identity, not its path: a build reads its split back, then renames it
-    st = os.stat(os.path.join(path, "data.mdb") if os.path.isdir(path) else path)
+    data_file = os.path.join(path, "data.mdb") if os.path.isdir(path) else path
+    st = os.stat(data_file)
     key = (st.st_dev, st.st_ino)
     pid, env = _READ_ENVS.get(key, (None, None))
     if env is not None and pid != os.getpid():
@@ -48,8 +49,24 @@ def _read_env(path: str) -> lmdb.Environment:
         env = None
     if env is None:
         env = _open(path, readonly=True)
+        try:
+            _check_size(data_file, env)
+        except ValueError:
+            env.close()
+            raise
         _READ_ENVS[key] = (os.getpid(), env)
     return env
+
+
+def _check_size(data_file: str, env: lmdb.Environment) -> None:
+    """Refuses a file shorter than its header says (an interrupted copy or extraction): reading a page past
+    the end of a memory-mapped file kills the process with SIGBUS, with no message. Only the two meta pages
+    are read here, and a successful open guarantees both lie inside the file."""
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    size = os.path.getsize(data_file)
+    if size < needed:
+        raise ValueError(f"the file is truncated: {size:,} bytes, but its LMDB header says {needed:,} "
+                         f"(an interrupted copy, download or extraction?)")
 
 
 def _open(path: str, readonly: bool) -> lmdb.Environment:
@@ -71,6 +88,7 @@ class LMDBReader:
         self.keys = plain_loads(keys_blob)
         if plain_loads(len_blob) != len(self.keys):
             raise ValueError(f"{path}: __len__ disagrees with the number of __keys__")
+        self._labels = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -86,7 +104,10 @@ class LMDBReader:
         return image_bytes, int(label)
 
     def labels(self) -> list[int]:
-        return [self[i][1] for i in range(len(self))]
+        """Every record's label (reads every record once, then remembered)."""
+        if self._labels is None:
+            self._labels = [self[i][1] for i in range(len(self))]
+        return self._labels
 
 
 def record_key(index: int) -> bytes:

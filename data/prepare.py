@@ -25,7 +25,8 @@ Images are stored byte-for-byte by default. `--resize N` instead stores JPEG (qu
 so that the shorter side is N (aspect ratio kept, never enlarged): a smaller, faster LMDB that is
 still a faithful picture; training resizes to 224x224 anyway, so N >= 224 loses nothing there.
 
-Every image is decoded once while building. An unreadable one stops the build (naming it) unless
+Every image is decoded once while building (16-bit grayscale scaled to 8 bits by v / 257, as training
+does; the original bytes are stored unless --resize). An unreadable one stops the build (naming it) unless
 --skip_bad, which skips and lists it. Both splits are written into a hidden folder
 `<out>/.<name>.partial-*` and moved to `<out>/<name>` only once both are complete; an existing
 `<out>/<name>` is replaced (after that) only with --overwrite.
@@ -53,7 +54,7 @@ import scipy.io
 from PIL import Image
 from tqdm import tqdm
 
-from data.datasets import DATASETS, IMAGE_EXTENSIONS, SPLITS
+from data.datasets import DATASETS, SPLITS, class_folders, folder_split, how_to_rebuild, image_files, to_8bit
 from data.lmdb_format import LMDBReader, write_lmdb
 from errors import UserError
 
@@ -135,29 +136,6 @@ def _mat_ints(path: str, values) -> list[int]:
 
 def _mat_strings(values) -> list[str]:
     return [str(np.asarray(v).squeeze()) for v in np.atleast_1d(values).ravel()]
-
-
-def _image_files(folder: str) -> list[str]:
-    """Images under `folder`, sorted; hidden files (macOS '._x.jpeg' copies in zips) left out."""
-    files = []
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        files += [os.path.join(root, n) for n in names
-                  if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
-    return sorted(files)
-
-
-def _class_folders(folder: str) -> list[str]:
-    return sorted(d for d in os.listdir(folder)
-                  if os.path.isdir(os.path.join(folder, d)) and not d.startswith(".") and d != "__MACOSX")
-
-
-def _folder_split(split_dir: str, classes: list[str]) -> list[tuple[str, int]]:
-    extra = sorted(set(_class_folders(split_dir)) - set(classes))
-    if extra:
-        raise UserError(f"{split_dir} has class folders that train/ lacks: {', '.join(extra)}")
-    return [(path, label) for label, cls in enumerate(classes)
-            for path in _image_files(os.path.join(split_dir, cls))]
 
 
 # ---------------------------------------------------------------- one converter per dataset
@@ -266,27 +244,27 @@ def chest_xray(src: str) -> Source:
     root = _locate(src, "train", [".", "chest_xray", os.path.join("chest_xray", "chest_xray")])
     train_dir = _require(os.path.join(root, "train"), layout)
     test_dir = _require(os.path.join(root, "test"), layout)
-    classes = _class_folders(train_dir)
-    return Source({"train": _folder_split(train_dir, classes), "test": _folder_split(test_dir, classes)}, classes)
+    classes = class_folders(train_dir)
+    return Source({"train": folder_split(train_dir, classes), "test": folder_split(test_dir, classes)}, classes)
 
 
 def imagefolder(src: str, test_fraction: float, seed: int) -> Source:
     has = {split: os.path.isdir(os.path.join(src, split)) for split in SPLITS}
     if all(has.values()):
-        classes = _class_folders(os.path.join(src, "train"))
-        return Source({split: _folder_split(os.path.join(src, split), classes) for split in SPLITS}, classes)
+        classes = class_folders(os.path.join(src, "train"))
+        return Source({split: folder_split(os.path.join(src, split), classes) for split in SPLITS}, classes)
     if any(has.values()):
         present, absent = ("train", "test") if has["train"] else ("test", "train")
         raise UserError(f"{src} has {present}/ but no {absent}/: give both, or put the class folders "
                         f"directly in {src} for a seeded split")
-    classes = _class_folders(src)
+    classes = class_folders(src)
     if not classes:
         raise UserError(f"no class folders in {src} (expected {src}/<class>/<image>)")
     if not 0 < test_fraction < 1:
         raise UserError(f"--test_fraction must be between 0 and 1, got {test_fraction}")
     splits = {"train": [], "test": []}
     for label, cls in enumerate(classes):
-        files = _image_files(os.path.join(src, cls))
+        files = image_files(os.path.join(src, cls))
         # Seeded by class name: a class's split does not change when other classes are added.
         random.Random(f"{seed}:{cls}").shuffle(files)
         n_test = round(len(files) * test_fraction)
@@ -304,8 +282,9 @@ CONVERTERS = {"aircraft": aircraft, "cub": cub, "dtd": dtd, "stanford_dogs": sta
 # ---------------------------------------------------------------- images
 
 def _decode(image_bytes: bytes) -> Image.Image:
-    """Fully decoded and converted as data.decode_image will, so a truncated file fails here, not mid-training."""
-    img = Image.open(io.BytesIO(image_bytes))
+    """Fully decoded and converted as data.decode_image will (16-bit images scaled to 8 bits), so a truncated
+    file fails here, not mid-training."""
+    img = to_8bit(Image.open(io.BytesIO(image_bytes)))
     img.load()
     img.convert("RGB")
     return img
@@ -564,7 +543,7 @@ def check(args) -> dict:
             print(problem, file=sys.stderr)
         if len(problems) > MAX_LISTED_PROBLEMS:
             print(f"... and {len(problems) - MAX_LISTED_PROBLEMS} more", file=sys.stderr)
-        raise UserError(f"{root}: {len(problems)} problems found")
+        raise UserError(f"{root}: {len(problems)} problems found; {how_to_rebuild(name, args.out)}")
     print(f"{root}: ok, every record decodes, labels in 0..{num_classes - 1}")
     return counts
 
