@@ -114,7 +114,7 @@ _pool_abort() {
 _pool_done() {
   local name=$1 log=$2 rc=$3 last=""
   if [ "$rc" -eq 0 ]; then
-    [ -n "$log" ] && last=$(tr '\r' '\n' <"$log" | grep -v '^[[:space:]]*$' | tail -n 1)
+    if [ -n "$log" ]; then last=$(tr '\r' '\n' <"$log" | grep -v '^[[:space:]]*$' | tail -n 1 || true); fi
     echo "[$name] done${last:+: $last}"
   else
     POOL_FAILED+=("$name: exit code $rc${log:+, log $log}")
