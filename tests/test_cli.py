@@ -1,5 +1,4 @@
 """What users type: every bad input answered with one line (the launchers: tests/test_launchers.py)."""
-import json
 import os
 import subprocess
 import sys
