@@ -10,9 +10,11 @@ last step the test accuracy and loss are printed and written to a results file.
     bash run_finetune.sh 0 cub                                        # 5 seeds, then mean ± std
 
 Writes results/<dataset>/<init>/seed<k>.json (test_acc, test_loss and the run's arguments) and the
-run's record and metrics in results/<dataset>/<init>/seed<k>/; <init> is `initial` or NAME.
+run's record and metrics in results/<dataset>/<init>/seed<k>/; <init> is `initial` or NAME. With
+--save_model also the classifier, in results/<dataset>/<init>/seed<k>/model/ (stock from_pretrained).
 """
 import argparse
+import json
 import os
 
 import torch
@@ -20,7 +22,8 @@ import torch.nn.functional as F
 
 import utils
 from data import ImageDataset, check_labels
-from models import build_classifier, has_checkpoint, load_encoder_state, load_mae, preprocessing_of
+from models import (build_classifier, has_checkpoint, load_encoder_state, load_mae, preprocessing_of,
+                    save_model)
 
 FINETUNE_BETAS = (0.9, 0.999)
 NO_DECAY_NAMES = ("bias", "position_embeddings", "cls_token")  # the release's rule; LayerNorm weights decay
@@ -40,6 +43,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--val_split", type=float, default=0.0,
                    help="fraction of the training set held out for validation (0: none, as in the paper)")
     g.add_argument("--results_dir", default="results", help="where results/<dataset>/<init>/seed<k>.json go")
+    g.add_argument("--save_model", action="store_true",
+                   help="also save the trained classifier (ViTForImageClassification, with its label names and "
+                        "preprocessing) in the run's folder, <results_dir>/<dataset>/<init>/seed<k>/model/; "
+                        "off by default: a ViT-Base classifier is about 330 MB per run")
     p.set_defaults(steps=10000, batch_size=32, lr=1e-4, warmup_steps=500, clip_grad=1.0)
     return p
 
@@ -54,6 +61,19 @@ def creating_command(ckpt_name: str, dataset: str) -> str:
         if ckpt_name.startswith(prefix):
             return f"bash {launcher} GPU {dataset} {ckpt_name[len(prefix):]}"
     return "pretrain.py or selftrain.py with --output_dir"
+
+
+def label_names(dataset: ImageDataset, num_classes: int) -> list[str]:
+    """Class names for the saved classifier's id2label: an image folder's class folders, else the "classes"
+    that `python -m data.prepare` stores in counts.json, else the class index as a string."""
+    names = getattr(dataset.reader, "classes", None)  # image folders
+    counts = os.path.join(dataset.root, "counts.json")
+    if names is None and os.path.exists(counts):
+        with open(counts) as f:
+            names = json.load(f).get("classes")
+    if not isinstance(names, list) or len(names) != num_classes:
+        names = [str(label) for label in range(num_classes)]
+    return [str(name) for name in names]
 
 
 def train_val_split(n: int, val_split: float) -> tuple[list[int], list[int]]:
@@ -137,6 +157,12 @@ def main(args):
         result.update(val_acc=val["acc"], val_loss=val["loss"], num_val=len(val_idx))
     run.finish()
     if run.is_main:
+        if args.save_model:  # before the result file, which marks the run done
+            names = label_names(full_train, model.config.num_labels)
+            model.config.id2label = dict(enumerate(names))
+            model.config.label2id = {name: label for label, name in enumerate(names)}
+            save_model(model, os.path.join(out_dir, "model"), preprocessing)
+            result["model"] = os.path.join(out_dir, "model")
         result.update(run.record())
         utils.write_json(result_path, result)
     run.print(f"[finetune] {args.dataset} from {init}, seed {args.seed}: test accuracy {100 * test['acc']:.2f}% "

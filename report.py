@@ -14,14 +14,24 @@ The table. Rows: "Fine-tuning (initial model)", "Further pre-training (<steps>)"
 Columns: the paper's six datasets in its order (aircraft, chest_xray, cub, dtd, stanford_dogs,
 vgg_flower_102), then other datasets alphabetically. A cell is the test accuracy in percent,
 `mean ± std (n=seeds)` with the sample standard deviation (ddof=1), or `mean (n=1)` for one seed;
-`—` where there are no results (never 0). The best mean of a column is in **bold** (ties: all of
-them), when at least two rows of that column have results. If some results carry a validation
-accuracy (finetune.py --val_split), a second table shows it the same way, for those datasets.
+`—` where there are no results (never 0). If some results carry a validation accuracy
+(finetune.py --val_split), a second table shows it the same way, for those datasets.
 
-report.csv: one row per (init, dataset) that has results, columns
-init,row_name,dataset,n,mean_acc,std_acc,mean_loss,best,n_val,mean_val_acc,std_val_acc,best_val;
+Only runs of the same settings are averaged. The settings are the run's arguments recorded in each
+seed<k>.json, except those that do not change the result (NOT_SETTINGS: the seed, paths, workers,
+logging, saving, device, compile). A cell whose seeds were run with different settings (say, two
+--lr values) shows `mixed settings [k]` instead of a mean, and note [k] below the table gives each
+group's mean ± std with the settings that differ.
+
+Bold: the best mean of a column (ties: all of them) among its cells with at least 2 seeds, when there
+are at least two such cells; a single seed has no spread, so it is never bold and never beats a mean
+over several. A note below the table names the columns whose cells average different numbers of seeds.
+
+report.csv: one row per (init, dataset) that has results (per settings group for a mixed cell), columns
+init,row_name,dataset,n,mean_acc,std_acc,mean_loss,best,n_val,mean_val_acc,std_val_acc,best_val,settings;
 accuracies in percent, mean_loss the mean test cross-entropy, best / best_val 1 for the bold cells
-(else 0), std empty for a single seed, the val columns empty without validation results.
+(else 0), std empty for a single seed, the val columns empty without validation results, settings the
+group's differing settings (`lr=0.001 steps=5000`) for a mixed cell, else empty.
 """
 import argparse
 import csv
@@ -39,7 +49,13 @@ SELF_DISTILL = re.compile(r"^self-further-pretrain-(\d+)$")
 RESULT_FILE = re.compile(r"^seed(\d+)\.json$")
 MISSING = "—"
 CSV_COLUMNS = ("init", "row_name", "dataset", "n", "mean_acc", "std_acc", "mean_loss", "best",
-               "n_val", "mean_val_acc", "std_val_acc", "best_val")
+               "n_val", "mean_val_acc", "std_val_acc", "best_val", "settings")
+# Recorded arguments that do not change a run's result (or are implied by the cell: dataset, init):
+# runs differing only in these are averaged together.
+NOT_SETTINGS = frozenset({"seed", "dataset", "scratch", "ckpt_name", "data_dir", "checkpoint_dir", "output_dir",
+                          "results_dir", "workers", "log_every", "save_every", "overwrite", "plot", "device",
+                          "teacher_device", "compile", "save_model"})
+MIN_SEEDS_FOR_BEST = 2
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -108,23 +124,55 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
+def settings_of(result: dict) -> dict:
+    """The recorded arguments of a run that change its result."""
+    args = result.get("args")
+    return {k: v for k, v in args.items() if k not in NOT_SETTINGS} if isinstance(args, dict) else {}
+
+
+def _stats(by_seed: dict[int, dict]) -> dict:
+    results = list(by_seed.values())
+    acc = [100.0 * r["test_acc"] for r in results]
+    losses = [r["test_loss"] for r in results if isinstance(r.get("test_loss"), (int, float))]
+    val = [100.0 * r["val_acc"] for r in results if r.get("val_acc") is not None]
+    mean_acc, std_acc = _mean_std(acc)
+    mean_val, std_val = _mean_std(val)
+    return {"seeds": sorted(by_seed), "n": len(acc), "mean_acc": mean_acc, "std_acc": std_acc,
+            "mean_loss": statistics.fmean(losses) if losses else None,
+            "n_val": len(val), "mean_val_acc": mean_val, "std_val_acc": std_val}
+
+
 def summarize(results_dir: str, datasets=None, seeds=None) -> dict[tuple[str, str], dict]:
     """{(dataset, init): summary} over the seeds of each (or those of `seeds` only); accuracies in percent.
 
     summary: seeds (sorted list), n, mean_acc, std_acc (sample std; None for one seed), mean_loss,
-    and n_val, mean_val_acc, std_val_acc over the seeds that have a validation accuracy (0 / None)."""
+    and n_val, mean_val_acc, std_val_acc over the seeds that have a validation accuracy (0 / None);
+    groups: [] when every seed has the same settings; otherwise the seeds were run with different
+    settings, nothing is averaged (the means are None) and groups holds one such summary per settings,
+    each with `settings`, {name: value} of the settings that differ between the groups."""
     summaries = {}
     for key, by_seed in find_results(results_dir, datasets, seeds).items():
-        results = list(by_seed.values())
-        acc = [100.0 * r["test_acc"] for r in results]
-        losses = [r["test_loss"] for r in results if isinstance(r.get("test_loss"), (int, float))]
-        val = [100.0 * r["val_acc"] for r in results if r.get("val_acc") is not None]
-        mean_acc, std_acc = _mean_std(acc)
-        mean_val, std_val = _mean_std(val)
-        summaries[key] = {"seeds": sorted(by_seed), "n": len(acc), "mean_acc": mean_acc, "std_acc": std_acc,
-                          "mean_loss": statistics.fmean(losses) if losses else None,
-                          "n_val": len(val), "mean_val_acc": mean_val, "std_val_acc": std_val}
+        groups = {}
+        for seed, result in by_seed.items():
+            settings = settings_of(result)
+            groups.setdefault(json.dumps(settings, sort_keys=True, default=str), (settings, {}))[1][seed] = result
+        if len(groups) == 1:
+            summaries[key] = {**_stats(by_seed), "groups": []}
+            continue
+        all_settings = [settings for settings, _ in groups.values()]
+        differing = sorted({k for st in all_settings for k in st
+                            if any(other.get(k, MISSING) != st.get(k, MISSING) for other in all_settings)})
+        parts = [{**_stats(runs), "settings": {k: st.get(k, MISSING) for k in differing}}
+                 for st, runs in groups.values()]
+        parts.sort(key=lambda g: g["seeds"])
+        summaries[key] = {"seeds": sorted(by_seed), "n": len(by_seed), "mean_acc": None, "std_acc": None,
+                          "mean_loss": None, "n_val": sum(g["n_val"] for g in parts), "mean_val_acc": None,
+                          "std_val_acc": None, "groups": parts}
     return summaries
+
+
+def settings_text(settings: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in settings.items())
 
 
 # ----------------------------------------------------------------------------- rows, columns, cells
@@ -157,17 +205,23 @@ def _column_order(dataset: str) -> tuple:
     return (PAPER_DATASETS.index(dataset), "") if dataset in PAPER_DATASETS else (len(PAPER_DATASETS), dataset)
 
 
-def _best(summaries: dict, inits: list[str], dataset: str, mean_key: str) -> set[str]:
-    """The inits with the highest mean in this column; none when fewer than two rows can compete."""
-    means = {i: summaries[(dataset, i)][mean_key] for i in inits
-             if (dataset, i) in summaries and summaries[(dataset, i)][mean_key] is not None}
+def _best(summaries: dict, inits: list[str], dataset: str, mean_key: str, n_key: str) -> set[str]:
+    """The inits with the highest mean in this column among its cells of at least MIN_SEEDS_FOR_BEST
+    seeds (a mixed cell has no mean); none when fewer than two cells can compete."""
+    means = {}
+    for i in inits:
+        s = summaries.get((dataset, i))
+        if s is not None and s[mean_key] is not None and s[n_key] >= MIN_SEEDS_FOR_BEST:
+            means[i] = s[mean_key]
     if len(means) < 2:
         return set()
     top = max(means.values())
     return {i for i, m in means.items() if m == top}
 
 
-def cell(summary: dict | None, mean_key: str, std_key: str, n_key: str) -> str:
+def cell(summary: dict | None, mean_key: str, std_key: str, n_key: str, note: int | None = None) -> str:
+    if summary is not None and summary["groups"] and summary[n_key]:
+        return f"mixed settings [{note}]"
     if summary is None or summary[mean_key] is None:
         return MISSING
     std = summary[std_key]
@@ -175,15 +229,21 @@ def cell(summary: dict | None, mean_key: str, std_key: str, n_key: str) -> str:
     return f"{text} (n={summary[n_key]})"
 
 
+def mixed_notes(summaries: dict, inits: list[str], datasets: list[str]) -> dict[tuple[str, str], int]:
+    """{(dataset, init): note number} for the cells that mix settings, in table order."""
+    keys = [(d, i) for i in inits for d in datasets if (d, i) in summaries and summaries[(d, i)]["groups"]]
+    return {key: k for k, key in enumerate(keys, start=1)}
+
+
 def markdown_table(summaries: dict, inits: list[str], datasets: list[str], mean_key: str, std_key: str,
-                   n_key: str) -> str:
+                   n_key: str, notes: dict) -> str:
     header = [""] + datasets
     rows = []
-    best = {d: _best(summaries, inits, d, mean_key) for d in datasets}
+    best = {d: _best(summaries, inits, d, mean_key, n_key) for d in datasets}
     for init in inits:
         cells = [row_name(init)]
         for d in datasets:
-            text = cell(summaries.get((d, init)), mean_key, std_key, n_key)
+            text = cell(summaries.get((d, init)), mean_key, std_key, n_key, notes.get((d, init)))
             cells.append(f"**{text}**" if init in best[d] else text)
         rows.append(cells)
     widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]
@@ -193,13 +253,23 @@ def markdown_table(summaries: dict, inits: list[str], datasets: list[str], mean_
     return "\n".join(lines)
 
 
+def uneven_seed_counts(summaries: dict, inits: list[str], datasets: list[str], n_key: str) -> list[str]:
+    """`dataset (n=1, 3)` for each column whose cells average different numbers of seeds."""
+    uneven = []
+    for d in datasets:
+        counts = sorted({summaries[(d, i)][n_key] for i in inits if (d, i) in summaries and summaries[(d, i)][n_key]})
+        if len(counts) > 1:
+            uneven.append(f"{d} (n={', '.join(map(str, counts))})")
+    return uneven
+
+
 def _number(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
 
 def write_csv(path: str, summaries: dict, inits: list[str], datasets: list[str]) -> None:
-    best = {d: _best(summaries, inits, d, "mean_acc") for d in datasets}
-    best_val = {d: _best(summaries, inits, d, "mean_val_acc") for d in datasets}
+    best = {d: _best(summaries, inits, d, "mean_acc", "n") for d in datasets}
+    best_val = {d: _best(summaries, inits, d, "mean_val_acc", "n_val") for d in datasets}
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)
@@ -208,10 +278,12 @@ def write_csv(path: str, summaries: dict, inits: list[str], datasets: list[str])
                 s = summaries.get((d, init))
                 if s is None:
                     continue
-                writer.writerow([init, row_name(init), d, s["n"], _number(s["mean_acc"]), _number(s["std_acc"]),
-                                 _number(s["mean_loss"]), int(init in best[d]), s["n_val"] or "",
-                                 _number(s["mean_val_acc"]), _number(s["std_val_acc"]),
-                                 int(init in best_val[d]) if s["n_val"] else ""])
+                for g in s["groups"] or [s]:
+                    writer.writerow([init, row_name(init), d, g["n"], _number(g["mean_acc"]), _number(g["std_acc"]),
+                                     _number(g["mean_loss"]), int(init in best[d] and g is s), g["n_val"] or "",
+                                     _number(g["mean_val_acc"]), _number(g["std_val_acc"]),
+                                     int(init in best_val[d] and g is s) if g["n_val"] else "",
+                                     settings_text(g.get("settings", {}))])
 
 
 def one_line(dataset: str, init: str, s: dict) -> str:
@@ -246,7 +318,9 @@ def main(args):
             if missing:
                 raise utils.UserError(f"{d} {args.init}: no result for seed {' '.join(map(str, missing))} "
                                       f"(expected {args.results_dir}/{d}/{args.init}/seed{missing[0]}.json)")
-            print(one_line(d, args.init, s))
+            for g in s["groups"] or [s]:  # runs of different settings: one line each, never averaged
+                name = f"{args.init} ({settings_text(g['settings'])})" if s["groups"] else args.init
+                print(one_line(d, name, g))
         return
 
     if args.steps is not None:
@@ -256,15 +330,26 @@ def main(args):
         raise utils.UserError(f"no fine-tuning results{steps} in {where} (run finetune.py first)")
     datasets = sorted(set(args.datasets or []) | {d for d, _ in summaries}, key=_column_order)
     inits = sorted({i for _, i in summaries}, key=_row_order)
+    notes = mixed_notes(summaries, inits, datasets)
 
     sections = ["## Test accuracy (%)", "",
-                markdown_table(summaries, inits, datasets, "mean_acc", "std_acc", "n")]
+                markdown_table(summaries, inits, datasets, "mean_acc", "std_acc", "n", notes)]
     val_datasets = [d for d in datasets if any(s["n_val"] for (d2, _), s in summaries.items() if d2 == d)]
     if val_datasets:
         sections += ["", "## Validation accuracy (%)", "",
-                     markdown_table(summaries, inits, val_datasets, "mean_val_acc", "std_val_acc", "n_val")]
+                     markdown_table(summaries, inits, val_datasets, "mean_val_acc", "std_val_acc", "n_val", notes)]
     sections += ["", "Mean ± sample standard deviation over fine-tuning seeds (n = number of seeds); "
-                     f"**bold**: best mean of the column; {MISSING}: no results."]
+                     f"**bold**: best mean of the column among its cells of n >= {MIN_SEEDS_FOR_BEST} seeds; "
+                     f"{MISSING}: no results."]
+    uneven = uneven_seed_counts(summaries, inits, datasets, "n")
+    if uneven:
+        sections += ["", f"Different numbers of seeds within a column: {'; '.join(uneven)}."]
+    if notes:
+        sections += ["", "Mixed settings: these cells hold runs with different settings, not averaged:"]
+        for (d, init), k in notes.items():
+            groups = "; ".join(f"{settings_text(g['settings'])}: {cell({**g, 'groups': []}, 'mean_acc', 'std_acc', 'n')}"
+                               f", seeds {' '.join(map(str, g['seeds']))}" for g in summaries[(d, init)]["groups"])
+            sections.append(f"[{k}] {d}, {row_name(init)}: {groups}")
     text = "\n".join(sections) + "\n"
 
     out_dir = args.out_dir or args.results_dir

@@ -3,6 +3,10 @@
 #   bash run_finetune.sh GPU DATASET [SCRATCH] [CKPT] [CKPT_DIR] [finetune.py flags...]
 #   SCRATCH: True = from the initial model, False (default) = from CKPT_DIR/CKPT/DATASET
 #   CKPT: default self-further-pretrain-20000; CKPT_DIR: default checkpoints
+#   GPU: cpu, a CUDA device index, or a list (0,1,2,3): the seeds are independent runs, spread over the
+#   GPUs, $JOBS at a time on each (default 3 per GPU, 1 on cpu); with more than one at a time each run's
+#   output goes to RESULTS/DATASET/INIT/seed<k>.log and one line per finished run is printed.
+#   A failed seed does not stop the others; the launcher then exits non-zero, naming it and its log.
 # Example: SEEDS="1 2" bash run_finetune.sh cpu digits True --model_name vit-mae-tiny --steps 50
 set -euo pipefail
 USAGE="bash run_finetune.sh GPU DATASET [SCRATCH] [CKPT] [CKPT_DIR] [finetune.py flags...]"
@@ -20,12 +24,20 @@ case "$SCRATCH" in
   False|false|FALSE|0) INIT=$CKPT ;;
   *) usage_error "SCRATCH must be True or False, not '$SCRATCH'" ;;
 esac
+pool_init "$GPU"
 
 RESULTS_DIR=$(flag_value --results_dir results "$@")  # the summary reads what the runs wrote
+FLAGS=("$@")
+finetune_seed() {  # DEVICE SEED
+  launch "$1" finetune.py --dataset "$DATASET" --scratch "$SCRATCH" --ckpt_name "$CKPT" \
+    --checkpoint_dir "$CKPT_DIR" --seed "$2" "${FLAGS[@]+"${FLAGS[@]}"}"
+}
 
 SEEDS=${SEEDS:-1 2 3 4 5}
 for seed in $SEEDS; do
-  launch "$GPU" finetune.py --dataset "$DATASET" --scratch "$SCRATCH" --ckpt_name "$CKPT" \
-    --checkpoint_dir "$CKPT_DIR" --seed "$seed" "$@"
+  pool_run "$DATASET $INIT seed $seed" "$RESULTS_DIR/$DATASET/$INIT/seed$seed.log" finetune_seed "$seed"
 done
+status=0
+pool_wait || status=$?
+[ "$status" -eq 0 ] || exit "$status"
 "$PYTHON" "$REPO_DIR/report.py" --results_dir "$RESULTS_DIR" --datasets "$DATASET" --init "$INIT" --seeds $SEEDS

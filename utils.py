@@ -215,7 +215,7 @@ RECORD_FILE = "args.json"
 METRICS_FILE = "metrics.jsonl"
 # Flags that change how a run is executed or reported, not what it computes: a resumed run may differ in them.
 RUN_CONTROL_FLAGS = {"workers", "log_every", "save_every", "plot", "overwrite", "device", "teacher_device",
-                     "compile", "precision"}
+                     "save_model", "compile", "precision"}
 
 
 def resolve_device(requested: str, local_rank: int) -> torch.device:

@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = (1, 2, 3, 4, 5)
 
 
-def write_result(results_dir, dataset, init, seed, acc, loss=1.0, **extra):
+def write_result(results_dir, dataset, init, seed, acc, loss=1.0, args=None, **extra):
     folder = os.path.join(results_dir, dataset, init)
     # the per-run folder next to each result file must be ignored
     os.makedirs(os.path.join(folder, f"seed{seed}"), exist_ok=True)
@@ -25,7 +25,7 @@ def write_result(results_dir, dataset, init, seed, acc, loss=1.0, **extra):
         json.dump({"test_acc": 0.0}, f)
     with open(os.path.join(folder, f"seed{seed}.json"), "w") as f:
         json.dump({"test_acc": acc, "test_loss": loss, "dataset": dataset, "init": init, "seed": seed,
-                   "args": {"seed": seed}, **extra}, f)
+                   "args": {"seed": seed, **(args or {})}, **extra}, f)
 
 
 def run(*argv):
@@ -85,13 +85,16 @@ def test_table_numbers_missing_best_and_order(results, capsys):
                 assert text == "—"
                 continue
             assert text.strip("*") == expected_cell(runs)
-    # best per column, bold; no bold in a column with a single row of results (digits)
+    # best per column, bold; no bold in a column with a single row of results (digits), nor where only one
+    # cell has n >= 2 (dtd: 50 % over 3 seeds against 40 % of one seed)
     assert rows["Self-distillation (20000)"][0].startswith("**")
     assert not rows["Fine-tuning (initial model)"][0].startswith("**")
-    assert rows["Fine-tuning (initial model)"][1].startswith("**")  # dtd: 50 % beats 40 %
+    assert "**" not in rows["Fine-tuning (initial model)"][1] + rows["Further pre-training (20000)"][1]
     assert rows["Self-distillation (20000)"][1] == "—"
     assert "**" not in rows["Fine-tuning (initial model)"][2]
     assert "Validation accuracy" not in markdown
+    assert "Different numbers of seeds within a column: dtd (n=1, 3)." in markdown.splitlines()
+    assert "Mixed settings" not in markdown
 
 
 def test_csv(results):
@@ -102,7 +105,7 @@ def test_csv(results):
     with open(out_dir / "report.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["init", "row_name", "dataset", "n", "mean_acc", "std_acc", "mean_loss", "best",
-                             "n_val", "mean_val_acc", "std_val_acc", "best_val"]
+                             "n_val", "mean_val_acc", "std_val_acc", "best_val", "settings"]
     assert {(r["dataset"], r["init"]) for r in rows} == set(values)  # the missing cell has no row
     for r in rows:
         runs = values[(r["dataset"], r["init"])]
@@ -114,9 +117,9 @@ def test_csv(results):
             assert float(r["std_acc"]) == pytest.approx(statistics.stdev(acc), abs=1e-4)
         else:
             assert r["std_acc"] == ""
-        assert r["n_val"] == r["mean_val_acc"] == ""
+        assert r["n_val"] == r["mean_val_acc"] == r["settings"] == ""
     best = {(r["dataset"], r["init"]) for r in rows if r["best"] == "1"}
-    assert best == {("cub", "self-further-pretrain-20000"), ("dtd", "initial")}
+    assert best == {("cub", "self-further-pretrain-20000")}
 
 
 def test_summarize(results):
@@ -208,3 +211,57 @@ def test_cli_errors_exit_2(tmp_path):
     proc = cli(tmp_path / "bad")
     assert proc.returncode == 2
     assert "seed1.json" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_runs_of_different_settings_are_not_averaged(tmp_path, capsys):
+    """A cell whose seeds ran with different settings shows no mean; a note gives each group's; seeds
+    that differ only in what does not change results (workers, device, paths) are averaged."""
+    base = {"lr": 1e-4, "steps": 10000, "batch_size": 32, "model_name": "facebook/vit-mae-base"}
+    for seed, acc, lr in ((1, 0.80, 1e-4), (2, 0.82, 1e-4), (3, 0.50, 1e-3)):
+        write_result(tmp_path, "cub", "initial", seed, acc,
+                     args={**base, "lr": lr, "workers": seed, "device": f"cuda:{seed}", "output_dir": f"o{seed}"})
+    for seed, acc in ((1, 0.70), (2, 0.72)):
+        write_result(tmp_path, "cub", "further-pretrain-20000", seed, acc, args={**base, "workers": 8 - seed})
+    for seed, acc in ((1, 0.75), (2, 0.77)):  # 1000 steps instead of 10000, in one seed only
+        write_result(tmp_path, "cub", "self-further-pretrain-20000", seed, acc,
+                     args={**base, "steps": 1000 if seed == 2 else 10000})
+    run("--results_dir", tmp_path)
+    markdown = capsys.readouterr().out
+    _, rows = table_rows(markdown)
+    assert rows["Fine-tuning (initial model)"] == ["mixed settings [1]"]
+    # averaged (workers differ); not bold: the mixed cells have no mean to compete with
+    assert rows["Further pre-training (20000)"] == [f"{statistics.mean([70, 72]):.2f} ± "
+                                                    f"{statistics.stdev([70, 72]):.2f} (n=2)"]
+    assert rows["Self-distillation (20000)"] == ["mixed settings [2]"]
+    lines = markdown.splitlines()
+    assert (f"[1] cub, Fine-tuning (initial model): lr=0.0001: {statistics.mean([80, 82]):.2f} ± "
+            f"{statistics.stdev([80, 82]):.2f} (n=2), seeds 1 2; lr=0.001: 50.00 (n=1), seeds 3") in lines
+    assert "[2] cub, Self-distillation (20000): steps=10000: 75.00 (n=1), seeds 1; steps=1000: 77.00 (n=1), seeds 2" in lines
+
+    groups = summarize(tmp_path)[("cub", "initial")]["groups"]
+    assert [(g["seeds"], g["settings"]) for g in groups] == [([1, 2], {"lr": 1e-4}), ([3], {"lr": 1e-3})]
+    with open(tmp_path / "report.csv") as f:
+        csv_rows = [r for r in csv.DictReader(f) if r["init"] == "initial"]
+    assert [(r["n"], r["settings"], r["best"]) for r in csv_rows] == [("2", "lr=0.0001", "0"), ("1", "lr=0.001", "0")]
+
+    # the one-line summary (what run_finetune.sh ends with): one line per settings group
+    run("--results_dir", tmp_path, "--datasets", "cub", "--init", "initial")
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[0].startswith("cub initial (lr=0.0001): test accuracy 81.00")
+    assert out[1] == "cub initial (lr=0.001): test accuracy 50.00 % over 1 seed (3)"
+
+
+def test_bold_only_among_cells_of_several_seeds(tmp_path, capsys):
+    """A single seed's higher accuracy does not take the bold from a mean over several seeds."""
+    for seed in (1, 2, 3):
+        write_result(tmp_path, "dtd", "initial", seed, 0.60 + seed / 100)
+        write_result(tmp_path, "dtd", "further-pretrain-20000", seed, 0.55 + seed / 100)
+    write_result(tmp_path, "dtd", "self-further-pretrain-20000", 1, 0.90)
+    run("--results_dir", tmp_path)
+    markdown = capsys.readouterr().out
+    _, rows = table_rows(markdown)
+    assert rows["Fine-tuning (initial model)"][0].startswith("**")  # 62 % over 3 seeds
+    assert rows["Self-distillation (20000)"] == ["90.00 (n=1)"]      # higher, but one seed: not bold
+    assert not rows["Further pre-training (20000)"][0].startswith("**")
+    assert "among its cells of n >= 2 seeds" in markdown
+    assert "Different numbers of seeds within a column: dtd (n=1, 3)." in markdown.splitlines()
