@@ -39,8 +39,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="True: start from --model_name (θ₀); False: from <checkpoint_dir>/<ckpt_name>/<dataset>")
     g.add_argument("--ckpt_name", default="self-further-pretrain-20000",
                    help="checkpoint to start from when --scratch False, e.g. further-pretrain-20000")
-    g.add_argument("--dropout", type=float, default=0.1, help="dropout on the hidden states")
-    g.add_argument("--val_split", type=float, default=0.0,
+    g.add_argument("--dropout", type=utils.finite_float(0, 1, high_open=True), default=0.1,
+                   help="dropout on the hidden states")
+    g.add_argument("--val_split", type=utils.finite_float(0, 1, high_open=True), default=0.0,
                    help="fraction of the training set held out for validation (0: none, as in the paper)")
     g.add_argument("--results_dir", default="results", help="where results/<dataset>/<init>/seed<k>.json go")
     g.add_argument("--save_model", action="store_true",
@@ -77,10 +78,18 @@ def label_names(dataset: ImageDataset, num_classes: int) -> list[str]:
 
 
 def train_val_split(n: int, val_split: float) -> tuple[list[int], list[int]]:
+    """(training indices, held-out indices) of n images: round(n · val_split) held out, the same ones for
+    every seed. Neither part may be empty (the held-out part only when val_split > 0)."""
     if not 0.0 <= val_split < 1.0:
         raise utils.UserError(f"--val_split must be in [0, 1), got {val_split}")
-    order = torch.randperm(n, generator=utils.generator(VAL_SPLIT_SEED, utils.STREAM_SPLIT, 0)).tolist()
     n_val = round(n * val_split)
+    if n_val == n:
+        raise utils.UserError(f"--val_split {val_split} holds out all {n} training images, leaving none to train "
+                              f"on; use a smaller fraction")
+    if val_split > 0 and n_val == 0:
+        raise utils.UserError(f"--val_split {val_split} holds out none of the {n} training images; use a fraction "
+                              f"of at least {1 / n:.2g}, or 0 for no held-out part")
+    order = torch.randperm(n, generator=utils.generator(VAL_SPLIT_SEED, utils.STREAM_SPLIT, 0)).tolist()
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 

@@ -35,7 +35,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--teacher", default=None,
                    help="the further pre-trained model (a directory written by pretrain.py, or the release's "
                         "model.pt); default: <checkpoint_dir>/further-pretrain-<steps>/<dataset>")
-    g.add_argument("--distill_weight", type=float, default=1.0, help="λ, the weight of the distillation loss")
+    g.add_argument("--distill_weight", type=utils.finite_float(0), default=1.0,
+                   help="λ, the weight of the distillation loss")
     g.add_argument("--teacher_device", default=None,
                    help="run the teacher on another device (e.g. cuda:1); default: the student's device")
     return p
@@ -59,9 +60,12 @@ def main(args):
     out_dir = args.output_dir or self_distill_dir(args.checkpoint_dir, args.steps, args.dataset)
     teacher_path = args.teacher or further_pretrain_dir(args.checkpoint_dir, args.steps, args.dataset)
     if not has_checkpoint(teacher_path):
+        # the command that writes the default teacher path: same dataset, steps and checkpoint_dir
+        default_dir = get_args_parser().get_default("checkpoint_dir")
+        where = "" if args.checkpoint_dir == default_dir else f" --checkpoint_dir {args.checkpoint_dir}"
         raise utils.UserError(f"teacher not found: {teacher_path} (create it with `bash run_pretrain.sh GPU "
-                              f"{args.dataset} {args.steps}` or `python pretrain.py --dataset {args.dataset} "
-                              f"--steps {args.steps}`, or pass --teacher PATH)")
+                              f"{args.dataset} {args.steps}{where}` or `python pretrain.py --dataset {args.dataset} "
+                              f"--steps {args.steps}{where}`, or pass --teacher PATH)")
     preprocessing = preprocessing_of(args.model_name)  # θ₀'s image processor, as in the release
     run = utils.Run(args, out_dir, "self-distill", os.path.join(out_dir, "model.safetensors"), preprocessing)
     if run.already_done:

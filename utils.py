@@ -36,6 +36,54 @@ def str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got '{value}'")
 
 
+# Numeric flags are checked where they are parsed: argparse then prints the usage and one line
+# ("argument --steps: must be at least 1, got 0") and exits with code 2, before anything runs.
+
+def int_at_least(minimum: int):
+    """An argparse type: a whole number >= minimum."""
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got '{value}'") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {number}")
+        return number
+    parse.__name__ = f"int_at_least({minimum})"
+    return parse
+
+
+def finite_float(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+                 high_open: bool = False, none: bool = False):
+    """An argparse type: a finite float in the interval from `low` to `high` (either end open or closed,
+    None: unbounded). none=True also accepts 'none' (any case) as None."""
+    if low is not None and high is not None:
+        wanted = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        wanted = f"greater than {low:g}" if low_open else f"at least {low:g}"
+    elif high is not None:
+        wanted = f"less than {high:g}" if high_open else f"at most {high:g}"
+    else:
+        wanted = ""
+
+    def parse(value: str) -> float | None:
+        if none and value.strip().lower() == "none":
+            return None
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number{' or none' if none else ''}, got '{value}'") from None
+        too_low = low is not None and (number <= low if low_open else number < low)
+        too_high = high is not None and (number >= high if high_open else number > high)
+        if not math.isfinite(number):
+            raise argparse.ArgumentTypeError(f"must be a finite number{' ' * bool(wanted)}{wanted}, got {value}")
+        if too_low or too_high:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {value}")
+        return number
+    parse.__name__ = f"finite_float({wanted or 'any'})"
+    return parse
+
+
 def shared_parser() -> argparse.ArgumentParser:
     """Flags common to the three stages. Defaults are the paper's recipe for the MAE stages;
     finetune.py overrides the few that differ with set_defaults()."""
@@ -45,21 +93,25 @@ def shared_parser() -> argparse.ArgumentParser:
                    help="aircraft, chest_xray, cub, dtd, stanford_dogs, vgg_flower_102, digits (built in), "
                         "or the name of your own folder under --data_dir")
     g.add_argument("--data_dir", default="data", help="root holding <dataset>/{train,test}.lmdb or image folders")
-    g.add_argument("--workers", type=int, default=4, help="DataLoader worker processes per training process")
+    g.add_argument("--workers", type=int_at_least(0), default=4,
+                   help="DataLoader worker processes per training process")
     g = p.add_argument_group("model")
     g.add_argument("--model_name", default="facebook/vit-mae-base",
                    help="the initial MAE model θ₀: a hub id, a local directory from save_pretrained, "
                         "or vit-mae-tiny (a small built-in config for CPU runs)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=20000, help="optimizer steps")
-    g.add_argument("--batch_size", type=int, default=64,
+    g.add_argument("--steps", type=int_at_least(1), default=20000, help="optimizer steps")
+    g.add_argument("--batch_size", type=int_at_least(1), default=64,
                    help="global batch size (split evenly over the processes of a torchrun job)")
-    g.add_argument("--lr", type=float, default=1.5e-4, help="peak learning rate (AdamW)")
-    g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
-    g.add_argument("--warmup_steps", type=int, default=0, help="linear warmup steps, then linear decay to 0")
-    g.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm to this value (off: none)")
+    g.add_argument("--lr", type=finite_float(0, low_open=True), default=1.5e-4, help="peak learning rate (AdamW)")
+    g.add_argument("--weight_decay", type=finite_float(0), default=0.01, help="AdamW weight decay")
+    g.add_argument("--warmup_steps", type=int_at_least(0), default=0,
+                   help="linear warmup steps, then linear decay to 0")
+    g.add_argument("--clip_grad", type=finite_float(0, low_open=True, none=True), default=None,
+                   help="clip the gradient norm to this value ('none': no clipping)")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0, help="seeds data order, masking noise, flips, dropout, new heads")
+    g.add_argument("--seed", type=int_at_least(0), default=0,
+                   help="seeds data order, masking noise, flips, dropout, new heads")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, or cuda:N")
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="auto: bf16 autocast on CUDA, fp32 on CPU; fp32 reproduces the original numerics")
@@ -67,8 +119,8 @@ def shared_parser() -> argparse.ArgumentParser:
                    help="torch.compile the model (slow start, faster steps)")
     g.add_argument("--checkpoint_dir", default="checkpoints", help="where the MAE stages write and are read from")
     g.add_argument("--output_dir", default=None, help="this run's directory (default: derived, see README)")
-    g.add_argument("--log_every", type=int, default=50, help="steps between metrics lines")
-    g.add_argument("--save_every", type=int, default=0,
+    g.add_argument("--log_every", type=int_at_least(1), default=50, help="steps between metrics lines")
+    g.add_argument("--save_every", type=int_at_least(0), default=0,
                    help="steps between resumable training states (0: only at the end); re-running the same "
                         "command continues from the latest one")
     g.add_argument("--overwrite", action="store_true", help="start again even if the output directory has a run")

@@ -16,10 +16,13 @@ encoder with transformers-4.x parameter names) are read wherever a checkpoint is
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
 import shutil
+import socket
+import urllib.parse
 
 import numpy as np
 import torch
@@ -63,10 +66,21 @@ def load_mae(model_name: str, mask_ratio: float = 0.75, norm_pix_loss: bool = Tr
     else:
         model = _from_pretrained(ViTMAEForPreTraining, model_name)
     freeze_sincos_tables(model)
+    check_mask_ratio(mask_ratio, model.config)
     # transformers reads both from the config at call time
     model.config.mask_ratio = mask_ratio
     model.config.norm_pix_loss = norm_pix_loss
     return model
+
+
+def check_mask_ratio(mask_ratio: float, config: ViTMAEConfig) -> None:
+    """transformers keeps int(N · (1 - mask_ratio)) of the N patches visible: with none hidden the MAE loss
+    is 0/0, with none visible the encoder sees nothing; both end as a NaN loss many steps later."""
+    num_patches = (config.image_size // config.patch_size) ** 2
+    visible = int(num_patches * (1 - mask_ratio))
+    if not 1 <= visible < num_patches:
+        raise UserError(f"--mask_ratio {mask_ratio} leaves {visible} of the model's {num_patches} patches visible; "
+                        f"at least one must be hidden and one visible")
 
 
 def freeze_sincos_tables(mae: ViTMAEForPreTraining) -> None:
@@ -122,23 +136,82 @@ def initial_config(model_name: str) -> ViTMAEConfig:
 
 
 def _from_pretrained(cls, name: str):
+    """cls.from_pretrained of a local model directory or a hub id, every failure one line."""
     if os.path.isdir(name):
-        config_path = os.path.join(name, "config.json")
-        if not os.path.exists(config_path) or not any(os.path.exists(os.path.join(name, f)) for f in WEIGHTS_FILES):
-            raise UserError(f"'{name}' is not a model directory (needs config.json and model.safetensors)")
-        with open(config_path) as f:
-            model_type = json.load(f).get("model_type")
+        model_type = _model_dir_type(name)
         if model_type != "vit_mae":
             raise UserError(f"'{name}' holds a '{model_type}' model; a ViT-MAE model (model_type vit_mae) is needed")
-        return cls.from_pretrained(name)
+        return _load_dir(cls, name)
     if os.path.exists(name):
-        raise UserError(f"--model_name '{name}' is a file; pass a model directory, a hub id or {TINY_NAME}")
+        raise UserError(f"'{name}' is a file; pass a model directory, a hub id or {TINY_NAME}")
+    if looks_like_local_path(name):
+        raise UserError(f"'{name}' does not exist (a local model directory was expected; a hub id has the form "
+                        f"owner/name)")
+    offline = _hub_offline_reason()
     try:
-        return cls.from_pretrained(name)
+        return cls.from_pretrained(name, local_files_only=offline is not None)
     except OSError as e:
+        parent, base = os.path.split(name)
+        if os.path.isdir(parent):  # `runs/x` next to a local runs/: a mistyped path far more likely than a hub id
+            raise UserError(f"'{name}' does not exist: the local directory {parent}/ has no '{base}' (nor is it a "
+                            f"hub model {'in the cache' if offline else 'that could be loaded'})") from None
+        fetch = f"on a machine with access run `hf download {name} --local-dir DIR`, then pass --model_name DIR"
+        if offline is not None:
+            raise UserError(f"'{name}' is neither a local directory nor in the Hugging Face cache, and {offline}; "
+                            f"{fetch}") from None
         raise UserError(f"cannot load '{name}' from the Hugging Face Hub ({str(e).splitlines()[0]}); "
-                        f"on a machine with access run `hf download {name} --local-dir DIR`, "
-                        f"then pass --model_name DIR") from None
+                        f"{fetch}") from None
+
+
+def looks_like_local_path(name: str) -> bool:
+    """A hub id is `owner/name` (or a bare name); anything written as a path is a path."""
+    return (name.startswith(("./", "../", "/", "~")) or name.endswith(("/", os.sep)) or name.count("/") > 1
+            or os.sep != "/" and os.sep in name)
+
+
+def _hub_offline_reason() -> str | None:
+    """Why the Hub cannot be asked (None: it can). huggingface_hub retries an unreachable Hub for ~25 s
+    per file before failing, so an unreachable endpoint is detected once, up front, and the cache used alone."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return f"the Hub is offline here ({var}={os.environ[var]})"
+    return _endpoint_unreachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+
+
+@functools.lru_cache(maxsize=None)
+def _endpoint_unreachable(endpoint: str) -> str | None:
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # only the proxy knows; let huggingface_hub try
+    url = urllib.parse.urlsplit(endpoint)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+        return None
+    except OSError as e:
+        return f"the Hub ({host}:{port}) cannot be reached: {e}"
+
+
+def _model_dir_type(path: str) -> str | None:
+    """The model_type of a directory written by save_pretrained, after checking it has its two files."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise UserError(f"'{path}' is not a model directory: it has no config.json")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in WEIGHTS_FILES):
+        raise UserError(f"'{path}' has config.json but no model.safetensors (an interrupted save? write it again)")
+    try:
+        with open(config_path) as f:
+            return json.load(f).get("model_type")
+    except (ValueError, AttributeError) as e:
+        raise UserError(f"cannot read {config_path}: not a JSON object ({e})") from None
+
+
+def _load_dir(cls, path: str):
+    weights = next(os.path.join(path, f) for f in WEIGHTS_FILES if os.path.isfile(os.path.join(path, f)))
+    try:
+        return cls.from_pretrained(path)
+    except Exception as e:  # a truncated or empty file: safetensors, pickle and JSON errors have no common base
+        raise UserError(f"cannot read the model in {weights} ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else 'empty'})") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,11 +254,11 @@ def _processor_file(name: str) -> str | None:
     if os.path.isdir(name):
         path = os.path.join(name, PROCESSOR_FILE)
         return path if os.path.isfile(path) else None
-    if os.path.exists(name) or name.count("/") != 1:  # a file (release model.pt), or not a hub id
+    if os.path.exists(name) or looks_like_local_path(name) or name.count("/") != 1:  # a file (model.pt), no hub id
         return None
     try:  # a hub id: the file sits in the local cache next to the weights once downloaded
         from huggingface_hub import hf_hub_download
-        return hf_hub_download(name, PROCESSOR_FILE)
+        return hf_hub_download(name, PROCESSOR_FILE, local_files_only=_hub_offline_reason() is not None)
     except Exception:  # offline, not cached, or the repository has no such file
         return None
 
@@ -263,15 +336,26 @@ def rename_v4_keys(state_dict: dict) -> dict:
 def read_release_checkpoint(path: str) -> dict:
     """The authors' `model.pt`: {"args": argparse.Namespace, "state_dict": ...}. torch ≥ 2.6 refuses the
     Namespace under weights_only=True, so it is allow-listed; nothing else is unpickled."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+    expected = "the release's model.pt, a {'args', 'state_dict'} of encoder tensors"
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # garbage, truncated, or pickles more than tensors: no common base class
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else "empty or truncated"
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {reason}); expected {expected}") from None
     state = blob["state_dict"] if isinstance(blob, dict) and "state_dict" in blob else blob
+    if not (isinstance(state, dict) and state and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                      for k, v in state.items())):
+        raise UserError(f"{path} holds no state dict of tensors; expected {expected}")
     return {k: v for k, v in rename_v4_keys(state).items() if not k.startswith("decoder.")}
 
 
 def _checkpoint_files(path: str) -> tuple[str | None, str | None]:
     """(model directory, release model.pt) for a checkpoint path; both None if there is none."""
-    if os.path.isfile(path) and path.endswith(".pt"):
+    if os.path.isfile(path):  # read as the release's format; read_release_checkpoint names a wrong file
+        if os.path.basename(path) in (*WEIGHTS_FILES, "config.json"):
+            raise UserError(f"{path} is one file of a model directory; pass the directory "
+                            f"{os.path.dirname(path) or '.'}")
         return None, path
     if os.path.isfile(os.path.join(path, "config.json")):
         return path, None
@@ -293,14 +377,14 @@ def load_encoder_state(path: str, model_name: str) -> tuple[ViTMAEConfig, dict]:
     if release_pt is not None:
         return initial_config(model_name), read_release_checkpoint(release_pt)
     if model_dir is None:
-        raise FileNotFoundError(path)
-    with open(os.path.join(model_dir, "config.json")) as f:
-        model_type = json.load(f).get("model_type")
+        raise UserError(f"checkpoint not found: {path} (neither a model directory with config.json nor a "
+                        f"{RELEASE_CHECKPOINT})")
+    model_type = _model_dir_type(model_dir)
     if model_type == "vit_mae":
-        mae = ViTMAEForPreTraining.from_pretrained(model_dir)
+        mae = _load_dir(ViTMAEForPreTraining, model_dir)
         return mae.config, mae.vit.state_dict()
     if model_type == "vit":  # a fine-tuned classifier
-        clf = ViTForImageClassification.from_pretrained(model_dir)
+        clf = _load_dir(ViTForImageClassification, model_dir)
         return mae_config_of(clf.config), clf.vit.state_dict()
     raise UserError(f"checkpoint '{path}' holds a '{model_type}' model, not a ViT / ViT-MAE")
 

@@ -87,30 +87,30 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, choices=[TINY_NAME, VIT_B16],
                    help=f"{VIT_B16}: ViT-B/16 MAE (the vit-mae-base architecture, random weights); "
                         f"default: {VIT_B16} on CUDA, {TINY_NAME} on CPU")
-    g.add_argument("--batch_size", type=int, default=None,
+    g.add_argument("--batch_size", type=utils.int_at_least(1), default=None,
                    help=f"one batch size for every stage; default: the paper's (64, 64, 32), or "
                         f"{CPU_VIT_B16_BATCH} for {VIT_B16} on CPU")
-    g.add_argument("--warmup_steps", type=int, default=None,
+    g.add_argument("--warmup_steps", type=utils.int_at_least(0), default=None,
                    help=f"untimed steps first (default: 5 CUDA, 2 CPU, 1 for {VIT_B16} on CPU)")
-    g.add_argument("--steps", type=int, default=None,
+    g.add_argument("--steps", type=utils.int_at_least(1), default=None,
                    help=f"timed steps per measurement (default: 20 CUDA, 10 CPU, 3 for {VIT_B16} on CPU)")
-    g.add_argument("--repeats", type=int, default=None,
+    g.add_argument("--repeats", type=utils.int_at_least(1), default=None,
                    help="measure ours and the reference alternately this many times and keep the best of each, "
                         f"for a shared machine (default: 3 for {TINY_NAME} on CPU, else 1)")
     g.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="which stages to measure")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile our model (as the scripts' --compile); the reference is never compiled")
-    g.add_argument("--peak_tflops", type=float, default=None,
+    g.add_argument("--peak_tflops", type=utils.finite_float(0, low_open=True), default=None,
                    help="the GPU's dense bf16 peak for MFU (default: looked up from the device name)")
     g = p.add_argument_group("data path")
     g.add_argument("--data", action="store_true", help="measure the loader only, not the model steps")
-    g.add_argument("--workers_list", type=int, nargs="+", default=[0, 1, 2, 4, 8],
+    g.add_argument("--workers_list", type=utils.int_at_least(0), nargs="+", default=[0, 1, 2, 4, 8],
                    help="DataLoader worker counts to measure")
-    g.add_argument("--data_images", type=int, default=256, help="generated JPEGs in the LMDB")
-    g.add_argument("--data_batch_size", type=int, default=64, help="images per batch")
-    g.add_argument("--data_batches", type=int, default=20,
+    g.add_argument("--data_images", type=utils.int_at_least(1), default=256, help="generated JPEGs in the LMDB")
+    g.add_argument("--data_batch_size", type=utils.int_at_least(1), default=64, help="images per batch")
+    g.add_argument("--data_batches", type=utils.int_at_least(1), default=20,
                    help="timed batches per measurement (rounded up to whole rounds of the workers)")
-    g.add_argument("--image_size", type=int, default=224, help="the size images are resized to")
+    g.add_argument("--image_size", type=utils.int_at_least(1), default=224, help="the size images are resized to")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     return p
 
@@ -652,9 +652,6 @@ def bench_stages(args, device: torch.device, tmp: str) -> list[dict]:
 
 
 def main(args) -> list[dict]:
-    for flag in ("steps", "repeats", "batch_size", "data_batches", "data_images", "data_batch_size"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise utils.UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     device = utils.resolve_device(args.device, 0)
     print(f"device: {describe(device)}; torch {torch.__version__}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:

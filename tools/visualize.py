@@ -28,11 +28,11 @@ import os
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from transformers import ViTMAEConfig
 
 import utils
 from data import SPLITS, ImageDataset
 from models import TINY_NAME, load_mae, preprocessing_of
+from models.vit_mae import initial_config
 
 COLUMNS = ("original", "masked input", "reconstruction", "reconstruction + visible")
 MIN_CELL = 128  # pixels: smaller images are upscaled to at least this
@@ -49,14 +49,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="dataset to draw the images from (as in the three stages)")
     p.add_argument("--data_dir", default="data", help="root holding <dataset>/")
     p.add_argument("--split", default="test", choices=SPLITS)
-    p.add_argument("--num_images", type=int, default=8, help="rows of the grid")
-    p.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of patches hidden from the encoder")
+    p.add_argument("--num_images", type=utils.int_at_least(1), default=8, help="rows of the grid")
+    p.add_argument("--mask_ratio", type=utils.finite_float(0, 1, low_open=True, high_open=True), default=0.75,
+                   help="fraction of patches hidden from the encoder")
     p.add_argument("--norm_pix_loss", type=utils.str2bool, default=None,
                    help="whether the model predicts per-patch normalised pixels (True/False); default: as "
                         "the checkpoint was trained (its config.json; vit-mae-tiny: True, the recipe's)")
-    p.add_argument("--seed", type=int, default=0, help="chooses the images and the masks")
-    p.add_argument("--out", default="recon.png", help="the PNG to write")
+    p.add_argument("--seed", type=utils.int_at_least(0), default=0, help="chooses the images and the masks")
+    p.add_argument("--out", type=png_file, default="recon.png", help="the PNG to write (a file name ending in .png)")
     return p
+
+
+def png_file(value: str) -> str:
+    """An argparse type: a file name ending in .png, not a directory (PIL picks the format by the suffix)."""
+    if value.endswith(("/", os.sep)) or os.path.isdir(value):
+        raise argparse.ArgumentTypeError(f"'{value}' names a directory; give a file name ending in .png, "
+                                         f"e.g. {os.path.join(value, 'recon.png')}")
+    if not value.lower().endswith(".png"):
+        raise argparse.ArgumentTypeError(f"needs a file name ending in .png, got '{value}'")
+    return value
 
 
 # ----------------------------------------------------------------------------- what the checkpoint was trained with
@@ -65,7 +76,7 @@ def trained_with_norm_pix_loss(checkpoint: str) -> bool:
     """The norm_pix_loss stored in the checkpoint's config (load_mae overrides it with the recipe's)."""
     if checkpoint == TINY_NAME:
         return True  # an untrained θ₀: show it in the units every run from it learns by default
-    return ViTMAEConfig.from_pretrained(checkpoint).norm_pix_loss
+    return initial_config(checkpoint).norm_pix_loss
 
 
 # ----------------------------------------------------------------------------- reconstruction
@@ -127,10 +138,6 @@ def with_titles(grid: np.ndarray, cell: int) -> Image.Image:
 # ----------------------------------------------------------------------------- main
 
 def main(args):
-    if args.num_images < 1:
-        raise utils.UserError(f"--num_images must be at least 1, got {args.num_images}")
-    if not 0.0 <= args.mask_ratio < 1.0:
-        raise utils.UserError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
     mae = load_mae(args.checkpoint, args.mask_ratio)
     mae.config.norm_pix_loss = (trained_with_norm_pix_loss(args.checkpoint) if args.norm_pix_loss is None
                                 else args.norm_pix_loss)

@@ -1,0 +1,300 @@
+"""Bad numbers, paths and checkpoints: each is refused with one line (exit code 2, no traceback) before
+anything is written. Numeric flags are checked by argparse (usage + `error: argument --flag: ...`),
+everything that needs the model or the data by the stage (`error: ...`, via UserError)."""
+import argparse
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import finetune
+import pretrain
+import selftrain
+import utils
+from conftest import REPO
+from data import ImageDataset
+from models import load_mae, save_model
+from models import vit_mae
+from tools import bench, visualize
+
+SCRIPTS = {"pretrain": pretrain, "selftrain": selftrain, "finetune": finetune, "visualize": visualize,
+           "bench": bench}
+REQUIRED = {"pretrain": ["--dataset", "digits"], "selftrain": ["--dataset", "digits"],
+            "finetune": ["--dataset", "digits"], "visualize": ["--checkpoint", "vit-mae-tiny", "--dataset", "digits"],
+            "bench": []}
+SHARED = [("--steps", "0", "must be at least 1, got 0"), ("--steps", "-5", "must be at least 1, got -5"),
+          ("--steps", "2.5", "expected a whole number, got '2.5'"),
+          ("--batch_size", "0", "must be at least 1, got 0"),
+          ("--lr", "nan", "must be a finite number greater than 0, got nan"),
+          ("--lr", "0", "must be greater than 0, got 0"), ("--lr", "inf", "finite number"),
+          ("--weight_decay", "-0.1", "must be at least 0, got -0.1"), ("--weight_decay", "inf", "finite number"),
+          ("--warmup_steps", "-1", "must be at least 0, got -1"),
+          ("--clip_grad", "0", "must be greater than 0, got 0"), ("--clip_grad", "nan", "finite number"),
+          ("--clip_grad", "off", "expected a number or none, got 'off'"),
+          ("--log_every", "0", "must be at least 1, got 0"), ("--save_every", "-1", "must be at least 0, got -1"),
+          ("--workers", "-1", "must be at least 0, got -1"), ("--seed", "-1", "must be at least 0, got -1")]
+MASK_RATIO = [("--mask_ratio", "1.5", "must be in (0, 1), got 1.5"), ("--mask_ratio", "1.0", "must be in (0, 1)"),
+              ("--mask_ratio", "0", "must be in (0, 1), got 0"), ("--mask_ratio", "nan", "finite number")]
+BAD = {
+    "pretrain": SHARED + MASK_RATIO,
+    "selftrain": SHARED + MASK_RATIO + [("--distill_weight", "-1", "must be at least 0, got -1"),
+                                        ("--distill_weight", "nan", "finite number")],
+    "finetune": SHARED + [("--dropout", "1", "must be in [0, 1), got 1"), ("--dropout", "-0.1", "in [0, 1)"),
+                          ("--val_split", "1", "must be in [0, 1), got 1"), ("--val_split", "-0.5", "in [0, 1)"),
+                          ("--val_split", "nan", "finite number")],
+    "visualize": MASK_RATIO + [("--num_images", "0", "must be at least 1, got 0"),
+                               ("--seed", "-3", "must be at least 0, got -3"),
+                               ("--out", "figs/", "names a directory; give a file name ending in .png"),
+                               ("--out", "recon.jpg", "needs a file name ending in .png, got 'recon.jpg'")],
+    "bench": [("--batch_size", "0", "at least 1"), ("--warmup_steps", "-1", "at least 0"),
+              ("--steps", "0", "at least 1"), ("--repeats", "0", "at least 1"),
+              ("--peak_tflops", "0", "greater than 0"), ("--peak_tflops", "nan", "finite number"),
+              ("--workers_list", "-1", "at least 0"), ("--data_images", "0", "at least 1"),
+              ("--data_batch_size", "0", "at least 1"), ("--data_batches", "0", "at least 1"),
+              ("--image_size", "0", "at least 1")],
+}
+
+
+def _cli(module, argv, monkeypatch, capsys):
+    """Run a script's entry point as the shell would; returns (exit code, stderr)."""
+    monkeypatch.setattr(sys, "argv", [module.__name__.split(".")[-1] + ".py", *map(str, argv)])
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_cli(module.get_args_parser, module.main)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def _assert_one_line(err: str, *words: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+def _numeric_flags(parser: argparse.ArgumentParser) -> set[str]:
+    return {a.option_strings[0] for a in parser._actions
+            if a.type is not None and a.type.__name__.startswith(("int_at_least", "finite_float"))}
+
+
+# ----------------------------------------------------------------------------- numbers, at parse time
+
+@pytest.mark.parametrize("script,flag,value,message", [(s, *case) for s, cases in BAD.items() for case in cases],
+                         ids=lambda v: str(v))
+def test_bad_number_is_refused_when_parsed(script, flag, value, message, monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    code, err = _cli(SCRIPTS[script], [*REQUIRED[script], flag, value], monkeypatch, capsys)
+    assert code == 2
+    last = err.strip().splitlines()[-1]  # argparse: the usage, then this one line
+    assert f"error: argument {flag}: " in last and message in last, err
+    assert "Traceback" not in err
+    assert os.listdir(tmp_path) == []  # nothing written
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_numeric_flag_is_validated_and_tested(script):
+    """No flag parses a bare int or float (which would let 0, -5, nan or 1.5 through), and the table above
+    tries a bad value for every validated one."""
+    parser = SCRIPTS[script].get_args_parser()
+    bare = [a.option_strings for a in parser._actions if a.type in (int, float)]
+    assert bare == []
+    assert _numeric_flags(parser) - {"--out"} == {flag for flag, _, _ in BAD[script]} - {"--out"}
+
+
+def test_edge_values_that_are_valid_parse():
+    args = finetune.get_args_parser().parse_args(
+        ["--dataset", "d", "--warmup_steps", "0", "--save_every", "0", "--workers", "0", "--seed", "0",
+         "--weight_decay", "0", "--val_split", "0", "--dropout", "0", "--clip_grad", "None", "--lr", "1e-9"])
+    assert (args.warmup_steps, args.save_every, args.workers, args.seed, args.weight_decay) == (0, 0, 0, 0, 0.0)
+    assert (args.val_split, args.dropout, args.clip_grad, args.lr) == (0.0, 0.0, None, 1e-9)
+    args = selftrain.get_args_parser().parse_args(["--dataset", "d", "--distill_weight", "0", "--mask_ratio", "0.01"])
+    assert (args.distill_weight, args.mask_ratio) == (0.0, 0.01)
+
+
+def test_bad_steps_through_the_launcher_writes_nothing(data_dir, tmp_path):
+    """`bash run_pretrain.sh cpu digits 0` used to save θ₀ as further-pretrain-0."""
+    env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")
+    proc = subprocess.run(["bash", f"{REPO}/run_pretrain.sh", "cpu", "digits", "0", "--model_name", "vit-mae-tiny",
+                           "--data_dir", data_dir], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "pretrain.py: error: argument --steps: must be at least 1, got 0"
+    assert "Traceback" not in proc.stderr and os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- numbers that need the model or the data
+
+@pytest.mark.parametrize("ratio,visible", [("0.999", 0), ("1e-17", 64)])
+def test_mask_ratio_that_hides_all_or_no_patches_of_the_model(ratio, visible, stage_args, monkeypatch, capsys,
+                                                             tmp_path):
+    """vit-mae-tiny has 64 patches; transformers keeps int(64 · (1 - ratio)) visible."""
+    code, err = _cli(pretrain, stage_args("--mask_ratio", ratio), monkeypatch, capsys)
+    assert code == 2
+    _assert_one_line(err, f"--mask_ratio {float(ratio)} leaves {visible} of the model's 64 patches visible")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_val_split_that_empties_either_part(stage_args, monkeypatch, capsys, tmp_path):
+    base = stage_args("--scratch", "True", "--results_dir", tmp_path / "res")
+    n = len(ImageDataset("digits", "train", base[base.index("--data_dir") + 1], 32))
+    code, err = _cli(finetune, [*base, "--val_split", "0.9999"], monkeypatch, capsys)
+    assert code == 2
+    _assert_one_line(err, f"--val_split 0.9999 holds out all {n} training images, leaving none to train on")
+    code, err = _cli(finetune, [*base, "--val_split", "0.0001"], monkeypatch, capsys)
+    assert code == 2
+    _assert_one_line(err, f"--val_split 0.0001 holds out none of the {n} training images")
+    assert not (tmp_path / "res").exists()
+    train, val = finetune.train_val_split(n, 1 / n)  # the smallest fraction the message suggests, rounded
+    assert len(val) == 1 and len(train) == n - 1
+
+
+# ----------------------------------------------------------------------------- checkpoints that cannot be read
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    """A complete model directory of vit-mae-tiny (config.json + model.safetensors + processor file), where
+    fine-tuning looks for --checkpoint_dir ckroot --ckpt_name ck."""
+    path = tmp_path / "ckroot" / "ck" / "digits"
+    save_model(load_mae("vit-mae-tiny"), str(path))
+    return path
+
+
+def test_model_directory_without_weights(tiny_dir, stage_args, monkeypatch, capsys, tmp_path):
+    """As the teacher, as the checkpoint fine-tuning starts from, and as θ₀."""
+    os.remove(tiny_dir / "model.safetensors")
+    finetune_argv = stage_args("--checkpoint_dir", tmp_path / "ckroot", "--ckpt_name", "ck",
+                               "--results_dir", tmp_path / "res")
+    for module, argv in ((selftrain, stage_args("--teacher", tiny_dir)), (finetune, finetune_argv),
+                         (pretrain, [*stage_args(), "--model_name", tiny_dir])):
+        code, err = _cli(module, argv, monkeypatch, capsys)
+        assert code == 2, module
+        _assert_one_line(err, f"'{tiny_dir}' has config.json but no model.safetensors")
+    assert os.listdir(tmp_path) == ["ckroot"]  # nothing written
+
+
+def test_corrupt_teacher_files_are_named(tiny_dir, stage_args, monkeypatch, capsys, tmp_path):
+    garbage = tmp_path / "model.pt"
+    garbage.write_bytes(b"\x00 not a pickle \xff" * 10)
+    code, err = _cli(selftrain, stage_args("--teacher", garbage), monkeypatch, capsys)
+    assert code == 2
+    _assert_one_line(err, f"cannot read {garbage}", "the release's model.pt")
+    torch.save({"args": None, "state_dict": [1, 2]}, garbage)  # a readable pickle, but no state dict
+    code, err = _cli(selftrain, stage_args("--teacher", garbage), monkeypatch, capsys)
+    _assert_one_line(err, f"{garbage} holds no state dict of tensors")
+    code, err = _cli(selftrain, stage_args("--teacher", tiny_dir / "model.safetensors"), monkeypatch, capsys)
+    _assert_one_line(err, f"{tiny_dir / 'model.safetensors'} is one file of a model directory; pass the "
+                          f"directory {tiny_dir}")
+    (tiny_dir / "model.safetensors").write_bytes(b"")
+    code, err = _cli(selftrain, stage_args("--teacher", tiny_dir), monkeypatch, capsys)
+    assert code == 2
+    _assert_one_line(err, f"cannot read the model in {tiny_dir / 'model.safetensors'}")
+    (tiny_dir / "config.json").write_text("{not json")
+    code, err = _cli(selftrain, stage_args("--teacher", tiny_dir), monkeypatch, capsys)
+    _assert_one_line(err, f"cannot read {tiny_dir / 'config.json'}")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_good_release_file_still_loads(tiny_dir, tmp_path):
+    """The checks above do not refuse the real format: a v4-named encoder state dict in {'args', 'state_dict'}."""
+    mae = load_mae("vit-mae-tiny")
+    torch.save({"args": argparse.Namespace(lr=1e-4), "state_dict": mae.vit.state_dict()}, tmp_path / "r.pt")
+    state = vit_mae.read_release_checkpoint(str(tmp_path / "r.pt"))
+    assert state.keys() == mae.vit.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in mae.vit.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- names: local paths and hub ids
+
+@pytest.mark.parametrize("name", ["./my-model", "/abs/missing/model", "runs/x/y", "my-model/"])
+def test_missing_local_path_is_not_treated_as_a_hub_id(name, stage_args, monkeypatch, capsys, tmp_path):
+    code, err = _cli(pretrain, [*stage_args(), "--model_name", name], monkeypatch, capsys)
+    assert code == 2
+    _assert_one_line(err, f"'{name}' does not exist")
+    assert "hf download" not in err
+
+
+def test_owner_slash_name_under_an_existing_local_folder(stage_args, monkeypatch, capsys, tmp_path):
+    """`runs/x` looks like a hub id; with a local runs/ it is a mistyped path, and said so."""
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("runs")
+    code, err = _cli(pretrain, [*stage_args(), "--model_name", "runs/x"], monkeypatch, capsys)
+    assert code == 2
+    _assert_one_line(err, "'runs/x' does not exist", "runs/ has no 'x'")
+    assert "hf download" not in err and os.listdir(tmp_path) == ["runs"]
+
+
+def test_hub_id_while_offline_says_so_and_how_to_pass_a_directory(stage_args, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, err = _cli(pretrain, [*stage_args(), "--model_name", "someone/not-cached-mae"], monkeypatch, capsys)
+    assert code == 2
+    _assert_one_line(err, "nor in the Hugging Face cache", "HF_HUB_OFFLINE=1", "--model_name DIR")
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """No offline variable, and a Hub endpoint that refuses connections (as a machine without network)."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    vit_mae._endpoint_unreachable.cache_clear()
+    yield
+    vit_mae._endpoint_unreachable.cache_clear()
+
+
+def test_unreachable_hub_uses_the_cache_only(unreachable_hub, stage_args, monkeypatch, capsys):
+    """huggingface_hub would retry each file for ~25 s; the endpoint is probed once and the cache used alone."""
+    import huggingface_hub
+    asked = []
+
+    def fake_download(repo_id, filename, local_files_only=False, **kw):
+        asked.append(local_files_only)
+        raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    code, err = _cli(pretrain, [*stage_args(), "--model_name", "someone/not-cached-mae"], monkeypatch, capsys)
+    assert code == 2
+    _assert_one_line(err, "nor in the Hugging Face cache", "127.0.0.1:9", "cannot be reached", "--model_name DIR")
+    assert asked == [True]  # the processor file, too, only from the cache
+
+
+def test_unreachable_hub_in_a_fresh_process(data_dir, tmp_path):
+    """The same without any patching: huggingface_hub and transformers read the environment at import."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
+    proc = subprocess.run([sys.executable, f"{REPO}/pretrain.py", "--dataset", "digits", "--data_dir", data_dir,
+                           "--model_name", "someone/not-cached-mae", "--device", "cpu"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    _assert_one_line(proc.stderr, "cannot be reached", "--model_name DIR")
+    assert "Retrying" not in proc.stderr
+    assert os.listdir(tmp_path) == []  # an empty HF_HOME is not even created
+
+
+# ----------------------------------------------------------------------------- messages that point the right way
+
+def test_teacher_not_found_suggests_the_same_checkpoint_dir(stage_args, monkeypatch, capsys, tmp_path):
+    code, err = _cli(selftrain, stage_args(), monkeypatch, capsys)  # --checkpoint_dir tmp_path/ckpt, --steps 4
+    assert code == 2
+    where = f"--checkpoint_dir {tmp_path / 'ckpt'}"
+    _assert_one_line(err, f"run_pretrain.sh GPU digits 4 {where}`", f"pretrain.py --dataset digits --steps 4 {where}`")
+    monkeypatch.chdir(tmp_path)
+    argv = stage_args()
+    argv[argv.index("--checkpoint_dir") + 1] = "checkpoints"  # the default: no flag to repeat
+    code, err = _cli(selftrain, argv, monkeypatch, capsys)
+    _assert_one_line(err, "run_pretrain.sh GPU digits 4`", "--steps 4`")
+
+
+@pytest.mark.parametrize("out", ["figs/", "existing"])
+def test_visualize_out_must_be_a_png_file(out, monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("existing")
+    monkeypatch.setattr(sys, "argv", ["visualize.py", "--checkpoint", "vit-mae-tiny", "--dataset", "digits",
+                                      "--out", out])
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_cli(visualize.get_args_parser, visualize.main)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith(
+        f"error: argument --out: '{out}' names a directory; give a file name ending in .png, "
+        f"e.g. {os.path.join(out, 'recon.png')}")
+    assert os.listdir(tmp_path) == ["existing"]
