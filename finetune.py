@@ -56,11 +56,12 @@ def no_weight_decay(name: str, param) -> bool:
     return any(n in name for n in NO_DECAY_NAMES)
 
 
-def creating_command(ckpt_name: str, dataset: str) -> str:
-    """The launcher that writes checkpoints/<ckpt_name>/<dataset>."""
+def creating_command(ckpt_name: str, dataset: str, checkpoint_dir: str = "checkpoints") -> str:
+    """The launcher that writes <checkpoint_dir>/<ckpt_name>/<dataset>."""
+    where = "" if checkpoint_dir == "checkpoints" else f" --checkpoint_dir {checkpoint_dir}"
     for prefix, launcher in (("self-further-pretrain-", "run_selftrain.sh"), ("further-pretrain-", "run_pretrain.sh")):
         if ckpt_name.startswith(prefix):
-            return f"bash {launcher} GPU {dataset} {ckpt_name[len(prefix):]}"
+            return f"bash {launcher} GPU {dataset} {ckpt_name[len(prefix):]}{where}"
     return "pretrain.py or selftrain.py with --output_dir"
 
 
@@ -123,7 +124,7 @@ def main(args):
     checkpoint = args.model_name if args.scratch else os.path.join(args.checkpoint_dir, args.ckpt_name, args.dataset)
     if not args.scratch and not has_checkpoint(checkpoint):
         raise utils.UserError(f"checkpoint not found: {checkpoint} (create it with "
-                              f"`{creating_command(args.ckpt_name, args.dataset)}`, or pass --scratch True)")
+                              f"`{creating_command(args.ckpt_name, args.dataset, args.checkpoint_dir)}`, or pass --scratch True)")
     preprocessing = preprocessing_of(checkpoint, args.model_name)  # what the checkpoint was trained with
     run = utils.Run(args, out_dir, "finetune", result_path, preprocessing)
     if run.already_done:

@@ -237,14 +237,21 @@ def preprocessing_of(*names: str) -> Preprocessing:
         path = _processor_file(name)
         if path is None:
             continue
-        with open(path) as f:
-            cfg = json.load(f)
-        size = cfg.get("size")
-        if isinstance(size, dict):
-            size = size.get("height", size.get("shortest_edge"))
-        return Preprocessing(size=int(size) if size else None, resample=int(cfg.get("resample", 2)),
-                             mean=tuple(cfg.get("image_mean", IMAGENET_MEAN)),
-                             std=tuple(cfg.get("image_std", IMAGENET_STD)), source=path)
+        try:
+            with open(path) as f:
+                cfg = json.load(f)
+            size = cfg.get("size")
+            if isinstance(size, dict):
+                size = size.get("height", size.get("shortest_edge"))
+            pre = Preprocessing(size=int(size) if size else None, resample=int(cfg.get("resample", 2)),
+                                mean=tuple(float(v) for v in cfg.get("image_mean", IMAGENET_MEAN)),
+                                std=tuple(float(v) for v in cfg.get("image_std", IMAGENET_STD)), source=path)
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            raise UserError(f"cannot read the image preprocessing in {path} ({type(e).__name__}: {e}); "
+                            f"fix or delete the file") from None
+        if len(pre.mean) != 3 or len(pre.std) != 3 or pre.resample not in range(6):
+            raise UserError(f"{path}: image_mean and image_std need 3 values and resample a PIL filter (0-5)")
+        return pre
     return Preprocessing()
 
 

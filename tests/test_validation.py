@@ -298,3 +298,21 @@ def test_visualize_out_must_be_a_png_file(out, monkeypatch, capsys, tmp_path):
         f"error: argument --out: '{out}' names a directory; give a file name ending in .png, "
         f"e.g. {os.path.join(out, 'recon.png')}")
     assert os.listdir(tmp_path) == ["existing"]
+
+
+def test_checkpoint_not_found_suggests_the_same_checkpoint_dir(stage_args, monkeypatch, capsys, tmp_path):
+    code, err = _cli(finetune, stage_args("--ckpt_name", "further-pretrain-7"), monkeypatch, capsys)
+    assert code == 2
+    _assert_one_line(err, f"run_pretrain.sh GPU digits 7 --checkpoint_dir {tmp_path / 'ckpt'}`")
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"image_mean": [0.5, 0.5], "image_std": [1, 1, 1]}',
+                                     '{"resample": "bicubic"}'])
+def test_unreadable_preprocessor_file_is_named(content, stage_args, monkeypatch, capsys, tmp_path):
+    theta0 = tmp_path / "theta0"
+    save_model(load_mae("vit-mae-tiny"), str(theta0))
+    (theta0 / "preprocessor_config.json").write_text(content)
+    code, err = _cli(pretrain, stage_args("--model_name", str(theta0)), monkeypatch, capsys)
+    assert code == 2
+    _assert_one_line(err, str(theta0 / "preprocessor_config.json"))
+    assert not (tmp_path / "ckpt").exists()
