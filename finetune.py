@@ -13,6 +13,7 @@ Writes results/<dataset>/<init>/seed<k>.json (test_acc, test_loss and the run's 
 run's record and metrics in results/<dataset>/<init>/seed<k>/; <init> is `initial` or NAME.
 """
 import argparse
+import functools
 import os
 
 import torch
@@ -114,18 +115,15 @@ def main(args):
 
     # ---- model: the checkpoint's encoder + a new linear head
     model = build_classifier(config, encoder_state, full_train.num_classes(), args.dropout)
-    optimizer = utils.adamw(utils.param_groups(model, args.weight_decay, no_weight_decay), args.lr,
-                            FINETUNE_BETAS, run.device)
-    scheduler = utils.linear_schedule(optimizer, args.warmup_steps, args.steps)
+    optimizer, scheduler = run.adamw(model, no_weight_decay, FINETUNE_BETAS)
     classifier = run.prepare(model, optimizer, scheduler)
 
     # ---- supervised training, horizontal flip as the only augmentation
     classifier.train()
-    for step, (images, labels) in run.batches(train_set):
+    objective = functools.partial(training_loss, classifier)  # (images, labels, flip) -> (loss, terms)
+    for step, (images, labels, _) in run.batches(train_set):
         flip = run.global_rand(step, utils.STREAM_FLIP) < 0.5  # (B,), a function of (seed, step, sample)
-        with run.autocast():
-            loss, terms = training_loss(classifier, images, labels, flip)
-        run.step(step, loss, **terms)
+        run.train_step(step, objective, images, labels, flip)
 
     # ---- evaluation, once, after the last step
     test = evaluate(model, run, test_set)
