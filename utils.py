@@ -269,7 +269,8 @@ class Run:
         run = Run(args, out_dir, stage, done_file, preprocessing)  # processes, device, seed; nothing on disk yet
         if run.already_done: return                              # done_file exists: never redo or overwrite
         model = run.prepare(model, optimizer, scheduler)         # write the record; resume; DDP; compile
-        for step, (images, labels) in run.batches(dataset): ... run.step(step, loss, **terms)
+        for step, (images, labels, indices) in run.batches(dataset):
+            run.train_step(step, objective, images, ...)           # objective under autocast, then run.step
         run.finish(model)
     """
 

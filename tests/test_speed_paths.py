@@ -149,6 +149,30 @@ def test_static_buffer_step_equals_the_eager_step(stage_args, tmp_path):
     assert rb["args"]["cuda_graph"] is True and rb["args"]["data_cache"] == "auto"
 
 
+def test_static_step_run_killed_and_resumed_is_bit_identical(stage_args, tmp_path, monkeypatch):
+    """The state saved with the learning rate as a tensor resumes as the eager one does."""
+    argv = lambda name: pretrain.get_args_parser().parse_args(
+        stage_args("--cuda_graph", "--save_every", 2, "--warmup_steps", 2, "--output_dir", tmp_path / name, steps=6))
+    pretrain.main(argv("whole"))
+    real = utils.StaticStep.__call__
+
+    def killed(self, step, inputs):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real(self, step, inputs)
+    with monkeypatch.context() as m:
+        m.setattr(utils.StaticStep, "__call__", killed)
+        with pytest.raises(KeyboardInterrupt):
+            pretrain.main(argv("resumed"))
+    assert torch.load(tmp_path / "resumed" / utils.STATE_FILE, weights_only=True)["step"] == 2
+    pretrain.main(argv("resumed"))
+    assert _metrics(tmp_path / "whole") == [
+        {**m, "images_per_s": w["images_per_s"], "peak_mem_mb": w["peak_mem_mb"]}
+        for m, w in zip(_metrics(tmp_path / "resumed"), _metrics(tmp_path / "whole"))]
+    a, b = (load_mae(str(tmp_path / name)).state_dict() for name in ("whole", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_static_step_flags_a_non_finite_loss(stage_args, tmp_path, monkeypatch):
     real, calls = pretrain.mae_loss, []
 
