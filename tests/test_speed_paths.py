@@ -72,6 +72,14 @@ def test_disk_cache_is_invalidated_by_data_size_and_filter(tmp_path):
     images, _, how = cache.load_or_decode(dataset, 0, write=True)
     assert how == "decoded once" and images[4].eq(200).all()
     assert not [f for f in os.listdir(os.path.dirname(first)) if ".tmp" in f]  # written atomically
+    # decoded by worker processes: the same tensor
+    assert torch.equal(cache.decode(dataset, 2)[0], images)
+    # a damaged file is decoded again and replaced
+    with open(cache.cache_path(dataset), "wb") as f:
+        f.write(b"not a tensor file")
+    again, _, how = cache.load_or_decode(dataset, 0, write=True)
+    assert how == "decoded once" and torch.equal(again, images)
+    assert cache.load_or_decode(dataset, 0, write=True)[2].startswith("read from")
 
 
 def test_a_split_over_the_memory_budget_streams_with_a_notice(data_dir, tmp_path, monkeypatch, capsys):
