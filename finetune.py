@@ -14,6 +14,7 @@ run's record and metrics in results/<dataset>/<init>/seed<k>/; <init> is `initia
 --save_model also the classifier, in results/<dataset>/<init>/seed<k>/model/ (stock from_pretrained).
 """
 import argparse
+import functools
 import json
 import os
 
@@ -145,18 +146,15 @@ def main(args):
 
     # ---- model: the checkpoint's encoder + a new linear head
     model = build_classifier(config, encoder_state, full_train.num_classes(), args.dropout)
-    optimizer = utils.adamw(utils.param_groups(model, args.weight_decay, no_weight_decay), args.lr,
-                            FINETUNE_BETAS, run.device)
-    scheduler = utils.linear_schedule(optimizer, args.warmup_steps, args.steps)
+    optimizer, scheduler = run.adamw(model, no_weight_decay, FINETUNE_BETAS)
     classifier = run.prepare(model, optimizer, scheduler)
 
     # ---- supervised training, horizontal flip as the only augmentation
     classifier.train()
-    for step, (images, labels) in run.batches(train_set):
+    objective = functools.partial(training_loss, classifier)  # (images, labels, flip) -> (loss, terms)
+    for step, (images, labels, _) in run.batches(train_set):
         flip = run.global_rand(step, utils.STREAM_FLIP) < 0.5  # (B,), a function of (seed, step, sample)
-        with run.autocast():
-            loss, terms = training_loss(classifier, images, labels, flip)
-        run.step(step, loss, **terms)
+        run.train_step(step, objective, images, labels, flip)
 
     # ---- evaluation, once, after the last step
     test = evaluate(model, run, test_set)

@@ -12,6 +12,7 @@ Writes <checkpoint_dir>/further-pretrain-<steps>/<dataset>/: the full MAE model 
 model.safetensors), args.json (the run record) and metrics.jsonl.
 """
 import argparse
+import functools
 import os
 
 import utils
@@ -47,18 +48,15 @@ def main(args):
     num_patches = mae.vit.embeddings.patch_embeddings.num_patches
 
     # ---- optimizer: AdamW, linear decay to 0
-    optimizer = utils.adamw(utils.param_groups(mae, args.weight_decay, no_weight_decay), args.lr, MAE_BETAS,
-                            run.device)
-    scheduler = utils.linear_schedule(optimizer, args.warmup_steps, args.steps)
+    optimizer, scheduler = run.adamw(mae, no_weight_decay, MAE_BETAS)
     model = run.prepare(mae, optimizer, scheduler)
 
-    # ---- MAE training
+    # ---- MAE training: each step is training_loss under autocast, then Run.step (backward, AdamW, schedule)
     model.train()
-    for step, (images, _) in run.batches(dataset):
+    objective = functools.partial(training_loss, model)  # (images, noise) -> (loss, terms)
+    for step, (images, _, _) in run.batches(dataset):
         noise = run.masking_noise(step, num_patches)  # (B, N), a function of (seed, step, sample)
-        with run.autocast():
-            loss, terms = training_loss(model, images, noise)
-        run.step(step, loss, **terms)
+        run.train_step(step, objective, images, noise)
 
     if run.is_main:
         save_model(mae, out_dir, preprocessing)

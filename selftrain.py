@@ -16,6 +16,7 @@ distillation gradient reaches the student's encoder only; the decoder learns fro
 Writes <checkpoint_dir>/self-further-pretrain-<steps>/<dataset>/ (same contents as stage 1).
 """
 import argparse
+import functools
 import os
 
 import torch
@@ -56,6 +57,21 @@ def training_loss(student: MAEWithFeature, images, noise, teacher_cls, distill_w
     return mae + distill_weight * distill, {"mae_loss": mae, "distill_loss": distill}
 
 
+@torch.no_grad()
+def teacher_features(teacher, teacher_device, run: utils.Run, dataset) -> torch.Tensor:
+    """h_T(x) of every image of `dataset`, (N, D) on run.device, computed as each step would compute it
+    (under run.autocast, in batches of the steps' shape), so a row equals the on-line h_T(x) of that image:
+    each row of the encoder's output depends on its own image only."""
+    table = None
+    for index, images in run.ordered_batches(dataset):
+        with run.autocast():
+            features = cls_feature(teacher, images.to(teacher_device)).to(run.device)  # (B, D)
+        if table is None:
+            table = torch.empty(len(dataset), features.shape[-1], dtype=features.dtype, device=run.device)
+        table[index] = features[:len(index)]
+    return table
+
+
 def main(args):
     out_dir = args.output_dir or self_distill_dir(args.checkpoint_dir, args.steps, args.dataset)
     teacher_path = args.teacher or further_pretrain_dir(args.checkpoint_dir, args.steps, args.dataset)
@@ -81,21 +97,18 @@ def main(args):
     num_patches = student_mae.vit.embeddings.patch_embeddings.num_patches
 
     # ---- optimizer: as in further pre-training
-    optimizer = utils.adamw(utils.param_groups(student_mae, args.weight_decay, no_weight_decay), args.lr,
-                            MAE_BETAS, run.device)
-    scheduler = utils.linear_schedule(optimizer, args.warmup_steps, args.steps)
+    optimizer, scheduler = run.adamw(student_mae, no_weight_decay, MAE_BETAS)
     student = run.prepare(MAEWithFeature(student_mae), optimizer, scheduler)
+
+    # ---- the frozen teacher's h_T(x), once per training image (no augmentation: it never changes)
+    teacher_cls = teacher_features(teacher, teacher_device, run, dataset)  # (N, D) on run.device
 
     # ---- MAE + distillation, one backward pass for both terms
     student.train()
-    for step, (images, _) in run.batches(dataset):
+    objective = functools.partial(training_loss, student, distill_weight=args.distill_weight)
+    for step, (images, _, index) in run.batches(dataset):
         noise = run.masking_noise(step, num_patches)  # (B, N), the same masks as stage 1 would draw
-        with torch.inference_mode(), run.autocast():
-            teacher_cls = cls_feature(teacher, images.to(teacher_device)).to(run.device)  # (B, D)
-        with run.autocast():
-            loss, terms = training_loss(student, images, noise, teacher_cls.clone(),  # clone: leave inference mode
-                                        args.distill_weight)
-        run.step(step, loss, **terms)
+        run.train_step(step, objective, images, noise, teacher_cls[index])
 
     if run.is_main:
         save_model(student_mae, out_dir, preprocessing)

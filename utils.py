@@ -126,6 +126,15 @@ def shared_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="start again even if the output directory has a run")
     g.add_argument("--plot", type=str2bool, nargs="?", const=True, default=False,
                    help="write loss curves (loss_curves.png) into the run directory at the end")
+    g.add_argument("--data_cache", default="auto", choices=["auto", "off"],
+                   help="auto: decode and resize each split once into memory (on the GPU when it fits) and "
+                        "gather batches by index, reusing <data_dir>/<dataset>/.cache/ across runs; a split "
+                        "larger than half the available memory streams through the workers. off: always "
+                        "stream. Batches are the same either way")
+    g.add_argument("--cuda_graph", action=argparse.BooleanOptionalAction, default=False,
+                   help="experimental, not yet run on a GPU: capture the whole training step in one CUDA "
+                        "graph (static input buffers, capturable AdamW with the learning rate as a tensor); "
+                        "on CPU the same static-buffer step runs without capture. One process only")
     return p
 
 
@@ -226,6 +235,17 @@ class StepSampler(torch.utils.data.Sampler):
         positions = range(step * self.global_batch, (step + 1) * self.global_batch)
         return [int(self._permutation(p // self.n)[p % self.n]) for p in positions]
 
+    def indices(self, start: int, stop: int) -> torch.Tensor:
+        """This process's indices for steps start .. stop-1 as one (stop - start, B_local) tensor: what
+        __iter__ yields for those steps, drawn ahead for a chunk of steps without a loop per sample."""
+        positions = torch.arange(start * self.global_batch, stop * self.global_batch).view(stop - start, -1)
+        positions = positions[:, self.rank * self.local:(self.rank + 1) * self.local]
+        epochs, out = positions // self.n, torch.empty_like(positions)
+        for epoch in epochs.unique().tolist():
+            rows = epochs == epoch
+            out[rows] = self._permutation(epoch)[positions[rows] % self.n]
+        return out
+
     def __iter__(self):
         for step in range(self.start_step, self.steps):
             yield self.global_batch_indices(step)[self.rank * self.local:(self.rank + 1) * self.local]
@@ -246,8 +266,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_decay) -> list[
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no, "weight_decay": 0.0}]
 
 
-def adamw(groups: list[dict], lr: float, betas: tuple[float, float], device: torch.device) -> torch.optim.AdamW:
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
+def adamw(groups: list[dict], lr: float, betas: tuple[float, float], device: torch.device,
+          static: bool = False) -> torch.optim.AdamW:
+    """AdamW, fused on CUDA. static (--cuda_graph): the learning rate is a tensor the schedule fills in
+    place, and on CUDA the step is capturable (its state stays on the device), so a captured graph reads
+    the current rate. On CPU the tensor is float64, so the update equals the one from a Python float."""
+    if not static:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
+    cuda = device.type == "cuda"
+    lr_tensor = torch.tensor(lr, dtype=torch.float32 if cuda else torch.float64, device=device)
+    return torch.optim.AdamW(groups, lr=lr_tensor, betas=betas, fused=cuda, capturable=cuda)
 
 
 def linear_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -267,7 +295,7 @@ RECORD_FILE = "args.json"
 METRICS_FILE = "metrics.jsonl"
 # Flags that change how a run is executed or reported, not what it computes: a resumed run may differ in them.
 RUN_CONTROL_FLAGS = {"workers", "log_every", "save_every", "plot", "overwrite", "device", "teacher_device",
-                     "save_model", "compile", "precision"}
+                     "save_model", "compile", "precision", "data_cache"}
 
 
 def resolve_device(requested: str, local_rank: int) -> torch.device:
@@ -293,7 +321,8 @@ class Run:
         run = Run(args, out_dir, stage, done_file, preprocessing)  # processes, device, seed; nothing on disk yet
         if run.already_done: return                              # done_file exists: never redo or overwrite
         model = run.prepare(model, optimizer, scheduler)         # write the record; resume; DDP; compile
-        for step, (images, labels) in run.batches(dataset): ... run.step(step, loss, **terms)
+        for step, (images, labels, indices) in run.batches(dataset):
+            run.train_step(step, objective, images, ...)           # objective under autocast, then run.step
         run.finish(model)
     """
 
@@ -400,16 +429,24 @@ class Run:
 
     # -- data
     def batches(self, dataset, shuffle_seed: int | None = None):
-        """(step, (images, labels)) for the remaining steps; images (B_local, 3, H, W) normalised on
-        the device. Decoding and resizing happen in DataLoader workers, normalisation here."""
+        """(step, (images, labels, indices)) for the remaining steps: images (B_local, 3, H, W) normalised on
+        the device, labels (B_local,) and the batch's positions in `dataset` (B_local,) on the device.
+
+        With --data_cache auto the split is decoded once (data/cache.py) and batches are gathered from it by
+        index; otherwise DataLoader workers decode and resize every batch. Both give the same batches. The
+        indices of a chunk of steps are drawn at once (the same values as StepSampler's, step by step)."""
         seed = self.args.seed if shuffle_seed is None else shuffle_seed
         sampler = StepSampler(len(dataset), self.args.batch_size, seed, self.start_step, self.args.steps,
                               self.rank, self.world)
-        loader = self._loader(dataset, batch_sampler=sampler)
-        for step, (images, labels) in enumerate(loader, start=self.start_step):
+        indices = _DrawnAhead(sampler.indices, self.device, self.args.steps)
+        store = self._decoded(dataset)
+        loader = iter(self._loader(dataset, batch_sampler=sampler)) if store is None else None
+        for step in range(self.start_step, self.args.steps):
+            index = indices[step]  # (B_local,)
+            images, labels = next(loader) if store is None else store.gather(index)
             # dropout (the only randomness drawn from the global generator) is a function of (seed, step, rank)
             torch.manual_seed(_mix(self.args.seed, STREAM_DROPOUT, step, self.rank))
-            yield step, (self.normalize(images), labels.to(self.device, non_blocking=True))
+            yield step, (self.normalize(images), labels.to(self.device, non_blocking=True), index)
 
     def _loader(self, dataset, **kw):
         workers = self.args.workers
@@ -419,10 +456,75 @@ class Run:
 
     def eval_batches(self, dataset):
         """This process's share of a dataset, in order, for evaluation."""
-        indices = list(range(self.rank, len(dataset), self.world))
-        loader = self._loader(torch.utils.data.Subset(dataset, indices), batch_size=self.local_batch)
-        for images, labels in loader:
+        indices = torch.arange(self.rank, len(dataset), self.world)
+        store = self._decoded(dataset)
+        if store is None:
+            loader = self._loader(torch.utils.data.Subset(dataset, indices.tolist()), batch_size=self.local_batch)
+            for images, labels in loader:
+                yield self.normalize(images), labels.to(self.device, non_blocking=True)
+            return
+        for index in indices.to(self.device).split(self.local_batch):
+            images, labels = store.gather(index)
             yield self.normalize(images), labels.to(self.device, non_blocking=True)
+
+    def ordered_batches(self, dataset):
+        """(indices, images) over the whole of `dataset` in order (every process gets all of it), in batches
+        of B_local, the training steps' shape: the last batch is filled up with the first images, and
+        `indices` names its real rows, which come first. For tables computed once per image."""
+        n, b = len(dataset), self.local_batch
+        order = torch.arange(-(-n // b) * b) % n  # whole batches
+        store = self._decoded(dataset)
+        loader = (iter(self._loader(torch.utils.data.Subset(dataset, order.tolist()), batch_size=b))
+                  if store is None else None)
+        for start, rows in zip(range(0, len(order), b), order.to(self.device).split(b)):
+            images = next(loader)[0] if store is None else store.gather(rows)[0]
+            yield rows[:n - start], self.normalize(images)
+
+    def _decoded(self, dataset):
+        """The decode-once copy of `dataset` (a data.ImageDataset or a Subset of one), or None: streaming."""
+        if self.args.data_cache == "off":
+            return None
+        base, positions = dataset, None
+        if isinstance(dataset, torch.utils.data.Subset):
+            base, positions = dataset.dataset, torch.as_tensor(dataset.indices, dtype=torch.int64)
+        if id(base) not in self._decoded_splits:
+            self._decoded_splits[id(base)] = (base, self._decode_split(base))  # base kept: its id stays unique
+        split = self._decoded_splits[id(base)][1]
+        if split is None:
+            return None
+        images, labels = split
+        return _DecodedSplit(images, labels, None if positions is None else positions.to(images.device))
+
+    @functools.cached_property
+    def _decoded_splits(self) -> dict:
+        return {}
+
+    def _decode_split(self, dataset):
+        from data import cache
+        name = f"{getattr(dataset, 'name', type(dataset).__name__)} {getattr(dataset, 'split', '')}".strip()
+        size = getattr(dataset, "image_size", None) or dataset[0][0].shape[-1]
+        need = cache.split_bytes(len(dataset), size)
+        if self.rank != 0:  # process 0 decodes and writes the disk copy first; the others then read it
+            self._barrier()
+        try:
+            if need > cache.RAM_FRACTION * cache.available_ram():
+                self.print(f"[{self.stage}] note: {name} decoded takes {need / 2**30:.1f} GiB, more than "
+                           f"{cache.RAM_FRACTION:.0%} of the available memory: streaming it through the workers")
+                return None
+            start = time.perf_counter()
+            images, labels, how = cache.load_or_decode(dataset, self.args.workers, write=self.is_main,
+                                                       notice=self.print)
+            where = "CPU memory"
+            if self.device.type == "cuda":
+                labels = labels.to(self.device)
+                if need <= cache.GPU_FRACTION * torch.cuda.mem_get_info(self.device)[0]:
+                    images, where = images.to(self.device), "the GPU"
+            self.print(f"[{self.stage}] {name}: {len(dataset)} images {how} ({need / 2**20:.0f} MiB in {where}, "
+                       f"{time.perf_counter() - start:.1f} s)")
+            return images, labels
+        finally:
+            if self.rank == 0:
+                self._barrier()
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> float, scaled to [0, 1] and normalised with the model's mean/std."""
@@ -430,16 +532,53 @@ class Run:
         return (images - self.mean) / self.std
 
     def global_rand(self, step: int, stream: int, *shape: int) -> torch.Tensor:
-        """This process's rows of a (global_batch, *shape) uniform tensor drawn from (seed, stream, step)."""
-        full = torch.rand(self.args.batch_size, *shape, generator=generator(self.args.seed, stream, step))
-        rows = full[self.rank * self.local_batch:(self.rank + 1) * self.local_batch]
-        return rows.to(self.device, non_blocking=True)
+        """This process's rows of a (global_batch, *shape) uniform tensor drawn from (seed, stream, step).
+        Drawn for a chunk of steps at a time (one copy to the device per chunk); each step keeps its own
+        generator, so the values do not depend on the chunking."""
+        if (stream, shape) not in self._drawn:
+            def draw(start: int, stop: int) -> torch.Tensor:  # (stop - start, B_local, *shape)
+                rows = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
+                return torch.stack([torch.rand(self.args.batch_size, *shape,
+                                               generator=generator(self.args.seed, stream, s))[rows]
+                                    for s in range(start, stop)])
+            self._drawn[(stream, shape)] = _DrawnAhead(draw, self.device, self.args.steps)
+        return self._drawn[(stream, shape)][step]
+
+    @functools.cached_property
+    def _drawn(self) -> dict:
+        return {}
 
     def masking_noise(self, step: int, num_patches: int) -> torch.Tensor:
         """MAE masking noise (B_local, N): the patches with the smallest values stay visible."""
         return self.global_rand(step, STREAM_NOISE, num_patches)
 
-    # -- the optimizer step, metrics, saving
+    # -- the optimizer, the step, metrics, saving
+    def adamw(self, model: torch.nn.Module, no_decay, betas: tuple[float, float]):
+        """The stage's AdamW (no weight decay where `no_decay(name, param)`) and its linear schedule."""
+        args = self.args
+        if args.cuda_graph and self.world > 1:
+            raise UserError("--cuda_graph runs in one process only; a torchrun job takes the eager step "
+                            "(drop --cuda_graph)")
+        if args.cuda_graph and args.compile:
+            raise UserError("--cuda_graph and --compile do not combine; pass one of them")
+        optimizer = adamw(param_groups(model, args.weight_decay, no_decay), args.lr, betas, self.device,
+                          static=args.cuda_graph)
+        return optimizer, linear_schedule(optimizer, args.warmup_steps, args.steps)
+
+    def train_step(self, step: int, objective, *inputs: torch.Tensor) -> None:
+        """One step of training: (loss, terms) = objective(*inputs) under autocast, then Run.step. With
+        --cuda_graph the same computation runs on static copies of the inputs (StaticStep)."""
+        if self.args.cuda_graph:
+            if self._static_step is None:
+                self._static_step = StaticStep(self, objective, inputs)
+            self._static_step(step, inputs)
+            return
+        with self.autocast():
+            loss, terms = objective(*inputs)
+        self.step(step, loss, **terms)
+
+    _static_step = None
+
     def step(self, step: int, loss: torch.Tensor, **terms: torch.Tensor) -> None:
         """Backward, clip, optimizer and schedule step; then log and save as asked.
 
@@ -448,16 +587,23 @@ class Run:
         self._first_bad = torch.where(torch.isfinite(loss.detach()) | (self._first_bad > 0),
                                       self._first_bad, step + 1)
         loss.backward()
-        done = step + 1
-        logging = done % self.args.log_every == 0 or done == self.args.steps
-        saving = self.args.save_every and done % self.args.save_every == 0 and done < self.args.steps
         grad_norm = None
-        if self.args.clip_grad is not None or logging:  # the norm costs a pass over the gradients
-            max_norm = self.args.clip_grad if self.args.clip_grad is not None else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm)
+        if self.args.clip_grad is not None or self._logging(step + 1):  # the norm costs a pass over the gradients
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self._max_norm())
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._end_step(step + 1, loss, grad_norm, terms)
+
+    def _max_norm(self) -> float:
+        return self.args.clip_grad if self.args.clip_grad is not None else float("inf")
+
+    def _logging(self, done: int) -> bool:
+        return done % self.args.log_every == 0 or done == self.args.steps
+
+    def _end_step(self, done: int, loss, grad_norm, terms: dict) -> None:
+        logging = self._logging(done)
+        saving = self.args.save_every and done % self.args.save_every == 0 and done < self.args.steps
         if logging or saving:
             self._check_finite()
         if logging:
@@ -497,7 +643,7 @@ class Run:
         now = time.perf_counter()
         last_time, last_step = self._clock
         self._clock = (now, done)
-        entry = {"step": done, "lr": self.scheduler.get_last_lr()[0]}
+        entry = {"step": done, "lr": float(self.scheduler.get_last_lr()[0])}  # a tensor with --cuda_graph
         values = torch.stack([v.detach().float() for v in terms.values()])
         if self.world > 1:  # the mean over processes (grad_norm is already the same everywhere)
             dist.all_reduce(values)
@@ -541,3 +687,96 @@ class Run:
         if self.world > 1:
             dist.all_reduce(t)
         return t.tolist()
+
+
+class _DrawnAhead:
+    """Per-step values drawn a chunk of steps at a time: draw(start, stop) gives the rows of steps
+    start .. stop-1 on the CPU, moved to the device in one copy (from pinned memory on CUDA), so the loop
+    neither draws nor copies at most steps."""
+
+    CHUNK_STEPS = 64
+
+    def __init__(self, draw, device: torch.device, steps: int):
+        self.draw, self.device, self.steps = draw, device, steps
+        self.start, self.rows = 0, None
+
+    def __getitem__(self, step: int) -> torch.Tensor:
+        if self.rows is None or not self.start <= step < self.start + len(self.rows):
+            rows = self.draw(step, max(step + 1, min(step + self.CHUNK_STEPS, self.steps)))
+            if self.device.type == "cuda":
+                rows = rows.pin_memory()
+            self.start, self.rows = step, rows.to(self.device, non_blocking=True)
+        return self.rows[step - self.start]
+
+
+class _DecodedSplit:
+    """A decoded split (data/cache.py) and, for a Subset, its positions in the split: batches by index."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None):
+        self.images, self.labels, self.positions = images, labels, positions
+
+    def gather(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) positions in the dataset -> (B, 3, S, S) uint8 images and (B,) labels."""
+        index = index.to(self.images.device)
+        if self.positions is not None:
+            index = self.positions[index]
+        return self.images[index], self.labels[index.to(self.labels.device)]
+
+
+class StaticStep:
+    """Run.train_step for --cuda_graph (experimental, not yet run on a GPU): the whole step — forward
+    under autocast, the non-finite flag, backward, clipping, AdamW — reads its inputs from static buffers
+    that every call copies into. On CUDA, after WARMUP_STEPS steps on a side stream, it is captured in
+    one CUDA graph and replayed; the schedule fills the learning-rate tensor between replays (see
+    utils.adamw). On CPU the same static-buffer step runs without capture, so CPU tests cover its logic.
+
+    What a capture needs (seen working on torch 2.11, /work/shared/gpu/README.md): capturable fused
+    AdamW, autocast without its weight cache, gradients zeroed in place (not set to None), clipping inside
+    the graph, inputs copied into static tensors rather than rebound."""
+
+    WARMUP_STEPS = 3
+
+    def __init__(self, run: Run, objective, inputs):
+        self.run, self.objective = run, objective
+        self.inputs = [x.detach().clone() for x in inputs]
+        self.done = torch.zeros((), dtype=torch.int64, device=run.device)  # step + 1, for the non-finite flag
+        self.max_norm = run._max_norm()
+        self.capture = run.device.type == "cuda"
+        self.calls, self.graph, self.outputs = 0, None, None
+
+    def _body(self) -> None:
+        run = self.run
+        with run.autocast(cache_enabled=False):
+            loss, terms = self.objective(*self.inputs)
+        run._first_bad.copy_(torch.where(torch.isfinite(loss.detach()) | (run._first_bad > 0),
+                                         run._first_bad, self.done))
+        loss.backward()
+        # always computed (the graph is the same every step); clipping at an infinite norm multiplies by 1
+        grad_norm = torch.nn.utils.clip_grad_norm_(run._params, self.max_norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=False)
+        self.outputs = loss.detach(), grad_norm, {k: v.detach() for k, v in terms.items()}
+
+    def __call__(self, step: int, inputs) -> None:
+        for buffer, x in zip(self.inputs, inputs):
+            buffer.copy_(x, non_blocking=True)
+        self.done.fill_(step + 1)
+        if not self.capture:
+            self._body()
+        elif self.graph is not None:
+            self.graph.replay()
+        elif self.calls < self.WARMUP_STEPS:  # real steps, on a side stream, before the capture
+            side = torch.cuda.Stream(self.run.device)
+            side.wait_stream(torch.cuda.current_stream(self.run.device))
+            with torch.cuda.stream(side):
+                self._body()
+            torch.cuda.current_stream(self.run.device).wait_stream(side)
+        else:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._body()
+            self.graph.replay()  # the capture only recorded this step
+        self.calls += 1
+        self.run.scheduler.step()
+        loss, grad_norm, terms = self.outputs
+        self.run._end_step(step + 1, loss, grad_norm, terms)

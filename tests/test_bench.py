@@ -30,6 +30,7 @@ def test_bench_table(capsys):
         ours, reference, ratio = map(float, cells[2:5])
         # the ratio's last digit (±0.005) plus 4 significant digits on each of ours and reference (±0.05 % each)
         assert abs(ratio - ours / reference) <= 0.005 + 1e-3 * ours / reference
+    assert "GPU-hours" in printed and "reference / ours" in printed  # all three stages: the projection
 
 
 def test_reference_is_the_same_computation():
@@ -49,3 +50,25 @@ def test_reference_is_the_same_computation():
     assert bench.step_flops_per_image("finetune", config, num_classes=0) / 3e9 == pytest.approx(35.13, abs=0.01)
     assert bench.step_flops_per_image("self-distill", config) / 1e9 == pytest.approx(3 * (19.56 + 35.13) + 35.13,
                                                                                       abs=0.1)
+
+
+def test_projection_of_the_papers_table(capsys):
+    """GPU-hours for 6 datasets x [20k x 64 + 20k x 64 + 3 x 5 x 10k x 32] images at the given rates."""
+    rates = dict.fromkeys(bench.STAGES, 1000.0)
+    # per dataset: 1,280 s + 1,280 s + 4,800 s
+    assert bench.projection(rates) == pytest.approx(6 * (1280 + 1280 + 4800) / 3600)
+    # side by side multiplies fine-tuning's throughput only
+    assert bench.projection(rates, side_by_side=2.0) == pytest.approx(6 * (1280 + 1280 + 2400) / 3600)
+    assert bench.projection({**rates, "self-distill": 500.0}) == pytest.approx(6 * (1280 + 2560 + 4800) / 3600)
+    # ViT-B/16: 6 x (1.28M x 58.7 + 1.28M x 199.2 + 4.8M x 105.4) GFLOP ≈ 5.0 EFLOP (shared/gpu/README.md)
+    config = ViTMAEConfig()
+    config.mask_ratio = 0.75
+    assert bench.table_flops(config) / 1e18 == pytest.approx(5.02, abs=0.01)
+    rows = [{"stage": s, "ours_images_per_s": 2000.0, "reference_images_per_s": 1000.0} for s in bench.STAGES]
+    out = bench.print_projection(rows, config, side_by_side=1.5, peak=1e15)
+    assert out["reference_gpu_hours"] == pytest.approx(6 * 7360 / 3600)
+    assert out["ours_gpu_hours"] == pytest.approx(6 * (640 + 640 + 1600) / 3600)
+    printed = capsys.readouterr().out
+    assert "reference / ours: 2.56" in printed and "x1.5" in printed
+    # MFU over the table: its FLOPs over the GPU-hours at the peak
+    assert f"MFU {out['table_flops'] / (out['ours_gpu_hours'] * 3600 * 1e15):.1%}" in printed

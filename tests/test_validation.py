@@ -51,6 +51,7 @@ BAD = {
     "bench": [("--batch_size", "0", "at least 1"), ("--warmup_steps", "-1", "at least 0"),
               ("--steps", "0", "at least 1"), ("--repeats", "0", "at least 1"),
               ("--peak_tflops", "0", "greater than 0"), ("--peak_tflops", "nan", "finite number"),
+              ("--side_by_side", "0", "greater than 0"),
               ("--workers_list", "-1", "at least 0"), ("--data_images", "0", "at least 1"),
               ("--data_batch_size", "0", "at least 1"), ("--data_batches", "0", "at least 1"),
               ("--image_size", "0", "at least 1")],

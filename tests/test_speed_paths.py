@@ -1,0 +1,205 @@
+"""The speed paths give today's numbers: decode-once batches, randomness drawn ahead, the teacher's
+features computed once, and the static-buffer step of --cuda_graph (run without capture on CPU)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import finetune
+import pretrain
+import selftrain
+import utils
+from conftest import TINY
+from data import ImageDataset, cache
+from models import Preprocessing, cls_feature, load_mae
+
+
+def _run(tmp_path, *extra, batch_size=8, steps=6, world=1, rank=0, name="run"):
+    args = pretrain.get_args_parser().parse_args(
+        [*TINY, "--dataset", "digits", "--batch_size", str(batch_size), "--steps", str(steps), *map(str, extra)])
+    run = utils.Run(args, str(tmp_path / name), "test", str(tmp_path / name / "never"), Preprocessing())
+    run.rank, run.world, run.local_batch = rank, world, batch_size // world  # a process's view, without torchrun
+    return run
+
+
+def _all(batches):
+    return [(step, [t.clone() for t in tensors]) for step, tensors in batches]
+
+
+def test_decoded_batches_equal_the_streaming_batches(data_dir, tmp_path, monkeypatch):
+    full = ImageDataset("digits", "train", data_dir, 32)
+    subset = torch.utils.data.Subset(full, finetune.train_val_split(len(full), 0.2)[0])
+    for dataset in (subset, full):
+        streamed = _all(_run(tmp_path, "--data_cache", "off").batches(dataset))
+        decoded = _all(_run(tmp_path).batches(dataset))
+        assert [s for s, _ in streamed] == list(range(6)) == [s for s, _ in decoded]
+        for (_, a), (_, b) in zip(streamed, decoded):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))  # images, labels, indices
+        # the indices are positions in the dataset given: its own items are the batch
+        images, labels, index = decoded[2][1]
+        assert labels.tolist() == [dataset[i][1] for i in index.tolist()]
+    test = ImageDataset("digits", "test", data_dir, 32)
+    for a, b in zip(_run(tmp_path, "--data_cache", "off").eval_batches(test), _run(tmp_path).eval_batches(test)):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+    # a second run reads the disk copy and decodes nothing
+    path = cache.cache_path(full)
+    assert os.path.exists(path) and path.startswith(os.path.join(data_dir, "digits", ".cache", "train-32-2-"))
+    monkeypatch.setattr(cache, "decode", lambda *a: pytest.fail("decoded again"))
+    again = _all(_run(tmp_path).batches(full))
+    assert all(torch.equal(x, y) for (_, a), (_, b) in zip(decoded, again) for x, y in zip(a, b))
+
+
+def test_disk_cache_is_invalidated_by_data_size_and_filter(tmp_path):
+    root = tmp_path / "data" / "mine" / "train"
+    for cls in ("a", "b"):
+        os.makedirs(root / cls)
+        for i in range(3):
+            Image.fromarray(np.full((12, 10, 3), 40 * i, np.uint8)).save(root / cls / f"{i}.png")
+    dataset = ImageDataset("mine", "train", str(tmp_path / "data"), 8)
+    images, labels, how = cache.load_or_decode(dataset, 0, write=True)
+    assert how == "decoded once" and labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert torch.equal(images[4], dataset[4][0])
+    assert cache.load_or_decode(dataset, 0, write=True)[2].startswith("read from")
+    first = cache.cache_path(dataset)
+    assert cache.cache_path(ImageDataset("mine", "train", str(tmp_path / "data"), 16)) != first
+    assert cache.cache_path(ImageDataset("mine", "train", str(tmp_path / "data"), 8, Image.BICUBIC)) != first
+    Image.fromarray(np.full((12, 10, 3), 200, np.uint8)).save(root / "b" / "1.png")  # the data changes
+    assert cache.cache_path(dataset) != first
+    images, _, how = cache.load_or_decode(dataset, 0, write=True)
+    assert how == "decoded once" and images[4].eq(200).all()
+    assert not [f for f in os.listdir(os.path.dirname(first)) if ".tmp" in f]  # written atomically
+    # decoded by worker processes: the same tensor
+    assert torch.equal(cache.decode(dataset, 2)[0], images)
+    # a damaged file is decoded again and replaced
+    with open(cache.cache_path(dataset), "wb") as f:
+        f.write(b"not a tensor file")
+    again, _, how = cache.load_or_decode(dataset, 0, write=True)
+    assert how == "decoded once" and torch.equal(again, images)
+    assert cache.load_or_decode(dataset, 0, write=True)[2].startswith("read from")
+
+
+def test_a_split_over_the_memory_budget_streams_with_a_notice(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cache, "available_ram", lambda: 1000)
+    dataset = ImageDataset("digits", "train", data_dir, 32)
+    run = _run(tmp_path)
+    batches = _all(run.batches(dataset))
+    assert "streaming it through the workers" in capsys.readouterr().out
+    assert run._decoded(dataset) is None
+    streamed = _all(_run(tmp_path, "--data_cache", "off").batches(dataset))
+    assert all(torch.equal(x, y) for (_, a), (_, b) in zip(batches, streamed) for x, y in zip(a, b))
+
+
+def test_randomness_drawn_ahead_equals_the_per_step_generators(tmp_path):
+    """Indices, masking noise and flips for step k are what utils.generator(seed, stream, k) gives, across
+    chunk boundaries, for any process of a job and for a resumed run."""
+    steps, batch = 150, 6
+    for world, rank, start in ((1, 0, 0), (2, 1, 0), (3, 2, 70)):
+        run = _run(tmp_path, "--seed", 5, batch_size=batch, steps=steps, world=world, rank=rank)
+        run.start_step = start
+        rows = slice(rank * batch // world, (rank + 1) * batch // world)
+        sampler = utils.StepSampler(40, batch, 5, start, steps, rank, world)
+        drawn = sampler.indices(start, steps)
+        for step, listed in zip(range(start, steps), sampler):
+            assert drawn[step - start].tolist() == listed
+            noise = torch.rand(batch, 64, generator=utils.generator(5, utils.STREAM_NOISE, step))[rows]
+            assert torch.equal(run.masking_noise(step, 64), noise)
+            flip = torch.rand(batch, generator=utils.generator(5, utils.STREAM_FLIP, step))[rows]
+            assert torch.equal(run.global_rand(step, utils.STREAM_FLIP), flip)
+        assert run._drawn[(utils.STREAM_NOISE, (64,))].start > start  # drawn in chunks, not all at once
+
+
+def test_teacher_features_looked_up_equal_the_online_ones(data_dir, tmp_path):
+    """On CPU in fp32 each row of the encoder's output depends on its own image only (per-row matmuls,
+    per-sample attention and LayerNorm; the table uses the steps' batch shape, padding the last batch), so
+    the looked-up h_T(x) is bit-equal to the one computed in the step, as the loop did before."""
+    teacher = load_mae("vit-mae-tiny").vit.eval().requires_grad_(False)
+    dataset = ImageDataset("digits", "train", data_dir, 32)
+    assert len(dataset) % 8  # the last table batch is padded
+    for cached in ("auto", "off"):
+        run = _run(tmp_path, "--data_cache", cached, steps=4)
+        table = selftrain.teacher_features(teacher, run.device, run, dataset)
+        assert table.shape == (len(dataset), teacher.config.hidden_size)
+        for step, (images, _, index) in run.batches(dataset):
+            with torch.inference_mode(), run.autocast():
+                online = cls_feature(teacher, images)
+            assert torch.equal(table[index], online)
+        with torch.inference_mode():
+            last = cls_feature(teacher, run.normalize(dataset[len(dataset) - 1][0][None]))
+        torch.testing.assert_close(table[-1:], last, rtol=1e-5, atol=1e-6)  # the right image at the end
+
+
+def _metrics(path):
+    with open(os.path.join(path, utils.METRICS_FILE)) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_static_buffer_step_equals_the_eager_step(stage_args, tmp_path):
+    """--cuda_graph on CPU: static input buffers, the learning rate as a tensor, the non-finite flag in place,
+    clipping always, gradients zeroed in place; the same parameters and logged numbers as the eager step."""
+    for name, graph in (("eager", "--no-cuda_graph"), ("static", "--cuda_graph")):
+        pretrain.main(pretrain.get_args_parser().parse_args(
+            stage_args(graph, "--warmup_steps", 2, "--output_dir", tmp_path / f"pt-{name}", steps=5)))
+        finetune.main(finetune.get_args_parser().parse_args(stage_args(
+            graph, "--scratch", "True", "--warmup_steps", 2, "--output_dir", tmp_path / f"ft-{name}",
+            "--results_dir", tmp_path / "res", steps=5)))
+    for stage in ("pt", "ft"):
+        assert _metrics(tmp_path / f"{stage}-eager") == [
+            {**m, "images_per_s": e["images_per_s"], "peak_mem_mb": e["peak_mem_mb"]}
+            for m, e in zip(_metrics(tmp_path / f"{stage}-static"), _metrics(tmp_path / f"{stage}-eager"))]
+    a, b = (load_mae(str(tmp_path / f"pt-{name}")).state_dict() for name in ("eager", "static"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (json.load(open(tmp_path / f"ft-{name}.json")) for name in ("eager", "static"))
+    assert (ra["test_acc"], ra["test_loss"]) == (rb["test_acc"], rb["test_loss"])
+    assert rb["args"]["cuda_graph"] is True and rb["args"]["data_cache"] == "auto"
+
+
+def test_static_step_run_killed_and_resumed_is_bit_identical(stage_args, tmp_path, monkeypatch):
+    """The state saved with the learning rate as a tensor resumes as the eager one does."""
+    argv = lambda name: pretrain.get_args_parser().parse_args(
+        stage_args("--cuda_graph", "--save_every", 2, "--warmup_steps", 2, "--output_dir", tmp_path / name, steps=6))
+    pretrain.main(argv("whole"))
+    real = utils.StaticStep.__call__
+
+    def killed(self, step, inputs):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real(self, step, inputs)
+    with monkeypatch.context() as m:
+        m.setattr(utils.StaticStep, "__call__", killed)
+        with pytest.raises(KeyboardInterrupt):
+            pretrain.main(argv("resumed"))
+    assert torch.load(tmp_path / "resumed" / utils.STATE_FILE, weights_only=True)["step"] == 2
+    pretrain.main(argv("resumed"))
+    assert _metrics(tmp_path / "whole") == [
+        {**m, "images_per_s": w["images_per_s"], "peak_mem_mb": w["peak_mem_mb"]}
+        for m, w in zip(_metrics(tmp_path / "resumed"), _metrics(tmp_path / "whole"))]
+    a, b = (load_mae(str(tmp_path / name)).state_dict() for name in ("whole", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_static_step_flags_a_non_finite_loss(stage_args, tmp_path, monkeypatch):
+    real, calls = pretrain.mae_loss, []
+
+    def mae_loss(*a):
+        calls.append(1)
+        loss = real(*a)
+        return loss * float("nan") if len(calls) == 3 else loss
+    monkeypatch.setattr(pretrain, "mae_loss", mae_loss)
+    argv = pretrain.get_args_parser().parse_args(
+        stage_args("--cuda_graph", "--log_every", 4, "--output_dir", tmp_path / "r", steps=6))
+    with pytest.raises(utils.UserError, match="not finite at step 3"):
+        pretrain.main(argv)
+
+
+def test_cuda_graph_is_refused_with_torchrun_and_with_compile(tmp_path):
+    model = load_mae("vit-mae-tiny")
+    run = _run(tmp_path, "--cuda_graph", world=2)
+    with pytest.raises(utils.UserError, match="--cuda_graph runs in one process only"):
+        run.adamw(model, lambda n, p: False, (0.9, 0.95))
+    run = _run(tmp_path, "--cuda_graph", "--compile")
+    with pytest.raises(utils.UserError, match="--cuda_graph and --compile do not combine"):
+        run.adamw(model, lambda n, p: False, (0.9, 0.95))
