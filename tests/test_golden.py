@@ -6,8 +6,9 @@ masking noise, labels and flips; the losses of each step, all parameters after 2
 steps, 2 self-distillation steps and 3 fine-tuning steps, the learning rates, and the evaluation.
 
 Each test runs the functions the scripts run -- loading (`load_mae`, the release `model.pt` reader),
-`param_groups` with the stage's weight-decay rule, `adamw`, `linear_schedule`, the stage's
-`training_loss`, `Run.step` (backward, clipping, optimizer and schedule step) and `finetune.evaluate` --
+`Run.adamw` (the stage's weight-decay groups, AdamW, the linear schedule), `Run.train_step` with the
+stage's `training_loss` (forward, backward, clipping, optimizer and schedule step), the teacher's
+features (`selftrain.teacher_features`) and `finetune.evaluate` --
 from the fixture's inputs, and compares: losses to 1e-5 relative, parameters to 1e-5 absolute (or
 tighter, where the fixture's README says the numbers are small or sensitive). Comparing transformers 5
 with itself could not catch what transformers changed between 4.17 and 5 (the trainable sin-cos
@@ -71,9 +72,15 @@ def make_run(tmp_path, parser, stage, model_dir, *flags):
     return args, utils.Run(args, args.output_dir, stage, str(tmp_path / stage / "done"), preprocessing_of(model_dir))
 
 
-def metrics(run) -> list[dict]:
+def metrics(run, key: str) -> list[float]:
+    """`key` of every step, from the run's metrics.jsonl (a line per step: --log_every 1)."""
     with open(os.path.join(run.out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        return [json.loads(line)[key] for line in f]
+
+
+def golden_dataset(batch) -> list:
+    """The fixture's 8 images as a dataset of (uint8 (3, 32, 32), label), in the release's order."""
+    return list(zip(batch["images_uint8"], batch["labels"].tolist()))
 
 
 def assert_losses(ours, release, what):
@@ -151,21 +158,18 @@ def test_further_pretraining_matches_the_release(golden, theta0_dir, tmp_path):
     assert sorted(v4_name(n) for n, p in mae.named_parameters() if not p.requires_grad) == \
         sorted(expected["pretrain"]["frozen"])
     assert group_names(mae, mae_common.no_weight_decay) == release_groups(expected["pretrain"])
-    optimizer = utils.adamw(utils.param_groups(mae, args.weight_decay, mae_common.no_weight_decay), args.lr,
-                            mae_common.MAE_BETAS, run.device)
-    scheduler = utils.linear_schedule(optimizer, args.warmup_steps, args.steps)
+    optimizer, scheduler = run.adamw(mae, mae_common.no_weight_decay, mae_common.MAE_BETAS)
     model = run.prepare(mae, optimizer, scheduler)
     model.train()
     rounding = RoundingLevelGradients(mae)
-    losses, lrs = [], []
+    objective = functools.partial(pretrain.training_loss, model)
+    lrs = []
     for step in range(2):
         lrs.append(optimizer.param_groups[0]["lr"])
-        with run.autocast():
-            loss, terms = pretrain.training_loss(model, batch["pixel_values"], batch["noise"][step])
-        losses.append(loss.item())
-        run.step(step, loss, **terms)
+        run.train_step(step, objective, batch["pixel_values"], batch["noise"][step])
         assert_params(v4_state(mae), release, f"pretrain/after_step{step + 1}/",
                       allowance=rounding.allowance(sum(lrs)))
+    losses = metrics(run, "mae_loss")
     assert_losses(losses, expected["pretrain"]["loss"], "MAE loss")
     assert lrs == pytest.approx(expected["pretrain"]["lr"], rel=1e-12)
     # the frozen sin-cos tables never move
@@ -192,32 +196,26 @@ def test_self_distillation_matches_the_release(golden, theta0_dir, tmp_path):
     teacher = load_encoder(str(teacher_pt.parent), args.model_name, reference=student_mae.config)
     teacher.eval().requires_grad_(False)
     assert group_names(student_mae, mae_common.no_weight_decay) == release_groups(expected["selftrain"])
-    optimizer = utils.adamw(utils.param_groups(student_mae, args.weight_decay, mae_common.no_weight_decay),
-                            args.lr, mae_common.MAE_BETAS, run.device)
-    scheduler = utils.linear_schedule(optimizer, args.warmup_steps, args.steps)
+    optimizer, scheduler = run.adamw(student_mae, mae_common.no_weight_decay, mae_common.MAE_BETAS)
     student = run.prepare(MAEWithFeature(student_mae), optimizer, scheduler)
+    teacher_cls = selftrain.teacher_features(teacher, run.device, run, golden_dataset(batch))  # (8, D), once
+    torch.testing.assert_close(teacher_cls, release["selftrain/teacher_cls"][0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(release["selftrain/teacher_cls"][0], release["selftrain/teacher_cls"][1])  # frozen teacher
     student.train()
     rounding = RoundingLevelGradients(student_mae)
+    objective = functools.partial(selftrain.training_loss, student, distill_weight=args.distill_weight)
     lr_sum = 0.0
     x = batch["pixel_values"]
-    got = {"mae_loss": [], "distill_loss": [], "total_loss": []}
     for step in range(2):
-        with torch.inference_mode(), run.autocast():
-            teacher_cls = cls_feature(teacher, x)
         with torch.no_grad():
             student_cls = cls_feature(student_mae.vit, x)
-        torch.testing.assert_close(teacher_cls, release["selftrain/teacher_cls"][step], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(student_cls, release["selftrain/student_cls"][step], rtol=1e-5, atol=1e-5)
-        with run.autocast():
-            loss, terms = selftrain.training_loss(student, x, batch["noise"][step], teacher_cls.clone(),
-                                                  args.distill_weight)
-        got["total_loss"].append(loss.item())
-        got["mae_loss"].append(terms["mae_loss"].item())
-        got["distill_loss"].append(terms["distill_loss"].item())
         lr_sum += optimizer.param_groups[0]["lr"]
-        run.step(step, loss, **terms)
+        run.train_step(step, objective, x, batch["noise"][step], teacher_cls[torch.arange(8)])
         assert_params(v4_state(student_mae), release, f"selftrain/after_step{step + 1}/", rtol=1e-4,
                       allowance=rounding.allowance(lr_sum))
+    got = {"mae_loss": metrics(run, "mae_loss"), "distill_loss": metrics(run, "distill_loss"),
+           "total_loss": metrics(run, "loss")}
     for key, values in got.items():
         assert_losses(values, expected["selftrain"][key], key)
 
@@ -241,9 +239,7 @@ def test_finetuning_and_evaluation_match_the_release(golden, theta0_dir, tmp_pat
     assert not any(not p.requires_grad for p in model.parameters())  # nothing frozen in fine-tuning
     assert group_names(model, finetune.no_weight_decay) == release_groups(expected["finetune"])
     before = v4_state(model)
-    optimizer = utils.adamw(utils.param_groups(model, args.weight_decay, finetune.no_weight_decay), args.lr,
-                            finetune.FINETUNE_BETAS, run.device)
-    scheduler = utils.linear_schedule(optimizer, args.warmup_steps, args.steps)
+    optimizer, scheduler = run.adamw(model, finetune.no_weight_decay, finetune.FINETUNE_BETAS)
     classifier = run.prepare(model, optimizer, scheduler)
     classifier.train()
     rounding = RoundingLevelGradients(model)
@@ -251,16 +247,15 @@ def test_finetuning_and_evaluation_match_the_release(golden, theta0_dir, tmp_pat
     with torch.no_grad():  # step 1's logits, on the flipped batch
         logits = model(torch.where(flips[0][:, None, None, None], x.flip(-1), x)).logits
     torch.testing.assert_close(logits, release["finetune/logits_step1"], rtol=1e-5, atol=1e-6)
-    losses, lrs = [], []
+    objective = functools.partial(finetune.training_loss, classifier)
+    lrs = []
     for step in range(3):
         lrs.append(optimizer.param_groups[0]["lr"])
-        with run.autocast():
-            loss, terms = finetune.training_loss(classifier, x, labels, flips[step])
-        losses.append(loss.item())
-        run.step(step, loss, **terms)
+        run.train_step(step, objective, x, labels, flips[step])
+    losses = metrics(run, "cls_loss")
     assert_losses(losses, expected["finetune"]["loss"], "cross-entropy")
     assert lrs == pytest.approx(expected["finetune"]["lr"], rel=1e-12, abs=1e-20)
-    assert_losses([m["grad_norm"] for m in metrics(run)], expected["finetune"]["grad_norm_preclip"],
+    assert_losses(metrics(run, "grad_norm"), expected["finetune"]["grad_norm_preclip"],
                   "pre-clip gradient norm")
     after = v4_state(model)
     update = {k: after[k] - before[k] for k in after}
@@ -270,8 +265,7 @@ def test_finetuning_and_evaluation_match_the_release(golden, theta0_dir, tmp_pat
                   allowance=rounding.allowance(sum(lrs)))
 
     # evaluation, once, after the last step: the release's test() on the same 8 images
-    test_set = list(zip(batch["images_uint8"], batch["labels"].tolist()))
-    result = finetune.evaluate(model, run, test_set)
+    result = finetune.evaluate(model, run, golden_dataset(batch))
     assert result["acc"] == expected["finetune"]["test_acc"]
     # one batch, so the release's mean of per-batch means equals our per-sample mean
     assert_losses([result["loss"]], [expected["finetune"]["test_loss"]], "test loss")
