@@ -1,9 +1,9 @@
 """Plumbing shared by the three stages, written once: flags, device and precision, distributed
 setup, seeding, data order, optimizer and schedule, checkpoints of the training state, run records.
 
-Randomness is a pure function of (seed, step, sample index) — data order, MAE masking noise and
-flips — or of (seed, step, rank) — dropout. So one process and N processes take the same optimizer
-steps, and a resumed run needs no saved random-number state to continue bit-identically.
+Randomness is a pure function of (seed, step, sample index) — data order, MAE masking noise, flips
+and dropout. So one process and N processes take the same optimizer steps, and a resumed run needs no
+saved random-number state to continue bit-identically.
 """
 import argparse
 import dataclasses
@@ -182,6 +182,35 @@ class StepSampler(torch.utils.data.Sampler):
         return max(0, self.steps - self.start_step)
 
 
+class GlobalBatchDropout(torch.nn.Module):
+    """nn.Dropout whose mask is drawn for the whole global batch and sliced to this process's rows, so the
+    mask of a sample depends on (seed, step, its place in the global batch), not on the number of processes.
+    Draws from the default generator, which Run.batches seeds from (seed, step) before every step; every
+    process makes the same draws in the same order. x: (B_local, ...)."""
+
+    def __init__(self, p: float, rank: int, world: int):
+        super().__init__()
+        self.p, self.rank, self.world = p, rank, world
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        b = x.shape[0]
+        noise = torch.rand(b * self.world, *x.shape[1:], device=x.device)[self.rank * b:(self.rank + 1) * b]
+        return x * (noise >= self.p) / (1 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, rank={self.rank}, world={self.world}"
+
+
+def use_global_batch_dropout(model: torch.nn.Module, rank: int, world: int) -> None:
+    """Replace every active nn.Dropout of `model` by GlobalBatchDropout (no parameters: the state dict is unchanged)."""
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is torch.nn.Dropout and child.p > 0:
+                setattr(parent, name, GlobalBatchDropout(child.p, rank, world))
+
+
 # ----------------------------------------------------------------------------- optimizer and schedule
 
 def param_groups(model: torch.nn.Module, weight_decay: float, no_decay) -> list[dict]:
@@ -315,7 +344,8 @@ class Run:
     # -- model, optimizer, resume
     def prepare(self, model: torch.nn.Module, optimizer, scheduler) -> torch.nn.Module:
         """Write the run record, move to the device, load the latest training state if there is one,
-        wrap for DDP / compile. Nothing is written to disk before this point."""
+        draw dropout masks for the global batch, wrap for DDP / compile. Nothing is written to disk before
+        this point."""
         if self.is_main:
             os.makedirs(self.out_dir, exist_ok=True)
             write_json(os.path.join(self.out_dir, RECORD_FILE), self.record())
@@ -331,6 +361,7 @@ class Run:
             self.print(f"[{self.stage}] resuming from step {self.start_step} ({self.state_path})")
         self._open_metrics()
         self._first_bad = torch.zeros((), dtype=torch.int64, device=self.device)  # 0: no non-finite loss yet
+        use_global_batch_dropout(model, self.rank, self.world)
         if self.world > 1:
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -355,8 +386,8 @@ class Run:
                               self.rank, self.world)
         loader = self._loader(dataset, batch_sampler=sampler)
         for step, (images, labels) in enumerate(loader, start=self.start_step):
-            # dropout (the only randomness drawn from the global generator) is a function of (seed, step, rank)
-            torch.manual_seed(_mix(self.args.seed, STREAM_DROPOUT, step, self.rank))
+            # dropout (GlobalBatchDropout, the only draws from the default generator): a function of (seed, step)
+            torch.manual_seed(_mix(self.args.seed, STREAM_DROPOUT, step))
             yield step, (self.normalize(images), labels.to(self.device, non_blocking=True))
 
     def _loader(self, dataset, **kw):
