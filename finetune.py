@@ -134,10 +134,9 @@ def main(args):
     if val_idx:
         val = evaluate(model, run, torch.utils.data.Subset(full_train, val_idx))
         result.update(val_acc=val["acc"], val_loss=val["loss"], num_val=len(val_idx))
+    if run.is_main:  # the result before finish() drops the state: a kill in between loses nothing
+        utils.write_json(result_path, {**result, **run.record()})
     run.finish()
-    if run.is_main:
-        result.update(run.record())
-        utils.write_json(result_path, result)
     run.print(f"[finetune] {args.dataset} from {init}, seed {args.seed}: test accuracy {100 * test['acc']:.2f}% "
               f"loss {test['loss']:.4f} -> {result_path}")
 
