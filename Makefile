@@ -7,8 +7,11 @@ DEMO_DIR := runs/demo
 DEMO_STEPS := 200
 # The demo's settings: a tiny model on 32x32 digits, so larger learning rates and far fewer steps than the
 # paper's ViT-B/16 recipe; everything else (masking, losses, schedules, weight decay) is the recipe.
+# Fine-tuning: 500 steps at lr 3e-3, long enough for every route to fit digits (~95 % test accuracy),
+# 3 seeds per route, so the demo stays within 10 minutes on 2 CPU cores.
 DEMO_FLAGS := --model_name vit-mae-tiny --checkpoint_dir $(DEMO_DIR)/checkpoints --workers 1 --log_every 100
-FINETUNE_FLAGS := $(DEMO_FLAGS) --results_dir $(DEMO_DIR)/results --steps 200 --warmup_steps 20 --lr 1e-3
+FINETUNE_FLAGS := $(DEMO_FLAGS) --results_dir $(DEMO_DIR)/results --steps 500 --warmup_steps 50 --lr 3e-3
+DEMO_SEEDS := 1 2 3
 
 .PHONY: demo test clean-demo
 
@@ -20,9 +23,9 @@ $(VENV): requirements.txt
 demo: $(VENV)
 	bash run_pretrain.sh cpu digits $(DEMO_STEPS) $(DEMO_FLAGS) --lr 1e-3
 	bash run_selftrain.sh cpu digits $(DEMO_STEPS) $(DEMO_FLAGS) --lr 1e-3
-	bash run_finetune.sh cpu digits True $(FINETUNE_FLAGS)
-	bash run_finetune.sh cpu digits False further-pretrain-$(DEMO_STEPS) $(FINETUNE_FLAGS)
-	bash run_finetune.sh cpu digits False self-further-pretrain-$(DEMO_STEPS) $(FINETUNE_FLAGS)
+	SEEDS="$(DEMO_SEEDS)" bash run_finetune.sh cpu digits True $(FINETUNE_FLAGS)
+	SEEDS="$(DEMO_SEEDS)" bash run_finetune.sh cpu digits False further-pretrain-$(DEMO_STEPS) $(FINETUNE_FLAGS)
+	SEEDS="$(DEMO_SEEDS)" bash run_finetune.sh cpu digits False self-further-pretrain-$(DEMO_STEPS) $(FINETUNE_FLAGS)
 	$(PYTHON) report.py --results_dir $(DEMO_DIR)/results --datasets digits
 
 test: $(VENV)

@@ -163,7 +163,6 @@ def main(args):
     if val_idx:
         val = evaluate(model, run, torch.utils.data.Subset(full_train, val_idx))
         result.update(val_acc=val["acc"], val_loss=val["loss"], num_val=len(val_idx))
-    run.finish()
     if run.is_main:
         if args.save_model:  # before the result file, which marks the run done
             names = label_names(full_train, model.config.num_labels)
@@ -171,8 +170,9 @@ def main(args):
             model.config.label2id = {name: label for label, name in enumerate(names)}
             save_model(model, os.path.join(out_dir, "model"), preprocessing)
             result["model"] = os.path.join(out_dir, "model")
-        result.update(run.record())
-        utils.write_json(result_path, result)
+        # the result before finish() drops the state: a kill in between loses nothing
+        utils.write_json(result_path, {**result, **run.record()})
+    run.finish()
     run.print(f"[finetune] {args.dataset} from {init}, seed {args.seed}: test accuracy {100 * test['acc']:.2f}% "
               f"loss {test['loss']:.4f} -> {result_path}")
 

@@ -90,7 +90,7 @@ def main(args):
     # ---- student: θ₀ again (encoder + decoder); teacher: the further pre-trained encoder, frozen
     student_mae = load_mae(args.model_name, args.mask_ratio, args.norm_pix_loss)  # sin-cos tables frozen
     teacher = load_encoder(teacher_path, args.model_name, reference=student_mae.config)
-    teacher_device = utils.resolve_device(args.teacher_device, 0) if args.teacher_device else run.device
+    teacher_device = utils.resolve_device(args.teacher_device, run.local_rank) if args.teacher_device else run.device
     teacher.to(teacher_device).eval().requires_grad_(False)
     preprocessing = preprocessing.check(student_mae.config.image_size)
     dataset = ImageDataset(args.dataset, "train", args.data_dir, preprocessing.size, preprocessing.resample)

@@ -1,18 +1,21 @@
 """Plumbing shared by the three stages, written once: flags, device and precision, distributed
 setup, seeding, data order, optimizer and schedule, checkpoints of the training state, run records.
 
-Randomness is a pure function of (seed, step, sample index) — data order, MAE masking noise and
-flips — or of (seed, step, rank) — dropout. So one process and N processes take the same optimizer
-steps, and a resumed run needs no saved random-number state to continue bit-identically.
+Randomness is a pure function of (seed, step, sample index) — data order, MAE masking noise, flips
+and dropout. So one process and N processes take the same optimizer steps, and a resumed run needs no
+saved random-number state to continue bit-identically.
 """
 import argparse
 import dataclasses
 import datetime
+import errno
+import fcntl
 import functools
 import json
 import math
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -123,7 +126,9 @@ def shared_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_every", type=int_at_least(0), default=0,
                    help="steps between resumable training states (0: only at the end); re-running the same "
                         "command continues from the latest one")
-    g.add_argument("--overwrite", action="store_true", help="start again even if the output directory has a run")
+    g.add_argument("--overwrite", action="store_true",
+                   help="move what the run directory holds aside (to <dir>.old-<time>) and start again; re-run "
+                        "without it to continue a killed run")
     g.add_argument("--plot", type=str2bool, nargs="?", const=True, default=False,
                    help="write loss curves (loss_curves.png) into the run directory at the end")
     g.add_argument("--data_cache", default="auto", choices=["auto", "off"],
@@ -254,6 +259,35 @@ class StepSampler(torch.utils.data.Sampler):
         return max(0, self.steps - self.start_step)
 
 
+class GlobalBatchDropout(torch.nn.Module):
+    """nn.Dropout whose mask is drawn for the whole global batch and sliced to this process's rows, so the
+    mask of a sample depends on (seed, step, its place in the global batch), not on the number of processes.
+    Draws from the default generator, which Run.batches seeds from (seed, step) before every step; every
+    process makes the same draws in the same order. x: (B_local, ...)."""
+
+    def __init__(self, p: float, rank: int, world: int):
+        super().__init__()
+        self.p, self.rank, self.world = p, rank, world
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        b = x.shape[0]
+        noise = torch.rand(b * self.world, *x.shape[1:], device=x.device)[self.rank * b:(self.rank + 1) * b]
+        return x * (noise >= self.p) / (1 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, rank={self.rank}, world={self.world}"
+
+
+def use_global_batch_dropout(model: torch.nn.Module, rank: int, world: int) -> None:
+    """Replace every active nn.Dropout of `model` by GlobalBatchDropout (no parameters: the state dict is unchanged)."""
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is torch.nn.Dropout and child.p > 0:
+                setattr(parent, name, GlobalBatchDropout(child.p, rank, world))
+
+
 # ----------------------------------------------------------------------------- optimizer and schedule
 
 def param_groups(model: torch.nn.Module, weight_decay: float, no_decay) -> list[dict]:
@@ -293,9 +327,14 @@ def linear_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.opt
 STATE_FILE = "train_state.pt"
 RECORD_FILE = "args.json"
 METRICS_FILE = "metrics.jsonl"
-# Flags that change how a run is executed or reported, not what it computes: a resumed run may differ in them.
+LOCK_FILE = ".lock"
+# Flags that change how a run is executed or reported, not what it computes, and the flags that only say where
+# the run directory is (we are in it): a resumed or re-run run may differ in them. Every start is in the history.
 RUN_CONTROL_FLAGS = {"workers", "log_every", "save_every", "plot", "overwrite", "device", "teacher_device",
-                     "save_model", "compile", "precision", "data_cache"}
+                     "save_model", "compile", "precision", "data_cache", "output_dir", "results_dir"}
+# Flags added after runs were already being recorded: a record without one ran as its default does.
+LATER_FLAG_DEFAULTS = {"cuda_graph": False}
+_TEMPORARY = re.compile(r"\.tmp\d+$")  # write_json / atomic_torch_save's files before their rename
 
 
 def resolve_device(requested: str, local_rank: int) -> torch.device:
@@ -314,24 +353,84 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+_held_locks: dict[str, int] = {}  # lock file -> descriptor, for the run directories this process holds
+
+
+def lock_run_dir(path: str) -> str:
+    """Create run directory `path` if needed and hold an exclusive lock on it (its LOCK_FILE) until
+    unlock_run_dir or the end of the process. An flock dies with its process, so a killed run (even kill -9)
+    leaves no stale lock. A process that already holds the lock keeps it (main() called again in one
+    process after an exception, as tests do). Returns the lock file's path."""
+    lock_path = os.path.abspath(os.path.join(path, LOCK_FILE))
+    fd = _held_locks.get(lock_path)
+    if fd is not None:
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
+                return lock_path
+        except OSError:
+            pass
+        unlock_run_dir(lock_path)  # the directory was removed or replaced under us
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"cannot write to the run directory {path}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise UserError(f"cannot lock the run directory {path}: {e.strerror or e}") from None
+        raise UserError(f"{path} is in use by another run ({holder or 'pid unknown'}); wait for it to end or "
+                        f"stop it, or pass --output_dir for a separate run") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}\n".encode(), 0)
+    _held_locks[lock_path] = fd
+    return lock_path
+
+
+def unlock_run_dir(lock_path: str) -> None:
+    fd = _held_locks.pop(lock_path, None)
+    if fd is not None:
+        os.close(fd)  # releases the flock
+
+
+def _read_record(path: str) -> dict:
+    """A run record (args.json, or finetune's result file, which holds the record too)."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read the run record {path} ({type(e).__name__}: {e}); nothing was changed; "
+                        f"--overwrite moves this run aside and starts again") from None
+    if not isinstance(record, dict) or not isinstance(record.get("args"), dict):
+        raise UserError(f"{path} is not a run record (no 'args'); nothing was changed; --overwrite moves this run "
+                        f"aside and starts again")
+    return record
+
+
 class Run:
     """Everything about one training run that is not the method: processes, device, precision,
     data batches, the optimizer step, metrics, resumable state and the run record.
 
-        run = Run(args, out_dir, stage, done_file, preprocessing)  # processes, device, seed; nothing on disk yet
-        if run.already_done: return                              # done_file exists: never redo or overwrite
-        model = run.prepare(model, optimizer, scheduler)         # write the record; resume; DDP; compile
+        run = Run(args, out_dir, stage, done_file, preprocessing)  # processes, device, seed; reads, writes nothing
+        if run.already_done: return                              # done_file exists, same arguments: never redo
+        model = run.prepare(model, optimizer, scheduler)         # lock the directory; record; resume; DDP; compile
         for step, (images, labels, indices) in run.batches(dataset):
             run.train_step(step, objective, images, ...)           # objective under autocast, then run.step
-        run.finish(model)
+        run.finish()                                             # after the stage wrote done_file
+
+    A finished run (done_file) or an unfinished one (train_state.pt) with other arguments is refused, naming
+    the argument; --overwrite moves whatever the directory holds aside (<out_dir>.old-<time>) and starts again.
     """
 
     def __init__(self, args, out_dir: str, stage: str, done_file: str, preprocessing):
         self.args, self.out_dir, self.stage, self.done_file = args, out_dir, stage, done_file
         self.preprocessing = preprocessing  # models.Preprocessing: resize filter, mean, std
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.device = resolve_device(args.device, local_rank)
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = resolve_device(args.device, self.local_rank)
         if self.world > 1 and not dist.is_initialized():
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
@@ -350,21 +449,32 @@ class Run:
         self.start_step = 0
         self.model = self.optimizer = self.scheduler = None
         self._params = []
-        torch.manual_seed(_mix(args.seed, self.rank))  # new heads, anything built before the loop
-        self.already_done = os.path.exists(done_file) and not args.overwrite
-        if self.already_done:
-            self.print(f"[{stage}] already complete: {done_file} exists (pass --overwrite to run it again)")
-            return
         self.state_path = os.path.join(out_dir, STATE_FILE)
-        self._check_resume()
+        self.record_path = os.path.join(out_dir, RECORD_FILE)
+        self._lock_path = None
+        self._record = self._resumed_record = None
+        torch.manual_seed(_mix(args.seed, self.rank))  # new heads, anything built before the loop
+        # Checked here, before the stage loads anything, and again under the lock in prepare().
+        self.already_done = not args.overwrite and self._finished()
+        if self.already_done:
+            self.print(f"[{stage}] already complete: {done_file} (same arguments; --overwrite moves it aside "
+                       f"and runs again)")
+            return
+        if not args.overwrite:
+            self._check_resume()
 
     # -- records
-    def record(self) -> dict:
+    def _start_entry(self) -> dict:
+        """Who runs from which step, how: one entry of the record's history per (re)start."""
         return {"stage": self.stage, "args": vars(self.args), "command": sys.argv, "git_commit": git_commit(),
-                "versions": library_versions(), "device": self.device_name(), "world_size": self.world,
-                "precision": self.precision,
+                "versions": library_versions(), "device": self.device_name(), "host": platform.node(),
+                "world_size": self.world, "precision": self.precision,
                 "preprocessing": dataclasses.asdict(self.preprocessing),
-                "started": datetime.datetime.now().isoformat(timespec="seconds")}
+                "started": datetime.datetime.now().isoformat(timespec="seconds"), "start_step": self.start_step}
+
+    def record(self) -> dict:
+        """The run record (args.json): the first start's entry at the top level, every start in "history"."""
+        return self._record
 
     def device_name(self) -> str:
         if self.device.type == "cuda":
@@ -379,45 +489,142 @@ class Run:
         if self.world > 1:
             dist.barrier()
 
-    def _check_resume(self) -> None:
-        record_path = os.path.join(self.out_dir, RECORD_FILE)
-        if self.args.overwrite or not os.path.exists(self.state_path) or not os.path.exists(record_path):
-            return
-        with open(record_path) as f:
-            before = json.load(f)["args"]
+    def _differences(self, before: dict) -> str:
+        """'flag: value there, value now' for each argument that changes what the run computes ('' if none)."""
         now = json.loads(json.dumps(vars(self.args), default=str))
-        changed = [k for k in now if k not in RUN_CONTROL_FLAGS and before.get(k) != now[k]]
-        if changed:
-            k = changed[0]
-            raise UserError(f"{self.out_dir} holds an unfinished run with other arguments ({k}: {before.get(k)!r} "
-                            f"there, {now[k]!r} now); pass the same arguments to resume it, --overwrite to "
-                            f"discard it, or --output_dir for a new run")
+        before = {**LATER_FLAG_DEFAULTS, **before}
+        return "; ".join(f"{k}: {before.get(k, '(not recorded)')!r} there, {now[k]!r} now" for k in now
+                         if k not in RUN_CONTROL_FLAGS and before.get(k, "(not recorded)") != now[k])
+
+    def _finished(self) -> bool:
+        """Whether done_file exists; a finished run with other arguments is refused (never reported as this one)."""
+        if not os.path.exists(self.done_file):
+            return False
+        candidates = (self.done_file, self.record_path) if self.done_file.endswith(".json") else (self.record_path,)
+        path = next((p for p in candidates if os.path.exists(p)), None)
+        if path is None:
+            return True  # a finished directory we did not write (no record): nothing to compare
+        differences = self._differences(_read_record(path)["args"])
+        if differences:
+            raise UserError(f"{self.done_file} is a finished run with other arguments ({differences}); pass "
+                            f"--overwrite to move it aside and run again, or --output_dir for a new run")
+        return True
+
+    def _check_resume(self) -> None:
+        if not os.path.exists(self.state_path):
+            return
+        if not os.path.exists(self.record_path):
+            raise UserError(f"{self.state_path} has no {RECORD_FILE} beside it, so it cannot be told whether it is "
+                            f"this run; nothing was changed; --overwrite moves it aside and starts again")
+        record = _read_record(self.record_path)
+        differences = self._differences(record["args"])
+        if differences:
+            raise UserError(f"{self.out_dir} holds an unfinished run with other arguments ({differences}); pass "
+                            f"the same arguments to resume it, --overwrite to move it aside and start again, or "
+                            f"--output_dir for a new run")
+        self._resumed_record = record
+
+    # -- the run directory: lock, --overwrite, leftovers
+    def _take_directory(self) -> None:
+        """Rank 0: lock out_dir; with --overwrite move what is there aside; remove a killed run's temporary files."""
+        self._lock_path = lock_run_dir(self.out_dir)
+        if self.args.overwrite:
+            self._move_aside()
+        leftovers = [os.path.join(self.out_dir, n) for n in os.listdir(self.out_dir) if _TEMPORARY.search(n)]
+        if not self._done_file_inside():
+            folder, name = os.path.split(os.path.abspath(self.done_file))
+            leftovers += [os.path.join(folder, n) for n in os.listdir(folder)
+                          if n.startswith(name + ".tmp") and _TEMPORARY.search(n)]
+        for path in leftovers:  # we hold the lock: their writer is dead
+            os.remove(path)
+        if leftovers:
+            self.print(f"[{self.stage}] removed {len(leftovers)} temporary file(s) of an interrupted run")
+
+    def _done_file_inside(self) -> bool:
+        return os.path.dirname(os.path.abspath(self.done_file)) == os.path.abspath(self.out_dir)
+
+    def _move_aside(self) -> None:
+        """--overwrite: rename the run directory (and a done_file beside it) to <out_dir>.old-<time>[.json],
+        before anything new is written; nothing is deleted."""
+        base = os.path.normpath(self.out_dir)
+        beside = None if self._done_file_inside() or not os.path.exists(self.done_file) else self.done_file
+        suffix = os.path.normpath(beside)[len(base):] if beside else ""  # finetune: ".json"
+        contents = [n for n in os.listdir(base) if n != LOCK_FILE]
+        if not contents and beside is None:
+            return
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        aside, i = f"{base}.old-{stamp}", 2
+        while os.path.exists(aside) or os.path.exists(aside + suffix):
+            aside, i = f"{base}.old-{stamp}-{i}", i + 1
+        moved = []
+        if contents:  # the directory first: a kill between the two renames leaves the done_file, still true
+            old_lock = _held_locks.pop(self._lock_path)
+            os.rename(base, aside)
+            try:
+                self._lock_path = lock_run_dir(self.out_dir)
+            finally:
+                os.close(old_lock)
+            moved.append(aside)
+        if beside:
+            os.rename(beside, aside + suffix)
+            moved.append(aside + suffix)
+        self.print(f"[{self.stage}] --overwrite: moved the previous run to {' and '.join(moved)}")
 
     # -- model, optimizer, resume
     def prepare(self, model: torch.nn.Module, optimizer, scheduler) -> torch.nn.Module:
-        """Write the run record, move to the device, load the latest training state if there is one,
-        wrap for DDP / compile. Nothing is written to disk before this point."""
+        """Lock the run directory, write the run record, move to the device, load the latest training state
+        if there is one, draw dropout masks for the global batch, wrap for DDP / compile. Nothing is written
+        to disk before this point."""
         if self.is_main:
-            os.makedirs(self.out_dir, exist_ok=True)
-            write_json(os.path.join(self.out_dir, RECORD_FILE), self.record())
+            self._take_directory()
+        self._barrier()
+        # Under the lock: another run may have finished, or saved a state, since __init__ looked.
+        if self._finished():
+            raise UserError(f"{self.done_file} was completed by another run while this one was starting; "
+                            f"nothing was written")
+        self._check_resume()
         model.to(self.device)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self._params = [p for p in model.parameters() if p.requires_grad]
-        if os.path.exists(self.state_path) and not self.args.overwrite:
-            state = torch.load(self.state_path, map_location=self.device, weights_only=True)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            self.start_step = state["step"]
-            self.print(f"[{self.stage}] resuming from step {self.start_step} ({self.state_path})")
+        if os.path.exists(self.state_path):
+            self._load_state()
+        self._write_record()
         self._open_metrics()
         self._first_bad = torch.zeros((), dtype=torch.int64, device=self.device)  # 0: no non-finite loss yet
+        use_global_batch_dropout(model, self.rank, self.world)
         if self.world > 1:
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if self.args.compile:
             model = torch.compile(model)
         return model
+
+    def _load_state(self) -> None:
+        try:
+            state = torch.load(self.state_path, map_location=self.device, weights_only=True)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.start_step = int(state["step"])
+        except Exception as e:  # a damaged file fails in torch.load with many exception types
+            reason = _one_line(e) if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot resume: {self.state_path} is unreadable ({reason[:200]}); nothing was changed; "
+                            f"--overwrite moves this run aside and starts again") from None
+        self.print(f"[{self.stage}] resuming from step {self.start_step} ({self.state_path})")
+
+    def _write_record(self) -> None:
+        """args.json: a fresh run's record, or the resumed run's with this start appended to its history."""
+        entry = self._start_entry()
+        if self.start_step > 0 and self._resumed_record is not None:
+            record = self._resumed_record
+            history = record.get("history") or [dict(record, start_step=0)]  # a record from before histories
+            record["history"] = [*history, entry]
+        else:
+            record = {k: v for k, v in entry.items() if k != "start_step"}
+            record["history"] = [entry]
+        self._record = json.loads(json.dumps(record, default=str))
+        if self.is_main:
+            write_json(self.record_path, self._record)
 
     def save_state(self, step: int) -> None:
         """Everything needed to continue after `step` steps (randomness is recomputed from the seed)."""
@@ -444,8 +651,8 @@ class Run:
         for step in range(self.start_step, self.args.steps):
             index = indices[step]  # (B_local,)
             images, labels = next(loader) if store is None else store.gather(index)
-            # dropout (the only randomness drawn from the global generator) is a function of (seed, step, rank)
-            torch.manual_seed(_mix(self.args.seed, STREAM_DROPOUT, step, self.rank))
+            # dropout (GlobalBatchDropout, the only draws from the default generator): a function of (seed, step)
+            torch.manual_seed(_mix(self.args.seed, STREAM_DROPOUT, step))
             yield step, (self.normalize(images), labels.to(self.device, non_blocking=True), index)
 
     def _loader(self, dataset, **kw):
@@ -671,7 +878,8 @@ class Run:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux: the process's peak RSS
 
     def finish(self) -> None:
-        """Drop the resumable state, draw the curves if asked (after the stage saved what it produced)."""
+        """Drop the resumable state, draw the curves if asked, release the directory. Call it after the stage
+        wrote done_file: a kill before this point leaves the state to resume from, or the finished result."""
         if self._progress is not None:
             self._progress.close()
         if self.is_main:
@@ -681,6 +889,8 @@ class Run:
                 from tools.plots import plot_metrics
                 plot_metrics(self.metrics_path, os.path.join(self.out_dir, "loss_curves.png"))
         self._barrier()
+        if self._lock_path:
+            unlock_run_dir(self._lock_path)
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)

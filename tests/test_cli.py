@@ -120,6 +120,9 @@ def test_finished_run_is_not_overwritten(monkeypatch, capsys, data_dir, tmp_path
     pretrain.main(pretrain.get_args_parser().parse_args(map(str, argv)))
     weights = tmp_path / "further-pretrain-2" / "digits" / "model.safetensors"
     before = weights.read_bytes()
-    pretrain.main(pretrain.get_args_parser().parse_args(map(str, [*argv, "--seed", 5])))
+    pretrain.main(pretrain.get_args_parser().parse_args(map(str, [*argv, "--log_every", 5])))
     assert "already complete" in capsys.readouterr().out
+    code, err = _cli(pretrain, [*argv, "--seed", 5], monkeypatch, capsys)  # another run: refused, not reported
+    assert code == 2
+    _assert_one_line(err, "finished run with other arguments (seed: 0 there, 5 now)", "--overwrite")
     assert weights.read_bytes() == before

@@ -166,3 +166,17 @@ def test_two_processes_take_the_same_steps_as_one(script, data_dir, tmp_path):
     record = json.load(open(tmp_path / "two" / utils.RECORD_FILE))
     assert record["world_size"] == 2
     assert _losses(tmp_path / "one") == pytest.approx(_losses(tmp_path / "two"), rel=1e-4)
+
+
+def test_two_processes_fine_tune_like_one(data_dir, tmp_path):
+    """Fine-tuning with dropout 0.1 (its masks drawn for the global batch) under DDP over gloo, global batch 8,
+    takes the same steps as one process with batch 8."""
+    common = [*TINY, "--dataset", "digits", "--data_dir", data_dir, "--steps", 3, "--batch_size", 8,
+              "--scratch", "True", "--warmup_steps", 1]
+    _torchrun(1, "finetune.py", [*common, "--output_dir", tmp_path / "one"], tmp_path)
+    _torchrun(2, "finetune.py", [*common, "--output_dir", tmp_path / "two"], tmp_path)
+    assert _losses(tmp_path / "one") == pytest.approx(_losses(tmp_path / "two"), rel=1e-4)
+    one, two = (json.load(open(tmp_path / f"{name}.json")) for name in ("one", "two"))
+    assert one["args"]["dropout"] == 0.1 and two["world_size"] == 2
+    assert one["test_loss"] == pytest.approx(two["test_loss"], rel=1e-4)
+    assert one["test_acc"] == pytest.approx(two["test_acc"], abs=1 / one["num_test"])  # at most a near-tie flips
