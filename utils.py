@@ -850,7 +850,8 @@ class Run:
         now = time.perf_counter()
         last_time, last_step = self._clock
         self._clock = (now, done)
-        entry = {"step": done, "lr": float(self.scheduler.get_last_lr()[0])}  # a tensor with --cuda_graph
+        # the learning rate step `done` used (the scheduler has already moved on to the next one)
+        entry = {"step": done, "lr": float(self.scheduler.base_lrs[0]) * self.scheduler.lr_lambdas[0](done - 1)}
         values = torch.stack([v.detach().float() for v in terms.values()])
         if self.world > 1:  # the mean over processes (grad_norm is already the same everywhere)
             dist.all_reduce(values)

@@ -172,6 +172,7 @@ def test_further_pretraining_matches_the_release(golden, theta0_dir, tmp_path):
     losses = metrics(run, "mae_loss")
     assert_losses(losses, expected["pretrain"]["loss"], "MAE loss")
     assert lrs == pytest.approx(expected["pretrain"]["lr"], rel=1e-12)
+    assert metrics(run, "lr") == pytest.approx(expected["pretrain"]["lr"], rel=1e-12)  # the record says so too
     # the frozen sin-cos tables never move
     theta0 = load_file(os.path.join(GOLDEN, "theta0.safetensors"))
     for name in expected["pretrain"]["frozen"]:
@@ -255,6 +256,7 @@ def test_finetuning_and_evaluation_match_the_release(golden, theta0_dir, tmp_pat
     losses = metrics(run, "cls_loss")
     assert_losses(losses, expected["finetune"]["loss"], "cross-entropy")
     assert lrs == pytest.approx(expected["finetune"]["lr"], rel=1e-12, abs=1e-20)
+    assert metrics(run, "lr") == pytest.approx(expected["finetune"]["lr"], rel=1e-12, abs=1e-20)
     assert_losses(metrics(run, "grad_norm"), expected["finetune"]["grad_norm_preclip"],
                   "pre-clip gradient norm")
     after = v4_state(model)
