@@ -125,7 +125,8 @@ def main(args):
     checkpoint = args.model_name if args.scratch else os.path.join(args.checkpoint_dir, args.ckpt_name, args.dataset)
     if not args.scratch and not has_checkpoint(checkpoint):
         raise utils.UserError(f"checkpoint not found: {checkpoint} (create it with "
-                              f"`{creating_command(args.ckpt_name, args.dataset, args.checkpoint_dir)}`, or pass --scratch True)")
+                              f"`{creating_command(args.ckpt_name, args.dataset, args.checkpoint_dir)}`, "
+                              f"or pass --scratch True)")
     preprocessing = preprocessing_of(checkpoint, args.model_name)  # what the checkpoint was trained with
     run = utils.Run(args, out_dir, "finetune", result_path, preprocessing)
     if run.already_done:

@@ -347,8 +347,9 @@ def main(args):
     if notes:
         sections += ["", "Mixed settings: these cells hold runs with different settings, not averaged:"]
         for (d, init), k in notes.items():
-            groups = "; ".join(f"{settings_text(g['settings'])}: {cell({**g, 'groups': []}, 'mean_acc', 'std_acc', 'n')}"
-                               f", seeds {' '.join(map(str, g['seeds']))}" for g in summaries[(d, init)]["groups"])
+            groups = "; ".join(
+                f"{settings_text(g['settings'])}: {cell({**g, 'groups': []}, 'mean_acc', 'std_acc', 'n')}"
+                f", seeds {' '.join(map(str, g['seeds']))}" for g in summaries[(d, init)]["groups"])
             sections.append(f"[{k}] {d}, {row_name(init)}: {groups}")
     text = "\n".join(sections) + "\n"
 

@@ -11,28 +11,12 @@ import pretrain
 import selftrain
 from conftest import REPO, TINY
 from models import load_mae, save_model
+from helpers import assert_one_line as _assert_one_line, cli as _cli
 
 
 def _launch(cmd: str, cwd, env_extra=None, timeout=300):
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1", **(env_extra or {}))
     return subprocess.run(["bash", "-c", cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _cli(module, argv, monkeypatch, capsys):
-    """Run a script's entry point as the shell would; returns (exit code, stderr)."""
-    from utils import run_cli
-    monkeypatch.setattr(sys, "argv", [module.__name__ + ".py", *map(str, argv)])
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(module.get_args_parser, module.main)
-    return exit_info.value.code, capsys.readouterr().err
-
-
-def _assert_one_line(err: str, *words: str) -> None:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 def test_unknown_dataset_lists_the_valid_ones(monkeypatch, capsys, tmp_path):

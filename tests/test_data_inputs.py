@@ -17,25 +17,9 @@ from data import ImageDataset, LMDBReader, decode_image, write_lmdb
 from data.prepare import get_args_parser as prepare_parser
 from data.prepare import main as prepare_main
 from errors import UserError
-from utils import run_cli
+from helpers import assert_one_line as _one_error_line, cli as _cli
 
 COLOURS = {"a": (230, 20, 20), "b": (20, 220, 20), "c": (20, 20, 230)}
-
-
-def _cli(module, argv, monkeypatch, capsys):
-    """A script's entry point as the shell runs it; returns (exit code, stderr)."""
-    monkeypatch.setattr(sys, "argv", [module.__name__ + ".py", *map(str, argv)])
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(module.get_args_parser, module.main)
-    return exit_info.value.code, capsys.readouterr().err
-
-
-def _one_error_line(err: str, *words: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-    return lines[0]
 
 
 def _save(path, colour, size=8):

@@ -188,8 +188,8 @@ def test_self_distillation_matches_the_release(golden, theta0_dir, tmp_path):
     expected, batch, release = golden
     teacher_pt = tmp_path / "further-pretrain-20000" / "golden" / "model.pt"
     teacher_pt.parent.mkdir(parents=True)
-    torch.save({"args": argparse.Namespace(steps=3), "state_dict": load_file(os.path.join(GOLDEN, "teacher.safetensors"))},
-               teacher_pt)
+    teacher_state = load_file(os.path.join(GOLDEN, "teacher.safetensors"))  # the release's 4.17 names, no prefix
+    torch.save({"args": argparse.Namespace(steps=3), "state_dict": teacher_state}, teacher_pt)
     args, run = make_run(tmp_path, selftrain.get_args_parser(), "self-distill", theta0_dir,
                          "--checkpoint_dir", str(tmp_path))
     assert args.distill_weight == 1.0

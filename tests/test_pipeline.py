@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import ViTConfig, ViTForImageClassification, ViTMAEForPreTraining, ViTModel
+from transformers import ViTConfig, ViTMAEForPreTraining, ViTModel
 
 import finetune
 import mae_common

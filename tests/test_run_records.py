@@ -18,32 +18,9 @@ import report
 import selftrain
 import utils
 from conftest import REPO
+from helpers import Killed, cli as _cli, kill_at as _kill_at
 
 # ----------------------------------------------------------------------------- helpers
-
-
-class Killed(Exception):
-    pass
-
-
-def _kill_at(monkeypatch, kill_step):
-    """Make Run.step die before optimizer step `kill_step` (0-based), like a kill -9 between saves."""
-    real = utils.Run.step
-
-    def step(self, step, loss, **terms):
-        if step == kill_step:
-            raise Killed
-        return real(self, step, loss, **terms)
-    monkeypatch.setattr(utils.Run, "step", step)
-
-
-def _cli(module, argv, monkeypatch, capsys):
-    """A script's entry point as the shell runs it: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", [module.__name__ + ".py", *map(str, argv)])
-    with pytest.raises(SystemExit) as exit_info:
-        utils.run_cli(module.get_args_parser, module.main)
-    out = capsys.readouterr()
-    return exit_info.value.code, out.out, out.err
 
 
 def _one_line(err, *words):

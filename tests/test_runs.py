@@ -13,6 +13,7 @@ import selftrain
 import utils
 from conftest import REPO, TINY
 from transformers import ViTMAEForPreTraining
+from helpers import Killed, kill_at as _kill_at
 
 
 def _weights(path):
@@ -22,21 +23,6 @@ def _weights(path):
 def _losses(path):
     with open(os.path.join(path, utils.METRICS_FILE)) as f:
         return [json.loads(line)["loss"] for line in f]
-
-
-class Killed(Exception):
-    pass
-
-
-def _kill_at(monkeypatch, kill_step):
-    """Make Run.step die before optimizer step `kill_step` (0-based), like a kill -9 between saves."""
-    real = utils.Run.step
-
-    def step(self, step, loss, **terms):
-        if step == kill_step:
-            raise Killed
-        return real(self, step, loss, **terms)
-    monkeypatch.setattr(utils.Run, "step", step)
 
 
 def _finetune_final_state(monkeypatch, store):

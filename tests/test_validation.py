@@ -18,6 +18,7 @@ from data import ImageDataset
 from models import load_mae, save_model
 from models import vit_mae
 from tools import bench, visualize
+from helpers import assert_one_line as _assert_one_line, cli as _cli
 
 SCRIPTS = {"pretrain": pretrain, "selftrain": selftrain, "finetune": finetune, "visualize": visualize,
            "bench": bench}
@@ -56,22 +57,6 @@ BAD = {
               ("--data_batch_size", "0", "at least 1"), ("--data_batches", "0", "at least 1"),
               ("--image_size", "0", "at least 1")],
 }
-
-
-def _cli(module, argv, monkeypatch, capsys):
-    """Run a script's entry point as the shell would; returns (exit code, stderr)."""
-    monkeypatch.setattr(sys, "argv", [module.__name__.split(".")[-1] + ".py", *map(str, argv)])
-    with pytest.raises(SystemExit) as exit_info:
-        utils.run_cli(module.get_args_parser, module.main)
-    return exit_info.value.code, capsys.readouterr().err
-
-
-def _assert_one_line(err: str, *words: str) -> None:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 def _numeric_flags(parser: argparse.ArgumentParser) -> set[str]:
