@@ -941,7 +941,7 @@ class StaticStep:
     one CUDA graph and replayed; the schedule fills the learning-rate tensor between replays (see
     utils.adamw). On CPU the same static-buffer step runs without capture, so CPU tests cover its logic.
 
-    What a capture needs (seen working on torch 2.11, /work/shared/gpu/README.md): capturable fused
+    What a capture needs (seen working on torch 2.11 with plain transformers models on an H200): capturable fused
     AdamW, autocast without its weight cache, gradients zeroed in place (not set to None), clipping inside
     the graph, inputs copied into static tensors rather than rebound."""
 
