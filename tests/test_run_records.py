@@ -86,8 +86,10 @@ def test_finished_finetune_run_with_other_arguments_is_refused_through_the_launc
     before = result.read_bytes()
     second = launch("--steps 3 --lr 1e-3")
     assert second.returncode == 2
-    _one_line(second.stderr, "seed1.json is a finished run with other arguments (steps: 2 there, 3 now; "
-                             "lr: 0.0001 there, 0.001 now)", "--overwrite")
+    # the run's one line, then the launcher's report of which run failed
+    _one_line(second.stderr.splitlines()[0], "seed1.json is a finished run with other arguments (steps: 2 there, "
+                                             "3 now; lr: 0.0001 there, 0.001 now)", "--overwrite")
+    assert "digits initial seed 1: exit code 2" in second.stderr
     assert "test accuracy" not in second.stdout and "over 1 seed" not in second.stdout  # no summary printed
     assert result.read_bytes() == before
 
