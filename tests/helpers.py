@@ -7,12 +7,19 @@ import pytest
 import utils
 
 
-def cli(module, argv, monkeypatch, capsys):
-    """Run a script's entry point as the shell would; returns (exit code, stderr)."""
+def cli_output(module, argv, monkeypatch, capsys):
+    """Run a script's entry point as the shell would; returns (exit code, stdout, stderr)."""
     monkeypatch.setattr(sys, "argv", [module.__name__.split(".")[-1] + ".py", *map(str, argv)])
     with pytest.raises(SystemExit) as exit_info:
         utils.run_cli(module.get_args_parser, module.main)
-    return exit_info.value.code, capsys.readouterr().err
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err
+
+
+def cli(module, argv, monkeypatch, capsys):
+    """Run a script's entry point as the shell would; returns (exit code, stderr)."""
+    code, _, err = cli_output(module, argv, monkeypatch, capsys)
+    return code, err
 
 
 def assert_one_line(err: str, *words: str) -> str:

@@ -18,16 +18,9 @@ import report
 import selftrain
 import utils
 from conftest import REPO
-from helpers import Killed, cli as _cli, kill_at as _kill_at
+from helpers import Killed, assert_one_line as _one_line, cli_output as _cli, kill_at as _kill_at
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _one_line(err, *words):
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 def _files(folder):
