@@ -119,6 +119,9 @@ def evaluate(model, run: utils.Run, dataset) -> dict:
 
 
 def main(args):
+    if args.scratch:  # no checkpoint is read; recorded as the defaults, so launchers passing other values agree
+        defaults = get_args_parser()
+        args.ckpt_name, args.checkpoint_dir = defaults.get_default("ckpt_name"), defaults.get_default("checkpoint_dir")
     init = "initial" if args.scratch else args.ckpt_name
     out_dir = args.output_dir or os.path.join(args.results_dir, args.dataset, init, f"seed{args.seed}")
     result_path = os.path.normpath(out_dir) + ".json"

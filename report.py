@@ -54,7 +54,7 @@ CSV_COLUMNS = ("init", "row_name", "dataset", "n", "mean_acc", "std_acc", "mean_
 # runs differing only in these are averaged together.
 NOT_SETTINGS = frozenset({"seed", "dataset", "scratch", "ckpt_name", "data_dir", "checkpoint_dir", "output_dir",
                           "results_dir", "workers", "log_every", "save_every", "overwrite", "plot", "device",
-                          "teacher_device", "compile", "save_model"})
+                          "teacher_device", "compile", "save_model", "data_cache"})
 MIN_SEEDS_FOR_BEST = 2
 
 
@@ -127,7 +127,10 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 def settings_of(result: dict) -> dict:
     """The recorded arguments of a run that change its result."""
     args = result.get("args")
-    return {k: v for k, v in args.items() if k not in NOT_SETTINGS} if isinstance(args, dict) else {}
+    if not isinstance(args, dict):
+        return {}
+    args = {**utils.LATER_FLAG_DEFAULTS, **args}  # a record older than a flag ran as its default
+    return {k: v for k, v in args.items() if k not in NOT_SETTINGS}
 
 
 def _stats(by_seed: dict[int, dict]) -> dict:

@@ -29,8 +29,8 @@ while [ $# -gt 0 ] && ! is_flag "$1"; do DATASETS+=("$1"); shift; done
 STEPS=${STEPS:-20000}
 FINETUNE_STEPS=${FINETUNE_STEPS:-}
 for arg in "$@"; do
-  case "$arg" in  # argparse also takes the abbreviations --ste and --step
-    --ste|--step|--steps|--ste=*|--step=*|--steps=*)
+  case "$arg" in  # argparse also takes the abbreviations --st, --ste and --step
+    --st|--ste|--step|--steps|--st=*|--ste=*|--step=*|--steps=*)
       echo "error: run_all.sh takes no $arg: use STEPS=N for the MAE stages (now $STEPS) and" \
            "FINETUNE_STEPS=N for fine-tuning (now ${FINETUNE_STEPS:-10000})" >&2
       exit 2 ;;
@@ -43,13 +43,24 @@ SEEDS=${SEEDS:-1 2 3 4 5}
 pool_init "$GPU"
 RESULTS_DIR=$(flag_value --results_dir results "$@")
 FLAGS=("$@")
+# the MAE stages get every flag but fine-tuning's own (--results_dir X, --save_model), which they would refuse
+MAE_FLAGS=()
+skip_value=0
+for arg in "$@"; do
+  if [ "$skip_value" = 1 ]; then skip_value=0; continue; fi
+  case "$arg" in
+    --results_dir) skip_value=1 ;;
+    --results_dir=*|--save_model) ;;
+    *) MAE_FLAGS+=("$arg") ;;
+  esac
+done
 FINETUNE_FLAGS=(--save_every 1000)
 [ -z "$FINETUNE_STEPS" ] || FINETUNE_FLAGS+=(--steps "$FINETUNE_STEPS")
 ROUTES=("further-pretrain-$STEPS" "self-further-pretrain-$STEPS")
 
 mae_stages() {  # DEVICE DATASET: the teacher, then the student
-  bash "$REPO_DIR/run_pretrain.sh" "$1" "$2" "$STEPS" --save_every 1000 "${FLAGS[@]+"${FLAGS[@]}"}" &&
-    bash "$REPO_DIR/run_selftrain.sh" "$1" "$2" "$STEPS" --save_every 1000 "${FLAGS[@]+"${FLAGS[@]}"}"
+  bash "$REPO_DIR/run_pretrain.sh" "$1" "$2" "$STEPS" --save_every 1000 "${MAE_FLAGS[@]+"${MAE_FLAGS[@]}"}" &&
+    bash "$REPO_DIR/run_selftrain.sh" "$1" "$2" "$STEPS" --save_every 1000 "${MAE_FLAGS[@]+"${MAE_FLAGS[@]}"}"
 }
 finetune_run() {  # DEVICE DATASET INIT SEED
   local scratch=False

@@ -24,7 +24,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from errors import UserError  # noqa: F401  (re-exported: stages raise utils.UserError)
+from errors import RunFailed, UserError  # noqa: F401  (re-exported: stages raise utils.UserError)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -144,13 +144,14 @@ def shared_parser() -> argparse.ArgumentParser:
 
 
 def run_cli(get_args_parser, main) -> None:
-    """Entry-point wrapper: user mistakes become one line on stderr and exit code 2."""
+    """Entry-point wrapper: user mistakes become one line on stderr and exit code 2 (a run that failed
+    though what was asked was fine, RunFailed: exit code 1)."""
     args = get_args_parser().parse_args()
     try:
         main(args)
     except UserError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -382,7 +383,7 @@ def lock_run_dir(path: str) -> str:
         os.close(fd)
         if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
             raise UserError(f"cannot lock the run directory {path}: {e.strerror or e}") from None
-        raise UserError(f"{path} is in use by another run ({holder or 'pid unknown'}); wait for it to end or "
+        raise RunFailed(f"{path} is in use by another run ({holder or 'pid unknown'}); wait for it to end or "
                         f"stop it, or pass --output_dir for a separate run") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}\n".encode(), 0)
@@ -827,7 +828,7 @@ class Run:
         if first_bad.item() > 0:
             last = (f"the last good state is {self.state_path}" if os.path.exists(self.state_path)
                     else "no state was saved (see --save_every)")
-            raise UserError(f"the loss is not finite at step {first_bad.item()} (lower --lr, or check the data); "
+            raise RunFailed(f"the loss is not finite at step {first_bad.item()} (lower --lr, or check the data); "
                             f"nothing after it was saved; {last}")
 
     def _open_metrics(self) -> None:

@@ -125,12 +125,26 @@ def test_gpu_list_gives_each_run_one_gpu(tmp_path):
         assert all(gpu in ("0", "1") for gpu, _ in finetune_runs)
 
 
+def test_run_all_keeps_finetuning_flags_from_the_mae_stages(tmp_path):
+    """pretrain.py and selftrain.py would refuse --results_dir and --save_model (exit 2, stopping the pool)."""
+    python, calls = _fake_python(tmp_path)
+    proc = _launch(f"bash {REPO}/run_all.sh cpu digits --results_dir res --save_model --results_dir=res2 --lr 1e-3",
+                   tmp_path, {"PYTHON": python, "SEEDS": "1", "STEPS": "5"})
+    assert proc.returncode == 0, proc.stderr
+    lines = [argv for _, argv in (line.split("|") for line in calls.read_text().splitlines())]
+    mae = [argv for argv in lines if "pretrain.py" in argv or "selftrain.py" in argv]
+    finetune_runs = [argv for argv in lines if "finetune.py" in argv]
+    assert len(mae) == 2 and len(finetune_runs) == 3
+    assert all("--results_dir" not in argv and "--save_model" not in argv and "--lr 1e-3" in argv for argv in mae)
+    assert all("--results_dir res --save_model --results_dir=res2" in argv for argv in finetune_runs)
+
+
 def test_run_all_refuses_steps(tmp_path):
-    for flag in ("--steps 3", "--steps=3", "--step 3"):
+    for flag in ("--steps 3", "--steps=3", "--step 3", "--st 3"):
         proc = _launch(f"bash {REPO}/run_all.sh cpu digits --model_name vit-mae-tiny {flag}", tmp_path)
         assert proc.returncode == 2
         lines = proc.stderr.splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: run_all.sh takes no --step"), proc.stderr
+        assert len(lines) == 1 and lines[0].startswith(f"error: run_all.sh takes no {flag.split()[0]}"), proc.stderr
         assert "STEPS=N for the MAE stages (now 20000)" in lines[0] and "FINETUNE_STEPS=N" in lines[0]
         assert os.listdir(tmp_path) == []  # nothing ran
 

@@ -55,6 +55,16 @@ def finetune_argv(stage_args, tmp_path):
     return build
 
 
+def test_from_theta0_the_unused_checkpoint_flags_do_not_make_another_run(finetune_argv, capsys):
+    """run_finetune.sh passes --ckpt_name self-further-pretrain-20000 and run_all.sh --ckpt_name initial to
+    the same run from θ₀; neither is read, so neither may make the other "a run with other arguments"."""
+    finetune.main(finetune.get_args_parser().parse_args(finetune_argv("--ckpt_name", "initial")))
+    capsys.readouterr()
+    finetune.main(finetune.get_args_parser().parse_args(finetune_argv("--ckpt_name", "further-pretrain-9",
+                                                                      "--checkpoint_dir", "elsewhere")))
+    assert "already complete" in capsys.readouterr().out
+
+
 def _pretrain(argv):
     pretrain.main(pretrain.get_args_parser().parse_args(argv))
 
@@ -126,7 +136,7 @@ def test_a_directory_in_use_is_refused_naming_the_holder_and_kill_9_frees_it(pre
     try:
         assert holder.stdout.readline().strip() == "locked"
         code, _, err = _cli(pretrain, pretrain_argv(), monkeypatch, capsys)
-        assert code == 2
+        assert code == 1  # a run that cannot go on, not bad input: the launchers' pool keeps going
         _one_line(err, f"{run_dir} is in use by another run (pid {holder.pid} on ")
         assert os.listdir(run_dir) == [utils.LOCK_FILE]  # the refused run wrote nothing
     finally:

@@ -112,8 +112,9 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_state(stage
         return loss * float("nan") if len(calls) == 5 else loss
     monkeypatch.setattr(pretrain, "mae_loss", mae_loss)
     argv = pretrain.get_args_parser().parse_args(stage_args("--save_every", 2, "--output_dir", tmp_path / "r", steps=8))
-    with pytest.raises(utils.UserError, match="not finite at step 5.*train_state.pt"):
+    with pytest.raises(utils.RunFailed, match="not finite at step 5.*train_state.pt") as failed:
         pretrain.main(argv)
+    assert failed.value.exit_code == 1  # not bad input: a launcher's pool keeps running the other runs
     state = torch.load(tmp_path / "r" / utils.STATE_FILE, weights_only=True)
     assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
     assert not (tmp_path / "r" / "model.safetensors").exists()
