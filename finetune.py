@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import utils
 from data import ImageDataset, check_labels
+from mae_common import creating_command
 from models import (build_classifier, has_checkpoint, load_encoder_state, load_mae, preprocessing_of,
                     save_model)
 
@@ -55,15 +56,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def no_weight_decay(name: str, param) -> bool:
     return any(n in name for n in NO_DECAY_NAMES)
-
-
-def creating_command(ckpt_name: str, dataset: str, checkpoint_dir: str = "checkpoints") -> str:
-    """The launcher that writes <checkpoint_dir>/<ckpt_name>/<dataset>."""
-    where = "" if checkpoint_dir == "checkpoints" else f" --checkpoint_dir {checkpoint_dir}"
-    for prefix, launcher in (("self-further-pretrain-", "run_selftrain.sh"), ("further-pretrain-", "run_pretrain.sh")):
-        if ckpt_name.startswith(prefix):
-            return f"bash {launcher} GPU {dataset} {ckpt_name[len(prefix):]}{where}"
-    return "pretrain.py or selftrain.py with --output_dir"
 
 
 def label_names(dataset: ImageDataset, num_classes: int) -> list[str]:
@@ -126,14 +118,14 @@ def main(args):
     out_dir = args.output_dir or os.path.join(args.results_dir, args.dataset, init, f"seed{args.seed}")
     result_path = os.path.normpath(out_dir) + ".json"
     checkpoint = args.model_name if args.scratch else os.path.join(args.checkpoint_dir, args.ckpt_name, args.dataset)
+    preprocessing = preprocessing_of(checkpoint, args.model_name)  # what the checkpoint was trained with
+    run = utils.Run(args, out_dir, "finetune", result_path, preprocessing)
+    if run.already_done:  # even if its checkpoint has been deleted since
+        return
     if not args.scratch and not has_checkpoint(checkpoint):
         raise utils.UserError(f"checkpoint not found: {checkpoint} (create it with "
                               f"`{creating_command(args.ckpt_name, args.dataset, args.checkpoint_dir)}`, "
                               f"or pass --scratch True)")
-    preprocessing = preprocessing_of(checkpoint, args.model_name)  # what the checkpoint was trained with
-    run = utils.Run(args, out_dir, "finetune", result_path, preprocessing)
-    if run.already_done:
-        return
 
     # ---- the encoder to start from, and the data: train (optionally minus a held-out part) and test
     if args.scratch:

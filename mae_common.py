@@ -18,6 +18,16 @@ def self_distill_dir(checkpoint_dir: str, steps: int, dataset: str) -> str:
     return os.path.join(checkpoint_dir, f"self-further-pretrain-{steps}", dataset)
 
 
+def creating_command(ckpt_name: str, dataset: str, checkpoint_dir: str) -> str:
+    """The launcher command that writes <checkpoint_dir>/<ckpt_name>/<dataset> (named in "not found" errors)."""
+    where = "" if checkpoint_dir == utils.shared_parser().get_default("checkpoint_dir") else \
+        f" --checkpoint_dir {checkpoint_dir}"
+    for prefix, launcher in (("self-further-pretrain-", "run_selftrain.sh"), ("further-pretrain-", "run_pretrain.sh")):
+        if ckpt_name.startswith(prefix):
+            return f"bash {launcher} GPU {dataset} {ckpt_name[len(prefix):]}{where}"
+    return "pretrain.py or selftrain.py with --output_dir"
+
+
 def mae_args_parser() -> argparse.ArgumentParser:
     """Flags of the two MAE stages (pre-training and self-distillation)."""
     p = argparse.ArgumentParser(add_help=False, parents=[utils.shared_parser()])

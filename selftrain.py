@@ -23,7 +23,8 @@ import torch
 
 import utils
 from data import ImageDataset
-from mae_common import MAE_BETAS, further_pretrain_dir, mae_args_parser, no_weight_decay, self_distill_dir
+from mae_common import (MAE_BETAS, creating_command, further_pretrain_dir, mae_args_parser, no_weight_decay,
+                        self_distill_dir)
 from models import (MAEWithFeature, cls_feature, has_checkpoint, load_encoder, load_mae, preprocessing_of,
                     save_model)
 
@@ -38,7 +39,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "model.pt); default: <checkpoint_dir>/further-pretrain-<steps>/<dataset>")
     g.add_argument("--distill_weight", type=utils.finite_float(0), default=1.0,
                    help="λ, the weight of the distillation loss")
-    g.add_argument("--teacher_device", default=None,
+    g.add_argument("--teacher_device", type=utils.device_spec, default=None,
                    help="run the teacher on another device (e.g. cuda:1); default: the student's device")
     return p
 
@@ -75,17 +76,14 @@ def teacher_features(teacher, teacher_device, run: utils.Run, dataset) -> torch.
 def main(args):
     out_dir = args.output_dir or self_distill_dir(args.checkpoint_dir, args.steps, args.dataset)
     teacher_path = args.teacher or further_pretrain_dir(args.checkpoint_dir, args.steps, args.dataset)
-    if not has_checkpoint(teacher_path):
-        # the command that writes the default teacher path: same dataset, steps and checkpoint_dir
-        default_dir = get_args_parser().get_default("checkpoint_dir")
-        where = "" if args.checkpoint_dir == default_dir else f" --checkpoint_dir {args.checkpoint_dir}"
-        raise utils.UserError(f"teacher not found: {teacher_path} (create it with `bash run_pretrain.sh GPU "
-                              f"{args.dataset} {args.steps}{where}` or `python pretrain.py --dataset {args.dataset} "
-                              f"--steps {args.steps}{where}`, or pass --teacher PATH)")
     preprocessing = preprocessing_of(args.model_name)  # θ₀'s image processor, as in the release
     run = utils.Run(args, out_dir, "self-distill", os.path.join(out_dir, "model.safetensors"), preprocessing)
-    if run.already_done:
+    if run.already_done:  # even if its teacher has been deleted since
         return
+    if not has_checkpoint(teacher_path):
+        command = creating_command(f"further-pretrain-{args.steps}", args.dataset, args.checkpoint_dir)
+        raise utils.UserError(f"teacher not found: {teacher_path} (create it with `{command}`, "
+                              f"or pass --teacher PATH)")
 
     # ---- student: θ₀ again (encoder + decoder); teacher: the further pre-trained encoder, frozen
     student_mae = load_mae(args.model_name, args.mask_ratio, args.norm_pix_loss)  # sin-cos tables frozen

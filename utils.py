@@ -42,6 +42,13 @@ def str2bool(value: str) -> bool:
 # Numeric flags are checked where they are parsed: argparse then prints the usage and one line
 # ("argument --steps: must be at least 1, got 0") and exits with code 2, before anything runs.
 
+def device_spec(value: str) -> str:
+    """An argparse type for --device / --teacher_device: auto, cpu, cuda or cuda:N."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got '{value}'")
+    return value
+
+
 def int_at_least(minimum: int):
     """An argparse type: a whole number >= minimum."""
     def parse(value: str) -> int:
@@ -115,7 +122,7 @@ def shared_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int_at_least(0), default=0,
                    help="seeds data order, masking noise, flips, dropout, new heads")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, or cuda:N")
+    g.add_argument("--device", type=device_spec, default="auto", help="auto (cuda if available), cpu, cuda, or cuda:N")
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="auto: bf16 autocast on CUDA, fp32 on CPU; fp32 reproduces the original numerics")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
@@ -409,6 +416,14 @@ def _read_record(path: str) -> dict:
         raise UserError(f"{path} is not a run record (no 'args'); nothing was changed; --overwrite moves this run "
                         f"aside and starts again")
     return record
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; a line a kill cut short (or no line at all) counts as past any step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 class Run:
@@ -836,7 +851,7 @@ class Run:
         if self.is_main and os.path.exists(self.metrics_path):
             # drop lines past the resumed step (a killed run may have logged beyond its last state)
             with open(self.metrics_path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= self.start_step]
+                kept = [line for line in f if _logged_step(line) <= self.start_step]
             with open(self.metrics_path, "w") as f:
                 f.writelines(kept)
         self._progress = None

@@ -5,6 +5,7 @@ import fcntl
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,6 +64,32 @@ def test_from_theta0_the_unused_checkpoint_flags_do_not_make_another_run(finetun
     finetune.main(finetune.get_args_parser().parse_args(finetune_argv("--ckpt_name", "further-pretrain-9",
                                                                       "--checkpoint_dir", "elsewhere")))
     assert "already complete" in capsys.readouterr().out
+
+
+def test_a_metrics_line_cut_short_by_a_kill_does_not_stop_the_resume(pretrain_argv, monkeypatch, tmp_path):
+    _kill_at(monkeypatch, 3)
+    with pytest.raises(Killed):
+        _pretrain(pretrain_argv("--save_every", 2, steps=4))
+    monkeypatch.undo()
+    metrics = tmp_path / "run" / utils.METRICS_FILE
+    with open(metrics, "a") as f:
+        f.write('{"step": 3, "lo')  # a kill in the middle of a write
+    _pretrain(pretrain_argv("--save_every", 2, steps=4))
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_a_finished_run_is_complete_even_if_its_input_was_deleted(finetune_argv, stage_args, tmp_path, capsys):
+    """The finished check comes before the check of the checkpoint or teacher it was trained from."""
+    _pretrain(stage_args(steps=2))
+    teacher = tmp_path / "ckpt" / "further-pretrain-2" / "digits"
+    selftrain.main(selftrain.get_args_parser().parse_args(stage_args(steps=2)))
+    argv = stage_args("--ckpt_name", "further-pretrain-2", "--results_dir", tmp_path / "res", steps=2)
+    finetune.main(finetune.get_args_parser().parse_args(argv))
+    shutil.rmtree(teacher)
+    capsys.readouterr()
+    selftrain.main(selftrain.get_args_parser().parse_args(stage_args(steps=2)))
+    finetune.main(finetune.get_args_parser().parse_args(argv))
+    assert capsys.readouterr().out.count("already complete") == 2
 
 
 def _pretrain(argv):

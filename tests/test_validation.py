@@ -35,13 +35,17 @@ SHARED = [("--steps", "0", "must be at least 1, got 0"), ("--steps", "-5", "must
           ("--clip_grad", "0", "must be greater than 0, got 0"), ("--clip_grad", "nan", "finite number"),
           ("--clip_grad", "off", "expected a number or none, got 'off'"),
           ("--log_every", "0", "must be at least 1, got 0"), ("--save_every", "-1", "must be at least 0, got -1"),
-          ("--workers", "-1", "must be at least 0, got -1"), ("--seed", "-1", "must be at least 0, got -1")]
+          ("--workers", "-1", "must be at least 0, got -1"), ("--seed", "-1", "must be at least 0, got -1"),
+          ("--device", "cuda:x", "expected auto, cpu, cuda or cuda:N, got 'cuda:x'"),
+          ("--device", "cudafoo", "expected auto, cpu, cuda or cuda:N"), ("--device", "cuda:-1", "cuda:N")]
+NOT_NUMERIC = {"--out", "--device", "--teacher_device"}  # checked at parse time too, but not numbers
 MASK_RATIO = [("--mask_ratio", "1.5", "must be in (0, 1), got 1.5"), ("--mask_ratio", "1.0", "must be in (0, 1)"),
               ("--mask_ratio", "0", "must be in (0, 1), got 0"), ("--mask_ratio", "nan", "finite number")]
 BAD = {
     "pretrain": SHARED + MASK_RATIO,
     "selftrain": SHARED + MASK_RATIO + [("--distill_weight", "-1", "must be at least 0, got -1"),
-                                        ("--distill_weight", "nan", "finite number")],
+                                        ("--distill_weight", "nan", "finite number"),
+                                        ("--teacher_device", "gpu1", "expected auto, cpu, cuda or cuda:N")],
     "finetune": SHARED + [("--dropout", "1", "must be in [0, 1), got 1"), ("--dropout", "-0.1", "in [0, 1)"),
                           ("--val_split", "1", "must be in [0, 1), got 1"), ("--val_split", "-0.5", "in [0, 1)"),
                           ("--val_split", "nan", "finite number")],
@@ -55,7 +59,7 @@ BAD = {
               ("--side_by_side", "0", "greater than 0"),
               ("--workers_list", "-1", "at least 0"), ("--data_images", "0", "at least 1"),
               ("--data_batch_size", "0", "at least 1"), ("--data_batches", "0", "at least 1"),
-              ("--image_size", "0", "at least 1")],
+              ("--image_size", "0", "at least 1"), ("--device", "gpu", "expected auto, cpu, cuda or cuda:N")],
 }
 
 
@@ -85,7 +89,7 @@ def test_every_numeric_flag_is_validated_and_tested(script):
     parser = SCRIPTS[script].get_args_parser()
     bare = [a.option_strings for a in parser._actions if a.type in (int, float)]
     assert bare == []
-    assert _numeric_flags(parser) - {"--out"} == {flag for flag, _, _ in BAD[script]} - {"--out"}
+    assert _numeric_flags(parser) - NOT_NUMERIC == {flag for flag, _, _ in BAD[script]} - NOT_NUMERIC
 
 
 def test_edge_values_that_are_valid_parse():
@@ -262,12 +266,12 @@ def test_teacher_not_found_suggests_the_same_checkpoint_dir(stage_args, monkeypa
     code, err = _cli(selftrain, stage_args(), monkeypatch, capsys)  # --checkpoint_dir tmp_path/ckpt, --steps 4
     assert code == 2
     where = f"--checkpoint_dir {tmp_path / 'ckpt'}"
-    _assert_one_line(err, f"run_pretrain.sh GPU digits 4 {where}`", f"pretrain.py --dataset digits --steps 4 {where}`")
+    _assert_one_line(err, f"run_pretrain.sh GPU digits 4 {where}`")
     monkeypatch.chdir(tmp_path)
     argv = stage_args()
     argv[argv.index("--checkpoint_dir") + 1] = "checkpoints"  # the default: no flag to repeat
     code, err = _cli(selftrain, argv, monkeypatch, capsys)
-    _assert_one_line(err, "run_pretrain.sh GPU digits 4`", "--steps 4`")
+    _assert_one_line(err, "run_pretrain.sh GPU digits 4`")
 
 
 @pytest.mark.parametrize("out", ["figs/", "existing"])

@@ -129,7 +129,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_batches", type=utils.int_at_least(1), default=20,
                    help="timed batches per measurement (rounded up to whole rounds of the workers)")
     g.add_argument("--image_size", type=utils.int_at_least(1), default=224, help="the size images are resized to")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    p.add_argument("--device", type=utils.device_spec, default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     return p
 
 

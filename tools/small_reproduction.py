@@ -97,7 +97,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="torch threads; 1 leaves a core to the DataLoader worker (on a shared 2-core machine, "
                         "2 threads were 10x slower than 1)")
     g.add_argument("--workers", type=int, default=1, help="DataLoader worker processes of every stage")
-    g.add_argument("--device", default="auto", help="passed to every stage (auto: cuda if available)")
+    g.add_argument("--device", type=utils.device_spec, default="auto", help="passed to every stage (auto: cuda if available)")
     g.add_argument("--log_every", type=int, default=100, help="steps between a stage's metrics lines")
     return p
 
