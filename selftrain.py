@@ -65,7 +65,7 @@ def teacher_features(teacher, teacher_device, run: utils.Run, dataset) -> torch.
     each row of the encoder's output depends on its own image only."""
     table = None
     for index, images in run.ordered_batches(dataset):
-        with run.autocast():
+        with torch.inference_mode(), run.autocast():  # the teacher is frozen: no graph to keep
             features = cls_feature(teacher, images.to(teacher_device)).to(run.device)  # (B, D)
         if table is None:
             table = torch.empty(len(dataset), features.shape[-1], dtype=features.dtype, device=run.device)

@@ -651,15 +651,14 @@ class Run:
         self._barrier()
 
     # -- data
-    def batches(self, dataset, shuffle_seed: int | None = None):
+    def batches(self, dataset):
         """(step, (images, labels, indices)) for the remaining steps: images (B_local, 3, H, W) normalised on
         the device, labels (B_local,) and the batch's positions in `dataset` (B_local,) on the device.
 
         With --data_cache auto the split is decoded once (data/cache.py) and batches are gathered from it by
         index; otherwise DataLoader workers decode and resize every batch. Both give the same batches. The
         indices of a chunk of steps are drawn at once (the same values as StepSampler's, step by step)."""
-        seed = self.args.seed if shuffle_seed is None else shuffle_seed
-        sampler = StepSampler(len(dataset), self.args.batch_size, seed, self.start_step, self.args.steps,
+        sampler = StepSampler(len(dataset), self.args.batch_size, self.args.seed, self.start_step, self.args.steps,
                               self.rank, self.world)
         indices = _DrawnAhead(sampler.indices, self.device, self.args.steps)
         store = self._decoded(dataset)
