@@ -6,6 +6,7 @@ and dropout. So one process and N processes take the same optimizer steps, and a
 saved random-number state to continue bit-identically.
 """
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import errno
@@ -296,6 +297,60 @@ def use_global_batch_dropout(model: torch.nn.Module, rank: int, world: int) -> N
                 setattr(parent, name, GlobalBatchDropout(child.p, rank, world))
 
 
+class Draws:
+    """The randomness a training step sees, as pure functions of (seed, step, sample): the data order, uniform
+    draws per purpose (MAE masking noise, flips) and the seed of dropout's default generator. Every process of a
+    job draws the global batch's values and keeps its own rows, so 1 and N processes take the same steps.
+    Values are drawn a chunk of steps at a time (one copy to the device per chunk); each step keeps its own
+    generator, so they do not depend on the chunking.
+
+    A Run makes one with `Draws(seed, batch_size, steps, rank, world, device)`; `supplied_draws` hands a run other
+    draws (the golden tests replay the release's noise, flips and data order through main())."""
+
+    def __init__(self, seed: int, global_batch: int, steps: int, rank: int, world: int, device: torch.device):
+        self.seed, self.global_batch, self.steps = seed, global_batch, steps
+        self.rank, self.world, self.device = rank, world, device
+        self.local_batch = global_batch // world
+        self._order, self._uniform = {}, {}
+
+    def indices(self, n: int, step: int) -> torch.Tensor:
+        """(B_local,) positions in a dataset of n items: this process's part of step `step`'s global batch."""
+        if n not in self._order:
+            sampler = StepSampler(n, self.global_batch, self.seed, 0, self.steps, self.rank, self.world)
+            self._order[n] = _DrawnAhead(sampler.indices, self.device, self.steps)
+        return self._order[n][step]
+
+    def uniform(self, step: int, stream: int, *shape: int) -> torch.Tensor:
+        """This process's rows (B_local, *shape) of a (global_batch, *shape) uniform tensor drawn from
+        (seed, stream, step)."""
+        if (stream, shape) not in self._uniform:
+            def draw(start: int, stop: int) -> torch.Tensor:  # (stop - start, B_local, *shape)
+                rows = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
+                return torch.stack([torch.rand(self.global_batch, *shape, generator=generator(self.seed, stream, s))[rows]
+                                    for s in range(start, stop)])
+            self._uniform[(stream, shape)] = _DrawnAhead(draw, self.device, self.steps)
+        return self._uniform[(stream, shape)][step]
+
+    def dropout_seed(self, step: int) -> int:
+        """The default generator's seed for step `step` (GlobalBatchDropout draws from it)."""
+        return _mix(self.seed, STREAM_DROPOUT, step)
+
+
+_supplied_draws = []  # a stack of factories (args, rank, world, device) -> Draws, innermost last
+
+
+@contextlib.contextmanager
+def supplied_draws(make):
+    """Runs created inside this block take their per-step randomness from `make(args, rank, world, device)`
+    (an object with Draws' three methods) instead of Draws: the one seam for replaying given noise, flips and
+    data order through a stage's main() (tests/test_golden.py). Nothing else about the run changes."""
+    _supplied_draws.append(make)
+    try:
+        yield
+    finally:
+        _supplied_draws.remove(make)
+
+
 # ----------------------------------------------------------------------------- optimizer and schedule
 
 def param_groups(model: torch.nn.Module, weight_decay: float, no_decay) -> list[dict]:
@@ -470,6 +525,9 @@ class Run:
         self._lock_path = None
         self._record = self._resumed_record = None
         torch.manual_seed(_mix(args.seed, self.rank))  # new heads, anything built before the loop
+        make = _supplied_draws[-1] if _supplied_draws else (
+            lambda a, rank, world, device: Draws(a.seed, a.batch_size, a.steps, rank, world, device))
+        self.draws = make(args, self.rank, self.world, self.device)
         # Checked here, before the stage loads anything, and again under the lock in prepare().
         self.already_done = not args.overwrite and self._finished()
         if self.already_done:
@@ -658,16 +716,15 @@ class Run:
         With --data_cache auto the split is decoded once (data/cache.py) and batches are gathered from it by
         index; otherwise DataLoader workers decode and resize every batch. Both give the same batches. The
         indices of a chunk of steps are drawn at once (the same values as StepSampler's, step by step)."""
-        sampler = StepSampler(len(dataset), self.args.batch_size, self.args.seed, self.start_step, self.args.steps,
-                              self.rank, self.world)
-        indices = _DrawnAhead(sampler.indices, self.device, self.args.steps)
         store = self._decoded(dataset)
-        loader = iter(self._loader(dataset, batch_sampler=sampler)) if store is None else None
+        if store is None:  # the workers decode each step's batch: the sampler yields this process's indices
+            order = _StepOrder(self.draws, len(dataset), self.start_step, self.args.steps)
+            loader = iter(self._loader(dataset, batch_sampler=order))
         for step in range(self.start_step, self.args.steps):
-            index = indices[step]  # (B_local,)
+            index = self.draws.indices(len(dataset), step)  # (B_local,)
             images, labels = next(loader) if store is None else store.gather(index)
             # dropout (GlobalBatchDropout, the only draws from the default generator): a function of (seed, step)
-            torch.manual_seed(_mix(self.args.seed, STREAM_DROPOUT, step))
+            torch.manual_seed(self.draws.dropout_seed(step))
             yield step, (self.normalize(images), labels.to(self.device, non_blocking=True), index)
 
     def _loader(self, dataset, **kw):
@@ -754,21 +811,8 @@ class Run:
         return (images - self.mean) / self.std
 
     def global_rand(self, step: int, stream: int, *shape: int) -> torch.Tensor:
-        """This process's rows of a (global_batch, *shape) uniform tensor drawn from (seed, stream, step).
-        Drawn for a chunk of steps at a time (one copy to the device per chunk); each step keeps its own
-        generator, so the values do not depend on the chunking."""
-        if (stream, shape) not in self._drawn:
-            def draw(start: int, stop: int) -> torch.Tensor:  # (stop - start, B_local, *shape)
-                rows = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
-                return torch.stack([torch.rand(self.args.batch_size, *shape,
-                                               generator=generator(self.args.seed, stream, s))[rows]
-                                    for s in range(start, stop)])
-            self._drawn[(stream, shape)] = _DrawnAhead(draw, self.device, self.args.steps)
-        return self._drawn[(stream, shape)][step]
-
-    @functools.cached_property
-    def _drawn(self) -> dict:
-        return {}
+        """This process's rows of a (global_batch, *shape) uniform tensor drawn from (seed, stream, step)."""
+        return self.draws.uniform(step, stream, *shape)
 
     def masking_noise(self, step: int, num_patches: int) -> torch.Tensor:
         """MAE masking noise (B_local, N): the patches with the smallest values stay visible."""
@@ -913,6 +957,20 @@ class Run:
         if self.world > 1:
             dist.all_reduce(t)
         return t.tolist()
+
+
+class _StepOrder(torch.utils.data.Sampler):
+    """A DataLoader batch sampler yielding draws.indices(n, step) for steps start .. stop-1 (as lists)."""
+
+    def __init__(self, draws, n: int, start: int, stop: int):
+        self.draws, self.n, self.start, self.stop = draws, n, start, stop
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            yield self.draws.indices(self.n, step).tolist()
+
+    def __len__(self):
+        return max(0, self.stop - self.start)
 
 
 class _DrawnAhead:

@@ -66,3 +66,19 @@ def theta0_dir(golden, tmp_path_factory):
                    "resample": pre["resample"], "do_normalize": True, "image_mean": pre["image_mean"],
                    "image_std": pre["image_std"]}, f)
     return path
+
+
+_REPORT: list[str] = []
+
+
+def report_line(text: str) -> None:
+    """A line for the end of the session's output (what a fidelity test measured, e.g. how many elements used
+    a tolerance's allowance), shown whatever the verbosity."""
+    _REPORT.append(text)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _REPORT:
+        terminalreporter.section("measured by the tests")
+        for line in _REPORT:
+            terminalreporter.write_line(line)

@@ -45,3 +45,66 @@ def kill_at(monkeypatch, kill_step):
             raise Killed
         return real(self, step, loss, **terms)
     monkeypatch.setattr(utils.Run, "step", step)
+
+
+# ----------------------------------------------------------------------------- observing main() from outside
+
+class Cut(Exception):
+    """Raised when a run asks for the draws of the step it is cut at (see cut_at)."""
+
+
+class _CutDraws:
+    """The run's own draws (utils.Draws), with `on_step(step)` called as each step starts and Cut raised
+    when step `stop` is asked for."""
+
+    def __init__(self, draws, stop, on_step):
+        self.draws, self.stop, self.on_step, self.started = draws, stop, on_step, []
+
+    def indices(self, n, step):
+        if step not in self.started:
+            self.started.append(step)
+            if self.on_step is not None:
+                self.on_step(step)
+        if step == self.stop:
+            raise Cut
+        return self.draws.indices(n, step)
+
+    def uniform(self, step, stream, *shape):
+        return self.draws.uniform(step, stream, *shape)
+
+    def dropout_seed(self, step):
+        return self.draws.dropout_seed(step)
+
+
+def cut_at(stop=None, on_step=None):
+    """A factory for utils.supplied_draws: runs keep their own randomness, are told when each step starts, and
+    stop (Cut) before step `stop` -- e.g. one step of a 20,000-step recipe, its schedule unchanged."""
+    def make(args, rank, world, device):
+        return _CutDraws(utils.Draws(args.seed, args.batch_size, args.steps, rank, world, device), stop, on_step)
+    return make
+
+
+def spy_prepare(monkeypatch) -> dict:
+    """Fills a dict with what a stage's main() hands to Run.prepare: the model it trains (and a copy of its
+    state then), its optimizer and schedule, and the Run."""
+    seen = {}
+    real = utils.Run.prepare
+
+    def prepare(self, model, optimizer, scheduler):
+        seen.update(run=self, model=model, optimizer=optimizer, scheduler=scheduler,
+                    start={k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real(self, model, optimizer, scheduler)
+    monkeypatch.setattr(utils.Run, "prepare", prepare)
+    return seen
+
+
+def spy(monkeypatch, module, name, record, replace=None):
+    """Wraps module.<name> (which main() looks up when it runs): record(*args, **kwargs) sees every call, then the
+    real function runs -- or `replace`, for tests that only look at the inputs."""
+    real = getattr(module, name)
+
+    def wrapper(*a, **kw):
+        record(*a, **kw)
+        return (replace or real)(*a, **kw)
+    monkeypatch.setattr(module, name, wrapper)
+    return real

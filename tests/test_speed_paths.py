@@ -93,23 +93,22 @@ def test_a_split_over_the_memory_budget_streams_with_a_notice(data_dir, tmp_path
     assert all(torch.equal(x, y) for (_, a), (_, b) in zip(batches, streamed) for x, y in zip(a, b))
 
 
-def test_randomness_drawn_ahead_equals_the_per_step_generators(tmp_path):
+def test_randomness_drawn_ahead_equals_the_per_step_generators():
     """Indices, masking noise and flips for step k are what utils.generator(seed, stream, k) gives, across
     chunk boundaries, for any process of a job and for a resumed run."""
     steps, batch = 150, 6
     for world, rank, start in ((1, 0, 0), (2, 1, 0), (3, 2, 70)):
-        run = _run(tmp_path, "--seed", 5, batch_size=batch, steps=steps, world=world, rank=rank)
-        run.start_step = start
+        draws = utils.Draws(5, batch, steps, rank, world, torch.device("cpu"))
         rows = slice(rank * batch // world, (rank + 1) * batch // world)
         sampler = utils.StepSampler(40, batch, 5, start, steps, rank, world)
         drawn = sampler.indices(start, steps)
         for step, listed in zip(range(start, steps), sampler):
-            assert drawn[step - start].tolist() == listed
+            assert drawn[step - start].tolist() == listed == draws.indices(40, step).tolist()
             noise = torch.rand(batch, 64, generator=utils.generator(5, utils.STREAM_NOISE, step))[rows]
-            assert torch.equal(run.masking_noise(step, 64), noise)
+            assert torch.equal(draws.uniform(step, utils.STREAM_NOISE, 64), noise)
             flip = torch.rand(batch, generator=utils.generator(5, utils.STREAM_FLIP, step))[rows]
-            assert torch.equal(run.global_rand(step, utils.STREAM_FLIP), flip)
-        assert run._drawn[(utils.STREAM_NOISE, (64,))].start > start  # drawn in chunks, not all at once
+            assert torch.equal(draws.uniform(step, utils.STREAM_FLIP), flip)
+        assert draws._uniform[(utils.STREAM_NOISE, (64,))].start > start  # drawn in chunks, not all at once
 
 
 def test_teacher_features_looked_up_equal_the_online_ones(data_dir, tmp_path):
