@@ -21,11 +21,13 @@ import os
 import torch
 import torch.nn.functional as F
 
+import training
 import utils
 from data import ImageDataset, check_labels
 from mae_common import creating_command
 from models import (build_classifier, has_checkpoint, load_encoder_state, load_mae, preprocessing_of,
                     save_model)
+from tools.plots import plot_metrics
 
 FINETUNE_BETAS = (0.9, 0.999)
 NO_DECAY_NAMES = ("bias", "position_embeddings", "cls_token")  # the release's rule; LayerNorm weights decay
@@ -97,7 +99,7 @@ def training_loss(classifier, images, labels, flip):
 
 
 @torch.no_grad()
-def evaluate(model, run: utils.Run, dataset) -> dict:
+def evaluate(model, run: training.Run, dataset) -> dict:
     """Accuracy and mean cross-entropy over the whole dataset (summed over processes)."""
     model.eval()
     correct = loss_sum = 0.0
@@ -119,7 +121,7 @@ def main(args):
     result_path = os.path.normpath(out_dir) + ".json"
     checkpoint = args.model_name if args.scratch else os.path.join(args.checkpoint_dir, args.ckpt_name, args.dataset)
     preprocessing = preprocessing_of(checkpoint, args.model_name)  # what the checkpoint was trained with
-    run = utils.Run(args, out_dir, "finetune", result_path, preprocessing)
+    run = training.Run(args, out_dir, "finetune", result_path, preprocessing, done_holds_record=True)
     if run.already_done:  # even if its checkpoint has been deleted since
         return
     if not args.scratch and not has_checkpoint(checkpoint):
@@ -168,6 +170,8 @@ def main(args):
             result["model"] = os.path.join(out_dir, "model")
         # the result before finish() drops the state: a kill in between loses nothing
         utils.write_json(result_path, {**result, **run.record()})
+        if args.plot:
+            plot_metrics(run.metrics_path, os.path.join(out_dir, "loss_curves.png"))
     run.finish()
     run.print(f"[finetune] {args.dataset} from {init}, seed {args.seed}: test accuracy {100 * test['acc']:.2f}% "
               f"loss {test['loss']:.4f} -> {result_path}")

@@ -15,10 +15,12 @@ import argparse
 import functools
 import os
 
+import training
 import utils
 from data import ImageDataset
 from mae_common import MAE_BETAS, further_pretrain_dir, mae_args_parser, no_weight_decay
 from models import load_mae, mae_loss, preprocessing_of, save_model
+from tools.plots import plot_metrics
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -37,7 +39,7 @@ def training_loss(mae, images, noise):
 def main(args):
     out_dir = args.output_dir or further_pretrain_dir(args.checkpoint_dir, args.steps, args.dataset)
     preprocessing = preprocessing_of(args.model_name)  # θ₀'s image processor, as in the release
-    run = utils.Run(args, out_dir, "further-pretrain", os.path.join(out_dir, "model.safetensors"), preprocessing)
+    run = training.Run(args, out_dir, "further-pretrain", os.path.join(out_dir, "model.safetensors"), preprocessing)
     if run.already_done:
         return
 
@@ -60,6 +62,8 @@ def main(args):
 
     if run.is_main:
         save_model(mae, out_dir, preprocessing)
+        if args.plot:
+            plot_metrics(run.metrics_path, os.path.join(out_dir, "loss_curves.png"))
     run.finish()
     run.print(f"[further-pretrain] saved {out_dir}")
 

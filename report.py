@@ -18,8 +18,8 @@ vgg_flower_102), then other datasets alphabetically. A cell is the test accuracy
 (finetune.py --val_split), a second table shows it the same way, for those datasets.
 
 Only runs of the same settings are averaged. The settings are the run's arguments recorded in each
-seed<k>.json, except those that do not change the result (NOT_SETTINGS: the seed, paths, workers,
-logging, saving, device, compile). A cell whose seeds were run with different settings (say, two
+seed<k>.json, except those that do not change the result (NOT_SETTINGS: the seed, paths, and
+utils.RESULT_NEUTRAL_FLAGS -- workers, logging, saving, device, data cache). A cell whose seeds were run with different settings (say, two
 --lr values) shows `mixed settings [k]` instead of a mean, and note [k] below the table gives each
 group's mean ± std with the settings that differ.
 
@@ -50,11 +50,10 @@ RESULT_FILE = re.compile(r"^seed(\d+)\.json$")
 MISSING = "—"
 CSV_COLUMNS = ("init", "row_name", "dataset", "n", "mean_acc", "std_acc", "mean_loss", "best",
                "n_val", "mean_val_acc", "std_val_acc", "best_val", "settings")
-# Recorded arguments that do not change a run's result (or are implied by the cell: dataset, init):
-# runs differing only in these are averaged together.
-NOT_SETTINGS = frozenset({"seed", "dataset", "scratch", "ckpt_name", "data_dir", "checkpoint_dir", "output_dir",
-                          "results_dir", "workers", "log_every", "save_every", "overwrite", "plot", "device",
-                          "teacher_device", "compile", "save_model", "data_cache"})
+# Recorded arguments that do not change a run's result (utils.RESULT_NEUTRAL_FLAGS, the list resume uses too),
+# those implied by the cell (dataset, init) and the paths the inputs were read from: runs differing only in these
+# are averaged together.
+NOT_SETTINGS = utils.RESULT_NEUTRAL_FLAGS | {"seed", "dataset", "scratch", "ckpt_name", "data_dir", "checkpoint_dir"}
 MIN_SEEDS_FOR_BEST = 2
 
 

@@ -21,12 +21,14 @@ import os
 
 import torch
 
+import training
 import utils
 from data import ImageDataset
 from mae_common import (MAE_BETAS, creating_command, further_pretrain_dir, mae_args_parser, no_weight_decay,
                         self_distill_dir)
 from models import (MAEWithFeature, cls_feature, has_checkpoint, load_encoder, load_mae, preprocessing_of,
                     save_model)
+from tools.plots import plot_metrics
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -59,7 +61,7 @@ def training_loss(student: MAEWithFeature, images, noise, teacher_cls, distill_w
 
 
 @torch.no_grad()
-def teacher_features(teacher, teacher_device, run: utils.Run, dataset) -> torch.Tensor:
+def teacher_features(teacher, teacher_device, run: training.Run, dataset) -> torch.Tensor:
     """h_T(x) of every image of `dataset`, (N, D) on run.device, computed as each step would compute it
     (under run.autocast, in batches of the steps' shape), so a row equals the on-line h_T(x) of that image:
     each row of the encoder's output depends on its own image only."""
@@ -77,7 +79,7 @@ def main(args):
     out_dir = args.output_dir or self_distill_dir(args.checkpoint_dir, args.steps, args.dataset)
     teacher_path = args.teacher or further_pretrain_dir(args.checkpoint_dir, args.steps, args.dataset)
     preprocessing = preprocessing_of(args.model_name)  # θ₀'s image processor, as in the release
-    run = utils.Run(args, out_dir, "self-distill", os.path.join(out_dir, "model.safetensors"), preprocessing)
+    run = training.Run(args, out_dir, "self-distill", os.path.join(out_dir, "model.safetensors"), preprocessing)
     if run.already_done:  # even if its teacher has been deleted since
         return
     if not has_checkpoint(teacher_path):
@@ -88,7 +90,7 @@ def main(args):
     # ---- student: θ₀ again (encoder + decoder); teacher: the further pre-trained encoder, frozen
     student_mae = load_mae(args.model_name, args.mask_ratio, args.norm_pix_loss)  # sin-cos tables frozen
     teacher = load_encoder(teacher_path, args.model_name, reference=student_mae.config)
-    teacher_device = utils.resolve_device(args.teacher_device, run.local_rank) if args.teacher_device else run.device
+    teacher_device = training.resolve_device(args.teacher_device, run.local_rank) if args.teacher_device else run.device
     teacher.to(teacher_device).eval().requires_grad_(False)
     preprocessing = preprocessing.check(student_mae.config.image_size)
     dataset = ImageDataset(args.dataset, "train", args.data_dir, preprocessing.size, preprocessing.resample)
@@ -110,6 +112,8 @@ def main(args):
 
     if run.is_main:
         save_model(student_mae, out_dir, preprocessing)
+        if args.plot:
+            plot_metrics(run.metrics_path, os.path.join(out_dir, "loss_curves.png"))
     run.finish()
     run.print(f"[self-distill] saved {out_dir}")
 

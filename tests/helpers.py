@@ -1,9 +1,10 @@
-"""Helpers shared by the test files: an entry point run as the shell runs it, the one-line error check,
-and a kill between saves."""
+"""Helpers shared by the test files: an entry point run as the shell runs it, the one-line error check, and
+main() observed from outside: cut at a step (a kill between saves), what it hands to the run, what a step gets."""
 import sys
 
 import pytest
 
+import training
 import utils
 
 
@@ -32,21 +33,6 @@ def assert_one_line(err: str, *words: str) -> str:
     return lines[0]
 
 
-class Killed(Exception):
-    pass
-
-
-def kill_at(monkeypatch, kill_step):
-    """Make Run.step die before optimizer step `kill_step` (0-based), like a kill -9 between saves."""
-    real = utils.Run.step
-
-    def step(self, step, loss, **terms):
-        if step == kill_step:
-            raise Killed
-        return real(self, step, loss, **terms)
-    monkeypatch.setattr(utils.Run, "step", step)
-
-
 # ----------------------------------------------------------------------------- observing main() from outside
 
 class Cut(Exception):
@@ -54,7 +40,7 @@ class Cut(Exception):
 
 
 class _CutDraws:
-    """The run's own draws (utils.Draws), with `on_step(step)` called as each step starts and Cut raised
+    """The run's own draws (training.Draws), with `on_step(step)` called as each step starts and Cut raised
     when step `stop` is asked for."""
 
     def __init__(self, draws, stop, on_step):
@@ -77,10 +63,10 @@ class _CutDraws:
 
 
 def cut_at(stop=None, on_step=None):
-    """A factory for utils.supplied_draws: runs keep their own randomness, are told when each step starts, and
+    """A factory for training.supplied_draws: runs keep their own randomness, are told when each step starts, and
     stop (Cut) before step `stop` -- e.g. one step of a 20,000-step recipe, its schedule unchanged."""
     def make(args, rank, world, device):
-        return _CutDraws(utils.Draws(args.seed, args.batch_size, args.steps, rank, world, device), stop, on_step)
+        return _CutDraws(training.Draws(args.seed, args.batch_size, args.steps, rank, world, device), stop, on_step)
     return make
 
 
@@ -88,13 +74,13 @@ def spy_prepare(monkeypatch) -> dict:
     """Fills a dict with what a stage's main() hands to Run.prepare: the model it trains (and a copy of its
     state then), its optimizer and schedule, and the Run."""
     seen = {}
-    real = utils.Run.prepare
+    real = training.Run.prepare
 
     def prepare(self, model, optimizer, scheduler):
         seen.update(run=self, model=model, optimizer=optimizer, scheduler=scheduler,
                     start={k: v.detach().clone() for k, v in model.state_dict().items()})
         return real(self, model, optimizer, scheduler)
-    monkeypatch.setattr(utils.Run, "prepare", prepare)
+    monkeypatch.setattr(training.Run, "prepare", prepare)
     return seen
 
 

@@ -10,7 +10,7 @@ Each test calls the stage's own `main(args)` (pretrain.main, selftrain.main, fin
 θ₀ as a model directory with the release's 4.17 names, the 8 images as the dataset `golden` (both splits:
 the release's test() scored the same images), the teacher as the release's `model.pt`, where selftrain.main
 looks for it by default. Handed in from outside are only what the release drew at random:
-- the per-step draws, through the run's one seam for them (utils.supplied_draws, ReleaseDraws below): the
+- the per-step draws, through the run's one seam for them (training.supplied_draws, ReleaseDraws below): the
   release's masking noise and flips of each step, and its data order. The release's order was the identity
   (S5); we replay the 8 images permuted, the noise and flips following their image, so that an image paired
   with another row's noise, flip, label or teacher feature fails. The release cut its 20,000-step runs after
@@ -46,6 +46,7 @@ from safetensors.torch import load_file
 import finetune
 import pretrain
 import selftrain
+import training
 import utils
 from data import write_lmdb
 from models import cls_feature, load_mae
@@ -99,7 +100,7 @@ def v4_state(state: dict) -> dict:
 # ----------------------------------------------------------------------------- the fixture as the scripts' inputs
 
 class ReleaseDraws:
-    """The release's per-step randomness in our data order, for utils.supplied_draws: row j of every batch is
+    """The release's per-step randomness in our data order, for training.supplied_draws: row j of every batch is
     image ORDER[j], its masking noise is the release's noise of that image at that step, its flip the
     release's flip of it. `on_step(step)` is called as each step starts; asking for step `stop` raises Cut
     (the release's runs were cut after 2 complete steps, S7)."""
@@ -136,7 +137,7 @@ class ReleaseDraws:
 def run_main(module, argv: list, draws: ReleaseDraws):
     """module.main(args) as the command line would call it, with the release's draws; returns args."""
     args = module.get_args_parser().parse_args([str(a) for a in argv])
-    with utils.supplied_draws(lambda *_: draws):
+    with training.supplied_draws(lambda *_: draws):
         module.main(args)
     return args
 
@@ -168,12 +169,12 @@ def stage_argv(theta0_dir, data_dir, out_dir, *flags):
 
 
 def metrics(out_dir, key: str) -> list[float]:
-    with open(os.path.join(out_dir, utils.METRICS_FILE)) as f:
+    with open(os.path.join(out_dir, training.METRICS_FILE)) as f:
         return [json.loads(line)[key] for line in f]
 
 
 def saved_state(out_dir) -> dict:
-    return torch.load(os.path.join(out_dir, utils.STATE_FILE), weights_only=True)
+    return torch.load(os.path.join(out_dir, training.STATE_FILE), weights_only=True)
 
 
 # ----------------------------------------------------------------------------- comparisons
@@ -249,10 +250,10 @@ def assert_optimizer(seen: dict, stage: dict, lrs: list[list[float]], what: str)
 
 
 def group_names(model, no_weight_decay, weight_decay=0.01) -> dict:
-    """{weight decay: sorted 4.17 names} of the two groups utils.param_groups makes with a stage's rule."""
+    """{weight decay: sorted 4.17 names} of the two groups training.param_groups makes with a stage's rule."""
     ids = {id(p): v4_name(n) for n, p in model.named_parameters()}
     return {g["weight_decay"]: sorted(ids[id(p)] for p in g["params"])
-            for g in utils.param_groups(model, weight_decay, no_weight_decay)}
+            for g in training.param_groups(model, weight_decay, no_weight_decay)}
 
 
 def release_groups(expected_stage: dict) -> dict:
@@ -287,7 +288,7 @@ def test_preprocessing_and_theta0_match_the_release(golden, theta0_dir, tmp_path
     args = pretrain.get_args_parser().parse_args(["--dataset", "golden", "--model_name", theta0_dir,
                                                   "--device", "cpu", "--output_dir", str(tmp_path / "r")])
     from models import preprocessing_of
-    run = utils.Run(args, args.output_dir, "further-pretrain", str(tmp_path / "r" / "done"), preprocessing_of(theta0_dir))
+    run = training.Run(args, args.output_dir, "further-pretrain", str(tmp_path / "r" / "done"), preprocessing_of(theta0_dir))
     pre = run.preprocessing
     assert (pre.size, pre.resample, list(pre.mean), list(pre.std)) == (
         32, 2, expected["preprocessing"]["image_mean"], expected["preprocessing"]["image_std"])
@@ -449,7 +450,7 @@ def test_finetuning_from_a_checkpoint_starts_from_exactly_its_encoder(golden, th
     args = finetune.get_args_parser().parse_args([str(a) for a in stage_argv(
         theta0_dir, golden_data, tmp_path / "ft", "--checkpoint_dir", checkpoints, "--ckpt_name", "the-release-teacher",
         "--results_dir", tmp_path / "results")])
-    with utils.supplied_draws(cut_at(stop=0)), pytest.raises(Cut):
+    with training.supplied_draws(cut_at(stop=0)), pytest.raises(Cut):
         finetune.main(args)
     start = v4_state(seen["start"])
     assert sorted(start) == sorted(["vit." + k for k in teacher] + ["classifier.weight", "classifier.bias"])

@@ -1,7 +1,8 @@
 """What the recipe depends on, pinned so that an upgrade of transformers that changes it fails here, loudly.
 
-transformers 5 silently changed two of these (SPEC.md §5): `from_pretrained` returned MAE's fixed sin-cos
-position tables trainable, and a model built from a config had all-zero tables and tokens. Each test
+transformers 5 silently changed two of these (README, "Differences from the original code"): `from_pretrained`
+returned MAE's fixed sin-cos position tables trainable, and a model built from a config had all-zero tables and
+tokens. Each test
 names the invariant it guards; the numbers come from the release on transformers 4.17 (tests/golden/).
 """
 import io
@@ -17,6 +18,7 @@ from transformers import ViTMAEForPreTraining
 import finetune
 import mae_common
 import pretrain
+import training
 import utils
 from models import (SINCOS_TABLES, TINY_NAME, MAEWithFeature, Preprocessing, build_classifier, cls_feature, load_mae,
                     mae_loss, preprocessing_of, save_model, sincos_2d_table)
@@ -49,7 +51,7 @@ def test_only_the_sincos_tables_are_frozen_in_every_mae_load(theta0_dir, tmp_pat
 
 def test_frozen_tables_stay_out_of_the_optimizer():
     mae = load_mae(TINY_NAME)
-    in_groups = {id(p) for g in utils.param_groups(mae, 0.01, mae_common.no_weight_decay) for p in g["params"]}
+    in_groups = {id(p) for g in training.param_groups(mae, 0.01, mae_common.no_weight_decay) for p in g["params"]}
     assert all((id(p) in in_groups) == p.requires_grad for p in mae.parameters())
     assert not any(id(mae.get_parameter(n)) in in_groups for n in SINCOS_TABLES)
 
@@ -59,7 +61,7 @@ def test_finetuning_trains_the_position_table_without_weight_decay():
     mae = load_mae(TINY_NAME)
     model = build_classifier(mae.config, mae.vit.state_dict(), 10, 0.1)
     assert frozen(model) == []
-    decay, no_decay = utils.param_groups(model, 0.01, finetune.no_weight_decay)
+    decay, no_decay = training.param_groups(model, 0.01, finetune.no_weight_decay)
     assert any(p is model.vit.embeddings.position_embeddings for p in no_decay["params"])
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
 

@@ -14,6 +14,7 @@ import finetune
 import mae_common
 import pretrain
 import selftrain
+import training
 import utils
 from data import ImageDataset, LMDBReader
 from models import (build_classifier, cls_feature, load_encoder, load_encoder_state, load_mae, mae_loss,
@@ -87,7 +88,7 @@ def test_pretrain_writes_a_checkpoint_that_stock_from_pretrained_opens(stage_arg
     record = json.load(open(out / "args.json"))
     assert record["args"]["steps"] == 4 and record["versions"]["torch"] == torch.__version__
     assert [m["step"] for m in _metrics(out)] == [1, 2, 3, 4]
-    assert not (out / utils.STATE_FILE).exists()
+    assert not (out / training.STATE_FILE).exists()
     # every file we write loads without pickled objects
     for name in os.listdir(out):
         assert not name.endswith((".pt", ".bin", ".pkl"))
@@ -111,7 +112,7 @@ def test_selftrain_student_starts_from_initial_weights_and_never_touches_the_tea
     pretrain.main(pretrain.get_args_parser().parse_args(stage_args()))
     teacher_dir = tmp_path / "ckpt" / "further-pretrain-4" / "digits"
     seen = {}
-    real_load_encoder, real_prepare = selftrain.load_encoder, utils.Run.prepare
+    real_load_encoder, real_prepare = selftrain.load_encoder, training.Run.prepare
 
     def spy_load_encoder(path, name, reference):
         seen["teacher"] = real_load_encoder(path, name, reference)
@@ -122,7 +123,7 @@ def test_selftrain_student_starts_from_initial_weights_and_never_touches_the_tea
         return real_prepare(self, model, optimizer, scheduler)
 
     monkeypatch.setattr(selftrain, "load_encoder", spy_load_encoder)
-    monkeypatch.setattr(utils.Run, "prepare", spy_prepare)
+    monkeypatch.setattr(training.Run, "prepare", spy_prepare)
     selftrain.main(selftrain.get_args_parser().parse_args(stage_args()))
 
     initial = load_mae("vit-mae-tiny").state_dict()
@@ -209,21 +210,21 @@ def test_finetune_writes_results_with_accuracy_and_loss(stage_args, tmp_path):
 
 def test_finetune_weight_decay_groups_follow_the_release():
     model = build_classifier(load_mae("vit-mae-tiny").config, load_mae("vit-mae-tiny").vit.state_dict(), 3, 0.1)
-    decay, no_decay = utils.param_groups(model, 0.01, finetune.no_weight_decay)
+    decay, no_decay = training.param_groups(model, 0.01, finetune.no_weight_decay)
     names = {id(p): n for n, p in model.named_parameters()}
     no_names = {names[id(p)] for p in no_decay["params"]}
     assert "vit.embeddings.cls_token" in no_names and "vit.embeddings.position_embeddings" in no_names
     assert "vit.layers.0.layernorm_before.weight" not in no_names  # LayerNorm weights are decayed
     assert all(n.endswith("bias") or "embeddings" in n for n in no_names)
     mae = load_mae("vit-mae-tiny")
-    decay, no_decay = utils.param_groups(mae, 0.01, mae_common.no_weight_decay)
+    decay, no_decay = training.param_groups(mae, 0.01, mae_common.no_weight_decay)
     assert all(p.ndim <= 1 for p in no_decay["params"]) and all(p.ndim > 1 for p in decay["params"])
     assert all(p is not mae.vit.embeddings.position_embeddings for p in decay["params"] + no_decay["params"])
 
 
 def test_linear_schedule_warms_up_then_decays_to_zero():
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    sched = utils.linear_schedule(opt, warmup_steps=2, total_steps=6)
+    sched = training.linear_schedule(opt, warmup_steps=2, total_steps=6)
     lrs = []
     for _ in range(6):
         lrs.append(sched.get_last_lr()[0])
@@ -320,11 +321,11 @@ def test_digits_split_is_fixed(data_dir):
 
 
 def test_step_sampler_does_not_depend_on_the_number_of_processes():
-    one = utils.StepSampler(10, 4, seed=1, start_step=0, steps=7, rank=0, world=1)
-    two = [utils.StepSampler(10, 4, seed=1, start_step=0, steps=7, rank=r, world=2) for r in range(2)]
+    one = training.StepSampler(10, 4, seed=1, start_step=0, steps=7, rank=0, world=1)
+    two = [training.StepSampler(10, 4, seed=1, start_step=0, steps=7, rank=r, world=2) for r in range(2)]
     for full, a, b in zip(one, *two):
         assert full == a + b
-    resumed = utils.StepSampler(10, 4, seed=1, start_step=3, steps=7, rank=0, world=1)
+    resumed = training.StepSampler(10, 4, seed=1, start_step=3, steps=7, rank=0, world=1)
     assert list(resumed) == list(one)[3:]
-    seen = [i for batch in utils.StepSampler(10, 5, seed=1, start_step=0, steps=2, rank=0, world=1) for i in batch]
+    seen = [i for batch in training.StepSampler(10, 5, seed=1, start_step=0, steps=2, rank=0, world=1) for i in batch]
     assert sorted(seen) == list(range(10))  # one epoch covers every image once

@@ -13,6 +13,7 @@ from PIL import Image
 
 import finetune
 import pretrain
+import training
 import utils
 from conftest import TINY
 from helpers import Cut, cut_at, spy, spy_prepare
@@ -32,7 +33,7 @@ def _run(module, argv, stop, monkeypatch, train=False):
                                                                          for t in a[1:]]),
             replace=None if train else _no_training)
         args = module.get_args_parser().parse_args([str(a) for a in argv])
-        with utils.supplied_draws(cut_at(stop=stop)), pytest.raises(Cut):
+        with training.supplied_draws(cut_at(stop=stop)), pytest.raises(Cut):
             module.main(args)
     return inputs
 
@@ -67,7 +68,8 @@ def _numbered_images(root, n=24):
 
 def _image_numbers(images, run) -> list[int]:
     """Normalised images (B, 3, H, W) back to the k of _numbered_images."""
-    pixels = (images * run.std.cpu() + run.mean.cpu()) * 255  # (B, 3, H, W)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (run.preprocessing.mean, run.preprocessing.std))
+    pixels = (images * std + mean) * 255  # (B, 3, H, W)
     return [round((v - 8) / 10) for v in pixels[:, 0].mean(dim=(1, 2)).tolist()]
 
 
@@ -122,7 +124,7 @@ def test_dropout_drops_the_rate_and_scales_the_rest_with_new_masks_each_step(dat
         argv = [*TINY, "--dataset", "digits", "--data_dir", data_dir, "--scratch", "True", "--steps", 50,
                 "--output_dir", tmp_path / name, "--results_dir", tmp_path / "res", "--log_every", 1000]
         args = finetune.get_args_parser().parse_args([str(a) for a in argv])
-        with utils.supplied_draws(cut_at(stop=3, on_step=on_step)), pytest.raises(Cut):
+        with training.supplied_draws(cut_at(stop=3, on_step=on_step)), pytest.raises(Cut):
             finetune.main(args)
         return kept, inputs
 

@@ -2,8 +2,8 @@
 defaults, what each stage's main() builds from them (the model's configuration, the optimizer, its groups and
 schedule, dropout, the batch it trains on), and what the launchers pass to the scripts.
 
-RECIPE is the authors' release (SPEC.md §2, the fixture in tests/golden/ for the numbers a 2-step run cannot
-show, such as beta2). The stage runs here use vit-mae-tiny on digits (ViT-B/16 needs the Hub), everything else
+RECIPE is the authors' release (README, "Flags and hyperparameters"; tests/golden/ for the numbers a 2-step run
+cannot show, such as beta2). The stage runs here use vit-mae-tiny on digits (ViT-B/16 needs the Hub), everything else
 at its default, cut after one step of the 20,000 / 10,000 (helpers.cut_at: the schedule is the recipe's)."""
 import json
 import os
@@ -17,6 +17,7 @@ import torch
 import finetune
 import pretrain
 import selftrain
+import training
 import utils
 from conftest import REPO
 from helpers import Cut, cut_at, spy, spy_prepare
@@ -48,7 +49,8 @@ SCRIPTS = {"further-pretrain": pretrain, "self-distill": selftrain, "finetune": 
 
 
 def no_decay_by_recipe(stage: str, name: str, param) -> bool:
-    """The recipe's rule (SPEC §2), written from the paper's side: which parameters get no weight decay."""
+    """The recipe's rule (README, "Flags and hyperparameters"), written from the paper's side: which parameters
+    get no weight decay."""
     if stage == "finetune":
         return any(word in name for word in ("bias", "position_embeddings", "cls_token"))
     return param.ndim <= 1 or name.endswith(".bias")
@@ -73,9 +75,9 @@ def _tiny_checkpoint(path):
     save_model(load_mae("vit-mae-tiny"), str(path))
 
 
-def _start_with_defaults(stage, data_dir, tmp_path, monkeypatch):
-    """One step of the stage's main() with every recipe flag at its default (the model: vit-mae-tiny; the data:
-    digits; the device: CPU); -> (what Run.prepare got, the inputs of the step's training_loss)."""
+def _start_with_defaults(stage, data_dir, tmp_path, monkeypatch, *flags):
+    """One step of the stage's main() with every recipe flag at its default but `flags` (the model: vit-mae-tiny;
+    the data: digits; the device: CPU); -> (args, what Run.prepare got, the inputs of the step's training_loss)."""
     checkpoints = tmp_path / "checkpoints"
     if stage == "self-distill":  # the teacher where selftrain looks by default
         _tiny_checkpoint(checkpoints / "further-pretrain-20000" / "digits")
@@ -85,8 +87,8 @@ def _start_with_defaults(stage, data_dir, tmp_path, monkeypatch):
     spy(monkeypatch, SCRIPTS[stage], "training_loss", lambda *a, **kw: inputs.append((a, kw)))
     args = SCRIPTS[stage].get_args_parser().parse_args(
         ["--dataset", "digits", "--data_dir", data_dir, "--model_name", "vit-mae-tiny", "--device", "cpu",
-         "--workers", "0", "--checkpoint_dir", str(checkpoints), "--output_dir", str(tmp_path / "run")])
-    with utils.supplied_draws(cut_at(stop=1)), pytest.raises(Cut):
+         "--workers", "0", "--checkpoint_dir", str(checkpoints), "--output_dir", str(tmp_path / "run"), *flags])
+    with training.supplied_draws(cut_at(stop=1)), pytest.raises(Cut):
         SCRIPTS[stage].main(args)
     return args, seen, inputs
 
@@ -134,6 +136,10 @@ def test_main_builds_the_recipe(stage, data_dir, tmp_path, monkeypatch):
     if stage != "finetune":
         assert (config.mask_ratio, config.norm_pix_loss) == (recipe["mask_ratio"], recipe["norm_pix_loss"]), \
             f"{stage}: mask ratio {config.mask_ratio}, norm_pix_loss {config.norm_pix_loss}"
+    else:  # a new linear head, initialised as transformers does: N(0, initializer_range = 0.02), bias 0
+        weight, bias = seen["start"]["classifier.weight"], seen["start"]["classifier.bias"]
+        assert 0.017 < weight.std().item() < 0.023 and abs(weight.mean().item()) < 0.003, "the new head's init"
+        assert not bias.any(), "the new head's bias is not zero"
 
     # ---- the step: the recipe's batch, one training_loss call, λ
     assert len(inputs) == 1, f"{stage}: {len(inputs)} training_loss calls in one step"
@@ -143,6 +149,33 @@ def test_main_builds_the_recipe(stage, data_dir, tmp_path, monkeypatch):
         assert kw["distill_weight"] == recipe["distill_weight"], f"λ = {kw['distill_weight']}"
     if stage != "finetune":
         assert a[2].shape == (recipe["batch_size"], 64), f"{stage}: masking noise {tuple(a[2].shape)}"
+
+
+NOT_DEFAULT = {"further-pretrain": ["--mask_ratio", "0.5", "--norm_pix_loss", "False", "--lr", "3e-4", "--warmup_steps",
+                                    "7", "--weight_decay", "0.05", "--batch_size", "16"],
+               "self-distill": ["--mask_ratio", "0.5", "--norm_pix_loss", "False", "--distill_weight", "0.5",
+                                "--batch_size", "16"],
+               "finetune": ["--dropout", "0.2", "--lr", "3e-4", "--weight_decay", "0.05", "--batch_size", "16"]}
+
+
+@pytest.mark.parametrize("stage", list(RECIPE))
+def test_main_builds_what_the_flags_say(stage, data_dir, tmp_path, monkeypatch):
+    """Each recipe flag reaches what main() builds: none is ignored in favour of its default."""
+    args, seen, inputs = _start_with_defaults(stage, data_dir, tmp_path, monkeypatch, *NOT_DEFAULT[stage])
+    model, optimizer = seen["model"], seen["optimizer"]
+    config = model.config if stage != "self-distill" else model.mae.config
+    assert {g["initial_lr"] for g in optimizer.param_groups} == {args.lr}
+    assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, args.weight_decay]
+    assert inputs[0][0][1].shape[0] == args.batch_size
+    if stage == "finetune":
+        assert config.hidden_dropout_prob == 0.2 and {m.p for m in model.modules() if "Dropout" in type(m).__name__
+                                                      and m.p > 0} == {0.2}, "--dropout"
+    else:
+        assert (config.mask_ratio, config.norm_pix_loss) == (0.5, False), "--mask_ratio / --norm_pix_loss"
+    if stage == "further-pretrain":
+        assert seen["scheduler"].lr_lambdas[0](3) == pytest.approx(3 / 7), "--warmup_steps"
+    if stage == "self-distill":
+        assert inputs[0][1]["distill_weight"] == 0.5, "--distill_weight"
 
 
 # ----------------------------------------------------------------------------- the launchers

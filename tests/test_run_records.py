@@ -17,9 +17,10 @@ import finetune
 import pretrain
 import report
 import selftrain
+import training
 import utils
 from conftest import REPO
-from helpers import Killed, assert_one_line as _one_line, cli_output as _cli, kill_at as _kill_at
+from helpers import Cut, assert_one_line as _one_line, cli_output as _cli, cut_at
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -67,11 +68,9 @@ def test_from_theta0_the_unused_checkpoint_flags_do_not_make_another_run(finetun
 
 
 def test_a_metrics_line_cut_short_by_a_kill_does_not_stop_the_resume(pretrain_argv, monkeypatch, tmp_path):
-    _kill_at(monkeypatch, 3)
-    with pytest.raises(Killed):
+    with training.supplied_draws(cut_at(stop=3)), pytest.raises(Cut):
         _pretrain(pretrain_argv("--save_every", 2, steps=4))
-    monkeypatch.undo()
-    metrics = tmp_path / "run" / utils.METRICS_FILE
+    metrics = tmp_path / "run" / training.METRICS_FILE
     with open(metrics, "a") as f:
         f.write('{"step": 3, "lo')  # a kill in the middle of a write
     _pretrain(pretrain_argv("--save_every", 2, steps=4))
@@ -157,7 +156,7 @@ def test_a_directory_in_use_is_refused_naming_the_holder_and_kill_9_frees_it(pre
                                                                              monkeypatch, capsys):
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, utils; utils.lock_run_dir(sys.argv[1]); print('locked', flush=True); "
+        [sys.executable, "-c", "import sys, training.run_dir as d; d.lock_run_dir(sys.argv[1]); print('locked', flush=True); "
                                "sys.stdin.read()", str(run_dir)],
         cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -165,26 +164,26 @@ def test_a_directory_in_use_is_refused_naming_the_holder_and_kill_9_frees_it(pre
         code, _, err = _cli(pretrain, pretrain_argv(), monkeypatch, capsys)
         assert code == 1  # a run that cannot go on, not bad input: the launchers' pool keeps going
         _one_line(err, f"{run_dir} is in use by another run (pid {holder.pid} on ")
-        assert os.listdir(run_dir) == [utils.LOCK_FILE]  # the refused run wrote nothing
+        assert os.listdir(run_dir) == [training.LOCK_FILE]  # the refused run wrote nothing
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
     _pretrain(pretrain_argv())  # no stale lock after kill -9
     assert (run_dir / "model.safetensors").exists()
-    assert [json.loads(line)["step"] for line in open(run_dir / utils.METRICS_FILE)] == [1, 2, 3, 4]
+    assert [json.loads(line)["step"] for line in open(run_dir / training.METRICS_FILE)] == [1, 2, 3, 4]
 
 
 def test_finetune_locks_its_run_directory_and_so_its_result_file(finetune_argv, tmp_path):
     run_dir = tmp_path / "res" / "digits" / "initial" / "seed0"
     os.makedirs(run_dir)
     # another holder: a second open file description is a second lock, even in this process
-    fd = os.open(run_dir / utils.LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    fd = os.open(run_dir / training.LOCK_FILE, os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
     os.write(fd, b"pid 4242 on elsewhere\n")
     try:
         with pytest.raises(utils.UserError, match=r"in use by another run \(pid 4242 on elsewhere\)"):
             _finetune(finetune_argv())
-        assert os.listdir(run_dir) == [utils.LOCK_FILE] and not (run_dir.parent / "seed0.json").exists()
+        assert os.listdir(run_dir) == [training.LOCK_FILE] and not (run_dir.parent / "seed0.json").exists()
     finally:
         os.close(fd)
     _finetune(finetune_argv())
@@ -206,7 +205,7 @@ def test_a_run_finished_by_another_while_this_one_loaded_is_not_trained_again(pr
                                               "starting; nothing was written"):
         _pretrain(pretrain_argv(steps=2))
     assert finished and weights.exists()
-    assert [json.loads(line)["step"] for line in open(tmp_path / "run" / utils.METRICS_FILE)] == [1, 2]
+    assert [json.loads(line)["step"] for line in open(tmp_path / "run" / training.METRICS_FILE)] == [1, 2]
 
 
 # ----------------------------------------------------------------------------- 11. --overwrite
@@ -216,10 +215,8 @@ def test_overwrite_moves_the_old_run_aside_first_and_a_killed_overwrite_resumes(
     _pretrain(pretrain_argv(steps=2))
     old = _files(tmp_path / "run")
     new_argv = pretrain_argv("--lr", "1e-3", "--save_every", 2, "--overwrite")
-    with monkeypatch.context() as m:
-        _kill_at(m, kill_step=3)
-        with pytest.raises(Killed):
-            _pretrain(new_argv)
+    with training.supplied_draws(cut_at(stop=3)), pytest.raises(Cut):
+        _pretrain(new_argv)
     aside = glob.glob(str(tmp_path / "run.old-*"))
     assert len(aside) == 1 and _files(aside[0]) == old  # the old run, whole, before anything new was written
     assert not (tmp_path / "run" / "model.safetensors").exists()
@@ -229,9 +226,9 @@ def test_overwrite_moves_the_old_run_aside_first_and_a_killed_overwrite_resumes(
     capsys.readouterr()
     _pretrain([a for a in new_argv if a != "--overwrite"])
     assert "resuming from step 2" in capsys.readouterr().out
-    record = _json(tmp_path / "run" / utils.RECORD_FILE)
+    record = _json(tmp_path / "run" / training.RECORD_FILE)
     assert record["args"]["lr"] == 1e-3 and [h["start_step"] for h in record["history"]] == [0, 2]
-    assert [json.loads(line)["step"] for line in open(tmp_path / "run" / utils.METRICS_FILE)] == [1, 2, 3, 4]
+    assert [json.loads(line)["step"] for line in open(tmp_path / "run" / training.METRICS_FILE)] == [1, 2, 3, 4]
     # --overwrite again moves the whole run aside again: a second old copy, nothing deleted
     _pretrain(new_argv)
     assert len(glob.glob(str(tmp_path / "run.old-*"))) == 2 and _files(aside[0]) == old
@@ -241,10 +238,8 @@ def test_overwrite_of_a_finetune_run_moves_its_result_file_aside_too(finetune_ar
     _finetune(finetune_argv(steps=2))
     initial = tmp_path / "res" / "digits" / "initial"
     old_result = (initial / "seed0.json").read_bytes()
-    with monkeypatch.context() as m:
-        _kill_at(m, kill_step=1)
-        with pytest.raises(Killed):
-            _finetune(finetune_argv("--overwrite", "--save_every", 1))
+    with training.supplied_draws(cut_at(stop=1)), pytest.raises(Cut):
+        _finetune(finetune_argv("--overwrite", "--save_every", 1))
     assert not (initial / "seed0.json").exists()  # killed: no "already complete" with the old result
     [aside_result] = glob.glob(str(initial / "seed0.old-*.json"))
     assert open(aside_result, "rb").read() == old_result
@@ -259,14 +254,12 @@ def test_overwrite_of_a_finetune_run_moves_its_result_file_aside_too(finetune_ar
 
 def test_each_start_is_recorded_and_the_first_record_is_kept(finetune_argv, tmp_path, monkeypatch):
     argv = finetune_argv("--save_every", 1)
-    with monkeypatch.context() as m:
-        _kill_at(m, kill_step=2)
-        with pytest.raises(Killed):
-            _finetune(argv)
+    with training.supplied_draws(cut_at(stop=2)), pytest.raises(Cut):
+        _finetune(argv)
     run_dir = tmp_path / "res" / "digits" / "initial" / "seed0"
-    first = _json(run_dir / utils.RECORD_FILE)
+    first = _json(run_dir / training.RECORD_FILE)
     _finetune(argv + ["--log_every", "2", "--precision", "fp32"])  # run-control flags may change on resume
-    record = _json(run_dir / utils.RECORD_FILE)
+    record = _json(run_dir / training.RECORD_FILE)
     assert {k: v for k, v in record.items() if k != "history"} == {k: v for k, v in first.items() if k != "history"}
     assert [(h["start_step"], h["args"]["log_every"], h["args"]["precision"]) for h in record["history"]] == \
         [(0, 1, "auto"), (2, 2, "fp32")]
@@ -282,8 +275,8 @@ def test_each_start_is_recorded_and_the_first_record_is_kept(finetune_argv, tmp_
 def test_finetune_writes_its_result_before_dropping_the_state(finetune_argv, tmp_path, monkeypatch, capsys):
     argv = finetune_argv("--save_every", 1)
     with monkeypatch.context() as m:  # killed right after the result was written
-        m.setattr(utils.Run, "finish", lambda self: (_ for _ in ()).throw(Killed()))
-        with pytest.raises(Killed):
+        m.setattr(training.Run, "finish", lambda self: (_ for _ in ()).throw(Cut()))
+        with pytest.raises(Cut):
             _finetune(argv)
     result = _json(tmp_path / "res" / "digits" / "initial" / "seed0.json")
     assert 0 <= result["test_acc"] <= 1 and result["args"]["steps"] == 3
@@ -309,23 +302,23 @@ def test_a_killed_runs_temporary_files_are_removed_when_a_run_starts(finetune_ar
 def test_dropout_masks_are_drawn_for_the_global_batch():
     x = torch.randn(8, 5, 6)
     torch.manual_seed(3)
-    whole = utils.GlobalBatchDropout(0.3, rank=0, world=1)(x)
+    whole = training.GlobalBatchDropout(0.3, rank=0, world=1)(x)
     parts = []
     for rank in range(2):  # each process seeds the same (seed, step) and keeps its rows of the global mask
         torch.manual_seed(3)
-        parts.append(utils.GlobalBatchDropout(0.3, rank=rank, world=2)(x[rank * 4:(rank + 1) * 4]))
+        parts.append(training.GlobalBatchDropout(0.3, rank=rank, world=2)(x[rank * 4:(rank + 1) * 4]))
     assert torch.equal(torch.cat(parts), whole)
     kept = whole != 0
     torch.testing.assert_close(whole[kept], x[kept] / 0.7)  # inverted dropout, as nn.Dropout
     assert 0.5 < kept.float().mean() < 0.9
-    assert torch.equal(utils.GlobalBatchDropout(0.3, 0, 2).eval()(x), x)
+    assert torch.equal(training.GlobalBatchDropout(0.3, 0, 2).eval()(x), x)
     # the classifier's dropout modules are the ones replaced; the state dict is unchanged
     initial = finetune.load_mae("vit-mae-tiny")
     model = finetune.build_classifier(initial.config, initial.vit.state_dict(), 10, 0.1)
     keys = set(model.state_dict())
-    utils.use_global_batch_dropout(model, rank=1, world=2)
+    training.draws.use_global_batch_dropout(model, rank=1, world=2)
     assert not any(type(m) is torch.nn.Dropout and m.p > 0 for m in model.modules())
-    assert sum(isinstance(m, utils.GlobalBatchDropout) for m in model.modules()) > 0
+    assert sum(isinstance(m, training.GlobalBatchDropout) for m in model.modules()) > 0
     assert set(model.state_dict()) == keys
 
 
@@ -334,21 +327,21 @@ def test_dropout_masks_are_drawn_for_the_global_batch():
 def test_device_resolution_uses_each_processes_own_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    assert utils.resolve_device("cuda", 2) == torch.device("cuda", 2)
-    assert utils.resolve_device("auto", 3) == torch.device("cuda", 3)
-    assert utils.resolve_device("cuda:1", 2) == torch.device("cuda", 1)  # an explicit index is kept
+    assert training.resolve_device("cuda", 2) == torch.device("cuda", 2)
+    assert training.resolve_device("auto", 3) == torch.device("cuda", 3)
+    assert training.resolve_device("cuda:1", 2) == torch.device("cuda", 1)  # an explicit index is kept
     with pytest.raises(utils.UserError, match="only 4 CUDA device"):
-        utils.resolve_device("cuda", 4)
+        training.resolve_device("cuda", 4)
 
 
 def test_selftrain_puts_the_teacher_on_this_processes_device(stage_args, monkeypatch):
     _pretrain(stage_args(steps=2))
-    real, calls = utils.resolve_device, []
+    real, calls = training.resolve_device, []
 
     def resolve(requested, local_rank):  # no GPU here: record what was asked, run on the CPU
         calls.append((requested, local_rank))
         return real("cpu", local_rank)
-    monkeypatch.setattr(utils, "resolve_device", resolve)
+    monkeypatch.setattr(training, "resolve_device", resolve)
     monkeypatch.setenv("LOCAL_RANK", "1")  # as torchrun sets it for the second process of a node
     selftrain.main(selftrain.get_args_parser().parse_args(stage_args("--teacher_device", "cuda", steps=2)))
     assert ("cuda", 1) in calls
@@ -360,24 +353,22 @@ def test_selftrain_puts_the_teacher_on_this_processes_device(stage_args, monkeyp
 def test_unreadable_train_state_is_one_line_and_nothing_is_changed(content, pretrain_argv, tmp_path,
                                                                    monkeypatch, capsys):
     argv = pretrain_argv("--save_every", 2)
-    with monkeypatch.context() as m:
-        _kill_at(m, kill_step=3)
-        with pytest.raises(Killed):
-            _pretrain(argv)
-    (tmp_path / "run" / utils.STATE_FILE).write_bytes(content)
+    with training.supplied_draws(cut_at(stop=3)), pytest.raises(Cut):
+        _pretrain(argv)
+    (tmp_path / "run" / training.STATE_FILE).write_bytes(content)
     before = _files(tmp_path / "run")
     code, _, err = _cli(pretrain, argv, monkeypatch, capsys)
     assert code == 2
-    _one_line(err, f"cannot resume: {tmp_path / 'run' / utils.STATE_FILE} is unreadable", "--overwrite")
+    _one_line(err, f"cannot resume: {tmp_path / 'run' / training.STATE_FILE} is unreadable", "--overwrite")
     assert _files(tmp_path / "run") == before
 
 
 def test_garbage_record_of_a_finished_run_is_one_line(pretrain_argv, tmp_path, monkeypatch, capsys):
     _pretrain(pretrain_argv(steps=2))
-    (tmp_path / "run" / utils.RECORD_FILE).write_text("{not json")
+    (tmp_path / "run" / training.RECORD_FILE).write_text("{not json")
     code, _, err = _cli(pretrain, pretrain_argv(steps=2), monkeypatch, capsys)
     assert code == 2
-    _one_line(err, f"cannot read the run record {tmp_path / 'run' / utils.RECORD_FILE}", "--overwrite")
+    _one_line(err, f"cannot read the run record {tmp_path / 'run' / training.RECORD_FILE}", "--overwrite")
 
 
 def test_an_output_directory_that_cannot_be_written_is_one_line(stage_args, tmp_path, monkeypatch, capsys):

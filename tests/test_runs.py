@@ -10,10 +10,11 @@ import torch
 import finetune
 import pretrain
 import selftrain
+import training
 import utils
 from conftest import REPO, TINY
 from transformers import ViTMAEForPreTraining
-from helpers import Killed, kill_at as _kill_at
+from helpers import Cut, cut_at
 
 
 def _weights(path):
@@ -21,7 +22,7 @@ def _weights(path):
 
 
 def _losses(path):
-    with open(os.path.join(path, utils.METRICS_FILE)) as f:
+    with open(os.path.join(path, training.METRICS_FILE)) as f:
         return [json.loads(line)["loss"] for line in f]
 
 
@@ -50,17 +51,15 @@ def test_killed_and_resumed_run_is_bit_identical(stage, stage_args, tmp_path, mo
     with monkeypatch.context() as m:
         _finetune_final_state(m, finals.setdefault("whole", {}))
         module.main(argv("whole"))
-    with monkeypatch.context() as m:
-        _kill_at(m, kill_step=3)  # the state of step 2 is on disk, step 3 is lost
-        with pytest.raises(Killed):
-            module.main(argv("resumed"))
-    assert torch.load(tmp_path / "resumed" / utils.STATE_FILE, weights_only=True)["step"] == 2
+    with training.supplied_draws(cut_at(stop=3)), pytest.raises(Cut):  # the state of step 2 is on disk, 3 is lost
+        module.main(argv("resumed"))
+    assert torch.load(tmp_path / "resumed" / training.STATE_FILE, weights_only=True)["step"] == 2
     with monkeypatch.context() as m:
         _finetune_final_state(m, finals.setdefault("resumed", {}))
         module.main(argv("resumed"))  # the same command again continues
 
     assert _losses(tmp_path / "whole") == _losses(tmp_path / "resumed")  # metrics: no gap, no duplicate
-    assert not (tmp_path / "resumed" / utils.STATE_FILE).exists()
+    assert not (tmp_path / "resumed" / training.STATE_FILE).exists()
     if stage == "finetune":
         a, b = finals["whole"]["state"], finals["resumed"]["state"]
         ra, rb = (json.load(open(f"{tmp_path / name}.json")) for name in ("whole", "resumed"))
@@ -72,10 +71,8 @@ def test_killed_and_resumed_run_is_bit_identical(stage, stage_args, tmp_path, mo
 
 def test_resume_refuses_other_arguments(stage_args, tmp_path, monkeypatch):
     argv = stage_args("--save_every", 2, "--output_dir", tmp_path / "run", steps=6)
-    with monkeypatch.context() as m:
-        _kill_at(m, kill_step=3)
-        with pytest.raises(Killed):
-            pretrain.main(pretrain.get_args_parser().parse_args(argv))
+    with training.supplied_draws(cut_at(stop=3)), pytest.raises(Cut):
+        pretrain.main(pretrain.get_args_parser().parse_args(argv))
     with pytest.raises(utils.UserError, match="other arguments .lr"):
         pretrain.main(pretrain.get_args_parser().parse_args(argv + ["--lr", "1e-3"]))
     # run-control flags may change
@@ -88,7 +85,7 @@ def test_crash_between_write_and_rename_keeps_the_previous_state(stage_args, tmp
     real_replace, calls = os.replace, []
 
     def replace(src, dst):
-        if str(dst).endswith(utils.STATE_FILE):
+        if str(dst).endswith(training.STATE_FILE):
             calls.append(dst)
             if len(calls) == 2:  # the second save dies after writing its temporary file
                 raise OSError("simulated crash")
@@ -97,7 +94,7 @@ def test_crash_between_write_and_rename_keeps_the_previous_state(stage_args, tmp
         m.setattr(utils.os, "replace", replace)
         with pytest.raises(OSError, match="simulated crash"):
             pretrain.main(argv)
-    state = torch.load(tmp_path / "run" / utils.STATE_FILE, weights_only=True)
+    state = torch.load(tmp_path / "run" / training.STATE_FILE, weights_only=True)
     assert state["step"] == 2
     pretrain.main(argv)  # and the run continues from it
     assert (tmp_path / "run" / "model.safetensors").exists()
@@ -115,7 +112,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_state(stage
     with pytest.raises(utils.RunFailed, match="not finite at step 5.*train_state.pt") as failed:
         pretrain.main(argv)
     assert failed.value.exit_code == 1  # not bad input: a launcher's pool keeps running the other runs
-    state = torch.load(tmp_path / "r" / utils.STATE_FILE, weights_only=True)
+    state = torch.load(tmp_path / "r" / training.STATE_FILE, weights_only=True)
     assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
     assert not (tmp_path / "r" / "model.safetensors").exists()
     # read back only at logging / saving steps: found at step 6, still named as step 5, state 6 not written
@@ -124,7 +121,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_state(stage
         stage_args("--save_every", 3, "--log_every", 3, "--output_dir", tmp_path / "r2", steps=8))
     with pytest.raises(utils.UserError, match="not finite at step 5.*train_state.pt"):
         pretrain.main(argv)
-    assert torch.load(tmp_path / "r2" / utils.STATE_FILE, weights_only=True)["step"] == 3
+    assert torch.load(tmp_path / "r2" / training.STATE_FILE, weights_only=True)["step"] == 3
 
 
 def _torchrun(nproc, script, argv, cwd):
@@ -150,7 +147,7 @@ def test_two_processes_take_the_same_steps_as_one(script, data_dir, tmp_path):
         # in it into ±lr steps, which differ with the summation order. Every other tensor must agree.
         if not k.endswith("k_proj.bias"):
             torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=1e-5, msg=k)
-    record = json.load(open(tmp_path / "two" / utils.RECORD_FILE))
+    record = json.load(open(tmp_path / "two" / training.RECORD_FILE))
     assert record["world_size"] == 2
     assert _losses(tmp_path / "one") == pytest.approx(_losses(tmp_path / "two"), rel=1e-4)
 

@@ -11,18 +11,19 @@ from PIL import Image
 import finetune
 import pretrain
 import selftrain
+import training
 import utils
 from conftest import TINY
+from helpers import Cut, cut_at
 from data import ImageDataset, cache
 from models import Preprocessing, cls_feature, load_mae
 
 
-def _run(tmp_path, *extra, batch_size=8, steps=6, world=1, rank=0, name="run"):
+def _run(tmp_path, *extra, batch_size=8, steps=6, process=None):
+    """A run that writes nothing, for its batches; `process`: its place in a job (default: one process)."""
     args = pretrain.get_args_parser().parse_args(
         [*TINY, "--dataset", "digits", "--batch_size", str(batch_size), "--steps", str(steps), *map(str, extra)])
-    run = utils.Run(args, str(tmp_path / name), "test", str(tmp_path / name / "never"), Preprocessing())
-    run.rank, run.world, run.local_batch = rank, world, batch_size // world  # a process's view, without torchrun
-    return run
+    return training.Run.without_directory(args, "test", Preprocessing(), process=process)
 
 
 def _all(batches):
@@ -88,7 +89,7 @@ def test_a_split_over_the_memory_budget_streams_with_a_notice(data_dir, tmp_path
     run = _run(tmp_path)
     batches = _all(run.batches(dataset))
     assert "streaming it through the workers" in capsys.readouterr().out
-    assert run._decoded(dataset) is None
+    assert not run.data.is_decoded(dataset)
     streamed = _all(_run(tmp_path, "--data_cache", "off").batches(dataset))
     assert all(torch.equal(x, y) for (_, a), (_, b) in zip(batches, streamed) for x, y in zip(a, b))
 
@@ -98,9 +99,9 @@ def test_randomness_drawn_ahead_equals_the_per_step_generators():
     chunk boundaries, for any process of a job and for a resumed run."""
     steps, batch = 150, 6
     for world, rank, start in ((1, 0, 0), (2, 1, 0), (3, 2, 70)):
-        draws = utils.Draws(5, batch, steps, rank, world, torch.device("cpu"))
+        draws = training.Draws(5, batch, steps, rank, world, torch.device("cpu"))
         rows = slice(rank * batch // world, (rank + 1) * batch // world)
-        sampler = utils.StepSampler(40, batch, 5, start, steps, rank, world)
+        sampler = training.StepSampler(40, batch, 5, start, steps, rank, world)
         drawn = sampler.indices(start, steps)
         for step, listed in zip(range(start, steps), sampler):
             assert drawn[step - start].tolist() == listed == draws.indices(40, step).tolist()
@@ -108,7 +109,18 @@ def test_randomness_drawn_ahead_equals_the_per_step_generators():
             assert torch.equal(draws.uniform(step, utils.STREAM_NOISE, 64), noise)
             flip = torch.rand(batch, generator=utils.generator(5, utils.STREAM_FLIP, step))[rows]
             assert torch.equal(draws.uniform(step, utils.STREAM_FLIP), flip)
-        assert draws._uniform[(utils.STREAM_NOISE, (64,))].start > start  # drawn in chunks, not all at once
+
+
+def test_drawn_ahead_draws_a_chunk_of_steps_at_once():
+    calls = []
+
+    def draw(start, stop):
+        calls.append((start, stop))
+        return torch.arange(start, stop)
+    ahead = training.draws.DrawnAhead(draw, torch.device("cpu"), steps=150)
+    assert [int(ahead[s]) for s in range(150)] == list(range(150))
+    assert calls == [(0, 64), (64, 128), (128, 150)]  # one draw (and copy) per 64 steps
+    assert int(ahead[3]) == 3 and calls[-1] == (3, 67)  # a step outside the chunk held: drawn again from there
 
 
 def test_teacher_features_looked_up_equal_the_online_ones(data_dir, tmp_path):
@@ -132,7 +144,7 @@ def test_teacher_features_looked_up_equal_the_online_ones(data_dir, tmp_path):
 
 
 def _metrics(path):
-    with open(os.path.join(path, utils.METRICS_FILE)) as f:
+    with open(os.path.join(path, training.METRICS_FILE)) as f:
         return [json.loads(line) for line in f]
 
 
@@ -161,17 +173,9 @@ def test_static_step_run_killed_and_resumed_is_bit_identical(stage_args, tmp_pat
     argv = lambda name: pretrain.get_args_parser().parse_args(
         stage_args("--cuda_graph", "--save_every", 2, "--warmup_steps", 2, "--output_dir", tmp_path / name, steps=6))
     pretrain.main(argv("whole"))
-    real = utils.StaticStep.__call__
-
-    def killed(self, step, inputs):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real(self, step, inputs)
-    with monkeypatch.context() as m:
-        m.setattr(utils.StaticStep, "__call__", killed)
-        with pytest.raises(KeyboardInterrupt):
-            pretrain.main(argv("resumed"))
-    assert torch.load(tmp_path / "resumed" / utils.STATE_FILE, weights_only=True)["step"] == 2
+    with training.supplied_draws(cut_at(stop=3)), pytest.raises(Cut):
+        pretrain.main(argv("resumed"))
+    assert torch.load(tmp_path / "resumed" / training.STATE_FILE, weights_only=True)["step"] == 2
     pretrain.main(argv("resumed"))
     assert _metrics(tmp_path / "whole") == [
         {**m, "images_per_s": w["images_per_s"], "peak_mem_mb": w["peak_mem_mb"]}
@@ -196,7 +200,7 @@ def test_static_step_flags_a_non_finite_loss(stage_args, tmp_path, monkeypatch):
 
 def test_cuda_graph_is_refused_with_torchrun_and_with_compile(tmp_path):
     model = load_mae("vit-mae-tiny")
-    run = _run(tmp_path, "--cuda_graph", world=2)
+    run = _run(tmp_path, "--cuda_graph", process=training.Process(rank=0, world=2))
     with pytest.raises(utils.UserError, match="--cuda_graph runs in one process only"):
         run.adamw(model, lambda n, p: False, (0.9, 0.95))
     run = _run(tmp_path, "--cuda_graph", "--compile")

@@ -12,6 +12,7 @@ from transformers import ViTForImageClassification, ViTMAEForPreTraining
 import finetune
 import pretrain
 import selftrain
+import training
 import utils
 from data import ImageDataset
 from helpers import cut_at, spy, spy_prepare
@@ -65,7 +66,7 @@ def test_evaluation_runs_once_after_the_last_step_in_eval_mode_on_the_test_split
     spy(monkeypatch, finetune, "evaluate", record)
     argv = finetune.get_args_parser().parse_args(stage_args(
         "--scratch", "True", "--results_dir", tmp_path / "res", "--save_model", "--lr", "1e-3", "--warmup_steps", 0, steps=6))
-    with utils.supplied_draws(cut_at(on_step=started.append)):
+    with training.supplied_draws(cut_at(on_step=started.append)):
         finetune.main(argv)
     assert [(c["steps_done"], c["split"], c["n"]) for c in calls] == [(6, "test", 500)], \
         f"evaluation: {[(c['steps_done'], c['split'], c['n']) for c in calls]}; wanted once, after all 6 steps, on test"

@@ -16,7 +16,7 @@ best of the repeated measurements), peak memory (CUDA: torch.cuda.max_memory_all
 each measurement; CPU: n/a, as the process's peak RSS cannot be reset between measurements), the
 ratios ours/reference and, on CUDA, the model FLOPs utilisation (MFU) against the GPU's dense bf16
 peak. Batches are synthetic uint8 images already on the device (ours normalises them there, as
-utils.Run does; the reference gets them normalised, as its DataLoader delivered them), so the model
+training.Run does; the reference gets them normalised, as its DataLoader delivered them), so the model
 step is measured without the data path.
 
     python -m tools.bench                       # CUDA: ViT-B/16 at 224, batches 64/64/32; CPU: vit-mae-tiny
@@ -26,7 +26,7 @@ step is measured without the data path.
     python -m tools.bench --data --workers_list 0 1 2 4 8    # the data path only (see below)
 
 `--data` measures the loader alone, in images/s delivered to the device, per worker count: ours
-(data.ImageDataset through utils.Run.batches with --data_cache off: PIL decode + resize to uint8 in
+(data.ImageDataset through training.Run.batches with --data_cache off: PIL decode + resize to uint8 in
 the workers, normalisation on the device; and, as "once", with --data_cache auto: batches gathered by
 index from the split decoded once, the decoding not timed) against the release's per-image path (PIL decode, then
 transformers' PIL/NumPy ViT image processor: resize, rescale and normalise to float32 in the
@@ -77,6 +77,7 @@ import finetune
 import mae_common
 import pretrain
 import selftrain
+import training
 import utils
 from data import ImageDataset, LMDBReader, write_lmdb
 from models import TINY_NAME, MAEWithFeature, Preprocessing, build_classifier, load_mae
@@ -224,7 +225,7 @@ def release_numerics(device: torch.device):
 def release_adamw(model, no_decay, lr: float, betas) -> torch.optim.AdamW:
     """torch 1.8's AdamW: one parameter at a time (foreach=False), not fused; the same groups and
     hyperparameters as ours (the release's weight decay, 0.01)."""
-    groups = utils.param_groups(model, 0.01, no_decay)
+    groups = training.param_groups(model, 0.01, no_decay)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=False, fused=False)
 
 
@@ -265,18 +266,16 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def our_run(s: Setting, stage: str, script) -> utils.Run:
-    """utils.Run with the stage script's own defaults (optimizer, clipping, precision), in a scratch
-    directory, logging never (the steps stop before --steps)."""
-    out_dir = os.path.join(s.tmp, f"{stage}-ours")
+def our_run(s: Setting, stage: str, script) -> training.Run:
+    """training.Run with the stage script's own defaults (optimizer, clipping, precision), writing nothing
+    (Run.without_directory: no lock, record, metrics or state)."""
     argv = ["--dataset", SYNTHETIC_DATASET, "--device", str(s.device), "--batch_size", str(s.batch[stage]),
-            "--steps", str(s.warmup + s.steps + 1), "--log_every", str(10**9), "--output_dir", out_dir,
-            "--workers", "0", "--compile" if s.compile else "--no-compile",
+            "--steps", str(s.warmup + s.steps + 1), "--workers", "0", "--compile" if s.compile else "--no-compile",
             "--cuda_graph" if s.cuda_graph else "--no-cuda_graph"]
     if script is finetune:
         argv += ["--scratch", "True"]
     args = script.get_args_parser().parse_args(argv)
-    return utils.Run(args, out_dir, f"bench {stage}", os.path.join(out_dir, "never"), Preprocessing())
+    return training.Run.without_directory(args, f"bench {stage}", Preprocessing())
 
 
 # ----------------------------------------------------------------------------- further pre-training
@@ -303,7 +302,7 @@ def reference_further_pretrain(s: Setting, theta0) -> dict:
     """The release's PreTrainer loop: fp32, model-drawn mask, zero_grad, backward, step, loss.item()."""
     mae = release_mae(theta0).to(s.device).train()
     optimizer = release_adamw(mae, mae_common.no_weight_decay, 1.5e-4, mae_common.MAE_BETAS)
-    scheduler = utils.linear_schedule(optimizer, 0, 10**9)
+    scheduler = training.linear_schedule(optimizer, 0, 10**9)
     batch, _ = synthetic_batch(s, "further-pretrain", mae.config.image_size)
     images = normalised(batch, s.device)
 
@@ -358,7 +357,7 @@ def reference_self_distill(s: Setting, theta0) -> dict:
     student = release_mae(theta0).to(s.device).train()
     teacher = frozen_encoder(theta0, eager=True).to(s.device)
     optimizer = release_adamw(student, mae_common.no_weight_decay, 1.5e-4, mae_common.MAE_BETAS)
-    scheduler = utils.linear_schedule(optimizer, 0, 10**9)
+    scheduler = training.linear_schedule(optimizer, 0, 10**9)
     batch, _ = synthetic_batch(s, "self-distill", student.config.image_size)
     images = normalised(batch, s.device)
 
@@ -409,7 +408,7 @@ def reference_finetune(s: Setting, theta0) -> dict:
     _assert_attention(model, "eager")
     model.to(s.device).train()
     optimizer = release_adamw(model, finetune.no_weight_decay, 1e-4, finetune.FINETUNE_BETAS)
-    scheduler = utils.linear_schedule(optimizer, 500, 10**9)
+    scheduler = training.linear_schedule(optimizer, 500, 10**9)
     batch, labels = synthetic_batch(s, "finetune", theta0.config.image_size)
     images = normalised(batch, s.device)
 
@@ -578,15 +577,14 @@ def time_loader(batches, batch_size: int, untimed: int, timed: int, device: torc
 
 
 def ours_loader(args, device: torch.device, data_dir: str, workers: int, data_cache: str = "off") -> float:
-    """data.ImageDataset through utils.Run.batches, the training scripts' data path: streamed through the
+    """data.ImageDataset through training.Run.batches, the training scripts' data path: streamed through the
     workers (--data_cache off), or gathered by index from the split decoded once (auto; the decoding,
     or reading the disk copy, happens before the clock starts)."""
     untimed, timed = loader_batches(workers, args.data_batches)
-    out_dir = os.path.join(data_dir, "ours-run")
     run_args = pretrain.get_args_parser().parse_args([
         "--dataset", SYNTHETIC_DATASET, "--data_dir", data_dir, "--device", str(device), "--data_cache", data_cache,
         "--workers", str(workers), "--batch_size", str(args.data_batch_size), "--steps", str(untimed + timed)])
-    run = utils.Run(run_args, out_dir, "bench data", os.path.join(out_dir, "never"), Preprocessing())
+    run = training.Run.without_directory(run_args, "bench data", Preprocessing())
     dataset = ImageDataset(SYNTHETIC_DATASET, "train", data_dir, args.image_size)
     batches = (images for _, (images, _, _) in run.batches(dataset))
     return time_loader(batches, args.data_batch_size, untimed, timed, device)
@@ -700,7 +698,7 @@ def bench_stages(args, device: torch.device, tmp: str) -> list[dict]:
 
 
 def main(args) -> list[dict]:
-    device = utils.resolve_device(args.device, 0)
+    device = training.resolve_device(args.device, 0)
     print(f"device: {describe(device)}; torch {torch.__version__}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         rows = bench_data(args, device, tmp) if args.data else bench_stages(args, device, tmp)

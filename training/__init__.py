@@ -1,0 +1,20 @@
+"""The plumbing of a training run, one room per concern; `Run` (run.py) is the facade the three stages use.
+
+    process.py   who this process is in the job: rank, world size, device, precision, barriers, reductions
+    run_dir.py   the run directory: its lock, record and history, finished / resumable checks, --overwrite, the state
+    draws.py     what step s draws at random: data order, masking noise, flips, dropout's seed
+    batches.py   what step s trains on: its batch, from the decode-once copy of the split or the workers
+    step.py      the optimizer step: AdamW and the schedule, backward, clipping, the non-finite flag (eager or static)
+    metrics.py   metrics.jsonl, the progress bar or plain lines
+    run.py       Run, the facade
+
+None of the rooms imports Run or the entry scripts; utils.py holds the stateless helpers they share."""
+from training.draws import Draws, GlobalBatchDropout, StepSampler, supplied_draws
+from training.process import Process, resolve_device
+from training.run import Run
+from training.run_dir import LOCK_FILE, METRICS_FILE, RECORD_FILE, STATE_FILE
+from training.step import StaticStep, TrainStep, adamw, linear_schedule, optimizer_and_schedule, param_groups
+
+__all__ = ["Draws", "GlobalBatchDropout", "LOCK_FILE", "METRICS_FILE", "Process", "RECORD_FILE", "Run", "STATE_FILE",
+           "StaticStep", "StepSampler", "TrainStep", "adamw", "linear_schedule", "optimizer_and_schedule",
+           "param_groups", "resolve_device", "supplied_draws"]

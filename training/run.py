@@ -1,0 +1,146 @@
+"""Run: what one training run is, apart from the method -- the facade the three stages use. Each concern lives
+in its own room: the process and device (process.py), the run directory and its record (run_dir.py), the
+step's randomness (draws.py), its batches (batches.py), the optimizer step (step.py), the metrics
+(metrics.py)."""
+import os
+
+import torch
+
+from training.batches import Batches
+from training.draws import make_draws, use_global_batch_dropout
+from training.metrics import Metrics
+from training.process import Process
+from training.run_dir import RunDirectory
+from training.step import StaticStep, TrainStep, optimizer_and_schedule, step_lr
+from utils import STREAM_NOISE, RunFailed, mix_seed
+
+
+class Run:
+    """One training run of a stage.
+
+        run = Run(args, out_dir, stage, done_file, preprocessing)  # who, where, which draws; reads, writes nothing
+        if run.already_done: return                              # done_file exists, same arguments: never redo
+        optimizer, scheduler = run.adamw(model, no_decay, betas)
+        model = run.prepare(model, optimizer, scheduler)         # lock the directory; record; resume; DDP; compile
+        for step, (images, labels, indices) in run.batches(dataset):
+            run.train_step(step, objective, images, ...)           # see train_step
+        run.finish()                                             # after the stage wrote done_file
+
+    A finished run (done_file) or an unfinished one (train_state.pt) with other arguments is refused, naming the
+    argument; --overwrite moves whatever the directory holds aside (<out_dir>.old-<time>) and starts again.
+    `done_holds_record`: done_file is a result carrying the run's record (fine-tuning's seed<k>.json).
+    `process`: this process's place in the job (default: from torchrun's environment).
+    Run.without_directory(...): the same run writing nothing (tools/bench.py times the scripts' step with it)."""
+
+    def __init__(self, args, out_dir: str | None, stage: str, done_file: str | None, preprocessing, *,
+                 done_holds_record: bool = False, process: Process | None = None):
+        self.args, self.out_dir, self.stage, self.preprocessing = args, out_dir, stage, preprocessing
+        self.process = process or Process.from_environment(args.device, args.precision)
+        self.device, self.is_main, self.local_rank = self.process.device, self.process.is_main, self.process.local_rank
+        self.autocast, self.print = self.process.autocast, self.process.print
+        self.directory = None if out_dir is None else RunDirectory(out_dir, stage, done_file, done_holds_record,
+                                                                   self.process)
+        self.state_path = self.directory and self.directory.state_path
+        self.metrics_path = self.directory and self.directory.metrics_path
+        self.draws = make_draws(args, self.process.rank, self.process.world, self.device)
+        self.data = Batches(args, self.process, self.draws, preprocessing, stage)
+        self.normalize, self.eval_batches, self.ordered_batches = (self.data.normalize, self.data.evaluation,
+                                                                   self.data.ordered)
+        self.start_step, self.model, self.metrics, self._step, self._record = 0, None, None, None, None
+        torch.manual_seed(mix_seed(args.seed, self.process.rank))  # new heads, anything built before the loop
+        # Checked here, before the stage loads anything, and again under the lock in prepare().
+        self.already_done = self.directory is not None and not args.overwrite and self.directory.finished(args)
+        if self.already_done:
+            self.print(f"[{stage}] already complete: {done_file} (same arguments; --overwrite moves it aside "
+                       f"and runs again)")
+        elif self.directory is not None and not args.overwrite:
+            self.directory.resumable(args)
+
+    @classmethod
+    def without_directory(cls, args, stage: str, preprocessing, process: Process | None = None) -> "Run":
+        """A run with no directory: no lock, record, metrics or saved state; steps as a stage's run takes them."""
+        return cls(args, None, stage, None, preprocessing, process=process)
+
+    def adamw(self, model, no_decay, betas):
+        """The stage's AdamW (no weight decay where `no_decay(name, param)`) and its linear schedule."""
+        return optimizer_and_schedule(model, self.args, self.process, no_decay, betas)
+
+    def prepare(self, model: torch.nn.Module, optimizer, scheduler) -> torch.nn.Module:
+        """Lock the run directory, write the run record, move to the device, load the latest training state if
+        there is one, draw dropout masks for the global batch, wrap for DDP / compile. Nothing is written to disk
+        before this point."""
+        self.model, self.optimizer, self.scheduler = model.to(self.device), optimizer, scheduler
+        if self.directory is not None:
+            self._take_directory()
+        eager = TrainStep(self.process, model, optimizer, scheduler, self.args.clip_grad)
+        self._step = StaticStep(eager) if self.args.cuda_graph else eager
+        use_global_batch_dropout(model, self.process.rank, self.process.world)
+        return self.process.wrap(model, self.args.compile)
+
+    def _take_directory(self) -> None:
+        """Lock, check again under the lock, resume from the saved state, record this start, open the metrics."""
+        directory = self.directory
+        if self.is_main:
+            directory.take(self.args.overwrite)
+        self.process.barrier()
+        if directory.finished(self.args):  # under the lock: another run may have finished since __init__
+            raise RunFailed(f"{directory.done_file} was completed by another run while this one was starting; "
+                            f"nothing was written")
+        resumed = directory.resumable(self.args)
+        if resumed is not None:
+            self.start_step = directory.load_state(self.model, self.optimizer, self.scheduler)
+        self._record = directory.write_record(directory.start_entry(self.args, self.preprocessing, self.start_step),
+                                              resumed)
+        self.metrics = Metrics(self.metrics_path, self.process, self.stage, self.args.steps, self.args.batch_size,
+                               self.start_step)
+
+    def batches(self, dataset):
+        """(step, (images, labels, indices)) for the remaining steps (training/batches.py)."""
+        return self.data.training(dataset, self.start_step)
+
+    def masking_noise(self, step: int, num_patches: int) -> torch.Tensor:
+        """MAE masking noise (B_local, N): the patches with the smallest values stay visible."""
+        return self.draws.uniform(step, STREAM_NOISE, num_patches)
+
+    def global_rand(self, step: int, stream: int, *shape: int) -> torch.Tensor:
+        """This process's rows of a (global_batch, *shape) uniform tensor drawn from (seed, stream, step)."""
+        return self.draws.uniform(step, stream, *shape)
+
+    def train_step(self, step: int, objective, *inputs: torch.Tensor) -> None:
+        """One training step (training/step.py): `objective(*inputs)` -> (loss, terms) under autocast, its
+        dropout seeded from (seed, step); backward; gradient clipping (--clip_grad); AdamW; the schedule. Then,
+        at logging and saving steps only (the check reads the device back): the non-finite check, a metrics.jsonl
+        line (--log_every) and the resumable state (--save_every)."""
+        done = step + 1
+        logging = self.metrics is not None and (done % self.args.log_every == 0 or done == self.args.steps)
+        saving = self.directory is not None and self.args.save_every and done % self.args.save_every == 0 \
+            and done < self.args.steps
+        loss, grad_norm, terms = self._step(step, objective, inputs, self.draws.dropout_seed(step), logging)
+        if logging or saving:
+            bad = self._step.first_bad()
+            if bad:
+                last = (f"the last good state is {self.state_path}" if os.path.exists(self.state_path)
+                        else "no state was saved (see --save_every)")
+                raise RunFailed(f"the loss is not finite at step {bad} (lower --lr, or check the data); nothing "
+                                f"after it was saved; {last}")
+        if logging:
+            self.metrics.log(done, step_lr(self.scheduler, done), loss=loss, grad_norm=grad_norm, **terms)
+        if saving:
+            self.directory.save_state(done, self.model, self.optimizer, self.scheduler)
+
+    def record(self) -> dict:
+        """The run record (args.json): the first start's entry at the top level, every start in "history"."""
+        return self._record
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        return self.process.sum(values)
+
+    def finish(self) -> None:
+        """Drop the resumable state and release the directory. Call it after the stage wrote done_file: a kill
+        before this point leaves the state to resume from, or the finished result."""
+        if self.directory is None:
+            return
+        self.metrics.close()
+        self.directory.drop_state()
+        self.process.barrier()
+        self.directory.release()

@@ -1,0 +1,235 @@
+"""A run's directory: one writer at a time (an OS lock), its record (args.json, with one history entry per start),
+whether it already finished or can resume (the same arguments, else refused naming them), --overwrite (what is
+there moves aside, nothing is deleted), the resumable training state, and leftovers of a killed run."""
+import dataclasses
+import datetime
+import errno
+import fcntl
+import json
+import os
+import platform
+import sys
+
+import torch
+
+from errors import RunFailed, UserError
+from utils import (LATER_FLAG_DEFAULTS, RESULT_NEUTRAL_FLAGS, TEMPORARY_NAME, atomic_file, git_commit,
+                   library_versions, one_line, write_json)
+
+STATE_FILE = "train_state.pt"
+RECORD_FILE = "args.json"
+METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".lock"
+
+_held_locks: dict[str, int] = {}  # lock file -> descriptor, for the run directories this process holds
+
+
+def lock_run_dir(path: str) -> str:
+    """Create run directory `path` if needed and hold an exclusive lock on it (its LOCK_FILE) until
+    unlock_run_dir or the end of the process. An flock dies with its process, so a killed run (even kill -9)
+    leaves no stale lock. A process that already holds the lock keeps it (main() called again in one
+    process after an exception, as tests do). Returns the lock file's path."""
+    lock_path = os.path.abspath(os.path.join(path, LOCK_FILE))
+    fd = _held_locks.get(lock_path)
+    if fd is not None:
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
+                return lock_path
+        except OSError:
+            pass
+        unlock_run_dir(lock_path)  # the directory was removed or replaced under us
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"cannot write to the run directory {path}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise UserError(f"cannot lock the run directory {path}: {e.strerror or e}") from None
+        raise RunFailed(f"{path} is in use by another run ({holder or 'pid unknown'}); wait for it to end or "
+                        f"stop it, or pass --output_dir for a separate run") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}\n".encode(), 0)
+    _held_locks[lock_path] = fd
+    return lock_path
+
+
+def unlock_run_dir(lock_path: str) -> None:
+    fd = _held_locks.pop(lock_path, None)
+    if fd is not None:
+        os.close(fd)  # releases the flock
+
+
+def read_record(path: str) -> dict:
+    """A run record (args.json, or a result file that holds the record too)."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read the run record {path} ({type(e).__name__}: {e}); nothing was changed; "
+                        f"--overwrite moves this run aside and starts again") from None
+    if not isinstance(record, dict) or not isinstance(record.get("args"), dict):
+        raise UserError(f"{path} is not a run record (no 'args'); nothing was changed; --overwrite moves this run "
+                        f"aside and starts again")
+    return record
+
+
+def differences(before: dict, args) -> str:
+    """'flag: value there, value now' for each argument that changes what the run computes ('' if none)."""
+    now = json.loads(json.dumps(vars(args), default=str))
+    before = {**LATER_FLAG_DEFAULTS, **before}
+    return "; ".join(f"{k}: {before.get(k, '(not recorded)')!r} there, {now[k]!r} now" for k in now
+                     if k not in RESULT_NEUTRAL_FLAGS and before.get(k, "(not recorded)") != now[k])
+
+
+class RunDirectory:
+    """`out_dir` of a run of `stage`, finished once `done_file` exists. `done_holds_record`: the done file is a
+    result that carries the run's record (fine-tuning's seed<k>.json, beside the directory); otherwise the
+    record is the directory's args.json."""
+
+    def __init__(self, out_dir: str, stage: str, done_file: str, done_holds_record: bool, process):
+        self.out_dir, self.stage, self.done_file, self.done_holds_record = out_dir, stage, done_file, done_holds_record
+        self.process = process
+        self.state_path = os.path.join(out_dir, STATE_FILE)
+        self.record_path = os.path.join(out_dir, RECORD_FILE)
+        self.metrics_path = os.path.join(out_dir, METRICS_FILE)
+        self.lock_path = None
+
+    # -- finished, resumable
+    def finished(self, args) -> bool:
+        """Whether done_file exists; a finished run with other arguments is refused (never reported as this one)."""
+        if not os.path.exists(self.done_file):
+            return False
+        candidates = (self.done_file, self.record_path) if self.done_holds_record else (self.record_path,)
+        path = next((p for p in candidates if os.path.exists(p)), None)
+        if path is None:
+            return True  # a finished directory we did not write (no record): nothing to compare
+        changed = differences(read_record(path)["args"], args)
+        if changed:
+            raise UserError(f"{self.done_file} is a finished run with other arguments ({changed}); pass "
+                            f"--overwrite to move it aside and run again, or --output_dir for a new run")
+        return True
+
+    def resumable(self, args) -> dict | None:
+        """The record of the unfinished run here (a saved state with the same arguments), or None."""
+        if not os.path.exists(self.state_path):
+            return None
+        if not os.path.exists(self.record_path):
+            raise UserError(f"{self.state_path} has no {RECORD_FILE} beside it, so it cannot be told whether it is "
+                            f"this run; nothing was changed; --overwrite moves it aside and starts again")
+        record = read_record(self.record_path)
+        changed = differences(record["args"], args)
+        if changed:
+            raise UserError(f"{self.out_dir} holds an unfinished run with other arguments ({changed}); pass "
+                            f"the same arguments to resume it, --overwrite to move it aside and start again, or "
+                            f"--output_dir for a new run")
+        return record
+
+    # -- one writer: the lock, --overwrite, leftovers
+    def take(self, overwrite: bool) -> None:
+        """First process: lock out_dir; with --overwrite move what is there aside; remove a killed run's
+        temporary files."""
+        self.lock_path = lock_run_dir(self.out_dir)
+        if overwrite:
+            self._move_aside()
+        leftovers = [os.path.join(self.out_dir, n) for n in os.listdir(self.out_dir) if TEMPORARY_NAME.search(n)]
+        if not self._done_file_inside():
+            folder, name = os.path.split(os.path.abspath(self.done_file))
+            leftovers += [os.path.join(folder, n) for n in os.listdir(folder)
+                          if n.startswith(name + ".tmp") and TEMPORARY_NAME.search(n)]
+        for path in leftovers:  # we hold the lock: their writer is dead
+            os.remove(path)
+        if leftovers:
+            self.process.print(f"[{self.stage}] removed {len(leftovers)} temporary file(s) of an interrupted run")
+
+    def release(self) -> None:
+        if self.lock_path:
+            unlock_run_dir(self.lock_path)
+
+    def _done_file_inside(self) -> bool:
+        return os.path.dirname(os.path.abspath(self.done_file)) == os.path.abspath(self.out_dir)
+
+    def _move_aside(self) -> None:
+        """--overwrite: rename the run directory (and a done_file beside it) to <out_dir>.old-<time>[.json],
+        before anything new is written; nothing is deleted."""
+        base = os.path.normpath(self.out_dir)
+        beside = None if self._done_file_inside() or not os.path.exists(self.done_file) else self.done_file
+        suffix = os.path.normpath(beside)[len(base):] if beside else ""  # finetune: ".json"
+        contents = [n for n in os.listdir(base) if n != LOCK_FILE]
+        if not contents and beside is None:
+            return
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        aside, i = f"{base}.old-{stamp}", 2
+        while os.path.exists(aside) or os.path.exists(aside + suffix):
+            aside, i = f"{base}.old-{stamp}-{i}", i + 1
+        moved = []
+        if contents:  # the directory first: a kill between the two renames leaves the done_file, still true
+            old_lock = _held_locks.pop(self.lock_path)
+            os.rename(base, aside)
+            try:
+                self.lock_path = lock_run_dir(self.out_dir)
+            finally:
+                os.close(old_lock)
+            moved.append(aside)
+        if beside:
+            os.rename(beside, aside + suffix)
+            moved.append(aside + suffix)
+        self.process.print(f"[{self.stage}] --overwrite: moved the previous run to {' and '.join(moved)}")
+
+    # -- the record
+    def start_entry(self, args, preprocessing, start_step: int) -> dict:
+        """Who runs from which step, how: one entry of the record's history per (re)start."""
+        process = self.process
+        return {"stage": self.stage, "args": vars(args), "command": sys.argv, "git_commit": git_commit(),
+                "versions": library_versions(), "device": process.device_name(), "host": platform.node(),
+                "world_size": process.world, "precision": process.precision,
+                "preprocessing": dataclasses.asdict(preprocessing),
+                "started": datetime.datetime.now().isoformat(timespec="seconds"), "start_step": start_step}
+
+    def write_record(self, entry: dict, resumed: dict | None) -> dict:
+        """args.json: a fresh run's record (the first start's entry at the top level, every start in "history"),
+        or the resumed run's with this start appended to its history. Returns the record."""
+        if entry["start_step"] > 0 and resumed is not None:
+            record = resumed
+            history = record.get("history") or [dict(record, start_step=0)]  # a record from before histories
+            record["history"] = [*history, entry]
+        else:
+            record = {k: v for k, v in entry.items() if k != "start_step"}
+            record["history"] = [entry]
+        record = json.loads(json.dumps(record, default=str))
+        if self.process.is_main:
+            write_json(self.record_path, record)
+        return record
+
+    # -- the resumable state
+    def save_state(self, step: int, model, optimizer, scheduler) -> None:
+        """Everything needed to continue after `step` steps (randomness is recomputed from the seed)."""
+        if self.process.is_main:
+            with atomic_file(self.state_path, "wb") as f:
+                torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict()}, f)
+        self.process.barrier()
+
+    def load_state(self, model, optimizer, scheduler) -> int:
+        """Loads the saved state into the three; returns its step."""
+        try:
+            state = torch.load(self.state_path, map_location=self.process.device, weights_only=True)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            step = int(state["step"])
+        except Exception as e:  # a damaged file fails in torch.load with many exception types
+            reason = one_line(e) if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot resume: {self.state_path} is unreadable ({reason[:200]}); nothing was changed; "
+                            f"--overwrite moves this run aside and starts again") from None
+        self.process.print(f"[{self.stage}] resuming from step {step} ({self.state_path})")
+        return step
+
+    def drop_state(self) -> None:
+        """After the run's result is written: the state is no longer needed."""
+        if self.process.is_main and os.path.exists(self.state_path):
+            os.remove(self.state_path)
