@@ -26,6 +26,7 @@ from data import ImageDataset, check_labels
 from mae_common import creating_command
 from models import (build_classifier, has_checkpoint, load_encoder_state, load_mae, preprocessing_of,
                     save_model)
+from models.card import model_card
 
 FINETUNE_BETAS = (0.9, 0.999)
 NO_DECAY_NAMES = ("bias", "position_embeddings", "cls_token")  # the release's rule; LayerNorm weights decay
@@ -164,8 +165,9 @@ def main(args):
             names = label_names(full_train, model.config.num_labels)
             model.config.id2label = dict(enumerate(names))
             model.config.label2id = {name: label for label, name in enumerate(names)}
-            save_model(model, os.path.join(out_dir, "model"), preprocessing)
-            result["model"] = os.path.join(out_dir, "model")
+            model_dir = os.path.join(out_dir, "model")
+            save_model(model, model_dir, preprocessing, card=model_card(model_dir, result))  # card: every seed
+            result["model"] = model_dir
         # the result before finish() drops the state: a kill in between loses nothing
         utils.write_json(result_path, {**result, **run.record()})
     run.finish()

@@ -19,6 +19,7 @@ import utils
 from data import ImageDataset
 from mae_common import MAE_BETAS, further_pretrain_dir, mae_args_parser, no_weight_decay
 from models import load_mae, mae_loss, preprocessing_of, save_model
+from models.card import model_card
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -59,7 +60,7 @@ def main(args):
         run.train_step(step, objective, images, noise)
 
     if run.is_main:
-        save_model(mae, out_dir, preprocessing)
+        save_model(mae, out_dir, preprocessing, card=model_card(out_dir))  # the card travels with the weights
     run.finish()
     run.print(f"[further-pretrain] saved {out_dir}")
 

@@ -27,6 +27,7 @@ from mae_common import (MAE_BETAS, creating_command, further_pretrain_dir, mae_a
                         self_distill_dir)
 from models import (MAEWithFeature, cls_feature, has_checkpoint, load_encoder, load_mae, preprocessing_of,
                     save_model)
+from models.card import model_card
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -109,7 +110,7 @@ def main(args):
         run.train_step(step, objective, images, noise, teacher_cls[index])
 
     if run.is_main:
-        save_model(student_mae, out_dir, preprocessing)
+        save_model(student_mae, out_dir, preprocessing, card=model_card(out_dir))  # the card travels with the weights
     run.finish()
     run.print(f"[self-distill] saved {out_dir}")
 
