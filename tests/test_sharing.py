@@ -19,7 +19,7 @@ import report
 import selftrain
 from conftest import REPO, TINY
 from data import LMDBReader, decode_image
-from helpers import assert_one_line
+from helpers import assert_one_line, tool_output
 from models import card as cards
 from models import cls_feature, load_encoder, load_mae, save_model, vit_mae
 from tools import publish
@@ -284,18 +284,8 @@ def hub(monkeypatch):
 
 
 def _main(flags, model_dir, repo_id, monkeypatch, capsys):
-    """tools.publish as the shell runs it: (exit code, stdout, stderr); 0 when main returns."""
-    import sys
-
-    import utils
-    monkeypatch.setattr(sys, "argv", ["publish.py", str(model_dir), repo_id, *map(str, flags)])
-    try:
-        utils.run_cli(publish.get_args_parser, publish.main)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    """tools.publish as the shell runs it: (exit code, stdout, stderr)."""
+    return tool_output(publish, [model_dir, repo_id, *flags], monkeypatch, capsys)
 
 
 def test_publish_uploads_the_model_and_its_card_and_keeps_the_runs_private_files(runs, tmp_path, hub, monkeypatch,
