@@ -126,9 +126,13 @@ def test_a_card_leaves_out_results_of_other_settings_and_unreadable_ones(runs, t
     assert rows == ["1", "2"]
 
 
-def test_readme_cites_the_paper_as_the_cards_do():
+def test_readme_cites_the_paper_and_links_the_terms_as_the_cards_do():
     with open(os.path.join(REPO, "README.md")) as f:
-        assert cards.BIBTEX in f.read()
+        readme = f.read()
+    assert cards.BIBTEX in readme
+    for name, (_, link) in cards.DATASET_SOURCES.items():
+        assert f"check the terms at {link}" in readme.replace("\n  ", " "), name
+    assert "check the terms at https://huggingface.co/facebook/vit-mae-base" in readme
 
 
 def test_the_card_is_in_place_before_the_weights(tmp_path, monkeypatch):

@@ -1,8 +1,8 @@
 """TensorBoard logs for runs that have ended, written from their records (metrics.jsonl, args.json).
 
     python -m tools.tensorboard_logs checkpoints results      # every run directory below these
-    tensorboard --logdir checkpoints                          # then one TensorBoard run per run directory
-    tensorboard --logdir_spec mae:checkpoints,finetune:results   # both trees at once
+    tensorboard --logdir checkpoints                          # one TensorBoard run per run directory
+    tensorboard --logdir_spec checkpoints:checkpoints,results:results   # both trees (--logdir takes one)
 
 Each run directory (a folder holding metrics.jsonl: a stage's checkpoint directory, a fine-tuning run's
 results/<dataset>/<init>/seed<k>/) gets one event file, `events.out.tfevents.from-metrics-jsonl`, holding
@@ -14,7 +14,8 @@ results/<dataset>/<init>/seed<k>/) gets one event file, `events.out.tfevents.fro
 
 Wall times are the record's: each start's `started` time plus the time the logged images_per_s imply, so
 TensorBoard's time axes show the run as it ran. Running the tool again rewrites that one file (written under
-a temporary name, then renamed), so steps never repeat. A directory that already holds other event files
+a temporary name, then renamed), so steps never repeat; a TensorBoard already serving it sees the new file
+after a restart (or with --detect_file_replacement true). A directory that already holds other event files
 (logged while the run ran) is left as it is. A run still in progress gets the steps logged so far; run the
 tool again when it has ended.
 
@@ -154,8 +155,9 @@ def main(args):
         else:
             written += 1
             print(f"{run_dir}: {lines} metrics lines -> {EVENT_FILE}")
-    print(f"{written} run(s) written, {skipped} left as they were; view with "
-          f"`tensorboard --logdir {args.paths[0]}`")
+    view = f"--logdir {args.paths[0]}" if len(args.paths) == 1 else "--logdir_spec " + ",".join(
+        f"{os.path.basename(os.path.normpath(p)) or p}:{p}" for p in args.paths)
+    print(f"{written} run(s) written, {skipped} left as they were; view with `tensorboard {view}`")
 
 
 if __name__ == "__main__":
