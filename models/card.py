@@ -316,7 +316,7 @@ def _classifier_usage(reference: str) -> list[str]:
 def _terms(base: str, dataset: str) -> list[str]:
     lines = ["The code that trained this model is Apache-2.0 (the repository's LICENSE). The weights derive from "
              "the initial model and the training data, which have their own terms:", ""]
-    if base == "facebook/vit-mae-base" or (is_hub_id(base) and base.startswith("facebook/vit-mae")):
+    if is_hub_id(base) and base.startswith("facebook/vit-mae"):
         lines.append(f"- θ₀ `{base}`: check the terms at https://huggingface.co/{base} (converted from the MAE "
                      f"release, {MAE_ORIGIN})")
     elif is_hub_id(base):

@@ -19,7 +19,7 @@ import report
 import selftrain
 from conftest import REPO, TINY
 from data import LMDBReader, decode_image
-from helpers import assert_one_line, tool_output
+from helpers import Killed, assert_one_line, kill_at, tool_output
 from models import card as cards
 from models import cls_feature, load_encoder, load_mae, save_model, vit_mae
 from tools import publish
@@ -110,6 +110,31 @@ def test_a_classifiers_card_lists_each_seed_that_existed_and_their_mean_and_std(
     assert "self-distillation" in second.data.tags  # fine-tuned from the self-distilled student
     assert _settings(second.text) == _shown(results[2]["args"])
     assert "AdamW β = (0.9, 0.999)" in second.text and str(runs["student"]) in second.text
+
+
+def test_a_card_names_a_hub_theta0_as_its_base_model_and_links_its_terms(runs, tmp_path):
+    shutil.copytree(runs["teacher"], tmp_path / "t")
+    record = json.load(open(tmp_path / "t" / "args.json"))
+    record["args"]["model_name"] = "facebook/vit-mae-base"  # as a full-scale run records it
+    (tmp_path / "t" / "args.json").write_text(json.dumps(record))
+    card = ModelCard(cards.model_card(str(tmp_path / "t"), repo_id="me/teacher"))
+    assert card.data.base_model == "facebook/vit-mae-base"
+    assert "check the terms at https://huggingface.co/facebook/vit-mae-base" in card.text
+    assert card.data.model_name is None and "model_id = 'me/teacher'" in card.text
+
+
+def test_a_resumed_runs_card_shows_each_start(stage_args, tmp_path, monkeypatch):
+    argv = stage_args("--save_every", 1, steps=3)
+    with monkeypatch.context() as m:
+        kill_at(m, 2)
+        with pytest.raises(Killed):
+            pretrain.main(pretrain.get_args_parser().parse_args(argv))
+    pretrain.main(pretrain.get_args_parser().parse_args(argv))
+    out = tmp_path / "ckpt" / "further-pretrain-3" / "digits"
+    record = json.load(open(out / "args.json"))
+    starts = re.findall(r"^# from step (\d+): started (\S+) on .*, git commit (\S+)$", _card(out).text, flags=re.M)
+    assert starts == [(str(h["start_step"]), h["started"], h["git_commit"]) for h in record["history"]]
+    assert [s[0] for s in starts] == ["0", "2"]
 
 
 def test_a_card_leaves_out_results_of_other_settings_and_unreadable_ones(runs, tmp_path):

@@ -151,7 +151,11 @@ def main(args):
                               f"new one written from the run's records")
     card_kw = dict(repo_id=args.repo_id, license=args.license, datasets=args.datasets)
     if not args.keep_card:
-        model_card(model_dir, **card_kw)  # a directory without its run's records fails here, before anything
+        try:  # a directory without its run's records fails here, before anything
+            model_card(model_dir, **card_kw)
+        except utils.UserError as e:
+            keep = f"; pass --keep_card to upload its {CARD_FILE} as it is" if state != "missing" else ""
+            raise utils.UserError(f"{e}{keep}") from None
     names, left_out = select_files(model_dir, args.exclude)
     needed = [name for name, why in left_out if why.startswith("--exclude") and name in NEEDED]
     if needed:
