@@ -59,7 +59,6 @@ DEFAULT_LICENSE = {"license": "other", "license_name": "base-model-and-dataset-t
 NOT_SHOWN = frozenset({"data_dir", "checkpoint_dir", "output_dir", "results_dir", "workers", "log_every",
                        "save_every", "overwrite", "plot", "data_cache", "save_model"})
 LOSS_TERMS = ("loss", "mae_loss", "distill_loss", "cls_loss")
-RESULT_FILE = re.compile(r"^seed(\d+)\.json$")
 _MARK = "<!-- written by models/card.py from the run's records; sha256 of the text above: {} -->"
 _MARK_RE = re.compile(r"\n<!-- written by models/card\.py from the run's records; sha256 of the text above: "
                       r"([0-9a-f]{64}) -->\n?$")
@@ -110,7 +109,7 @@ def classifier_results(run_dir: str, this: dict) -> tuple[dict[int, dict], list[
     same, left_out = {}, []
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         path = os.path.join(folder, name)
-        if not RESULT_FILE.match(name) or os.path.normpath(path) == own:
+        if not report.RESULT_FILE.match(name) or os.path.normpath(path) == own:
             continue
         try:
             other = report.read_result(path)

@@ -45,10 +45,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", nargs="+", default=None, metavar="ID",
                    help="Hub dataset ids for the card's metadata (default: the dataset's name in this repository)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                   help="also leave out the files whose names match this shell pattern (repeatable)")
+                   help="also leave out the files whose names match this shell pattern (repeatable); never the "
+                        "files loading needs (config.json, model.safetensors, preprocessor_config.json, README.md)")
     p.add_argument("--keep_card", action="store_true",
                    help="upload README.md as it is instead of writing it again from the run's records")
-    p.add_argument("--commit_message", default=None, help="default: 'Upload <what the model is> with its card'")
+    p.add_argument("--commit_message", default=None, help="default: 'Upload <directory name> with its model card'")
     p.add_argument("--dry_run", action="store_true",
                    help="list the files that would be uploaded and those left out; write and upload nothing")
     return p
