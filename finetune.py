@@ -27,6 +27,7 @@ from data import ImageDataset, check_labels
 from mae_common import creating_command
 from models import (build_classifier, has_checkpoint, load_encoder_state, load_mae, preprocessing_of,
                     save_model)
+from tools.card import model_card
 from tools.plots import plot_metrics
 
 FINETUNE_BETAS = (0.9, 0.999)
@@ -49,14 +50,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="fraction of the training set held out for validation (0: none, as in the paper)")
     g.add_argument("--results_dir", default="results", help="where results/<dataset>/<init>/seed<k>.json go")
     g.add_argument("--save_model", action="store_true",
-                   help="also save the trained classifier (ViTForImageClassification, with its label names and "
-                        "preprocessing) in the run's folder, <results_dir>/<dataset>/<init>/seed<k>/model/; "
+                   help="also save the trained classifier (ViTForImageClassification, with its label names, "
+                        "preprocessing and model card) in the run's folder, <results_dir>/<dataset>/<init>/seed<k>/model/; "
                         "off by default: a ViT-Base classifier is about 330 MB per run")
     p.set_defaults(steps=10000, batch_size=32, lr=1e-4, warmup_steps=500, clip_grad=1.0)
     return p
 
 
 def no_weight_decay(name: str, param) -> bool:
+    """The release's rule: no weight decay on names containing bias, position_embeddings or cls_token
+    (LayerNorm weights are decayed)."""
     return any(n in name for n in NO_DECAY_NAMES)
 
 
@@ -166,8 +169,9 @@ def main(args):
             names = label_names(full_train, model.config.num_labels)
             model.config.id2label = dict(enumerate(names))
             model.config.label2id = {name: label for label, name in enumerate(names)}
-            save_model(model, os.path.join(out_dir, "model"), preprocessing)
-            result["model"] = os.path.join(out_dir, "model")
+            model_dir = os.path.join(out_dir, "model")
+            save_model(model, model_dir, preprocessing, card=model_card(model_dir, result))  # card: every seed
+            result["model"] = model_dir
         # the result before finish() drops the state: a kill in between loses nothing
         utils.write_json(result_path, {**result, **run.record()})
         if args.plot:

@@ -9,7 +9,7 @@ itself be fine-tuned (finetune.py) for the paper's "further pre-training" row.
     python pretrain.py --dataset digits --model_name vit-mae-tiny --steps 50 --batch_size 16 --device cpu
 
 Writes <checkpoint_dir>/further-pretrain-<steps>/<dataset>/: the full MAE model (config.json +
-model.safetensors), args.json (the run record) and metrics.jsonl.
+model.safetensors) with its model card (README.md), args.json (the run record) and metrics.jsonl.
 """
 import argparse
 import functools
@@ -20,6 +20,7 @@ import utils
 from data import ImageDataset
 from mae_common import MAE_BETAS, further_pretrain_dir, mae_args_parser, no_weight_decay
 from models import load_mae, mae_loss, preprocessing_of, save_model
+from tools.card import model_card
 from tools.plots import plot_metrics
 
 
@@ -61,7 +62,7 @@ def main(args):
         run.train_step(step, objective, images, noise)
 
     if run.is_main:
-        save_model(mae, out_dir, preprocessing)
+        save_model(mae, out_dir, preprocessing, card=model_card(out_dir))  # the card travels with the weights
         if args.plot:
             plot_metrics(run.metrics_path, os.path.join(out_dir, "loss_curves.png"))
     run.finish()

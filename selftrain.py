@@ -28,6 +28,7 @@ from mae_common import (MAE_BETAS, creating_command, further_pretrain_dir, mae_a
                         self_distill_dir)
 from models import (MAEWithFeature, cls_feature, has_checkpoint, load_encoder, load_mae, preprocessing_of,
                     save_model)
+from tools.card import model_card
 from tools.plots import plot_metrics
 
 
@@ -111,7 +112,7 @@ def main(args):
         run.train_step(step, objective, images, noise, teacher_cls[index])
 
     if run.is_main:
-        save_model(student_mae, out_dir, preprocessing)
+        save_model(student_mae, out_dir, preprocessing, card=model_card(out_dir))  # the card travels with the weights
         if args.plot:
             plot_metrics(run.metrics_path, os.path.join(out_dir, "loss_curves.png"))
     run.finish()

@@ -17,6 +17,18 @@ def cli_output(module, argv, monkeypatch, capsys):
     return exit_info.value.code, out.out, out.err
 
 
+def tool_output(module, argv, monkeypatch, capsys):
+    """Like cli_output, for a command that may succeed (run_cli returns): exit code 0 when it does."""
+    monkeypatch.setattr(sys, "argv", [module.__name__.split(".")[-1] + ".py", *map(str, argv)])
+    try:
+        utils.run_cli(module.get_args_parser, module.main)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def cli(module, argv, monkeypatch, capsys):
     """Run a script's entry point as the shell would; returns (exit code, stderr)."""
     code, _, err = cli_output(module, argv, monkeypatch, capsys)

@@ -47,6 +47,7 @@ class Run:
         self.normalize, self.eval_batches, self.ordered_batches = (self.data.normalize, self.data.evaluation,
                                                                    self.data.ordered)
         self.start_step, self.model, self.metrics, self._step, self._record = 0, None, None, None, None
+        self.optimizer_record = None  # set by adamw
         torch.manual_seed(mix_seed(args.seed, self.process.rank))  # new heads, anything built before the loop
         # Checked here, before the stage loads anything, and again under the lock in prepare().
         self.already_done = self.directory is not None and not args.overwrite and self.directory.finished(args)
@@ -62,8 +63,12 @@ class Run:
         return cls(args, None, stage, None, preprocessing, process=process)
 
     def adamw(self, model, no_decay, betas):
-        """The stage's AdamW (no weight decay where `no_decay(name, param)`) and its linear schedule."""
-        return optimizer_and_schedule(model, self.args, self.process, no_decay, betas)
+        """The stage's AdamW (no weight decay where `no_decay(name, param)`) and its linear schedule. The record
+        keeps what the arguments do not say: betas, eps and the rule (the first paragraph of its docstring)."""
+        optimizer, scheduler = optimizer_and_schedule(model, self.args, self.process, no_decay, betas)
+        rule = " ".join((no_decay.__doc__ or "").strip().split("\n\n")[0].split())
+        self.optimizer_record = {"betas": list(betas), "eps": optimizer.defaults["eps"], "no_weight_decay": rule}
+        return optimizer, scheduler
 
     def prepare(self, model: torch.nn.Module, optimizer, scheduler) -> torch.nn.Module:
         """Lock the run directory, write the run record, move to the device, load the latest training state if
@@ -89,8 +94,8 @@ class Run:
         resumed = directory.resumable(self.args)
         if resumed is not None:
             self.start_step = directory.load_state(self.model, self.optimizer, self.scheduler)
-        self._record = directory.write_record(directory.start_entry(self.args, self.preprocessing, self.start_step),
-                                              resumed)
+        entry = directory.start_entry(self.args, self.preprocessing, self.start_step, self.optimizer_record)
+        self._record = directory.write_record(entry, resumed)
         self.metrics = Metrics(self.metrics_path, self.process, self.stage, self.args.steps, self.args.batch_size,
                                self.start_step)
 

@@ -181,13 +181,14 @@ class RunDirectory:
         self.process.print(f"[{self.stage}] --overwrite: moved the previous run to {' and '.join(moved)}")
 
     # -- the record
-    def start_entry(self, args, preprocessing, start_step: int) -> dict:
-        """Who runs from which step, how: one entry of the record's history per (re)start."""
+    def start_entry(self, args, preprocessing, start_step: int, optimizer: dict | None = None) -> dict:
+        """Who runs from which step, how: one entry of the record's history per (re)start. `optimizer`: what the
+        arguments do not say (betas, eps, the no-weight-decay rule)."""
         process = self.process
         return {"stage": self.stage, "args": vars(args), "command": sys.argv, "git_commit": git_commit(),
                 "versions": library_versions(), "device": process.device_name(), "host": platform.node(),
                 "world_size": process.world, "precision": process.precision,
-                "preprocessing": dataclasses.asdict(preprocessing),
+                "preprocessing": dataclasses.asdict(preprocessing), "optimizer": optimizer,
                 "started": datetime.datetime.now().isoformat(timespec="seconds"), "start_step": start_step}
 
     def write_record(self, entry: dict, resumed: dict | None) -> dict:
