@@ -130,6 +130,10 @@ def shared_parser() -> argparse.ArgumentParser:
                         "without it to continue a killed run")
     g.add_argument("--plot", type=str2bool, nargs="?", const=True, default=False,
                    help="write loss curves (loss_curves.png) into the run directory at the end")
+    g.add_argument("--report_to", default="none", choices=["none", "tensorboard", "wandb"],
+                   help="also send every metrics.jsonl line, live, to TensorBoard (event files in the run directory) "
+                        "or Weights & Biases (WANDB_MODE=offline works; a resumed run continues its W&B run); "
+                        "optional packages; the run may resume with another value")
     g.add_argument("--data_cache", default="auto", choices=["auto", "off"],
                    help="auto: decode and resize each split once into memory (on the GPU when it fits) and "
                         "gather batches by index, reusing <data_dir>/<dataset>/.cache/ across runs; a split "
@@ -237,6 +241,7 @@ def generator(seed: int, stream: int, index: int) -> torch.Generator:
 # values of these (every start is in the record's history, with the precision and device it ran on), and
 # report.py averages runs that differ only in them.
 RESULT_NEUTRAL_FLAGS = frozenset({"workers", "log_every", "save_every", "plot", "overwrite", "device", "teacher_device",
-                                  "save_model", "compile", "precision", "data_cache", "output_dir", "results_dir"})
+                                  "save_model", "compile", "precision", "data_cache", "report_to", "output_dir",
+                                  "results_dir"})
 # Flags added after runs were already being recorded: a record without one ran as its default does.
 LATER_FLAG_DEFAULTS = {"cuda_graph": False}

@@ -14,7 +14,7 @@ import training
 import pretrain
 from helpers import Cut, assert_one_line, cut_at, tool_output
 from tools import tensorboard_logs
-from tools.tensorboard_events import EventLog, read_scalars, read_text
+from training.tensorboard_events import EventLog, read_scalars, read_text
 
 
 def _lines(run_dir):

@@ -7,7 +7,7 @@
 Each run directory (a folder holding metrics.jsonl: a stage's checkpoint directory, a fine-tuning run's
 results/<dataset>/<init>/seed<k>/) gets one event file, `events.out.tfevents.from-metrics-jsonl`, holding
 
-    train/<key>    every number of every metrics.jsonl line, at that line's step (tools/tensorboard_events.py)
+    train/<key>    every number of every metrics.jsonl line, at that line's step (training/tensorboard_events.py)
     result/<key>   a fine-tuning run's test_acc, test_loss (and val_acc, val_loss) from seed<k>.json, at its
                    last step
     args           the run record (args.json), as text
@@ -28,7 +28,7 @@ import os
 
 import training
 import utils
-from tools.tensorboard_events import EventLog, is_number
+from training.tensorboard_events import EventLog, is_number
 
 EVENT_FILE = "events.out.tfevents.from-metrics-jsonl"  # TensorBoard reads any file with "tfevents" in its name
 

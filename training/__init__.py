@@ -5,7 +5,8 @@
     draws.py     what step s draws at random: data order, masking noise, flips, dropout's seed
     batches.py   what step s trains on: its batch, from the decode-once copy of the split or the workers
     step.py      the optimizer step: AdamW and the schedule, backward, clipping, the non-finite flag (eager or static)
-    metrics.py   metrics.jsonl, the progress bar or plain lines
+    metrics.py   metrics.jsonl, the progress bar or plain lines; report_to.py and tensorboard_events.py: the same
+                 lines live to TensorBoard or W&B (--report_to)
     run.py       Run, the facade
 
 None of the rooms imports Run or the entry scripts; utils.py holds the stateless helpers they share."""

@@ -28,10 +28,12 @@ def peak_memory_mb(device: torch.device) -> float:
 
 class Metrics:
     """The metrics of a run from `start_step` on. Every process calls log() at the same steps (the terms are
-    averaged over the processes); only the first process writes."""
+    averaged over the processes); only the first process writes, and sends each line to `reporter` (--report_to,
+    training/report_to.py) if there is one."""
 
-    def __init__(self, path: str, process, stage: str, steps: int, batch_size: int, start_step: int):
+    def __init__(self, path: str, process, stage: str, steps: int, batch_size: int, start_step: int, reporter=None):
         self.path, self.process, self.stage, self.steps, self.batch_size = path, process, stage, steps, batch_size
+        self.reporter = reporter
         if process.is_main and os.path.exists(path):
             # drop lines past the resumed step (a killed run may have logged beyond its last state)
             with open(path) as f:
@@ -60,6 +62,8 @@ class Metrics:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(entry) + "\n")
+        if self.reporter is not None:
+            self.reporter.send(entry)
         if self.progress is not None:
             self.progress.update(done - self.progress.n)
             self.progress.set_postfix(loss=f"{entry['loss']:.4f}", img_s=f"{entry['images_per_s']:.1f}")
@@ -73,3 +77,5 @@ class Metrics:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.close()
+        if self.reporter is not None:
+            self.reporter.close()

@@ -1,7 +1,7 @@
 """Run: what one training run is, apart from the method -- the facade the three stages use. Each concern lives
 in its own room: the process and device (process.py), the run directory and its record (run_dir.py), the
-step's randomness (draws.py), its batches (batches.py), the optimizer step (step.py), the metrics
-(metrics.py)."""
+step's randomness (draws.py), its batches (batches.py), the optimizer step (step.py), the metrics (metrics.py,
+and report_to.py for --report_to)."""
 import os
 
 import torch
@@ -10,6 +10,7 @@ from training.batches import Batches
 from training.draws import make_draws, use_global_batch_dropout
 from training.metrics import Metrics
 from training.process import Process
+from training.report_to import new_wandb_id, reporter
 from training.run_dir import RunDirectory
 from training.step import StaticStep, TrainStep, optimizer_and_schedule, step_lr
 from utils import STREAM_NOISE, RunFailed, mix_seed
@@ -96,8 +97,13 @@ class Run:
             self.start_step = directory.load_state(self.model, self.optimizer, self.scheduler)
         entry = directory.start_entry(self.args, self.preprocessing, self.start_step, self.optimizer_record)
         self._record = directory.write_record(entry, resumed)
+        live = None
+        if self.is_main and self.args.report_to != "none":
+            if self.args.report_to == "wandb" and "wandb_run_id" not in self._record:
+                self._record = directory.update_record(self._record, wandb_run_id=new_wandb_id())
+            live = reporter(self.args.report_to, self.out_dir, self._record, self.start_step, self.stage)
         self.metrics = Metrics(self.metrics_path, self.process, self.stage, self.args.steps, self.args.batch_size,
-                               self.start_step)
+                               self.start_step, live)
 
     def batches(self, dataset):
         """(step, (images, labels, indices)) for the remaining steps (training/batches.py)."""

@@ -206,6 +206,13 @@ class RunDirectory:
             write_json(self.record_path, record)
         return record
 
+    def update_record(self, record: dict, **fields) -> dict:
+        """The record with `fields` added (e.g. the W&B run id of a first start with --report_to wandb), written."""
+        record = {**record, **fields}
+        if self.process.is_main:
+            write_json(self.record_path, record)
+        return record
+
     # -- the resumable state
     def save_state(self, step: int, model, optimizer, scheduler) -> None:
         """Everything needed to continue after `step` steps (randomness is recomputed from the seed)."""

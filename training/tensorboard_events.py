@@ -6,8 +6,8 @@
     log.scalars("test", step, {"acc": 0.95})         # anything else, as <prefix>/<name>
     log.close()
 
-Used by `python -m tools.tensorboard_logs` (finished runs, from their files); written so that a live
-`--report_to tensorboard` can call it with each line it appends to metrics.jsonl.
+Used by a live `--report_to tensorboard` (training/report_to.py: each line as it is appended to metrics.jsonl)
+and by `python -m tools.tensorboard_logs` (finished runs, from their files).
 
 Tags are `train/<key>` for every number of a metrics line (train/loss, train/lr, train/mae_loss, ...) at the
 line's own step, so TensorBoard's steps are metrics.jsonl's. Event files hold 32-bit floats (TensorBoard's
@@ -61,6 +61,9 @@ class EventLog:
         text = json.dumps(record, indent=2, sort_keys=True, default=str)
         self._writer.add_text(ARGS_TAG, "\n".join("    " + line for line in text.splitlines()), step,
                               walltime=walltime)
+
+    def flush(self) -> None:
+        self._writer.flush()
 
     def close(self) -> None:
         self._writer.close()
