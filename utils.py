@@ -41,6 +41,25 @@ def device_spec(value: str) -> str:
     return value
 
 
+def threads_spec(value: str) -> str | int:
+    """An argparse type for --threads: auto, or a whole number >= 1."""
+    if value == "auto":
+        return value
+    return int_at_least(1)(value)
+
+
+THREADS_HELP = ("CPU threads of this process (torch.set_num_threads): auto is 1 on the CPU -- two threads on a busy "
+                "2-core machine ran 10-20x slower, and independent runs side by side (JOBS) use the cores better -- "
+                "and torch's default beside a GPU; or a number")
+
+
+def cpu_threads(value: str | int, device_type: str) -> int | None:
+    """The thread count --threads asks for on a device of this type (None: torch's default)."""
+    if value != "auto":
+        return int(value)
+    return 1 if device_type == "cpu" else None
+
+
 def int_at_least(minimum: int):
     """An argparse type: a whole number >= minimum."""
     def parse(value: str) -> int:
@@ -115,6 +134,7 @@ def shared_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int_at_least(0), default=0,
                    help="seeds data order, masking noise, flips, dropout, new heads")
     g.add_argument("--device", type=device_spec, default="auto", help="auto (cuda if available), cpu, cuda, or cuda:N")
+    g.add_argument("--threads", type=threads_spec, default="auto", help=THREADS_HELP)
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="auto: bf16 autocast on CUDA, fp32 on CPU; fp32 reproduces the original numerics")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
@@ -240,8 +260,8 @@ def generator(seed: int, stream: int, index: int) -> torch.Generator:
 # the run directory is (we are in it). The one list: a run resumes, and counts as "already complete", with other
 # values of these (every start is in the record's history, with the precision and device it ran on), and
 # report.py averages runs that differ only in them.
-RESULT_NEUTRAL_FLAGS = frozenset({"workers", "log_every", "save_every", "plot", "overwrite", "device", "teacher_device",
-                                  "save_model", "compile", "precision", "data_cache", "report_to", "output_dir",
-                                  "results_dir"})
+RESULT_NEUTRAL_FLAGS = frozenset({"workers", "threads", "log_every", "save_every", "plot", "overwrite", "device",
+                                  "teacher_device", "save_model", "compile", "precision", "data_cache", "report_to",
+                                  "output_dir", "results_dir"})
 # Flags added after runs were already being recorded: a record without one ran as its default does.
 LATER_FLAG_DEFAULTS = {"cuda_graph": False}

@@ -388,3 +388,21 @@ def test_an_output_directory_that_cannot_be_written_is_one_line(stage_args, tmp_
     code, _, err = _cli(pretrain, stage_args("--output_dir", tmp_path / "ro" / "run"), monkeypatch, capsys)
     assert code == 2
     _one_line(err, f"cannot write to the run directory {tmp_path / 'ro' / 'run'}: Permission denied")
+
+
+def test_threads_are_set_and_recorded_and_may_change_on_resume(pretrain_argv, tmp_path, monkeypatch, capsys):
+    """--threads auto is one thread on the CPU; a number is that many; each start records what it ran with, and a
+    run resumes with another value (a run-control flag)."""
+    before = torch.get_num_threads()
+    try:
+        with training.supplied_draws(cut_at(stop=2)), pytest.raises(Cut):
+            _pretrain(pretrain_argv("--save_every", 1, "--threads", "2", steps=4))
+        assert torch.get_num_threads() == 2
+        _pretrain(pretrain_argv("--save_every", 1, steps=4))  # auto
+        assert torch.get_num_threads() == 1
+        record = _json(tmp_path / "run" / training.RECORD_FILE)
+        assert [(h["args"]["threads"], h["threads"]) for h in record["history"]] == [(2, 2), ("auto", 1)]
+    finally:
+        torch.set_num_threads(before)
+    code, err = _cli(pretrain, pretrain_argv("--threads", "0"), monkeypatch, capsys)[::2]
+    assert code == 2 and "argument --threads: must be at least 1, got 0" in err

@@ -131,6 +131,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="timed batches per measurement (rounded up to whole rounds of the workers)")
     g.add_argument("--image_size", type=utils.int_at_least(1), default=224, help="the size images are resized to")
     p.add_argument("--device", type=utils.device_spec, default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=utils.threads_spec, default="auto", help=utils.THREADS_HELP)
     return p
 
 
@@ -699,6 +700,8 @@ def bench_stages(args, device: torch.device, tmp: str) -> list[dict]:
 
 def main(args) -> list[dict]:
     device = training.resolve_device(args.device, 0)
+    if utils.cpu_threads(args.threads, device.type) is not None:
+        torch.set_num_threads(utils.cpu_threads(args.threads, device.type))
     print(f"device: {describe(device)}; torch {torch.__version__}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         rows = bench_data(args, device, tmp) if args.data else bench_stages(args, device, tmp)

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from errors import UserError
+from utils import cpu_threads
 
 
 def resolve_device(requested: str, local_rank: int) -> torch.device:
@@ -45,10 +46,14 @@ class Process:
                                           enabled=self.precision == "bf16")
 
     @classmethod
-    def from_environment(cls, device: str, precision: str = "auto") -> "Process":
+    def from_environment(cls, device: str, precision: str = "auto", threads="auto") -> "Process":
+        """This process of the job; --threads applied (torch.set_num_threads)."""
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         resolved = resolve_device(device, local_rank)
+        wanted = cpu_threads(threads, resolved.type)
+        if wanted is not None:
+            torch.set_num_threads(wanted)
         if world > 1 and not dist.is_initialized():
             if resolved.type == "cuda":
                 torch.cuda.set_device(resolved)

@@ -36,7 +36,7 @@ class Run:
     def __init__(self, args, out_dir: str | None, stage: str, done_file: str | None, preprocessing, *,
                  done_holds_record: bool = False, process: Process | None = None):
         self.args, self.out_dir, self.stage, self.preprocessing = args, out_dir, stage, preprocessing
-        self.process = process or Process.from_environment(args.device, args.precision)
+        self.process = process or Process.from_environment(args.device, args.precision, args.threads)
         self.device, self.is_main, self.local_rank = self.process.device, self.process.is_main, self.process.local_rank
         self.autocast, self.print = self.process.autocast, self.process.print
         self.directory = None if out_dir is None else RunDirectory(out_dir, stage, done_file, done_holds_record,

@@ -187,7 +187,7 @@ class RunDirectory:
         process = self.process
         return {"stage": self.stage, "args": vars(args), "command": sys.argv, "git_commit": git_commit(),
                 "versions": library_versions(), "device": process.device_name(), "host": platform.node(),
-                "world_size": process.world, "precision": process.precision,
+                "world_size": process.world, "precision": process.precision, "threads": torch.get_num_threads(),
                 "preprocessing": dataclasses.asdict(preprocessing), "optimizer": optimizer,
                 "started": datetime.datetime.now().isoformat(timespec="seconds"), "start_step": start_step}
 
