@@ -107,8 +107,8 @@ def test_data_order_is_a_fresh_permutation_every_epoch_and_each_image_has_its_ow
 def test_dropout_drops_the_rate_and_scales_the_rest_with_new_masks_each_step(data_dir, tmp_path, monkeypatch):
     """Fine-tuning's dropout 0.1 on the hidden states: the observed fraction of dropped elements, the 1/(1-p)
     scaling of the kept ones, masks that differ between steps and rows, and the same masks for the same
-    (seed, step) in another run."""
-    def masks(name):
+    (seed, step) in another run -- also in a run resumed at step 2, whose process drew nothing before it."""
+    def masks(name, *extra, cut=3):
         seen, kept, inputs = spy_prepare(monkeypatch), [], []
 
         def hook(module, args, output):
@@ -117,14 +117,15 @@ def test_dropout_drops_the_rate_and_scales_the_rest_with_new_masks_each_step(dat
                 inputs.append((args[0], output))
 
         def on_step(step):
-            if step == 0:
+            if not seen.get("hooked"):  # the first step this process takes
+                seen["hooked"] = True
                 for module in seen["model"].modules():
                     if "Dropout" in type(module).__name__ and module.p > 0:
                         module.register_forward_hook(hook)
         argv = [*TINY, "--dataset", "digits", "--data_dir", data_dir, "--scratch", "True", "--steps", 50,
-                "--output_dir", tmp_path / name, "--results_dir", tmp_path / "res", "--log_every", 1000]
+                "--output_dir", tmp_path / name, "--results_dir", tmp_path / "res", "--log_every", 1000, *extra]
         args = finetune.get_args_parser().parse_args([str(a) for a in argv])
-        with training.supplied_draws(cut_at(stop=3, on_step=on_step)), pytest.raises(Cut):
+        with training.supplied_draws(cut_at(stop=cut, on_step=on_step)), pytest.raises(Cut):
             finetune.main(args)
         return kept, inputs
 
@@ -139,3 +140,7 @@ def test_dropout_drops_the_rate_and_scales_the_rest_with_new_masks_each_step(dat
     assert not torch.equal(kept[0][0], kept[0][1]), "two images of a batch share a dropout mask"
     again, _ = masks("b")
     assert all(torch.equal(a, b) for a, b in zip(kept, again)), "the same (seed, step) gave other dropout masks"
+    masks("c", "--save_every", 2, cut=2)  # saved after step 2 ...
+    resumed, _ = masks("c", "--save_every", 2)  # ... and resumed: step 3 only, in a process that drew nothing yet
+    assert len(resumed) == per_step and all(torch.equal(a, b) for a, b in zip(kept[2 * per_step:], resumed)), \
+        "dropout masks depend on what the process drew before, not on (seed, step) alone"
