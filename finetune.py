@@ -35,7 +35,7 @@ VAL_SPLIT_SEED = 0  # the held-out part is the same for every seed and every ini
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Fine-tuning a classifier from θ₀ or a checkpoint (stage 3).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                parents=[utils.shared_parser()])
+                                parents=[utils.shared_parser()], allow_abbrev=False)
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--scratch", type=utils.str2bool, default=False,
                    help="True: start from --model_name (θ₀); False: from <checkpoint_dir>/<ckpt_name>/<dataset>")

@@ -59,7 +59,8 @@ MIN_SEEDS_FOR_BEST = 2
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Mean ± std of the fine-tuning results, as the paper's table.")
+    p = argparse.ArgumentParser(description="Mean ± std of the fine-tuning results, as the paper's table.",
+                                allow_abbrev=False)
     p.add_argument("--results_dir", default="results", help="finetune.py's --results_dir")
     p.add_argument("--datasets", nargs="+", default=None,
                    help="columns to show (default: every dataset with results); a named dataset without "

@@ -551,7 +551,7 @@ def check(args) -> dict:
 # ---------------------------------------------------------------- command line
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m data.prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", nargs="?", choices=sorted(CONVERTERS), metavar="NAME",
                         help=f"converter: one of {', '.join(CONVERTERS)}")

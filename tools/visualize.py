@@ -43,7 +43,7 @@ NORM_PIX_EPS = 1e-6  # as in transformers' ViTMAEForPreTraining.forward
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="MAE reconstruction grid of a checkpoint.")
+    p = argparse.ArgumentParser(allow_abbrev=False, description="MAE reconstruction grid of a checkpoint.")
     p.add_argument("--checkpoint", required=True,
                    help="a model directory written by pretrain.py / selftrain.py, a hub id, or vit-mae-tiny")
     p.add_argument("--dataset", required=True, help="dataset to draw the images from (as in the three stages)")
