@@ -125,7 +125,8 @@ def main(args):
     if not args.scratch and not has_checkpoint(checkpoint):
         raise utils.UserError(f"checkpoint not found: {checkpoint} (create it with "
                               f"`{creating_command(args.ckpt_name, args.dataset, args.checkpoint_dir)}`, "
-                              f"or pass --scratch True)")
+                              f"or fine-tune from θ₀: `bash run_finetune.sh GPU {args.dataset} True`, "
+                              f"or finetune.py with --scratch True)")
 
     # ---- the encoder to start from, and the data: train (optionally minus a held-out part) and test
     if args.scratch:

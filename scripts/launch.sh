@@ -38,7 +38,29 @@ usage_error() {
 # is_flag ARG: true when ARG starts the pass-through flags (so optional positionals stop there)
 is_flag() { [[ "${1:-}" == -* ]]; }
 
-# flag_value NAME DEFAULT ARGS...: the value of --NAME among ARGS (last one wins, as in argparse)
+# refuse_flags LAUNCHER HOW FLAG... -- ARGS...: one line and exit 2 when ARGS hold one of the FLAGs (--flag or
+# --flag=value). For the flags whose values the launcher sets itself (the dataset, the init, the seed, the run
+# directory): a later copy among the user's flags would win in the Python program but not in what the launcher
+# reads back (its log and summary paths), so the summary would print another run's result. No parser accepts
+# abbreviations, so the exact names are all there is to check. HOW says how to ask for it instead.
+refuse_flags() {
+  local launcher=$1 how=$2 flag arg
+  shift 2
+  local refused=()
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do refused+=("$1"); shift; done
+  [ $# -eq 0 ] || shift
+  for arg in "$@"; do
+    for flag in "${refused[@]}"; do
+      if [ "$arg" = "$flag" ] || [[ "$arg" == "$flag"=* ]]; then
+        echo "error: $launcher takes no $flag: it sets it for each run itself; $how" >&2
+        exit 2
+      fi
+    done
+  done
+}
+
+# flag_value NAME DEFAULT ARGS...: the value of --NAME among ARGS (last one wins, as in argparse, which takes
+# no abbreviations)
 flag_value() {
   local name=$1 value=$2 prev=""
   shift 2
