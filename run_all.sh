@@ -78,11 +78,7 @@ echo "=== ${DATASETS[*]}: further pre-training and self-distillation ($STEPS ste
      "(${FINETUNE_STEPS:-10000} steps; seeds $SEEDS); ${#POOL_SLOTS[@]} run(s) at a time"
 if [ ${#POOL_GPUS[@]} -gt 1 ] && [ ${#DATASETS[@]} -lt ${#POOL_GPUS[@]} ]; then
   # too few datasets to fill the GPUs one each: each MAE run uses all of them (DDP), one after another
-  for dataset in "${DATASETS[@]}"; do
-    rc=0
-    mae_stages "$GPU" "$dataset" || rc=$?
-    _pool_done "$dataset MAE stages" "" "$rc"
-  done
+  for dataset in "${DATASETS[@]}"; do pool_attached "$dataset MAE stages" mae_stages "$GPU" "$dataset"; done
   for dataset in "${DATASETS[@]}"; do finetune_all "$dataset" initial; done
 else
   for dataset in "${DATASETS[@]}"; do
