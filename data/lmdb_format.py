@@ -103,6 +103,12 @@ class LMDBReader:
         image_bytes, label = plain_loads(blob)
         return image_bytes, int(label)
 
+    def raw_records(self):
+        """Every (key, value) pair of the file in key order, the __keys__ and __len__ entries among them, as
+        buffers valid until the next pair (read without copying: for content fingerprints)."""
+        with _read_env(self.path).begin(buffers=True) as txn:
+            yield from txn.cursor()
+
     def labels(self) -> list[int]:
         """Every record's label (reads every record once, then remembered)."""
         if self._labels is None:
