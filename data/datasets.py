@@ -57,9 +57,26 @@ def how_to_rebuild(name: str, data_dir: str) -> str:
             f"--out {data_dir} --overwrite`")
 
 
+def check_name(name: str, flag: str = "--dataset", root_flag: str = "--data_dir") -> str:
+    """`name` if it names a dataset: one visible folder under the data root. A path (absolute, ./x, a/b, x/, ..)
+    is refused: os.path.join would let it escape the data root, and the stages derive their run directories
+    from the name, so `--dataset /data/cub` made the run directory the dataset folder itself."""
+    if name.startswith(".") and name not in (".", "..") and os.sep not in name and "/" not in name:
+        raise UserError(f"{flag} {name!r} names a hidden folder, which is never a dataset; rename it "
+                        f"({root_flag} gives the folder that holds the datasets)")
+    if name and name not in (".", "..") and "/" not in name and os.sep not in name:
+        return name
+    parent, base = os.path.split(os.path.normpath(name)) if name else ("", "")
+    hint = (f"pass {root_flag} {parent or '.'} {flag} {base}" if base not in ("", ".", "..", os.sep)
+            else f"give the name of a folder under {root_flag}")
+    what = "is empty" if not name else "is a path"
+    raise UserError(f"{flag} {name!r} {what}, but it takes a dataset name, a folder under {root_flag} (which "
+                    f"gives the folder that holds the datasets): {hint}")
+
+
 def dataset_dir(name: str, data_dir: str) -> str:
     """The folder of `name`, checked; `digits` is built on first use (a missing split file is rebuilt)."""
-    root = os.path.join(data_dir, name)
+    root = os.path.join(data_dir, check_name(name))
     if name == "digits" and not all(os.path.exists(os.path.join(root, f"{split}.lmdb")) for split in SPLITS):
         write_digits(root)
     if not os.path.isdir(root):

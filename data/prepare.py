@@ -29,7 +29,8 @@ Every image is decoded once while building (16-bit grayscale scaled to 8 bits by
 does; the original bytes are stored unless --resize). An unreadable one stops the build (naming it) unless
 --skip_bad, which skips and lists it. Both splits are written into a hidden folder
 `<out>/.<name>.partial-*` and moved to `<out>/<name>` only once both are complete; an existing
-`<out>/<name>` is replaced (after that) only with --overwrite.
+`<out>/<name>` is replaced (after that) only with --overwrite, which moves it to `<out>/<name>.old-<date>-<time>`
+(nothing is deleted).
 
 After building, the images per split and per class are printed and stored in
 `<out>/<name>/counts.json`; a split whose size differs from the standard split prints a
@@ -38,6 +39,7 @@ does not fail (fake or partial sources are legitimate). `--check NAME` decodes e
 existing `<out>/<name>` (ours, or the authors' data.tar.gz) and checks labels and counts.
 """
 import argparse
+import datetime
 import io
 import json
 import os
@@ -54,7 +56,8 @@ import scipy.io
 from PIL import Image
 from tqdm import tqdm
 
-from data.datasets import DATASETS, SPLITS, class_folders, folder_split, how_to_rebuild, image_files, to_8bit
+from data.datasets import (DATASETS, SPLITS, check_name, class_folders, folder_split, how_to_rebuild, image_files,
+                           to_8bit)
 from data.lmdb_format import LMDBReader, write_lmdb
 from errors import UserError
 
@@ -393,14 +396,17 @@ def _move_into_place(partial: str, target: str, overwrite: bool) -> None:
         return
     if not overwrite:  # appeared while we were building
         raise UserError(f"{target} already exists; pass --overwrite to replace it")
-    old = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(target, old)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    old, i = f"{target}.old-{stamp}", 2
+    while os.path.lexists(old):
+        old, i = f"{target}.old-{stamp}-{i}", i + 1
+    os.rename(target, old)  # kept, as the stages keep a run directory: nothing a user has is deleted
     try:
         os.rename(partial, target)
     except OSError:
         os.rename(old, target)
         raise
-    _remove(old)
+    print(f"--overwrite: moved the previous {target} to {old} (delete it once the new one is checked)")
 
 
 def build(args) -> dict:
@@ -493,7 +499,7 @@ def _decode_error(record):
 
 
 def check(args) -> dict:
-    name = args.check
+    name = check_name(args.check, "--check", "--out")
     root = os.path.join(args.out, name)
     if not os.path.isdir(root):
         raise UserError(f"{root} does not exist; build it with `python -m data.prepare`")
@@ -565,7 +571,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip_bad", action="store_true",
                         help="skip (and list) unreadable or missing images instead of stopping")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing <out>/<name>, once the new one is complete")
+                        help="replace an existing <out>/<name> once the new one is complete; the old one is moved "
+                             "to <out>/<name>.old-<date>-<time>")
     parser.add_argument("--test_fraction", type=float, default=0.2,
                         help="imagefolder without train/ and test/: fraction of each class that goes to test "
                              "(default: 0.2)")
