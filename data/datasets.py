@@ -12,6 +12,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import sys
 from collections import Counter
 
@@ -91,30 +92,78 @@ def dataset_dir(name: str, data_dir: str) -> str:
 
 # ---------------------------------------------------------------- image folders (also data.prepare's rules)
 
+def _entries(folder: str) -> list[os.DirEntry]:
+    """The entries of `folder`, sorted by name; a folder that cannot be read is an error naming it (os.walk
+    skipped it without a word: an unreadable test/ class folder silently dropped its images)."""
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        raise UserError(f"cannot read the folder {folder}: {e.strerror or e}") from None
+
+
 def class_folders(folder: str) -> list[str]:
     """The class folders of `folder`, sorted; hidden ones (.ipynb_checkpoints, .DS_Store) and __MACOSX left out."""
-    return sorted(d for d in os.listdir(folder)
-                  if os.path.isdir(os.path.join(folder, d)) and not d.startswith(".") and d != "__MACOSX")
+    return [e.name for e in _entries(folder)
+            if e.is_dir() and not e.name.startswith(".") and e.name != "__MACOSX"]
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, in words (for the errors that refuse it)."""
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def unusable_file(path: str) -> str | None:
+    """Why `path` cannot be read as a file: missing (a broken link), a FIFO, socket or device (reading one waits
+    for ever or yields nothing), or unreadable; None if it can be read."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return e.strerror or str(e)
+    if not stat.S_ISREG(st.st_mode):
+        return f"{file_kind(st.st_mode)}, not an image file"
+    if not os.access(path, os.R_OK):
+        return "Permission denied"
+    return None
 
 
 def image_files(folder: str) -> list[str]:
-    """Images under `folder`, sorted; hidden files (macOS '._x.jpeg' copies in zips) and folders left out."""
+    """Images under `folder`, sorted; hidden files (macOS '._x.jpeg' copies in zips) and folders left out, as are
+    files without an image extension and subfolders reached through a link (os.walk's rule). A folder that cannot
+    be read, or an image that is not a readable regular file, is an error naming it."""
     files = []
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        files += [os.path.join(root, n) for n in names
-                  if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+
+    def walk(path: str) -> None:
+        for entry in _entries(path):
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                walk(entry.path)
+            elif entry.name.lower().endswith(IMAGE_EXTENSIONS) and not entry.is_dir():
+                files.append(entry.path)
+    walk(folder)
+    bad = [(path, why) for path in files if (why := unusable_file(path)) is not None]
+    if bad:
+        path, why = bad[0]
+        more = f" ({len(bad)} such files under {folder})" if len(bad) > 1 else ""
+        raise UserError(f"cannot read the image {path}: {why}{more}")
     return sorted(files)
 
 
 def folder_split(split_dir: str, classes: list[str]) -> list[tuple[str, int]]:
     """(image path, label) of <split_dir>/<class>/..., labels from `classes` (train/'s list), so that a
     class missing from one split does not shift the labels of the others."""
-    unknown = sorted(set(class_folders(split_dir)) - set(classes))
+    present = set(class_folders(split_dir))
+    unknown = sorted(present - set(classes))
     if unknown:
         raise UserError(f"{split_dir} has class folders that train/ lacks: {', '.join(unknown)} "
                         f"(the classifier's classes are train/'s; add them there or remove them)")
-    return [(path, label) for label, cls in enumerate(classes) for path in image_files(os.path.join(split_dir, cls))]
+    return [(path, label) for label, cls in enumerate(classes) if cls in present
+            for path in image_files(os.path.join(split_dir, cls))]
 
 
 class _FolderReader:
@@ -142,18 +191,26 @@ class _FolderReader:
 
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's modes of 16-bit PNGs and TIFFs
+FLOAT_MODE = "F"  # 32-bit float grayscale (float TIFFs)
 
 
 def to_8bit(img: Image.Image) -> Image.Image:
-    """`img` with 8 bits per channel: a 16-bit grayscale image (PIL mode I;16 or I: 16-bit PNG/TIFF, common
-    for X-rays) becomes mode L by round(v / 257), mapping the full range 0..65535 onto 0..255 (the inverse
-    of the PNG rule v8 * 257); values outside 0..65535 are clipped. The same rule for every image, whatever
-    range it uses: 12-bit data (0..4095) comes out dark (0..16). PIL's own convert would clip every value
-    above 255 to white. Other modes are returned unchanged."""
-    if img.mode not in SIXTEEN_BIT_MODES:
-        return img
-    values = np.clip(np.asarray(img).astype(np.int64), 0, 65535)  # (H, W)
-    return Image.fromarray(((values + 128) // 257).astype(np.uint8))
+    """`img` with 8 bits per channel. The full range of the image's type is mapped onto 0..255, by one rule for
+    every image whatever range it uses (no per-image stretching: intensities keep their meaning across images):
+    - 16-bit grayscale (PIL mode I;16 or I: 16-bit PNG/TIFF, common for X-rays) becomes mode L by round(v / 257),
+      0..65535 onto 0..255 (the inverse of the PNG rule v8 * 257); values outside 0..65535 are clipped, and
+      12-bit data (0..4095) comes out dark (0..16);
+    - float grayscale (mode F: 32-bit float TIFFs) holds 0..1 by the convention of float images, and becomes
+      mode L by round(v * 255); values outside 0..1 are clipped, NaN is 0.
+    PIL's own convert would clip every value above 255 to white, and a float image in 0..1 to black.
+    Other modes are returned unchanged."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        values = np.clip(np.asarray(img).astype(np.int64), 0, 65535)  # (H, W)
+        return Image.fromarray(((values + 128) // 257).astype(np.uint8))
+    if img.mode == FLOAT_MODE:
+        values = np.clip(np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0), 0.0, 1.0)  # (H, W)
+        return Image.fromarray(np.floor(values * 255 + 0.5).astype(np.uint8))
+    return img
 
 
 def decode_image(image_bytes: bytes, image_size: int, resample: int = Image.BILINEAR) -> torch.Tensor:
@@ -174,7 +231,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.data_dir = data_dir
         self.root = root = dataset_dir(name, data_dir)
         lmdb_path, folder = os.path.join(root, f"{split}.lmdb"), os.path.join(root, split)
-        if os.path.exists(lmdb_path):
+        if os.path.lexists(lmdb_path):
             try:
                 self.reader = LMDBReader(lmdb_path)
             except Exception as e:  # lmdb.Error, pickle errors, ValueError (a truncated file among them)

@@ -12,6 +12,7 @@ import io
 import os
 import pickle
 import shutil
+import stat
 
 import lmdb
 
@@ -42,6 +43,8 @@ def _read_env(path: str) -> lmdb.Environment:
     # keyed by the data file's identity, not its path: a build reads its split back, then renames it
     data_file = os.path.join(path, "data.mdb") if os.path.isdir(path) else path
     st = os.stat(data_file)
+    if not stat.S_ISREG(st.st_mode):  # lmdb would open a FIFO and wait for a writer for ever
+        raise ValueError(f"{data_file} is not a regular file ({_kind(st.st_mode)})")
     key = (st.st_dev, st.st_ino)
     pid, env = _READ_ENVS.get(key, (None, None))
     if env is not None and pid != os.getpid():
@@ -56,6 +59,12 @@ def _read_env(path: str) -> lmdb.Environment:
             raise
         _READ_ENVS[key] = (os.getpid(), env)
     return env
+
+
+def _kind(mode: int) -> str:
+    return ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a folder" if stat.S_ISDIR(mode)
+            else "a special file")
 
 
 def _check_size(data_file: str, env: lmdb.Environment) -> None:

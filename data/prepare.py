@@ -56,8 +56,8 @@ import scipy.io
 from PIL import Image
 from tqdm import tqdm
 
-from data.datasets import (DATASETS, SPLITS, check_name, class_folders, folder_split, how_to_rebuild, image_files,
-                           to_8bit)
+from data.datasets import (DATASETS, SPLITS, check_name, class_folders, file_kind, folder_split, how_to_rebuild,
+                           image_files, to_8bit, unusable_file)
 from data.lmdb_format import LMDBReader, write_lmdb
 from errors import UserError
 
@@ -96,7 +96,15 @@ def _require(path: str, layout: str) -> str:
     return path
 
 
+def _regular(path: str) -> str:
+    """`path`, if a regular file: opening a FIFO (or a device) there would wait for ever."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise UserError(f"cannot read {path}: {file_kind(os.stat(path).st_mode)}, not a regular file")
+    return path
+
+
 def _read_lines(path: str) -> list[str]:
+    _regular(path)
     try:
         with open(path, encoding="utf-8") as f:
             return [line.strip() for line in f if line.strip()]
@@ -116,6 +124,7 @@ def _pairs(path: str) -> list[tuple[str, str]]:
 
 
 def _loadmat(path: str, keys) -> dict:
+    _regular(path)
     try:
         mat = scipy.io.loadmat(path, squeeze_me=True)
     except Exception as e:  # corrupt file, MATLAB v7.3 (HDF5), ...
@@ -295,6 +304,9 @@ def _decode(image_bytes: bytes) -> Image.Image:
 
 def _load(path: str, resize):
     """(image bytes to store, None), or (None, why it cannot be used)."""
+    why = unusable_file(path)
+    if why is not None:  # a FIFO among the listed images would make open() wait for ever
+        return None, why
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -439,7 +451,9 @@ def build(args) -> dict:
               file=sys.stderr)
     missing = [path for items in source.splits.values() for path, _ in items if not os.path.isfile(path)]
     if missing and not args.skip_bad:  # fail before spending minutes on the images that are there
-        raise UserError(f"missing image {missing[0]} ({len(missing)} listed images are missing; "
+        what = "missing image" if not os.path.lexists(missing[0]) else \
+            f"cannot use image ({unusable_file(missing[0]) or 'not a regular file'})"
+        raise UserError(f"{what} {missing[0]} ({len(missing)} listed images are missing or not regular files; "
                         f"pass --skip_bad to build without them)")
     os.makedirs(args.out, exist_ok=True)
     for entry in sorted(os.listdir(args.out)):
