@@ -1,5 +1,7 @@
 """Writing files so that a failure leaves nothing half-written and says so in one line.
 
+    make_dir(path, what)                     an output folder, made if needed; a file there, a read-only or
+                                              full disk: UserError naming it
     with atomic(path) as tmp: write(tmp)     the file appears complete or not at all; the temporary file is
                                               removed on every way out (an exception, Ctrl-C)
     write_together({path: text}, what)       several files that belong together (report.md + report.csv): all
@@ -24,6 +26,24 @@ HOST = socket.gethostname()
 STALE_SECONDS = 3600
 _TEMPORARY = re.compile(r"\.tmp(\d+)(?:-([^/]+))?$")  # .tmp<pid> (older files: no host) or .tmp<pid>-<host>
 LOW_SPACE = 256 << 20  # below this the free space is part of a failure's reason
+
+
+def make_dir(path: str, what: str) -> str:
+    """`path` as a folder that exists (made with its parents if needed); UserError naming `what` otherwise."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise UserError(f"{what} {path} is a file, not a folder; give a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {what} {path}: {failure(e, _existing_parent(path))}") from None
+    return path
+
+
+def _existing_parent(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
 
 
 def temporary(path: str) -> str:
@@ -106,7 +126,10 @@ def remove_stale_temporaries(folder: str) -> list[str]:
         try:
             stale = _writer_is_dead(int(m.group(1)), m.group(2)) or now - os.lstat(path).st_mtime > STALE_SECONDS
             if stale:
-                os.remove(path)
+                if os.path.isdir(path) and not os.path.islink(path):  # a build's temporary folder
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
                 removed.append(path)
         except OSError:
             continue

@@ -35,11 +35,13 @@ group's differing settings (`lr=0.001 steps=5000`) for a mixed cell, else empty.
 """
 import argparse
 import csv
+import io
 import json
 import os
 import re
 import statistics
 
+import outputs
 import utils
 
 PAPER_DATASETS = ("aircraft", "chest_xray", "cub", "dtd", "stanford_dogs", "vgg_flower_102")
@@ -271,10 +273,11 @@ def _number(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
 
-def write_csv(path: str, summaries: dict, inits: list[str], datasets: list[str]) -> None:
+def csv_text(summaries: dict, inits: list[str], datasets: list[str]) -> str:
+    """report.csv's content."""
     best = {d: _best(summaries, inits, d, "mean_acc", "n") for d in datasets}
     best_val = {d: _best(summaries, inits, d, "mean_val_acc", "n_val") for d in datasets}
-    with open(path, "w", newline="") as f:
+    with io.StringIO(newline="") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)
         for init in inits:
@@ -288,6 +291,7 @@ def write_csv(path: str, summaries: dict, inits: list[str], datasets: list[str])
                                      _number(g["mean_val_acc"]), _number(g["std_val_acc"]),
                                      int(init in best_val[d] and g is s) if g["n_val"] else "",
                                      settings_text(g.get("settings", {}))])
+        return f.getvalue()
 
 
 def one_line(dataset: str, init: str, s: dict) -> str:
@@ -357,11 +361,10 @@ def main(args):
             sections.append(f"[{k}] {d}, {row_name(init)}: {groups}")
     text = "\n".join(sections) + "\n"
 
-    out_dir = args.out_dir or args.results_dir
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(text)
-    write_csv(os.path.join(out_dir, "report.csv"), summaries, inits, datasets)
+    out_dir = outputs.make_dir(args.out_dir or args.results_dir, "--out_dir")
+    # both complete before either replaces an older report: a full disk leaves the old pair as it was
+    outputs.write_together({os.path.join(out_dir, "report.md"): text,
+                            os.path.join(out_dir, "report.csv"): csv_text(summaries, inits, datasets)}, "the report")
     print(text, end="")
 
 

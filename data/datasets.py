@@ -16,10 +16,12 @@ import stat
 import sys
 from collections import Counter
 
+import lmdb
 import numpy as np
 import torch
 from PIL import Image
 
+import outputs
 from data.lmdb_format import LMDBReader, write_lmdb
 from errors import UserError
 
@@ -327,12 +329,20 @@ def write_digits(root: str) -> None:
     missing = [split for split in SPLITS if not os.path.exists(os.path.join(root, f"{split}.lmdb"))]
     if not missing:
         return
-    tmp = os.path.join(root, f".building-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed build that had our process id
-    for split, idx in (("train", np.sort(train_idx)), ("test", np.sort(test_idx))):
-        if split in missing:
-            write_lmdb(os.path.join(tmp, f"{split}.lmdb"),
-                       ((_png(images[i]), int(digits.target[i])) for i in idx))
-    for split in missing:
-        os.replace(os.path.join(tmp, f"{split}.lmdb"), os.path.join(root, f"{split}.lmdb"))
-    os.rmdir(tmp)
+    tmp = outputs.temporary(os.path.join(root, ".building"))
+    try:
+        outputs.make_dir(root, "the digits folder")
+        outputs.remove_stale_temporaries(root)  # builds killed before they finished
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed build that had our process id
+        for split, idx in (("train", np.sort(train_idx)), ("test", np.sort(test_idx))):
+            if split in missing:
+                write_lmdb(os.path.join(tmp, f"{split}.lmdb"),
+                           ((_png(images[i]), int(digits.target[i])) for i in idx))
+        for split in missing:
+            os.replace(os.path.join(tmp, f"{split}.lmdb"), os.path.join(root, f"{split}.lmdb"))
+    except (OSError, lmdb.Error, UserError) as e:
+        reason = str(e) if isinstance(e, UserError) else outputs.failure(e, os.path.dirname(root))
+        raise UserError(f"cannot build digits in {root} ({reason}); it is written there on first use: pass a "
+                        f"--data_dir you can write") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -79,8 +79,10 @@ def _check_size(data_file: str, env: lmdb.Environment) -> None:
 
 
 def _open(path: str, readonly: bool) -> lmdb.Environment:
-    # The release's files are single files (subdir=False); a directory-style LMDB also opens.
-    return lmdb.open(path, subdir=os.path.isdir(path), readonly=readonly, lock=not readonly,
+    # The release's files are single files (subdir=False); a directory-style LMDB also opens. No lock file: a
+    # reader never writes, and the one writer (write_lmdb) writes a private .partial file. LMDB memory-maps its
+    # lock file, and touching that map on a full disk kills the process with SIGBUS, without a message.
+    return lmdb.open(path, subdir=os.path.isdir(path), readonly=readonly, lock=False,
                      readahead=False, meminit=False, map_size=_MAP_SIZE if not readonly else 0)
 
 

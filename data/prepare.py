@@ -39,6 +39,7 @@ does not fail (fake or partial sources are legitimate). `--check NAME` decodes e
 existing `<out>/<name>` (ours, or the authors' data.tar.gz) and checks labels and counts.
 """
 import argparse
+import contextlib
 import datetime
 import io
 import json
@@ -51,6 +52,7 @@ from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
+import lmdb
 import numpy as np
 import scipy.io
 from PIL import Image
@@ -58,6 +60,7 @@ from tqdm import tqdm
 
 from data.datasets import (DATASETS, SPLITS, check_name, class_folders, file_kind, folder_split, how_to_rebuild,
                            image_files, to_8bit, unusable_file)
+import outputs
 from data.lmdb_format import LMDBReader, write_lmdb
 from errors import UserError
 
@@ -72,6 +75,7 @@ EXPECTED_COUNTS = {
 }
 JPEG_QUALITY = 95
 MAX_LISTED_PROBLEMS = 20
+SPACE_MARGIN = 64 << 20  # bytes a build leaves free beyond the images' size (LMDB pages, counts.json)
 
 
 class Source(NamedTuple):
@@ -421,6 +425,20 @@ def _move_into_place(partial: str, target: str, overwrite: bool) -> None:
     print(f"--overwrite: moved the previous {target} to {old} (delete it once the new one is checked)")
 
 
+def _check_space(args, source: Source, target: str) -> None:
+    """Refuses a build that would not fit: the LMDB files hold the images' bytes (fewer with --resize, which
+    is not estimated), so a build that would fill the disk is stopped before it starts, not at its end."""
+    if args.resize is not None:
+        return
+    need = sum(os.path.getsize(path) for items in source.splits.values() for path, _ in items
+               if os.path.isfile(path))
+    free = shutil.disk_usage(args.out).free
+    if need + SPACE_MARGIN > free:
+        raise UserError(f"{target} would need about {need / 2**20:.0f} MiB (the images' size) and "
+                        f"{SPACE_MARGIN / 2**20:.0f} MiB to spare, but {args.out} has {free / 2**20:.0f} MiB free; "
+                        f"free some space, choose another --out, or pass --resize N")
+
+
 def build(args) -> dict:
     name = args.name or args.dataset
     if args.dataset == "imagefolder" and not args.name:
@@ -455,7 +473,8 @@ def build(args) -> dict:
             f"cannot use image ({unusable_file(missing[0]) or 'not a regular file'})"
         raise UserError(f"{what} {missing[0]} ({len(missing)} listed images are missing or not regular files; "
                         f"pass --skip_bad to build without them)")
-    os.makedirs(args.out, exist_ok=True)
+    outputs.make_dir(args.out, "--out")
+    _check_space(args, source, target)
     for entry in sorted(os.listdir(args.out)):
         if entry.startswith(f".{name}.partial-"):
             print(f"warning: {os.path.join(args.out, entry)} is left from an interrupted build; delete it "
@@ -463,7 +482,10 @@ def build(args) -> dict:
 
     # ---- both splits into a hidden folder, moved into place only once complete
     partial = os.path.join(args.out, f".{name}.partial-{uuid.uuid4().hex[:8]}")
-    os.mkdir(partial)
+    try:
+        os.mkdir(partial)
+    except OSError as e:
+        raise UserError(f"cannot write into --out {args.out}: {outputs.failure(e, args.out)}") from None
     try:
         counts = {}
         for split in SPLITS:
@@ -478,8 +500,11 @@ def build(args) -> dict:
         with open(os.path.join(partial, "counts.json"), "w") as f:
             json.dump(summary, f, indent=1)
         _move_into_place(partial, target, args.overwrite)
+    except (OSError, lmdb.Error) as e:  # a full disk (lmdb: DiskError), a folder made read-only meanwhile
+        raise UserError(f"cannot write {target}: {outputs.failure(e, args.out)}; nothing was changed there") from None
     finally:
-        _remove(partial)
+        with contextlib.suppress(OSError):
+            _remove(partial)
 
     # ---- report
     print(f"{name}: wrote {target}/train.lmdb ({counts['train']['total']} images) and "

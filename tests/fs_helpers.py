@@ -27,6 +27,7 @@ import io, json, os, sys
 import numpy, torch, PIL.Image
 PIL.Image.init()  # the format plugins, imported lazily otherwise
 import data, data.cache, data.datasets, data.prepare, errors, report
+import importlib.readers, sklearn.datasets, sklearn.model_selection  # digits, built on first use, reads its file
 from tools import visualize
 if os.geteuid() == 0:
     os.setgroups([]); os.setgid({nobody}); os.setuid({nobody})
