@@ -83,3 +83,66 @@ def test_the_memo_is_keyed_by_the_files_state(tmp_path, monkeypatch):
     assert _fp(tmp_path / "d") == first and len(calls) == 4
     (tmp_path / "d" / "mine" / "train" / "a" / "0.png").write_bytes(_png((1, 2, 3)))
     assert _fp(tmp_path / "d") != first and len(calls) == 8
+
+
+# ----------------------------------------------------------------------------- weights
+
+def test_a_model_directory_fingerprint_follows_its_weights_and_config(tmp_path):
+    from models import load_mae, save_model
+    from models.identity import describe_change as weights_change, weights_fingerprint
+    mae = load_mae("vit-mae-tiny")
+    save_model(mae, str(tmp_path / "a"))
+    first = weights_fingerprint(str(tmp_path / "a"))
+    assert first["kind"] == "model directory" and set(first["files"]) == {"config.json", "model.safetensors"}
+    assert first["bytes"] == sum(os.path.getsize(tmp_path / "a" / f) for f in first["files"])
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "b" / "args.json").write_text("{}")  # a run record beside the weights does not count
+    (tmp_path / "b" / "preprocessor_config.json").write_text("{}")
+    assert weights_fingerprint(str(tmp_path / "b")) == first
+    with torch.no_grad():
+        mae.vit.embeddings.cls_token.add_(1e-3)  # a re-trained teacher
+    save_model(mae, str(tmp_path / "b"))
+    changed = weights_fingerprint(str(tmp_path / "b"))
+    assert changed["sha256"] != first["sha256"]
+    assert weights_change(first, changed) == "model.safetensors changed"
+    # the SHA-256 of the weight file is the file's, as the Hub's LFS oid is
+    import hashlib
+    assert first["files"]["model.safetensors"] == hashlib.sha256((tmp_path / "a" / "model.safetensors")
+                                                                 .read_bytes()).hexdigest()
+
+
+def test_release_files_and_the_built_in_model(tmp_path):
+    from models.identity import weights_fingerprint
+    blob = {"args": None, "state_dict": {"w": torch.ones(3)}}
+    torch.save(blob, tmp_path / "model.pt")
+    os.makedirs(tmp_path / "ckpt" / "cub")
+    shutil.copy(tmp_path / "model.pt", tmp_path / "ckpt" / "cub" / "model.pt")
+    by_file = weights_fingerprint(str(tmp_path / "model.pt"))
+    by_dir = weights_fingerprint(str(tmp_path / "ckpt" / "cub"))
+    assert by_file == by_dir and by_file["kind"] == "release model.pt"
+    tiny = weights_fingerprint("vit-mae-tiny")
+    assert tiny["kind"] == "built-in" and weights_fingerprint("vit-mae-tiny") == tiny
+    with pytest.raises(Exception, match="not in the local Hugging Face cache"):
+        weights_fingerprint("nobody/not-a-model-anywhere")
+    with pytest.raises(Exception, match="does not exist"):
+        weights_fingerprint(str(tmp_path / "nowhere") + "/")
+
+
+def test_a_hub_id_is_fingerprinted_from_its_cached_snapshot_as_a_downloaded_copy_is(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    from models import load_mae, save_model
+    from models.identity import weights_fingerprint
+    save_model(load_mae("vit-mae-tiny"), str(tmp_path / "download"))  # what `hf download --local-dir` gives
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--owner--tiny"
+    os.makedirs(repo / "refs")
+    (repo / "refs" / "main").write_text(revision)
+    snapshot = repo / "snapshots" / revision
+    os.makedirs(snapshot)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tmp_path / "download" / name, snapshot / name)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    hub = weights_fingerprint("owner/tiny")
+    local = weights_fingerprint(str(tmp_path / "download"))
+    assert hub["kind"] == "hub" and hub["revision"] == revision
+    assert hub["sha256"] == local["sha256"] and hub["files"] == local["files"]
