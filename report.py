@@ -38,11 +38,13 @@ import csv
 import io
 import json
 import os
+import posixpath
 import re
 import statistics
 
 import outputs
 import utils
+from data.datasets import file_kind
 
 PAPER_DATASETS = ("aircraft", "chest_xray", "cub", "dtd", "stanford_dogs", "vgg_flower_102")
 INITIAL = "initial"
@@ -84,6 +86,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def read_result(path: str) -> dict:
     """One seed<k>.json, checked: a clear error naming the file if it is not a finetune.py result."""
+    if not os.path.isfile(path):  # opening a FIFO would wait for ever
+        raise utils.UserError(f"result file {path} is {file_kind(os.stat(path).st_mode)}, not a file")
     try:
         with open(path) as f:
             result = json.load(f)
@@ -104,12 +108,20 @@ def find_results(results_dir: str, datasets=None, seeds=None) -> dict[tuple[str,
     <init> is the path below the dataset folder, so a --ckpt_name with a slash is one init too."""
     if not os.path.isdir(results_dir):
         raise utils.UserError(f"results directory not found: {results_dir} (finetune.py writes it)")
+
+    def unreadable(e: OSError):  # os.walk would skip the folder, and the table would lack its runs
+        raise utils.UserError(f"cannot read the results folder {e.filename}: {e.strerror or e} (its runs would be "
+                              f"missing from the table)")
+    try:
+        datasets_found = sorted(os.listdir(results_dir))
+    except OSError as e:
+        unreadable(e)
     found = {}
-    for dataset in sorted(os.listdir(results_dir)):
+    for dataset in datasets_found:
         dataset_root = os.path.join(results_dir, dataset)
         if dataset.startswith(".") or not os.path.isdir(dataset_root) or (datasets and dataset not in datasets):
             continue
-        for root, dirs, files in os.walk(dataset_root):
+        for root, dirs, files in os.walk(dataset_root, onerror=unreadable):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             paths = {int(m.group(1)): os.path.join(root, f) for f in files if (m := RESULT_FILE.match(f))}
             paths = {seed: path for seed, path in sorted(paths.items()) if seeds is None or seed in seeds}
@@ -317,6 +329,7 @@ def main(args):
         where += f" with seeds {' '.join(map(str, args.seeds))}"
 
     if args.init is not None:
+        args.init = posixpath.normpath(args.init.replace(os.sep, "/"))  # `x/` names the folder x, as in finetune.py
         found = sorted((d for d, i in summaries if i == args.init), key=_column_order)
         if not found:
             raise utils.UserError(f"no results for init '{args.init}' in {where}")

@@ -92,6 +92,35 @@ def dataset_dir(name: str, data_dir: str) -> str:
     return root
 
 
+COUNTS_FILE = "counts.json"  # data.prepare's record of a dataset it built: num_classes, classes, splits
+
+
+def read_counts(root: str, name: str, data_dir: str) -> dict | None:
+    """<root>/counts.json, checked (None if there is none): a JSON object whose num_classes is a whole number
+    >= 1 and whose classes, if given, name that many classes. Anything else is an error naming the file, found
+    when the dataset is opened, not after training (the classifier's label names come from it)."""
+    path = os.path.join(root, COUNTS_FILE)
+    if not os.path.lexists(path):
+        return None
+    try:
+        if not os.path.isfile(path):
+            raise ValueError(f"{file_kind(os.stat(path).st_mode)}, not a file")
+        with open(path, encoding="utf-8") as f:
+            counts = json.load(f)
+        if not isinstance(counts, dict):
+            raise ValueError("not a JSON object")
+        n = counts.get("num_classes")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"num_classes is {n!r}, not a whole number >= 1")
+        classes = counts.get("classes")
+        if classes is not None and not (isinstance(classes, list) and len(classes) == n):
+            raise ValueError(f"classes is not a list of {n} names")
+    except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise UserError(f"cannot read {path} ({reason}); {how_to_rebuild(name, data_dir)}") from None
+    return counts
+
+
 # ---------------------------------------------------------------- image folders (also data.prepare's rules)
 
 def _entries(folder: str) -> list[os.DirEntry]:
@@ -247,6 +276,7 @@ class ImageDataset(torch.utils.data.Dataset):
                             f"{how_to_get(name, data_dir)}")
         if len(self.reader) == 0:
             raise UserError(f"dataset '{name}' split '{split}' is empty ({root})")
+        self.counts = read_counts(root, name, data_dir)  # data.prepare's record, or None
 
     def __len__(self):
         return len(self.reader)
@@ -264,9 +294,8 @@ class ImageDataset(torch.utils.data.Dataset):
         """The registry's count; for other datasets data.prepare's counts.json, else the labels seen."""
         if self.name in DATASETS:
             return DATASETS[self.name]
-        if os.path.exists(counts := os.path.join(self.root, "counts.json")):
-            with open(counts) as f:
-                return int(json.load(f)["num_classes"])
+        if self.counts is not None:
+            return self.counts["num_classes"]
         if isinstance(self.reader, _FolderReader):
             return len(self.reader.classes)
         return max(self.reader.labels()) + 1

@@ -59,7 +59,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data.datasets import (DATASETS, SPLITS, check_name, class_folders, file_kind, folder_split, how_to_rebuild,
-                           image_files, to_8bit, unusable_file)
+                           image_files, read_counts, to_8bit, unusable_file)
 import outputs
 from data.lmdb_format import LMDBReader, write_lmdb
 from errors import UserError
@@ -542,10 +542,7 @@ def check(args) -> dict:
     root = os.path.join(args.out, name)
     if not os.path.isdir(root):
         raise UserError(f"{root} does not exist; build it with `python -m data.prepare`")
-    stored = None
-    if os.path.exists(os.path.join(root, "counts.json")):
-        with open(os.path.join(root, "counts.json")) as f:
-            stored = json.load(f)
+    stored = read_counts(root, name, args.out)
     num_classes = DATASETS.get(name) or (stored or {}).get("num_classes")
     problems, labels = [], {}
     for split in SPLITS:
@@ -572,11 +569,11 @@ def check(args) -> dict:
         print(f"warning: {name}: class count unknown (not a known dataset, no counts.json); "
               f"labels checked only for being >= 0", file=sys.stderr)
         num_classes = max([max(v, default=-1) for v in labels.values()], default=-1) + 1
-    classes = stored["classes"] if stored else [str(label) for label in range(num_classes)]
+    classes = (stored or {}).get("classes") or [str(label) for label in range(num_classes)]
     counts = {split: _count(split_labels, classes) for split, split_labels in labels.items()}
-    if stored:
+    if stored and isinstance(stored.get("splits"), dict):  # other writers' counts.json may have no splits
         for split in counts:
-            want = stored["splits"].get(split, {})
+            want = stored["splits"].get(split) or {}
             if (want.get("total"), want.get("per_class")) != (counts[split]["total"], counts[split]["per_class"]):
                 problems.append(f"{root} {split}: counts differ from counts.json "
                                 f"({counts[split]['total']} images, counts.json says {want.get('total')})")
