@@ -2,7 +2,7 @@
 
     split_fingerprint(dataset)   -> {"format": "lmdb", "records": 5994, "sha256": "<64 hex>"}
                                     {"format": "image folder", "records": 12000, "sha256": ...}
-    describe_change(before, now) -> "5994 -> 6000 records", "same records, other content", ""
+    describe_change(before, now) -> "5994 -> 6000 records", "same number of records (5994), other content", ""
 
 `dataset` is a data.ImageDataset. The digest covers what training reads, and nothing else:
 - LMDB (the release's format): every key and value of the file in key order (the records, their labels,
@@ -13,10 +13,11 @@
 Paths, inodes and modification times do not enter: a dataset moved, copied with `cp -p`, `rsync -a` or an
 archive is the same; an image rewritten with its old size and times is not.
 
-Cost: every byte is read once (SHA-256 at ~1.3 GB/s here). Measured (2 shared CPU cores, warm page cache):
-see README "Data". A process remembers each result under the files' (inode, size, times) so the decode-once
-cache and the run record pay for one hash, not two; that memo cannot be stale (any rewrite changes the
-ctime, which no user can set).
+Cost: every byte is read once (SHA-256 at ~1.3 GB/s here): a cub-sized LMDB (1.1 GB) about 1.5 s, an image
+folder of 12,000 files (1.1 GB) about 2 s, on 2 shared CPU cores with a warm page cache (README "Data"). A
+process remembers each result under the files' (inode, size, times), so the decode-once cache and the run
+record pay for one hash, not two; that memo cannot be stale (any rewrite changes the ctime, which no user
+can set).
 """
 import hashlib
 import os
