@@ -35,11 +35,12 @@ def make_dir(path: str, what: str) -> str:
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create {what} {path}: {failure(e, _existing_parent(path))}") from None
+        raise UserError(f"cannot create {what} {path}: {failure(e, existing_parent(path))}") from None
     return path
 
 
-def _existing_parent(path: str) -> str:
+def existing_parent(path: str) -> str:
+    """The nearest folder that exists at or above `path` (where the free space of a failed write is asked)."""
     path = os.path.abspath(path)
     while not os.path.isdir(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)

@@ -360,7 +360,7 @@ def write_digits(root: str) -> None:
         return
     tmp = outputs.temporary(os.path.join(root, ".building"))
     try:
-        outputs.make_dir(root, "the digits folder")
+        os.makedirs(root, exist_ok=True)
         outputs.remove_stale_temporaries(root)  # builds killed before they finished
         shutil.rmtree(tmp, ignore_errors=True)  # left by a killed build that had our process id
         for split, idx in (("train", np.sort(train_idx)), ("test", np.sort(test_idx))):
@@ -369,9 +369,8 @@ def write_digits(root: str) -> None:
                            ((_png(images[i]), int(digits.target[i])) for i in idx))
         for split in missing:
             os.replace(os.path.join(tmp, f"{split}.lmdb"), os.path.join(root, f"{split}.lmdb"))
-    except (OSError, lmdb.Error, UserError) as e:
-        reason = str(e) if isinstance(e, UserError) else outputs.failure(e, os.path.dirname(root))
-        raise UserError(f"cannot build digits in {root} ({reason}); it is written there on first use: pass a "
-                        f"--data_dir you can write") from None
+    except (OSError, lmdb.Error) as e:  # a --data_dir that is a file, read-only or full (lmdb: DiskError)
+        raise UserError(f"cannot build digits in {root} ({outputs.failure(e, outputs.existing_parent(root))}); "
+                        f"it is written there on first use: pass a --data_dir you can write") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

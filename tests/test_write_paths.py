@@ -154,3 +154,20 @@ def test_prepare_refuses_a_build_that_would_not_fit_before_starting(tmp_path, mo
         prepare_main(prepare_parser().parse_args(["imagefolder", "--src", str(tmp_path / "src"), "--name", "pets",
                                                   "--out", str(tmp_path / "out")]))
     assert os.listdir(tmp_path / "out") == []
+
+
+def test_a_killed_digits_build_leaves_nothing_for_long(data_dir, tmp_path):
+    """A build killed midway left its folder (.building-<pid>) for good, unless a later build had its pid."""
+    import socket
+    import subprocess
+    import sys
+    from data import ImageDataset
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    root = tmp_path / "digits"
+    left = root / f".building.tmp{dead.pid}-{socket.gethostname()}"
+    os.makedirs(left)
+    (left / "train.lmdb.partial").write_bytes(b"\0" * 1000)
+    shutil.copy(os.path.join(data_dir, "digits", "test.lmdb"), root / "test.lmdb")
+    ImageDataset("digits", "train", str(tmp_path), 8)  # train.lmdb missing: built now
+    assert sorted(os.listdir(root)) == ["test.lmdb", "train.lmdb"]
