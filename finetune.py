@@ -111,13 +111,14 @@ def check_ckpt_name(name: str) -> None:
     """--ckpt_name names a checkpoint below --checkpoint_dir, and the results folder below --results_dir/<dataset>
     (a slash is fine: `ablation/further-pretrain-100`). An absolute path or a `..` left those folders: the
     results and run directory landed in the checkpoint tree."""
-    parts = name.replace(os.sep, "/").split("/")
-    if not name or os.path.isabs(name) or ".." in parts or name.startswith("~"):
-        parent, base = os.path.split(os.path.normpath(name)) if name else ("", "")
-        raise utils.UserError(f"--ckpt_name {name!r} is a path, but it names a checkpoint below --checkpoint_dir "
-                              f"(read from <checkpoint_dir>/<ckpt_name>/<dataset>, results in <results_dir>/"
-                              f"<dataset>/<ckpt_name>/): pass --checkpoint_dir {parent or 'DIR'} --ckpt_name "
-                              f"{base or 'NAME'}")
+    if name and not os.path.isabs(name) and ".." not in name.replace(os.sep, "/").split("/"):
+        return
+    parent, base = os.path.split(os.path.normpath(name)) if name else ("", "")
+    raise utils.UserError(f"--ckpt_name {name!r} {'is a path' if name else 'is empty'}, but it names a checkpoint "
+                          f"below --checkpoint_dir "
+                          f"(read from <checkpoint_dir>/<ckpt_name>/<dataset>, results in <results_dir>/"
+                          f"<dataset>/<ckpt_name>/): pass --checkpoint_dir {parent or 'DIR'} --ckpt_name "
+                          f"{base or 'NAME'}")
 
 
 def main(args):

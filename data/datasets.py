@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 import outputs
-from data.lmdb_format import LMDBReader, write_lmdb
+from data.lmdb_format import LMDBReader, file_kind, write_lmdb
 from errors import UserError
 
 # name -> number of classes (SPEC.md §3)
@@ -137,15 +137,6 @@ def class_folders(folder: str) -> list[str]:
     """The class folders of `folder`, sorted; hidden ones (.ipynb_checkpoints, .DS_Store) and __MACOSX left out."""
     return [e.name for e in _entries(folder)
             if e.is_dir() and not e.name.startswith(".") and e.name != "__MACOSX"]
-
-
-def file_kind(mode: int) -> str:
-    """What a non-regular file is, in words (for the errors that refuse it)."""
-    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder")):
-        if test(mode):
-            return kind
-    return "not a regular file"
 
 
 def unusable_file(path: str) -> str | None:

@@ -44,7 +44,7 @@ def _read_env(path: str) -> lmdb.Environment:
     data_file = os.path.join(path, "data.mdb") if os.path.isdir(path) else path
     st = os.stat(data_file)
     if not stat.S_ISREG(st.st_mode):  # lmdb would open a FIFO and wait for a writer for ever
-        raise ValueError(f"{data_file} is not a regular file ({_kind(st.st_mode)})")
+        raise ValueError(f"{data_file} is not a regular file ({file_kind(st.st_mode)})")
     key = (st.st_dev, st.st_ino)
     pid, env = _READ_ENVS.get(key, (None, None))
     if env is not None and pid != os.getpid():
@@ -61,10 +61,13 @@ def _read_env(path: str) -> lmdb.Environment:
     return env
 
 
-def _kind(mode: int) -> str:
-    return ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a folder" if stat.S_ISDIR(mode)
-            else "a special file")
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular one is, in words, for the errors that refuse it (an os.stat st_mode)."""
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return kind
+    return "not a regular file"
 
 
 def _check_size(data_file: str, env: lmdb.Environment) -> None:

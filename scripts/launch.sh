@@ -145,7 +145,7 @@ _running() {
 }
 
 _pool_abort() {
-  local code=$1 i pid signalled=() waited=0
+  local code=$1 pid signalled=() waited=0
   trap '' INT TERM  # a second Ctrl-C must not cut the stopping short
   for pid in "${POOL_PID[@]+"${POOL_PID[@]}"}" $POOL_ATTACHED; do
     [ -z "$pid" ] || signalled+=($(_kill_tree "$pid"))
