@@ -15,7 +15,6 @@ run's record and metrics in results/<dataset>/<init>/seed<k>/; <init> is `initia
 """
 import argparse
 import functools
-import json
 import os
 
 import torch
@@ -38,7 +37,7 @@ VAL_SPLIT_SEED = 0  # the held-out part is the same for every seed and every ini
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Fine-tuning a classifier from θ₀ or a checkpoint (stage 3).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                parents=[utils.shared_parser()])
+                                parents=[utils.shared_parser()], allow_abbrev=False)
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--scratch", type=utils.str2bool, default=False,
                    help="True: start from --model_name (θ₀); False: from <checkpoint_dir>/<ckpt_name>/<dataset>")
@@ -67,10 +66,8 @@ def label_names(dataset: ImageDataset, num_classes: int) -> list[str]:
     """Class names for the saved classifier's id2label: an image folder's class folders, else the "classes"
     that `python -m data.prepare` stores in counts.json, else the class index as a string."""
     names = getattr(dataset.reader, "classes", None)  # image folders
-    counts = os.path.join(dataset.root, "counts.json")
-    if names is None and os.path.exists(counts):
-        with open(counts) as f:
-            names = json.load(f).get("classes")
+    if names is None and dataset.counts is not None:  # read and checked when the dataset was opened
+        names = dataset.counts.get("classes")
     if not isinstance(names, list) or len(names) != num_classes:
         names = [str(label) for label in range(num_classes)]
     return [str(name) for name in names]
@@ -115,7 +112,23 @@ def evaluate(model, run: training.Run, dataset) -> dict:
     return {"acc": correct / len(dataset), "loss": loss_sum / len(dataset)}
 
 
+def check_ckpt_name(name: str) -> None:
+    """--ckpt_name names a checkpoint below --checkpoint_dir, and the results folder below --results_dir/<dataset>
+    (a slash is fine: `ablation/further-pretrain-100`). An absolute path or a `..` left those folders: the
+    results and run directory landed in the checkpoint tree."""
+    if name and not os.path.isabs(name) and ".." not in name.replace(os.sep, "/").split("/"):
+        return
+    parent, base = os.path.split(os.path.normpath(name)) if name else ("", "")
+    raise utils.UserError(f"--ckpt_name {name!r} {'is a path' if name else 'is empty'}, but it names a checkpoint "
+                          f"below --checkpoint_dir "
+                          f"(read from <checkpoint_dir>/<ckpt_name>/<dataset>, results in <results_dir>/"
+                          f"<dataset>/<ckpt_name>/): pass --checkpoint_dir {parent or 'DIR'} --ckpt_name "
+                          f"{base or 'NAME'}")
+
+
 def main(args):
+    if not args.scratch:
+        check_ckpt_name(args.ckpt_name)
     if args.scratch:  # no checkpoint is read; recorded as the defaults, so launchers passing other values agree
         defaults = get_args_parser()
         args.ckpt_name, args.checkpoint_dir = defaults.get_default("ckpt_name"), defaults.get_default("checkpoint_dir")
@@ -130,7 +143,8 @@ def main(args):
     if not args.scratch and not has_checkpoint(checkpoint):
         raise utils.UserError(f"checkpoint not found: {checkpoint} (create it with "
                               f"`{creating_command(args.ckpt_name, args.dataset, args.checkpoint_dir)}`, "
-                              f"or pass --scratch True)")
+                              f"or fine-tune from θ₀: `bash run_finetune.sh GPU {args.dataset} True`, "
+                              f"or finetune.py with --scratch True)")
 
     # ---- the encoder to start from, and the data: train (optionally minus a held-out part) and test
     if args.scratch:

@@ -27,7 +27,7 @@ from tools.plots import plot_metrics
 def get_args_parser() -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description="Further pre-training: MAE on the target images (stage 1).",
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                   parents=[mae_args_parser()])
+                                   parents=[mae_args_parser()], allow_abbrev=False)
 
 
 def training_loss(mae, images, noise):

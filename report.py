@@ -35,12 +35,16 @@ group's differing settings (`lr=0.001 steps=5000`) for a mixed cell, else empty.
 """
 import argparse
 import csv
+import io
 import json
 import os
+import posixpath
 import re
 import statistics
 
+import outputs
 import utils
+from data.datasets import file_kind
 
 PAPER_DATASETS = ("aircraft", "chest_xray", "cub", "dtd", "stanford_dogs", "vgg_flower_102")
 INITIAL = "initial"
@@ -58,7 +62,8 @@ MIN_SEEDS_FOR_BEST = 2
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Mean ± std of the fine-tuning results, as the paper's table.")
+    p = argparse.ArgumentParser(description="Mean ± std of the fine-tuning results, as the paper's table.",
+                                allow_abbrev=False)
     p.add_argument("--results_dir", default="results", help="finetune.py's --results_dir")
     p.add_argument("--datasets", nargs="+", default=None,
                    help="columns to show (default: every dataset with results); a named dataset without "
@@ -80,6 +85,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def read_result(path: str) -> dict:
     """One seed<k>.json, checked: a clear error naming the file if it is not a finetune.py result."""
+    if not os.path.isfile(path):  # opening a FIFO would wait for ever
+        raise utils.UserError(f"result file {path} is {file_kind(os.stat(path).st_mode)}, not a file")
     try:
         with open(path) as f:
             result = json.load(f)
@@ -100,12 +107,20 @@ def find_results(results_dir: str, datasets=None, seeds=None) -> dict[tuple[str,
     <init> is the path below the dataset folder, so a --ckpt_name with a slash is one init too."""
     if not os.path.isdir(results_dir):
         raise utils.UserError(f"results directory not found: {results_dir} (finetune.py writes it)")
+
+    def unreadable(e: OSError):  # os.walk would skip the folder, and the table would lack its runs
+        raise utils.UserError(f"cannot read the results folder {e.filename}: {e.strerror or e} (its runs would be "
+                              f"missing from the table)")
+    try:
+        datasets_found = sorted(os.listdir(results_dir))
+    except OSError as e:
+        unreadable(e)
     found = {}
-    for dataset in sorted(os.listdir(results_dir)):
+    for dataset in datasets_found:
         dataset_root = os.path.join(results_dir, dataset)
         if dataset.startswith(".") or not os.path.isdir(dataset_root) or (datasets and dataset not in datasets):
             continue
-        for root, dirs, files in os.walk(dataset_root):
+        for root, dirs, files in os.walk(dataset_root, onerror=unreadable):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             paths = {int(m.group(1)): os.path.join(root, f) for f in files if (m := RESULT_FILE.match(f))}
             paths = {seed: path for seed, path in sorted(paths.items()) if seeds is None or seed in seeds}
@@ -269,10 +284,11 @@ def _number(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
 
-def write_csv(path: str, summaries: dict, inits: list[str], datasets: list[str]) -> None:
+def csv_text(summaries: dict, inits: list[str], datasets: list[str]) -> str:
+    """report.csv's content."""
     best = {d: _best(summaries, inits, d, "mean_acc", "n") for d in datasets}
     best_val = {d: _best(summaries, inits, d, "mean_val_acc", "n_val") for d in datasets}
-    with open(path, "w", newline="") as f:
+    with io.StringIO(newline="") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)
         for init in inits:
@@ -286,6 +302,7 @@ def write_csv(path: str, summaries: dict, inits: list[str], datasets: list[str])
                                      _number(g["mean_val_acc"]), _number(g["std_val_acc"]),
                                      int(init in best_val[d] and g is s) if g["n_val"] else "",
                                      settings_text(g.get("settings", {}))])
+        return f.getvalue()
 
 
 def one_line(dataset: str, init: str, s: dict) -> str:
@@ -311,6 +328,7 @@ def main(args):
         where += f" with seeds {' '.join(map(str, args.seeds))}"
 
     if args.init is not None:
+        args.init = posixpath.normpath(args.init.replace(os.sep, "/"))  # `x/` names the folder x, as in finetune.py
         found = sorted((d for d, i in summaries if i == args.init), key=_column_order)
         if not found:
             raise utils.UserError(f"no results for init '{args.init}' in {where}")
@@ -355,11 +373,10 @@ def main(args):
             sections.append(f"[{k}] {d}, {row_name(init)}: {groups}")
     text = "\n".join(sections) + "\n"
 
-    out_dir = args.out_dir or args.results_dir
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(text)
-    write_csv(os.path.join(out_dir, "report.csv"), summaries, inits, datasets)
+    out_dir = outputs.make_dir(args.out_dir or args.results_dir, "--out_dir")
+    # both complete before either replaces an older report: a full disk leaves the old pair as it was
+    outputs.write_together({os.path.join(out_dir, "report.md"): text,
+                            os.path.join(out_dir, "report.csv"): csv_text(summaries, inits, datasets)}, "the report")
     print(text, end="")
 
 

@@ -6,7 +6,9 @@
 #   Lengths: $STEPS (default 20000) for the MAE stages, $FINETUNE_STEPS for fine-tuning (default:
 #   finetune.py's 10000); --steps among the flags is refused (it would cut every stage alike).
 # The flags go to every stage, so use those the three share (--model_name, --data_dir, --batch_size,
-# --checkpoint_dir, --workers, --precision, --compile, ...).
+# --checkpoint_dir, --workers, --precision, --compile, ...). Those the launcher sets for each run itself
+# (--dataset, --seed, --scratch, --ckpt_name, --output_dir) are refused: a later copy would win in the
+# stage, but not in the result files the launcher reads back.
 # Independent runs go side by side: the MAE stages of different datasets, and all fine-tuning runs,
 # $JOBS at a time per device (default 3 per GPU, 1 on cpu); with a list of GPUs (0,1,2,3) each run
 # gets one GPU, round-robin. With fewer datasets than GPUs the MAE stages run one dataset at a time
@@ -28,14 +30,11 @@ while [ $# -gt 0 ] && ! is_flag "$1"; do DATASETS+=("$1"); shift; done
 [ ${#DATASETS[@]} -gt 0 ] || DATASETS=(aircraft chest_xray cub dtd stanford_dogs vgg_flower_102)
 STEPS=${STEPS:-20000}
 FINETUNE_STEPS=${FINETUNE_STEPS:-}
-for arg in "$@"; do
-  case "$arg" in  # argparse also takes the abbreviations --st, --ste and --step
-    --st|--ste|--step|--steps|--st=*|--ste=*|--step=*|--steps=*)
-      echo "error: run_all.sh takes no $arg: use STEPS=N for the MAE stages (now $STEPS) and" \
-           "FINETUNE_STEPS=N for fine-tuning (now ${FINETUNE_STEPS:-10000})" >&2
-      exit 2 ;;
-  esac
-done
+refuse_flags run_all.sh "use STEPS=N for the MAE stages (now $STEPS) and FINETUNE_STEPS=N for fine-tuning \
+(now ${FINETUNE_STEPS:-10000})" --steps -- "$@"
+refuse_flags run_all.sh "give the datasets as positional arguments ($USAGE) and the seeds as SEEDS=\"1 2 3\"; \
+it runs every init; for single runs use run_pretrain.sh, run_selftrain.sh, run_finetune.sh" \
+  --dataset --seed --scratch --ckpt_name --output_dir -- "$@"
 [[ "$STEPS" =~ ^[1-9][0-9]*$ ]] || usage_error "STEPS must be a whole number >= 1, not '$STEPS'"
 [ -z "$FINETUNE_STEPS" ] || [[ "$FINETUNE_STEPS" =~ ^[1-9][0-9]*$ ]] ||
   usage_error "FINETUNE_STEPS must be a whole number >= 1, not '$FINETUNE_STEPS'"
@@ -79,11 +78,7 @@ echo "=== ${DATASETS[*]}: further pre-training and self-distillation ($STEPS ste
      "(${FINETUNE_STEPS:-10000} steps; seeds $SEEDS); ${#POOL_SLOTS[@]} run(s) at a time"
 if [ ${#POOL_GPUS[@]} -gt 1 ] && [ ${#DATASETS[@]} -lt ${#POOL_GPUS[@]} ]; then
   # too few datasets to fill the GPUs one each: each MAE run uses all of them (DDP), one after another
-  for dataset in "${DATASETS[@]}"; do
-    rc=0
-    mae_stages "$GPU" "$dataset" || rc=$?
-    _pool_done "$dataset MAE stages" "" "$rc"
-  done
+  for dataset in "${DATASETS[@]}"; do pool_attached "$dataset MAE stages" mae_stages "$GPU" "$dataset"; done
   for dataset in "${DATASETS[@]}"; do finetune_all "$dataset" initial; done
 else
   for dataset in "${DATASETS[@]}"; do

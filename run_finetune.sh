@@ -7,6 +7,8 @@
 #   GPUs, $JOBS at a time on each (default 3 per GPU, 1 on cpu); with more than one at a time each run's
 #   output goes to RESULTS/DATASET/INIT/seed<k>.log and one line per finished run is printed.
 #   A failed seed does not stop the others; the launcher then exits non-zero, naming it and its log.
+#   --dataset, --scratch, --ckpt_name, --seed and --output_dir among the flags are refused: the launcher sets
+#   them for each run from the positional arguments and $SEEDS, and its summary reads those runs' results.
 # Example: SEEDS="1 2" bash run_finetune.sh cpu digits True --model_name vit-mae-tiny --steps 50
 set -euo pipefail
 USAGE="bash run_finetune.sh GPU DATASET [SCRATCH] [CKPT] [CKPT_DIR] [finetune.py flags...]"
@@ -24,6 +26,9 @@ case "$SCRATCH" in
   False|false|FALSE|0) INIT=$CKPT ;;
   *) usage_error "SCRATCH must be True or False, not '$SCRATCH'" ;;
 esac
+refuse_flags run_finetune.sh "give the dataset and the init as positional arguments ($USAGE) and the seeds as \
+SEEDS=\"1 2 3\"; for a single run with its own --output_dir call finetune.py itself" \
+  --dataset --scratch --ckpt_name --seed --output_dir -- "$@"
 pool_init "$GPU"
 
 RESULTS_DIR=$(flag_value --results_dir results "$@")  # the summary reads what the runs wrote

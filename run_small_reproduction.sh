@@ -6,4 +6,4 @@ set -euo pipefail
 USAGE="bash run_small_reproduction.sh [small_reproduction.py flags...]"
 source "$(dirname "$0")/scripts/launch.sh"  # $PYTHON and $REPO_DIR
 
-cd "$REPO_DIR" && "$PYTHON" -m tools.small_reproduction "$@"
+cd "$REPO_DIR" && exec "$PYTHON" -m tools.small_reproduction "$@"  # exec: a signal to the launcher reaches the run

@@ -35,7 +35,7 @@ from tools.plots import plot_metrics
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Self-distillation: MAE + matching the teacher's CLS (stage 2).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                parents=[mae_args_parser()])
+                                parents=[mae_args_parser()], allow_abbrev=False)
     g = p.add_argument_group("self-distillation")
     g.add_argument("--teacher", default=None,
                    help="the further pre-trained model (a directory written by pretrain.py, or the release's "

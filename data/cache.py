@@ -8,19 +8,30 @@ tensors are the ones the streaming path stacks, so batches are bit-identical.
 
 A copy on disk lets a second run skip the decoding:
     <data_dir>/<name>/.cache/<split>-<size>-<resample>-<fingerprint>.pt
-The fingerprint covers the records (the LMDB file's size and modification time; every image file's
-path, label, size and modification time in a folder) and the decoding code (data/datasets.py, Pillow's
-version), so changed data, another image size or another filter never reads a stale file.
+The fingerprint covers the split's content (data.identity.split_fingerprint: every record, or every image
+file's bytes, path and label; not sizes and times, which `cp -p` and `rsync -a` keep while the bytes change)
+and the decoding code (data/datasets.py, Pillow's version), so changed data, another image size or another
+filter never reads a stale file.
+
+Writing the copy is an extra: a disk that is full or read-only is a one-line notice and the run goes on
+from memory; a copy that would leave less than FREE_MARGIN free is not started (the run's own checkpoints
+need the space). The temporary file is removed on every way out, and those of dead processes when the next
+run writes here (outputs.remove_stale_temporaries).
 """
 import hashlib
 import os
+import shutil
 
 import PIL
 import torch
 
+import outputs
+from data.identity import split_fingerprint
+
 CACHE_DIR = ".cache"
 RAM_FRACTION = 0.5  # a split is kept in memory when it takes at most this fraction of the available RAM
 GPU_FRACTION = 0.25  # ... and on the GPU when it takes at most this fraction of its free memory
+FREE_MARGIN = 1 << 30  # bytes a disk copy must leave free on its filesystem
 _DECODE_BATCH = 64
 
 
@@ -47,15 +58,7 @@ def fingerprint(dataset) -> str:
     with open(datasets.__file__, "rb") as f:
         h.update(f.read())
     h.update(f"Pillow {PIL.__version__}\n".encode())
-    reader = dataset.reader
-    if hasattr(reader, "path"):  # LMDB: one data file, rewritten whenever a record changes
-        path = os.path.join(reader.path, "data.mdb") if os.path.isdir(reader.path) else reader.path
-        st = os.stat(path)
-        h.update(f"lmdb {len(reader)} {st.st_size} {st.st_mtime_ns}\n".encode())
-    else:  # an image folder
-        for (path, label), key in zip(reader.items, reader.keys):
-            st = os.stat(path)
-            h.update(key + f" {label} {st.st_size} {st.st_mtime_ns}\n".encode())
+    h.update(split_fingerprint(dataset)["sha256"].encode())
     return h.hexdigest()[:16]
 
 
@@ -85,7 +88,9 @@ def load_or_decode(dataset, workers: int, write: bool, notice=print) -> tuple[to
     decoded (and written there when `write`). A dataset without a folder on disk (not a data.ImageDataset)
     is decoded only."""
     path = cache_path(dataset) if hasattr(dataset, "reader") and hasattr(dataset, "root") else None
-    if path is not None and os.path.exists(path):
+    if path is not None and write:
+        outputs.remove_stale_temporaries(os.path.dirname(path))
+    if path is not None and os.path.isfile(path):  # a regular file: opening a FIFO would wait forever
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
             images, labels = saved["images"], saved["labels"]
@@ -97,13 +102,25 @@ def load_or_decode(dataset, workers: int, write: bool, notice=print) -> tuple[to
             pass
     images, labels = decode(dataset, workers)
     if path is not None and write:
-        tmp = f"{path}.tmp{os.getpid()}"
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.save({"images": images, "labels": labels}, tmp)
-            os.replace(tmp, path)  # a reader never sees half a file
-        except OSError as e:
-            notice(f"note: decoded images not cached on disk ({e.strerror or e}: {path})")
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        _write(path, images, labels, notice)
     return images, labels, "decoded once"
+
+
+def _write(path: str, images: torch.Tensor, labels: torch.Tensor, notice) -> None:
+    """The disk copy, atomically; any failure is one notice (torch.save reports a full disk or a read-only
+    folder as RuntimeError, not OSError)."""
+    folder = os.path.dirname(path)
+    need = images.numel() + 8 * labels.numel()
+    try:
+        os.makedirs(folder, exist_ok=True)
+        free = shutil.disk_usage(folder).free
+        if free < need + FREE_MARGIN:
+            notice(f"note: decoded images not cached on disk: {need / 2**20:.0f} MiB would leave less than "
+                   f"{FREE_MARGIN / 2**30:.0f} GiB of the {free / 2**20:.0f} MiB free in {folder}; this run "
+                   f"keeps them in memory")
+            return
+        with outputs.atomic(path) as tmp:
+            torch.save({"images": images, "labels": labels}, tmp)
+    except (OSError, RuntimeError) as e:
+        notice(f"note: decoded images not cached on disk ({outputs.failure(e, folder)}: {path}); this run "
+               f"keeps them in memory")

@@ -12,14 +12,17 @@ import io
 import json
 import os
 import shutil
+import stat
 import sys
 from collections import Counter
 
+import lmdb
 import numpy as np
 import torch
 from PIL import Image
 
-from data.lmdb_format import LMDBReader, write_lmdb
+import outputs
+from data.lmdb_format import LMDBReader, file_kind, write_lmdb
 from errors import UserError
 
 # name -> number of classes (SPEC.md §3)
@@ -57,9 +60,26 @@ def how_to_rebuild(name: str, data_dir: str) -> str:
             f"--out {data_dir} --overwrite`")
 
 
+def check_name(name: str, flag: str = "--dataset", root_flag: str = "--data_dir") -> str:
+    """`name` if it names a dataset: one visible folder under the data root. A path (absolute, ./x, a/b, x/, ..)
+    is refused: os.path.join would let it escape the data root, and the stages derive their run directories
+    from the name, so `--dataset /data/cub` made the run directory the dataset folder itself."""
+    if name.startswith(".") and name not in (".", "..") and os.sep not in name and "/" not in name:
+        raise UserError(f"{flag} {name!r} names a hidden folder, which is never a dataset; rename it "
+                        f"({root_flag} gives the folder that holds the datasets)")
+    if name and name not in (".", "..") and "/" not in name and os.sep not in name:
+        return name
+    parent, base = os.path.split(os.path.normpath(name)) if name else ("", "")
+    hint = (f"pass {root_flag} {parent or '.'} {flag} {base}" if base not in ("", ".", "..", os.sep)
+            else f"give the name of a folder under {root_flag}")
+    what = "is empty" if not name else "is a path"
+    raise UserError(f"{flag} {name!r} {what}, but it takes a dataset name, a folder under {root_flag} (which "
+                    f"gives the folder that holds the datasets): {hint}")
+
+
 def dataset_dir(name: str, data_dir: str) -> str:
     """The folder of `name`, checked; `digits` is built on first use (a missing split file is rebuilt)."""
-    root = os.path.join(data_dir, name)
+    root = os.path.join(data_dir, check_name(name))
     if name == "digits" and not all(os.path.exists(os.path.join(root, f"{split}.lmdb")) for split in SPLITS):
         write_digits(root)
     if not os.path.isdir(root):
@@ -72,32 +92,100 @@ def dataset_dir(name: str, data_dir: str) -> str:
     return root
 
 
+COUNTS_FILE = "counts.json"  # data.prepare's record of a dataset it built: num_classes, classes, splits
+
+
+def read_counts(root: str, name: str, data_dir: str) -> dict | None:
+    """<root>/counts.json, checked (None if there is none): a JSON object whose num_classes is a whole number
+    >= 1 and whose classes, if given, name that many classes. Anything else is an error naming the file, found
+    when the dataset is opened, not after training (the classifier's label names come from it)."""
+    path = os.path.join(root, COUNTS_FILE)
+    if not os.path.lexists(path):
+        return None
+    try:
+        if not os.path.isfile(path):
+            raise ValueError(f"{file_kind(os.stat(path).st_mode)}, not a file")
+        with open(path, encoding="utf-8") as f:
+            counts = json.load(f)
+        if not isinstance(counts, dict):
+            raise ValueError("not a JSON object")
+        n = counts.get("num_classes")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"num_classes is {n!r}, not a whole number >= 1")
+        classes = counts.get("classes")
+        if classes is not None and not (isinstance(classes, list) and len(classes) == n):
+            raise ValueError(f"classes is not a list of {n} names")
+    except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise UserError(f"cannot read {path} ({reason}); {how_to_rebuild(name, data_dir)}") from None
+    return counts
+
+
 # ---------------------------------------------------------------- image folders (also data.prepare's rules)
+
+def _entries(folder: str) -> list[os.DirEntry]:
+    """The entries of `folder`, sorted by name; a folder that cannot be read is an error naming it (os.walk
+    skipped it without a word: an unreadable test/ class folder silently dropped its images)."""
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        raise UserError(f"cannot read the folder {folder}: {e.strerror or e}") from None
+
 
 def class_folders(folder: str) -> list[str]:
     """The class folders of `folder`, sorted; hidden ones (.ipynb_checkpoints, .DS_Store) and __MACOSX left out."""
-    return sorted(d for d in os.listdir(folder)
-                  if os.path.isdir(os.path.join(folder, d)) and not d.startswith(".") and d != "__MACOSX")
+    return [e.name for e in _entries(folder)
+            if e.is_dir() and not e.name.startswith(".") and e.name != "__MACOSX"]
+
+
+def unusable_file(path: str) -> str | None:
+    """Why `path` cannot be read as a file: missing (a broken link), a FIFO, socket or device (reading one waits
+    for ever or yields nothing), or unreadable; None if it can be read."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return e.strerror or str(e)
+    if not stat.S_ISREG(st.st_mode):
+        return f"{file_kind(st.st_mode)}, not an image file"
+    if not os.access(path, os.R_OK):
+        return "Permission denied"
+    return None
 
 
 def image_files(folder: str) -> list[str]:
-    """Images under `folder`, sorted; hidden files (macOS '._x.jpeg' copies in zips) and folders left out."""
+    """Images under `folder`, sorted; hidden files (macOS '._x.jpeg' copies in zips) and folders left out, as are
+    files without an image extension and subfolders reached through a link (os.walk's rule). A folder that cannot
+    be read, or an image that is not a readable regular file, is an error naming it."""
     files = []
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        files += [os.path.join(root, n) for n in names
-                  if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+
+    def walk(path: str) -> None:
+        for entry in _entries(path):
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                walk(entry.path)
+            elif entry.name.lower().endswith(IMAGE_EXTENSIONS) and not entry.is_dir():
+                files.append(entry.path)
+    walk(folder)
+    bad = [(path, why) for path in files if (why := unusable_file(path)) is not None]
+    if bad:
+        path, why = bad[0]
+        more = f" ({len(bad)} such files under {folder})" if len(bad) > 1 else ""
+        raise UserError(f"cannot read the image {path}: {why}{more}")
     return sorted(files)
 
 
 def folder_split(split_dir: str, classes: list[str]) -> list[tuple[str, int]]:
     """(image path, label) of <split_dir>/<class>/..., labels from `classes` (train/'s list), so that a
     class missing from one split does not shift the labels of the others."""
-    unknown = sorted(set(class_folders(split_dir)) - set(classes))
+    present = set(class_folders(split_dir))
+    unknown = sorted(present - set(classes))
     if unknown:
         raise UserError(f"{split_dir} has class folders that train/ lacks: {', '.join(unknown)} "
                         f"(the classifier's classes are train/'s; add them there or remove them)")
-    return [(path, label) for label, cls in enumerate(classes) for path in image_files(os.path.join(split_dir, cls))]
+    return [(path, label) for label, cls in enumerate(classes) if cls in present
+            for path in image_files(os.path.join(split_dir, cls))]
 
 
 class _FolderReader:
@@ -125,18 +213,26 @@ class _FolderReader:
 
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's modes of 16-bit PNGs and TIFFs
+FLOAT_MODE = "F"  # 32-bit float grayscale (float TIFFs)
 
 
 def to_8bit(img: Image.Image) -> Image.Image:
-    """`img` with 8 bits per channel: a 16-bit grayscale image (PIL mode I;16 or I: 16-bit PNG/TIFF, common
-    for X-rays) becomes mode L by round(v / 257), mapping the full range 0..65535 onto 0..255 (the inverse
-    of the PNG rule v8 * 257); values outside 0..65535 are clipped. The same rule for every image, whatever
-    range it uses: 12-bit data (0..4095) comes out dark (0..16). PIL's own convert would clip every value
-    above 255 to white. Other modes are returned unchanged."""
-    if img.mode not in SIXTEEN_BIT_MODES:
-        return img
-    values = np.clip(np.asarray(img).astype(np.int64), 0, 65535)  # (H, W)
-    return Image.fromarray(((values + 128) // 257).astype(np.uint8))
+    """`img` with 8 bits per channel. The full range of the image's type is mapped onto 0..255, by one rule for
+    every image whatever range it uses (no per-image stretching: intensities keep their meaning across images):
+    - 16-bit grayscale (PIL mode I;16 or I: 16-bit PNG/TIFF, common for X-rays) becomes mode L by round(v / 257),
+      0..65535 onto 0..255 (the inverse of the PNG rule v8 * 257); values outside 0..65535 are clipped, and
+      12-bit data (0..4095) comes out dark (0..16);
+    - float grayscale (mode F: 32-bit float TIFFs) holds 0..1 by the convention of float images, and becomes
+      mode L by round(v * 255); values outside 0..1 are clipped, NaN is 0.
+    PIL's own convert would clip every value above 255 to white, and a float image in 0..1 to black.
+    Other modes are returned unchanged."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        values = np.clip(np.asarray(img).astype(np.int64), 0, 65535)  # (H, W)
+        return Image.fromarray(((values + 128) // 257).astype(np.uint8))
+    if img.mode == FLOAT_MODE:
+        values = np.clip(np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0), 0.0, 1.0)  # (H, W)
+        return Image.fromarray(np.floor(values * 255 + 0.5).astype(np.uint8))
+    return img
 
 
 def decode_image(image_bytes: bytes, image_size: int, resample: int = Image.BILINEAR) -> torch.Tensor:
@@ -157,7 +253,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.data_dir = data_dir
         self.root = root = dataset_dir(name, data_dir)
         lmdb_path, folder = os.path.join(root, f"{split}.lmdb"), os.path.join(root, split)
-        if os.path.exists(lmdb_path):
+        if os.path.lexists(lmdb_path):
             try:
                 self.reader = LMDBReader(lmdb_path)
             except Exception as e:  # lmdb.Error, pickle errors, ValueError (a truncated file among them)
@@ -171,6 +267,7 @@ class ImageDataset(torch.utils.data.Dataset):
                             f"{how_to_get(name, data_dir)}")
         if len(self.reader) == 0:
             raise UserError(f"dataset '{name}' split '{split}' is empty ({root})")
+        self.counts = read_counts(root, name, data_dir)  # data.prepare's record, or None
 
     def __len__(self):
         return len(self.reader)
@@ -188,9 +285,8 @@ class ImageDataset(torch.utils.data.Dataset):
         """The registry's count; for other datasets data.prepare's counts.json, else the labels seen."""
         if self.name in DATASETS:
             return DATASETS[self.name]
-        if os.path.exists(counts := os.path.join(self.root, "counts.json")):
-            with open(counts) as f:
-                return int(json.load(f)["num_classes"])
+        if self.counts is not None:
+            return self.counts["num_classes"]
         if isinstance(self.reader, _FolderReader):
             return len(self.reader.classes)
         return max(self.reader.labels()) + 1
@@ -253,12 +349,19 @@ def write_digits(root: str) -> None:
     missing = [split for split in SPLITS if not os.path.exists(os.path.join(root, f"{split}.lmdb"))]
     if not missing:
         return
-    tmp = os.path.join(root, f".building-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed build that had our process id
-    for split, idx in (("train", np.sort(train_idx)), ("test", np.sort(test_idx))):
-        if split in missing:
-            write_lmdb(os.path.join(tmp, f"{split}.lmdb"),
-                       ((_png(images[i]), int(digits.target[i])) for i in idx))
-    for split in missing:
-        os.replace(os.path.join(tmp, f"{split}.lmdb"), os.path.join(root, f"{split}.lmdb"))
-    os.rmdir(tmp)
+    tmp = outputs.temporary(os.path.join(root, ".building"))
+    try:
+        os.makedirs(root, exist_ok=True)
+        outputs.remove_stale_temporaries(root)  # builds killed before they finished
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed build that had our process id
+        for split, idx in (("train", np.sort(train_idx)), ("test", np.sort(test_idx))):
+            if split in missing:
+                write_lmdb(os.path.join(tmp, f"{split}.lmdb"),
+                           ((_png(images[i]), int(digits.target[i])) for i in idx))
+        for split in missing:
+            os.replace(os.path.join(tmp, f"{split}.lmdb"), os.path.join(root, f"{split}.lmdb"))
+    except (OSError, lmdb.Error) as e:  # a --data_dir that is a file, read-only or full (lmdb: DiskError)
+        raise UserError(f"cannot build digits in {root} ({outputs.failure(e, outputs.existing_parent(root))}); "
+                        f"it is written there on first use: pass a --data_dir you can write") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -12,6 +12,7 @@ import io
 import os
 import pickle
 import shutil
+import stat
 
 import lmdb
 
@@ -42,6 +43,8 @@ def _read_env(path: str) -> lmdb.Environment:
     # keyed by the data file's identity, not its path: a build reads its split back, then renames it
     data_file = os.path.join(path, "data.mdb") if os.path.isdir(path) else path
     st = os.stat(data_file)
+    if not stat.S_ISREG(st.st_mode):  # lmdb would open a FIFO and wait for a writer for ever
+        raise ValueError(f"{data_file} is not a regular file ({file_kind(st.st_mode)})")
     key = (st.st_dev, st.st_ino)
     pid, env = _READ_ENVS.get(key, (None, None))
     if env is not None and pid != os.getpid():
@@ -58,6 +61,15 @@ def _read_env(path: str) -> lmdb.Environment:
     return env
 
 
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular one is, in words, for the errors that refuse it (an os.stat st_mode)."""
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
 def _check_size(data_file: str, env: lmdb.Environment) -> None:
     """Refuses a file shorter than its header says (an interrupted copy or extraction): reading a page past
     the end of a memory-mapped file kills the process with SIGBUS, with no message. Only the two meta pages
@@ -70,8 +82,10 @@ def _check_size(data_file: str, env: lmdb.Environment) -> None:
 
 
 def _open(path: str, readonly: bool) -> lmdb.Environment:
-    # The release's files are single files (subdir=False); a directory-style LMDB also opens.
-    return lmdb.open(path, subdir=os.path.isdir(path), readonly=readonly, lock=not readonly,
+    # The release's files are single files (subdir=False); a directory-style LMDB also opens. No lock file: a
+    # reader never writes, and the one writer (write_lmdb) writes a private .partial file. LMDB memory-maps its
+    # lock file, and touching that map on a full disk kills the process with SIGBUS, without a message.
+    return lmdb.open(path, subdir=os.path.isdir(path), readonly=readonly, lock=False,
                      readahead=False, meminit=False, map_size=_MAP_SIZE if not readonly else 0)
 
 
@@ -102,6 +116,12 @@ class LMDBReader:
             raise KeyError(key)
         image_bytes, label = plain_loads(blob)
         return image_bytes, int(label)
+
+    def raw_records(self):
+        """Every (key, value) pair of the file in key order, the __keys__ and __len__ entries among them, as
+        buffers valid until the next pair (read without copying: for content fingerprints)."""
+        with _read_env(self.path).begin(buffers=True) as txn:
+            yield from txn.cursor()
 
     def labels(self) -> list[int]:
         """Every record's label (reads every record once, then remembered)."""

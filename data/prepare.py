@@ -29,7 +29,8 @@ Every image is decoded once while building (16-bit grayscale scaled to 8 bits by
 does; the original bytes are stored unless --resize). An unreadable one stops the build (naming it) unless
 --skip_bad, which skips and lists it. Both splits are written into a hidden folder
 `<out>/.<name>.partial-*` and moved to `<out>/<name>` only once both are complete; an existing
-`<out>/<name>` is replaced (after that) only with --overwrite.
+`<out>/<name>` is replaced (after that) only with --overwrite, which moves it to `<out>/<name>.old-<date>-<time>`
+(nothing is deleted).
 
 After building, the images per split and per class are printed and stored in
 `<out>/<name>/counts.json`; a split whose size differs from the standard split prints a
@@ -38,6 +39,8 @@ does not fail (fake or partial sources are legitimate). `--check NAME` decodes e
 existing `<out>/<name>` (ours, or the authors' data.tar.gz) and checks labels and counts.
 """
 import argparse
+import contextlib
+import datetime
 import io
 import json
 import os
@@ -49,12 +52,15 @@ from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
+import lmdb
 import numpy as np
 import scipy.io
 from PIL import Image
 from tqdm import tqdm
 
-from data.datasets import DATASETS, SPLITS, class_folders, folder_split, how_to_rebuild, image_files, to_8bit
+from data.datasets import (DATASETS, SPLITS, check_name, class_folders, file_kind, folder_split, how_to_rebuild,
+                           image_files, read_counts, to_8bit, unusable_file)
+import outputs
 from data.lmdb_format import LMDBReader, write_lmdb
 from errors import UserError
 
@@ -69,6 +75,7 @@ EXPECTED_COUNTS = {
 }
 JPEG_QUALITY = 95
 MAX_LISTED_PROBLEMS = 20
+SPACE_MARGIN = 64 << 20  # bytes a build leaves free beyond the images' size (LMDB pages, counts.json)
 
 
 class Source(NamedTuple):
@@ -93,7 +100,15 @@ def _require(path: str, layout: str) -> str:
     return path
 
 
+def _regular(path: str) -> str:
+    """`path`, if a regular file: opening a FIFO (or a device) there would wait for ever."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise UserError(f"cannot read {path}: {file_kind(os.stat(path).st_mode)}, not a regular file")
+    return path
+
+
 def _read_lines(path: str) -> list[str]:
+    _regular(path)
     try:
         with open(path, encoding="utf-8") as f:
             return [line.strip() for line in f if line.strip()]
@@ -113,6 +128,7 @@ def _pairs(path: str) -> list[tuple[str, str]]:
 
 
 def _loadmat(path: str, keys) -> dict:
+    _regular(path)
     try:
         mat = scipy.io.loadmat(path, squeeze_me=True)
     except Exception as e:  # corrupt file, MATLAB v7.3 (HDF5), ...
@@ -292,6 +308,9 @@ def _decode(image_bytes: bytes) -> Image.Image:
 
 def _load(path: str, resize):
     """(image bytes to store, None), or (None, why it cannot be used)."""
+    why = unusable_file(path)
+    if why is not None:  # a FIFO among the listed images would make open() wait for ever
+        return None, why
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -393,14 +412,31 @@ def _move_into_place(partial: str, target: str, overwrite: bool) -> None:
         return
     if not overwrite:  # appeared while we were building
         raise UserError(f"{target} already exists; pass --overwrite to replace it")
-    old = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(target, old)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    old, i = f"{target}.old-{stamp}", 2
+    while os.path.lexists(old):
+        old, i = f"{target}.old-{stamp}-{i}", i + 1
+    os.rename(target, old)  # kept, as the stages keep a run directory: nothing a user has is deleted
     try:
         os.rename(partial, target)
     except OSError:
         os.rename(old, target)
         raise
-    _remove(old)
+    print(f"--overwrite: moved the previous {target} to {old} (delete it once the new one is checked)")
+
+
+def _check_space(args, source: Source, target: str) -> None:
+    """Refuses a build that would not fit: the LMDB files hold the images' bytes (fewer with --resize, which
+    is not estimated), so a build that would fill the disk is stopped before it starts, not at its end."""
+    if args.resize is not None:
+        return
+    need = sum(os.path.getsize(path) for items in source.splits.values() for path, _ in items
+               if os.path.isfile(path))
+    free = shutil.disk_usage(args.out).free
+    if need + SPACE_MARGIN > free:
+        raise UserError(f"{target} would need about {need / 2**20:.0f} MiB (the images' size) and "
+                        f"{SPACE_MARGIN / 2**20:.0f} MiB to spare, but {args.out} has {free / 2**20:.0f} MiB free; "
+                        f"free some space, choose another --out, or pass --resize N")
 
 
 def build(args) -> dict:
@@ -433,9 +469,12 @@ def build(args) -> dict:
               file=sys.stderr)
     missing = [path for items in source.splits.values() for path, _ in items if not os.path.isfile(path)]
     if missing and not args.skip_bad:  # fail before spending minutes on the images that are there
-        raise UserError(f"missing image {missing[0]} ({len(missing)} listed images are missing; "
+        what = "missing image" if not os.path.lexists(missing[0]) else \
+            f"cannot use image ({unusable_file(missing[0]) or 'not a regular file'})"
+        raise UserError(f"{what} {missing[0]} ({len(missing)} listed images are missing or not regular files; "
                         f"pass --skip_bad to build without them)")
-    os.makedirs(args.out, exist_ok=True)
+    outputs.make_dir(args.out, "--out")
+    _check_space(args, source, target)
     for entry in sorted(os.listdir(args.out)):
         if entry.startswith(f".{name}.partial-"):
             print(f"warning: {os.path.join(args.out, entry)} is left from an interrupted build; delete it "
@@ -443,7 +482,10 @@ def build(args) -> dict:
 
     # ---- both splits into a hidden folder, moved into place only once complete
     partial = os.path.join(args.out, f".{name}.partial-{uuid.uuid4().hex[:8]}")
-    os.mkdir(partial)
+    try:
+        os.mkdir(partial)
+    except OSError as e:
+        raise UserError(f"cannot write into --out {args.out}: {outputs.failure(e, args.out)}") from None
     try:
         counts = {}
         for split in SPLITS:
@@ -458,8 +500,11 @@ def build(args) -> dict:
         with open(os.path.join(partial, "counts.json"), "w") as f:
             json.dump(summary, f, indent=1)
         _move_into_place(partial, target, args.overwrite)
+    except (OSError, lmdb.Error) as e:  # a full disk (lmdb: DiskError), a folder made read-only meanwhile
+        raise UserError(f"cannot write {target}: {outputs.failure(e, args.out)}; nothing was changed there") from None
     finally:
-        _remove(partial)
+        with contextlib.suppress(OSError):
+            _remove(partial)
 
     # ---- report
     print(f"{name}: wrote {target}/train.lmdb ({counts['train']['total']} images) and "
@@ -493,14 +538,11 @@ def _decode_error(record):
 
 
 def check(args) -> dict:
-    name = args.check
+    name = check_name(args.check, "--check", "--out")
     root = os.path.join(args.out, name)
     if not os.path.isdir(root):
         raise UserError(f"{root} does not exist; build it with `python -m data.prepare`")
-    stored = None
-    if os.path.exists(os.path.join(root, "counts.json")):
-        with open(os.path.join(root, "counts.json")) as f:
-            stored = json.load(f)
+    stored = read_counts(root, name, args.out)
     num_classes = DATASETS.get(name) or (stored or {}).get("num_classes")
     problems, labels = [], {}
     for split in SPLITS:
@@ -527,11 +569,11 @@ def check(args) -> dict:
         print(f"warning: {name}: class count unknown (not a known dataset, no counts.json); "
               f"labels checked only for being >= 0", file=sys.stderr)
         num_classes = max([max(v, default=-1) for v in labels.values()], default=-1) + 1
-    classes = stored["classes"] if stored else [str(label) for label in range(num_classes)]
+    classes = (stored or {}).get("classes") or [str(label) for label in range(num_classes)]
     counts = {split: _count(split_labels, classes) for split, split_labels in labels.items()}
-    if stored:
+    if stored and isinstance(stored.get("splits"), dict):  # other writers' counts.json may have no splits
         for split in counts:
-            want = stored["splits"].get(split, {})
+            want = stored["splits"].get(split) or {}
             if (want.get("total"), want.get("per_class")) != (counts[split]["total"], counts[split]["per_class"]):
                 problems.append(f"{root} {split}: counts differ from counts.json "
                                 f"({counts[split]['total']} images, counts.json says {want.get('total')})")
@@ -551,7 +593,7 @@ def check(args) -> dict:
 # ---------------------------------------------------------------- command line
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m data.prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", nargs="?", choices=sorted(CONVERTERS), metavar="NAME",
                         help=f"converter: one of {', '.join(CONVERTERS)}")
@@ -565,7 +607,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip_bad", action="store_true",
                         help="skip (and list) unreadable or missing images instead of stopping")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing <out>/<name>, once the new one is complete")
+                        help="replace an existing <out>/<name> once the new one is complete; the old one is moved "
+                             "to <out>/<name>.old-<date>-<time>")
     parser.add_argument("--test_fraction", type=float, default=0.2,
                         help="imagefolder without train/ and test/: fraction of each class that goes to test "
                              "(default: 0.2)")

@@ -203,6 +203,8 @@ def _model_dir_type(path: str) -> str | None:
     try:
         with open(config_path) as f:
             return json.load(f).get("model_type")
+    except OSError as e:  # unreadable (permissions), an I/O error
+        raise UserError(f"cannot read {config_path}: {e.strerror or e}") from None
     except (ValueError, AttributeError) as e:
         raise UserError(f"cannot read {config_path}: not a JSON object ({e})") from None
 

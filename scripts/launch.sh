@@ -5,6 +5,9 @@
 #   GPU = 3        -> CUDA_VISIBLE_DEVICES=3 python SCRIPT ARGS --device cuda
 #   GPU = 0,1,2,3  -> CUDA_VISIBLE_DEVICES=0,1,2,3 torchrun --nproc_per_node=4 SCRIPT ARGS --device cuda
 # --device goes right after SCRIPT, so a --device among ARGS (the user's extra flags) still wins.
+# With LAUNCH_EXEC=exec the interpreter replaces the launcher's shell (same pid): a launcher that runs one
+# stage and nothing after it, so a signal to the launcher (SIGTERM from a scheduler, `kill`) reaches the run
+# itself; a shell would die of it and leave the run going.
 # The interpreter: $PYTHON, else the repository's .venv (made by `make`), else python3.
 
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,15 +20,15 @@ launch() {
   shift 2
   case "$gpu" in
     cpu)
-      "$PYTHON" "$REPO_DIR/$script" --device cpu "$@" ;;
+      ${LAUNCH_EXEC:-} "$PYTHON" "$REPO_DIR/$script" --device cpu "$@" ;;
     *,*)
       [[ "$gpu" =~ ^[0-9]+(,[0-9]+)+$ ]] || usage_error "GPU '$gpu' is not a comma list of device indices"
       local n; n=$(tr ',' '\n' <<<"$gpu" | wc -l)
-      CUDA_VISIBLE_DEVICES=$gpu "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$n" \
+      CUDA_VISIBLE_DEVICES=$gpu ${LAUNCH_EXEC:-} "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$n" \
         "$REPO_DIR/$script" --device cuda "$@" ;;
     *)
       [[ "$gpu" =~ ^[0-9]+$ ]] || usage_error "GPU must be a CUDA device index (0), a list (0,1,2,3) or cpu, not '$gpu'"
-      CUDA_VISIBLE_DEVICES=$gpu "$PYTHON" "$REPO_DIR/$script" --device cuda "$@" ;;
+      CUDA_VISIBLE_DEVICES=$gpu ${LAUNCH_EXEC:-} "$PYTHON" "$REPO_DIR/$script" --device cuda "$@" ;;
   esac
 }
 
@@ -38,7 +41,29 @@ usage_error() {
 # is_flag ARG: true when ARG starts the pass-through flags (so optional positionals stop there)
 is_flag() { [[ "${1:-}" == -* ]]; }
 
-# flag_value NAME DEFAULT ARGS...: the value of --NAME among ARGS (last one wins, as in argparse)
+# refuse_flags LAUNCHER HOW FLAG... -- ARGS...: one line and exit 2 when ARGS hold one of the FLAGs (--flag or
+# --flag=value). For the flags whose values the launcher sets itself (the dataset, the init, the seed, the run
+# directory): a later copy among the user's flags would win in the Python program but not in what the launcher
+# reads back (its log and summary paths), so the summary would print another run's result. No parser accepts
+# abbreviations, so the exact names are all there is to check. HOW says how to ask for it instead.
+refuse_flags() {
+  local launcher=$1 how=$2 flag arg
+  shift 2
+  local refused=()
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do refused+=("$1"); shift; done
+  [ $# -eq 0 ] || shift
+  for arg in "$@"; do
+    for flag in "${refused[@]}"; do
+      if [ "$arg" = "$flag" ] || [[ "$arg" == "$flag"=* ]]; then
+        echo "error: $launcher takes no $flag: it sets it for each run itself; $how" >&2
+        exit 2
+      fi
+    done
+  done
+}
+
+# flag_value NAME DEFAULT ARGS...: the value of --NAME among ARGS (last one wins, as in argparse, which takes
+# no abbreviations)
 flag_value() {
   local name=$1 value=$2 prev=""
   shift 2
@@ -58,7 +83,7 @@ mae_stage() {
   local gpu=$1 dataset=$2 steps=20000
   shift 2
   if [ $# -gt 0 ] && ! is_flag "$1"; then steps=$1; shift; fi
-  launch "$gpu" "$script" --dataset "$dataset" --steps "$steps" "$@"
+  LAUNCH_EXEC=exec launch "$gpu" "$script" --dataset "$dataset" --steps "$steps" "$@"
 }
 
 # ---- several independent runs side by side (run_finetune.sh, run_all.sh)
@@ -69,14 +94,20 @@ mae_stage() {
 #   pool_init GPU               slots: $JOBS per device of GPU (cpu, 0, or 0,1,2,3); JOBS default 1 on
 #                               cpu, 3 per GPU; slots alternate over the GPUs, so runs spread over them
 #   pool_run NAME LOG FUNC ARGS starts `FUNC DEVICE ARGS` in a free slot (DEVICE: cpu or one index), its
-#                               output into LOG; with a single slot it runs in the foreground instead,
-#                               its output on the terminal (as before JOBS existed), and LOG is not written
+#                               output appended to LOG (after a line naming the start); with a single slot
+#                               it runs attached instead, its output on the terminal (as before JOBS
+#                               existed), waited for before the next one, and LOG is not written
+#   pool_attached NAME CMD...   runs CMD with its output on the terminal and waits for it (run_all.sh's
+#                               MAE stages over a GPU list)
 #   pool_wait                   waits for every run; lists the failed ones (name, exit code, log) and
 #                               returns 2 if each failed with 2 (bad input), else 1; 0 if none failed
 #   pool_drain                  waits for every run, reports nothing (for a next phase)
 #   pool_failed NAME            true if the run NAME failed or was not started
 # A failed run never stops the others; one that exits 2 (bad input, which the next runs share) stops
 # new runs from starting. Needs bash >= 4.3 (wait -n) for JOBS > 1.
+# SIGTERM or Ctrl-C stops every running run at once (exit 143 / 130): every run, attached ones too, is a
+# background process the launcher waits for, because bash runs a trap only once its foreground command has
+# ended. Runs in the background ignore Ctrl-C (bash without job control), so the trap stops them.
 pool_init() {
   local gpu=$1 jobs=${JOBS:-} g j
   case "$gpu" in
@@ -90,24 +121,44 @@ pool_init() {
   POOL_SLOTS=()
   for ((j = 0; j < jobs; j++)); do for g in "${POOL_GPUS[@]}"; do POOL_SLOTS+=("$g"); done; done
   POOL_PID=() POOL_NAME=() POOL_LOG=() POOL_FAILED=() POOL_FAILED_NAMES=() POOL_SKIPPED=()
-  POOL_STOP=0 POOL_ALL_BAD_INPUT=1
+  POOL_STOP=0 POOL_ALL_BAD_INPUT=1 POOL_ATTACHED=""
   POOL_DIR=$(mktemp -d)
   trap 'rm -rf "$POOL_DIR"' EXIT
-  # Runs in the background ignore Ctrl-C (bash without job control), so stop them here.
-  trap '_pool_abort' INT TERM
+  trap '_pool_abort 130' INT
+  trap '_pool_abort 143' TERM
 }
 
+# _kill_tree PID: SIGTERM to PID and everything below it, each process before its children (a parent stopped
+# first cannot start new ones); prints the pids signalled
 _kill_tree() {
-  local child
-  for child in $(pgrep -P "$1" 2>/dev/null); do _kill_tree "$child"; done
-  kill -TERM "$1" 2>/dev/null || true
+  local children child
+  children=$(pgrep -P "$1" 2>/dev/null || true)
+  kill -TERM "$1" 2>/dev/null && echo "$1"
+  for child in $children; do _kill_tree "$child"; done
+}
+
+# _running PID: true while PID runs (a zombie nobody reaps has stopped)
+_running() {
+  local state
+  state=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
+  [[ "$state" != Z* ]]
 }
 
 _pool_abort() {
-  local i
-  for i in "${!POOL_SLOTS[@]}"; do [ -z "${POOL_PID[i]:-}" ] || _kill_tree "${POOL_PID[i]}"; done
+  local code=$1 pid signalled=() waited=0
+  trap '' INT TERM  # a second Ctrl-C must not cut the stopping short
+  for pid in "${POOL_PID[@]+"${POOL_PID[@]}"}" $POOL_ATTACHED; do
+    [ -z "$pid" ] || signalled+=($(_kill_tree "$pid"))
+  done
+  # until every process of every run has ended (SIGKILL after 30 s), so that the line below is true
+  for pid in "${signalled[@]+"${signalled[@]}"}"; do
+    while _running "$pid"; do
+      if [ "$waited" -ge 300 ]; then kill -KILL "$pid" 2>/dev/null || true; sleep 0.1; break; fi
+      sleep 0.1; waited=$((waited + 1))
+    done
+  done
   echo "interrupted: the runs were stopped; the same command continues them from their last saved state" >&2
-  exit 130
+  exit "$code"
 }
 
 # _pool_done NAME LOG RC: one line per finished run
@@ -146,9 +197,7 @@ pool_run() {
   shift 2
   if [ "$POOL_STOP" = 1 ]; then POOL_SKIPPED+=("$name"); POOL_FAILED_NAMES+=("$name"); return 0; fi
   if [ ${#POOL_SLOTS[@]} -eq 1 ]; then
-    rc=0
-    "$1" "${POOL_SLOTS[0]}" "${@:2}" || rc=$?
-    _pool_done "$name" "" "$rc"
+    pool_attached "$name" "$1" "${POOL_SLOTS[0]}" "${@:2}"
     return 0
   fi
   while true; do
@@ -165,10 +214,23 @@ pool_run() {
   device=${POOL_SLOTS[slot]}
   [ "$device" = cpu ] || device="GPU $device"
   echo "[$name] started on $device, output in $log"
-  # set +e: a run's failure is recorded, it must not end the launcher
-  ( set +e; "$1" "${POOL_SLOTS[slot]}" "${@:2}" >"$log" 2>&1 </dev/null; rc=$?
+  # Appended, after a line naming this start: another launcher may be writing the same log (its run of the
+  # same seed is then refused, but truncating would have cut the first run's output). set +e: a run's
+  # failure is recorded, it must not end the launcher.
+  ( set +e; echo "==== $(date '+%Y-%m-%d %H:%M:%S') $name on $device, launcher pid $$" >>"$log"
+    "$1" "${POOL_SLOTS[slot]}" "${@:2}" >>"$log" 2>&1 </dev/null; rc=$?
     echo "$rc" >"$POOL_DIR/$slot.rc"; exit "$rc" ) &
   POOL_PID[slot]=$! POOL_NAME[slot]=$name POOL_LOG[slot]=$log
+}
+
+pool_attached() {  # NAME CMD...: CMD's output on the terminal; waited for, in the background (see above)
+  local name=$1 rc=0
+  shift
+  ( set +e; "$@" ) &
+  POOL_ATTACHED=$!
+  wait "$POOL_ATTACHED" || rc=$?
+  POOL_ATTACHED=""
+  _pool_done "$name" "" "$rc"
 }
 
 pool_drain() {  # wait for every run, report nothing yet (pool_failed tells which failed)

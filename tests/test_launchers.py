@@ -89,7 +89,8 @@ def test_a_failed_run_is_reported_and_the_others_finish(tmp_path):
     assert proc.returncode == 1
     log = "results/digits/initial/seed2.log"
     assert f"  digits initial seed 2: exit code 1, log {log}" in proc.stderr.splitlines()
-    assert (tmp_path / log).read_text() == "boom\n"
+    header, *output = (tmp_path / log).read_text().splitlines()
+    assert header.startswith("==== ") and "digits initial seed 2 on cpu" in header and output == ["boom"]
     seeds = sorted(line.split("--seed ")[1].split()[0] for line in calls.read_text().splitlines())
     assert seeds == ["1", "3"]  # both still ran; no summary (report.py) after a failure
     # one at a time (JOBS=1, the default on cpu), the same: the next seeds still run
@@ -140,11 +141,11 @@ def test_run_all_keeps_finetuning_flags_from_the_mae_stages(tmp_path):
 
 
 def test_run_all_refuses_steps(tmp_path):
-    for flag in ("--steps 3", "--steps=3", "--step 3", "--st 3"):
+    for flag in ("--steps 3", "--steps=3"):  # abbreviations (--st) are refused by every stage's parser
         proc = _launch(f"bash {REPO}/run_all.sh cpu digits --model_name vit-mae-tiny {flag}", tmp_path)
         assert proc.returncode == 2
         lines = proc.stderr.splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"error: run_all.sh takes no {flag.split()[0]}"), proc.stderr
+        assert len(lines) == 1 and lines[0].startswith("error: run_all.sh takes no --steps:"), proc.stderr
         assert "STEPS=N for the MAE stages (now 20000)" in lines[0] and "FINETUNE_STEPS=N" in lines[0]
         assert os.listdir(tmp_path) == []  # nothing ran
 

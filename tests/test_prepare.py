@@ -322,7 +322,8 @@ def test_existing_target_is_replaced_only_with_overwrite_and_only_when_complete(
 
     run("cub", "--src", src, "--out", out, "--resize", 4, "--overwrite", "--skip_bad")
     assert json.loads((out / "cub" / "counts.json").read_text())["resize"] == 4
-    assert sorted(os.listdir(out)) == ["cub"]
+    new, old = sorted(os.listdir(out))  # the old one moved aside, not deleted
+    assert new == "cub" and old.startswith("cub.old-") and (out / old / "train.lmdb").read_bytes() == first
 
 
 def test_refuses_to_build_over_its_own_source(tmp_path):

@@ -95,7 +95,8 @@ SYNTHETIC_IMAGE_SIZE = (500, 375)  # (width, height): a typical CUB / Stanford D
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Images/s and peak memory of our steps vs the release's computation.")
+    p = argparse.ArgumentParser(description="Images/s and peak memory of our steps vs the release's computation.",
+                                allow_abbrev=False)
     g = p.add_argument_group("model steps")
     g.add_argument("--model", default=None, choices=[TINY_NAME, VIT_B16],
                    help=f"{VIT_B16}: ViT-B/16 MAE (the vit-mae-base architecture, random weights); "

@@ -33,7 +33,8 @@ NEEDED = (CARD_FILE, "config.json", "model.safetensors", vit_mae.PROCESSOR_FILE)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Upload a saved model directory, with its model card, to the Hub.")
+    p = argparse.ArgumentParser(description="Upload a saved model directory, with its model card, to the Hub.",
+                                allow_abbrev=False)
     p.add_argument("model_dir", help="a directory written by pretrain.py / selftrain.py, or finetune.py "
                                      "--save_model's <run>/model/")
     p.add_argument("repo_id", help="the Hub repository, owner/name (created if it does not exist)")

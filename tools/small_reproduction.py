@@ -64,7 +64,7 @@ RUN_CONTROL_FLAGS = {"out_dir", "threads", "workers", "log_every", "device"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="The paper's table and Fig. 1 at small scale, on CPU "
+    p = argparse.ArgumentParser(allow_abbrev=False, description="The paper's table and Fig. 1 at small scale, on CPU "
                                             "(SMALL_REPRODUCTION.md).")
     g = p.add_argument_group("source domain (θ₀)")
     g.add_argument("--source_crops", type=int, default=4000,

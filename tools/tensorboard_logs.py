@@ -34,7 +34,8 @@ EVENT_FILE = "events.out.tfevents.from-metrics-jsonl"  # TensorBoard reads any f
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Write TensorBoard event files from the metrics.jsonl of ended runs.")
+    p = argparse.ArgumentParser(description="Write TensorBoard event files from the metrics.jsonl of ended runs.",
+                                allow_abbrev=False)
     p.add_argument("paths", nargs="+",
                    help="run directories or folders above them (e.g. checkpoints results); every folder below "
                         "holding a metrics.jsonl is converted")

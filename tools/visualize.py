@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import outputs
 import utils
 from data import SPLITS, ImageDataset
 from models import TINY_NAME, load_mae, preprocessing_of
@@ -43,7 +44,7 @@ NORM_PIX_EPS = 1e-6  # as in transformers' ViTMAEForPreTraining.forward
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="MAE reconstruction grid of a checkpoint.")
+    p = argparse.ArgumentParser(allow_abbrev=False, description="MAE reconstruction grid of a checkpoint.")
     p.add_argument("--checkpoint", required=True,
                    help="a model directory written by pretrain.py / selftrain.py, a hub id, or vit-mae-tiny")
     p.add_argument("--dataset", required=True, help="dataset to draw the images from (as in the three stages)")
@@ -138,6 +139,7 @@ def with_titles(grid: np.ndarray, cell: int) -> Image.Image:
 # ----------------------------------------------------------------------------- main
 
 def main(args):
+    out_dir = outputs.make_dir(os.path.dirname(args.out) or ".", "--out's folder")  # before any work
     mae = load_mae(args.checkpoint, args.mask_ratio)
     mae.config.norm_pix_loss = (trained_with_norm_pix_loss(args.checkpoint) if args.norm_pix_loss is None
                                 else args.norm_pix_loss)
@@ -152,9 +154,11 @@ def main(args):
 
     grid = reconstruction_grid(mae, images, mean, std, noise)
     image = with_titles(grid, mae.config.image_size * upscale_factor(mae.config.image_size))
-    if os.path.dirname(args.out):
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    image.save(args.out)
+    try:
+        with outputs.atomic(args.out) as tmp:  # a full disk leaves no half-written PNG
+            image.save(tmp, format="PNG")
+    except OSError as e:
+        raise utils.UserError(f"cannot write --out {args.out}: {outputs.failure(e, out_dir)}") from None
     print(f"wrote {args.out} ({image.width} x {image.height}): {len(chosen)} {args.split} images of "
           f"{args.dataset}, mask ratio {args.mask_ratio}, norm_pix_loss {mae.config.norm_pix_loss}")
 
