@@ -20,6 +20,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+import outputs
 import training
 import utils
 from data import ImageDataset, check_labels
@@ -187,7 +188,7 @@ def main(args):
             save_model(model, model_dir, preprocessing, card=model_card(model_dir, result))  # card: every seed
             result["model"] = model_dir
         # the result before finish() drops the state: a kill in between loses nothing
-        utils.write_json(result_path, {**result, **run.record()})
+        outputs.write_json(result_path, {**result, **run.record()})
         if args.plot:
             plot_metrics(run.metrics_path, os.path.join(out_dir, "loss_curves.png"))
     run.finish()

@@ -4,6 +4,8 @@
                                               full disk: UserError naming it
     with atomic(path) as tmp: write(tmp)     the file appears complete or not at all; the temporary file is
                                               removed on every way out (an exception, Ctrl-C)
+    with atomic_file(path) as f: f.write()   the same, through an open file (text, or mode="wb")
+    write_json(path, obj)                    a JSON file, atomically
     write_together({path: text}, what)       several files that belong together (report.md + report.csv): all
                                               written before any replaces its old version; failures: UserError
     remove_stale_temporaries(folder)         temporary files that dead processes left (a kill -9, a SIGTERM)
@@ -14,6 +16,7 @@ folder may be shared by several machines), the pid whether that writer still run
 dead, or that nobody has written for STALE_SECONDS (no write of ours pauses that long), is removed.
 """
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -24,7 +27,7 @@ from errors import UserError
 
 HOST = socket.gethostname()
 STALE_SECONDS = 3600
-_TEMPORARY = re.compile(r"\.tmp(\d+)(?:-([^/]+))?$")  # .tmp<pid> (older files: no host) or .tmp<pid>-<host>
+TEMPORARY_NAME = re.compile(r"\.tmp(\d+)(?:-([^/]+))?$")  # .tmp<pid> (older files: no host) or .tmp<pid>-<host>
 LOW_SPACE = 256 << 20  # below this the free space is part of a failure's reason
 
 
@@ -64,6 +67,19 @@ def atomic(path: str):
                 os.remove(tmp)
 
 
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "w"):
+    """atomic(), through a file opened in `mode`: `path` holds what the block wrote once it ends normally."""
+    with atomic(path) as tmp, open(tmp, mode) as f:
+        yield f
+
+
+def write_json(path: str, obj) -> None:
+    with atomic_file(path) as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+
+
 def write_together(texts: dict, what: str) -> None:
     """{path: text} written atomically and together: every file is complete before the first is renamed into
     place, so a failure (full disk, read-only folder, a path that is a folder) changes none of them. A failure
@@ -95,7 +111,7 @@ def _temporary_only(path: str):
 
 
 def _untemporary(path: str) -> str:
-    return _TEMPORARY.sub("", path)
+    return TEMPORARY_NAME.sub("", path)
 
 
 def _writer_is_dead(pid: int, host: str | None) -> bool:
@@ -120,7 +136,7 @@ def remove_stale_temporaries(folder: str) -> list[str]:
         return removed
     now = time.time()
     for name in names:
-        m = _TEMPORARY.search(name)
+        m = TEMPORARY_NAME.search(name)
         if m is None or (int(m.group(1)) == os.getpid() and m.group(2) in (None, HOST)):
             continue  # not a temporary file, or one of this process (being written)
         path = os.path.join(folder, name)

@@ -1,6 +1,6 @@
 """Stateless helpers shared by the stages, the plumbing (training/) and the tools: flag types and the flags the
-three stages share, the command-line wrapper, files written atomically, the run's provenance (git commit, library
-versions), seed streams, and which flags do not change a run's result. Nothing here holds state; nothing here
+three stages share, the command-line wrapper, the run's provenance (git commit, library versions), seed streams,
+and which flags do not change a run's result. (Files written atomically: outputs.py.) Nothing here holds state; nothing here
 imports the entry scripts, training/ or tools/.
 """
 import argparse
@@ -190,32 +190,7 @@ def one_line(e: Exception) -> str:
     return line.split("UserError: ", 1)[-1]
 
 
-# ----------------------------------------------------------------------------- files
-
-TEMPORARY_NAME = re.compile(r"\.tmp\d+$")  # atomic_file's temporary files: <path>.tmp<pid>
-
-
-@contextlib.contextmanager
-def atomic_file(path: str, mode: str = "w"):
-    """A file to write `path` through: a temporary file beside it (<path>.tmp<pid>), renamed to `path` once
-    the block ends without an error, so a reader (or a kill mid-write) never sees half a file; on any error the
-    temporary file is removed and `path` keeps what it held."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, mode) as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def write_json(path: str, obj) -> None:
-    with atomic_file(path) as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-
+# ----------------------------------------------------------------------------- provenance
 
 def git_commit() -> str | None:
     here = os.path.dirname(os.path.abspath(__file__))

@@ -22,6 +22,7 @@ import argparse
 import fnmatch
 import os
 
+import outputs
 import training
 import utils
 from models import vit_mae
@@ -70,7 +71,7 @@ def select_files(model_dir: str, exclude: list[str]) -> tuple[list[str], list[tu
         matched = next((pattern for pattern in exclude if fnmatch.fnmatch(name, pattern)), None)
         if name in LEFT_OUT:
             left_out.append((name, LEFT_OUT[name]))
-        elif utils.TEMPORARY_NAME.search(name):
+        elif outputs.TEMPORARY_NAME.search(name):
             left_out.append((name, "a temporary file"))
         elif name.startswith("."):
             left_out.append((name, "hidden"))

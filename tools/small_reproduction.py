@@ -44,6 +44,7 @@ from PIL import Image
 
 import finetune
 import mae_common
+import outputs
 import pretrain
 import report
 import selftrain
@@ -328,7 +329,7 @@ def check_protocol(args, path: str) -> None:
                                   f"{before.get(k)!r} there, {protocol[k]!r} now); pass the same settings to "
                                   f"continue it, or another --out_dir")
         return
-    utils.write_json(path, protocol)
+    outputs.write_json(path, protocol)
 
 
 def machine() -> str:

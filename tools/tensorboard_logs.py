@@ -26,6 +26,7 @@ import datetime
 import json
 import os
 
+import outputs
 import training
 import utils
 from training.tensorboard_events import EventLog, is_number
@@ -111,7 +112,7 @@ def wall_times(rows: list[dict], record: dict | None) -> list[float | None]:
 def foreign_event_files(run_dir: str) -> list[str]:
     """Event files in run_dir that this tool did not write (a live writer's), temporary files left out."""
     return [n for n in os.listdir(run_dir)
-            if "tfevents" in n and n != EVENT_FILE and not utils.TEMPORARY_NAME.search(n)]
+            if "tfevents" in n and n != EVENT_FILE and not outputs.TEMPORARY_NAME.search(n)]
 
 
 def convert(run_dir: str) -> int | None:

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from utils import atomic_file
+from outputs import atomic_file
 
 
 def logged_step(line: str) -> float:

@@ -13,8 +13,8 @@ import sys
 import torch
 
 from errors import RunFailed, UserError
-from utils import (LATER_FLAG_DEFAULTS, RESULT_NEUTRAL_FLAGS, TEMPORARY_NAME, atomic_file, git_commit,
-                   library_versions, one_line, write_json)
+from outputs import TEMPORARY_NAME, atomic_file, write_json
+from utils import LATER_FLAG_DEFAULTS, RESULT_NEUTRAL_FLAGS, git_commit, library_versions, one_line
 
 STATE_FILE = "train_state.pt"
 RECORD_FILE = "args.json"
