@@ -83,7 +83,7 @@ MATERIAL_MAP = re.compile(r"_(norm|normal|normals|nm|bump|gloss|gm|spec|specular
                           re.IGNORECASE)
 MAX_PIXELS = 40_000_000  # a few clip-art PNGs are 20,000 x 30,000 (2.5 GB decoded); none is needed
 FLAT_STD = 8.0  # grey-level standard deviation (0..255) below which an image or a crop counts as near-flat
-FLAT_CROP_TRIES = 10
+FLAT_CROP_TRIES = 50  # clip art on white: with 10 tries, 2.7 % of the crops were left out
 HASH_SIDE = 16  # the average hash: HASH_SIDE**2 bits
 FLATNESS_SIDE = 256  # an image's flatness is measured on a copy no larger than this
 

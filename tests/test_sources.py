@@ -10,7 +10,6 @@ import stat
 import struct
 import subprocess
 import sys
-import tarfile
 import zipfile
 
 import numpy as np
