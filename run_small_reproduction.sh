@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's table and Fig. 1 at small scale, on CPU, about 30 minutes (SMALL_REPRODUCTION.md):
+# The paper's claims at small scale, on CPU, about 50-90 minutes on 2 cores (SMALL_REPRODUCTION.md, protocol 2):
 #   bash run_small_reproduction.sh [small_reproduction.py flags...]
 # Writes runs/small_reproduction/ (--out_dir); running it again continues where it stopped.
 set -euo pipefail
