@@ -198,6 +198,16 @@ def test_rerun_skips_finished_runs_and_a_changed_protocol_is_refused(out, inputs
         run(tiny_run(inputs, "--further_steps", 5), out)
 
 
+def test_without_apt_get_the_error_names_the_flag_to_pass(inputs, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # neither apt-get nor dpkg-deb
+    argv = tiny_run(inputs)
+    del argv[:2]  # no --source_src: the Debian packages
+    with pytest.raises(UserError, match=r"apt-get and dpkg-deb are not on PATH .*or pass --src DIR.*"
+                                        r"\(here: --source_src DIR\)$"):
+        run(argv, tmp_path / "out")
+    assert not (tmp_path / "out" / "data" / "natural_crops").exists()
+
+
 FAKE_STAGE = """
 import argparse
 from errors import UserError

@@ -116,7 +116,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune_lr", type=float, default=3e-3, help="peak learning rate of fine-tuning")
     g.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="fine-tuning seeds of every init")
     g = p.add_argument_group("run")
-    g.add_argument("--out_dir", default="runs/small_reproduction", help="everything goes here (see the docstring)")
+    g.add_argument("--out_dir", default="runs/small_reproduction_protocol2",
+                   help="everything goes here (see the docstring; protocol 1's runs used runs/small_reproduction)")
     g.add_argument("--jobs", type=utils.int_at_least(1), default=2,
                    help="independent runs side by side, each in its own worker process; 1: one after the other, in "
                         "this process. The numbers are the same either way")
@@ -148,8 +149,12 @@ def build_datasets(args, data_dir: str) -> list[dict]:
             continue
         print(f"\n[reproduce-small] building {name} (python -m data.prepare {argv[0]} ...)", flush=True)
         start = time.perf_counter()
-        prepare.main(prepare.get_args_parser().parse_args(
-            [str(a) for a in argv + ["--out", data_dir, "--download_dir", args.download_dir]]))
+        try:
+            prepare.main(prepare.get_args_parser().parse_args(
+                [str(a) for a in argv + ["--out", data_dir, "--download_dir", args.download_dir]]))
+        except utils.UserError as e:  # data.prepare's --src is this command's --source_src / --target_src
+            flag = "--source_src" if kind == "source" else "--target_src"
+            raise type(e)(f"{e} (here: {flag} DIR)") from None
         builds.append({"run": f"data: {name}", "kind": "data", "steps": 0,
                        "seconds": round(time.perf_counter() - start, 2), "estimated_seconds": BUILD_SECONDS[kind]})
     return builds
@@ -791,11 +796,12 @@ def main(args):
             f"# Small reproduction, protocol 2: results\n\n{outcome_markdown(outcome)}\n"
             f"## The table (report.py --train, {args.further_steps} further pre-training steps)\n\n{table}\n"
             f"## Fig. 1\n\n{fig1}\n![Fig. 1](fig1.png)\n\n## Reported, not read\n\n{diag}\n"
-            f"## Data\n\n- source: {source['splits']['train']['total']} crops of {source['images']['train']} images "
-            f"({source['images']['kept']} kept of {source['images']['candidates']}; "
-            f"{', '.join(f'{n} {why}' for why, n in source['images']['dropped'].items() if n) or 'none dropped'}) "
+            f"## Data\n\n- source: {source['splits']['train']['total']:,} crops of {source['images']['train']:,} "
+            f"images, {source['splits']['test']['total']:,} held-out crops of {source['images']['test']:,} others "
+            f"({source['images']['kept']:,} kept of {source['images']['candidates']:,}; "
+            f"{', '.join(f'{n:,} {why}' for why, n in source['images']['dropped'].items() if n) or 'none dropped'}) "
             f"from {origin(source)}"
-            + f"\n- target: {num_train} training images, {target['splits']['test']['total']} test images "
+            + f"\n- target: {num_train:,} training images, {target['splits']['test']['total']:,} test images "
               f"({origin(target)})\n\n"
             f"## Time and machine\n\n"
             f"- this invocation: {clock(time.perf_counter() - started)} wall time, {args.jobs} run(s) at a time, "
