@@ -137,8 +137,11 @@ def fetch_debian_packages(packages: list[str], download_dir: str, name: str) -> 
         path = os.path.join(download_dir, deb)
         if not os.path.isfile(path):
             raise UserError(f"apt-get download did not leave {path}; {_hint(name)}")
-        package, version = _run_tool(["dpkg-deb", "--field", path, "Package", "Version"], download_dir,
-                                     name).splitlines()[:2]
+        control = _run_tool(["dpkg-deb", "--field", path, "Package", "Version"], download_dir, name)
+        fields = dict(line.split(":", 1) for line in control.splitlines() if ":" in line)
+        if not {"Package", "Version"} <= set(fields):
+            raise UserError(f"{path}: dpkg-deb --field gave no Package and Version ({control.strip()!r}); "
+                            f"delete the file to download it again, {_hint(name)}")
         root = os.path.join(download_dir, deb[:-len(".deb")] if deb.endswith(".deb") else deb + ".unpacked")
         if not os.path.isdir(root):
             partial = f"{root}.partial-{uuid.uuid4().hex[:8]}"
@@ -147,8 +150,8 @@ def fetch_debian_packages(packages: list[str], download_dir: str, name: str) -> 
                 os.rename(partial, root)
             finally:
                 shutil.rmtree(partial, ignore_errors=True)
-        fetched.append({"package": package.split(":", 1)[1].strip(), "version": version.split(":", 1)[1].strip(),
-                        "deb": deb, "root": root})
+        fetched.append({"package": fields["Package"].strip(), "version": fields["Version"].strip(), "deb": deb,
+                        "root": root})
     return fetched
 
 
