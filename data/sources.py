@@ -122,6 +122,7 @@ def fetch_debian_packages(packages: list[str], download_dir: str, name: str) -> 
                         f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not on PATH (install "
                         f"apt and dpkg, or work on Debian or Ubuntu); {_hint(name)}")
     download_dir = os.path.abspath(download_dir)
+    print(f"{name}: fetching the Debian packages {' '.join(packages)} into {download_dir} ...", flush=True)
     os.makedirs(download_dir, exist_ok=True)
     # `--print-uris` names the file of the version apt will fetch, without fetching: 'URL' FILE SIZE HASH; it
     # leaves out the files already in its working directory, so it runs in an empty one
@@ -490,7 +491,6 @@ def build(args) -> dict:
     else:
         wanted = (args.packages or list(DEBIAN_IMAGE_PACKAGES)) if args.dataset == "natural_crops" \
             else [FASHION_MNIST_PACKAGE]
-        print(f"{name}: fetching Debian packages {' '.join(wanted)} into {download_dir} ...", flush=True)
         fetched = fetch_debian_packages(wanted, download_dir, args.dataset)
         roots = [(p["root"], p["package"]) for p in fetched]
         packages = [{k: p[k] for k in ("package", "version", "deb")} for p in fetched]
