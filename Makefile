@@ -1,6 +1,7 @@
 # make demo   the whole method on CPU in minutes: digits + vit-mae-tiny, three routes, mean ± std
 # make test   the test suite (CPU, tiny models)
-# make reproduce-small   the paper's table and Fig. 1 at small scale on CPU (~35 min): SMALL_REPRODUCTION.md
+# make reproduce-small   the paper's claims at small scale on CPU, protocol 2 of SMALL_REPRODUCTION.md (~50-90 min on
+#                        2 cores; downloads 1.4 GB of Debian packages into data/.downloads/ on its first run)
 PYTHON := .venv/bin/python
 VENV := .venv/.installed
 DEMO_DIR := runs/demo

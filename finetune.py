@@ -2,15 +2,16 @@
 
 The encoder comes from the initial model θ₀ (`--scratch True`), or from a checkpoint of stage 1
 or 2 (`--scratch False --ckpt_name NAME`, read from <checkpoint_dir>/<NAME>/<dataset>). After the
-last step the test accuracy and loss are printed and written to a results file.
+last step the test accuracy and loss, and the accuracy and loss on the training images (eval mode, without the
+held-out --val_split part), are printed and written to a results file.
 
     python finetune.py --dataset cub                                  # from the self-distilled model
     python finetune.py --dataset cub --ckpt_name further-pretrain-20000
     python finetune.py --dataset cub --scratch True                   # from θ₀
     bash run_finetune.sh 0 cub                                        # 5 seeds, then mean ± std
 
-Writes results/<dataset>/<init>/seed<k>.json (test_acc, test_loss and the run's arguments) and the
-run's record and metrics in results/<dataset>/<init>/seed<k>/; <init> is `initial` or NAME. With
+Writes results/<dataset>/<init>/seed<k>.json (test_acc, test_loss, train_acc, train_loss and the run's arguments)
+and the run's record and metrics in results/<dataset>/<init>/seed<k>/; <init> is `initial` or NAME. With
 --save_model also the classifier, in results/<dataset>/<init>/seed<k>/model/ (stock from_pretrained).
 """
 import argparse
@@ -172,10 +173,13 @@ def main(args):
         flip = run.global_rand(step, utils.STREAM_FLIP) < 0.5  # (B,), a function of (seed, step, sample)
         run.train_step(step, objective, images, labels, flip)
 
-    # ---- evaluation, once, after the last step
+    # ---- evaluation, once, after the last step: the test split, and (eval mode, no flip) the images trained on,
+    # to tell a classifier that does not fit its training set from one that fits and does not generalise
     test = evaluate(model, run, test_set)
-    result = {"test_acc": test["acc"], "test_loss": test["loss"], "dataset": args.dataset, "init": init,
-              "seed": args.seed, "checkpoint": checkpoint, "num_test": len(test_set)}
+    fit = evaluate(model, run, train_set)
+    result = {"test_acc": test["acc"], "test_loss": test["loss"], "train_acc": fit["acc"], "train_loss": fit["loss"],
+              "dataset": args.dataset, "init": init, "seed": args.seed, "checkpoint": checkpoint,
+              "num_test": len(test_set), "num_train": len(train_set)}
     if val_idx:
         val = evaluate(model, run, torch.utils.data.Subset(full_train, val_idx))
         result.update(val_acc=val["acc"], val_loss=val["loss"], num_val=len(val_idx))
@@ -193,7 +197,8 @@ def main(args):
             plot_metrics(run.metrics_path, os.path.join(out_dir, "loss_curves.png"))
     run.finish()
     run.print(f"[finetune] {args.dataset} from {init}, seed {args.seed}: test accuracy {100 * test['acc']:.2f}% "
-              f"loss {test['loss']:.4f} -> {result_path}")
+              f"loss {test['loss']:.4f} (training set {100 * fit['acc']:.2f}%, loss {fit['loss']:.4f}) "
+              f"-> {result_path}")
 
 
 if __name__ == "__main__":

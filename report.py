@@ -15,7 +15,10 @@ Columns: the paper's six datasets in its order (aircraft, chest_xray, cub, dtd, 
 vgg_flower_102), then other datasets alphabetically. A cell is the test accuracy in percent,
 `mean ± std (n=seeds)` with the sample standard deviation (ddof=1), or `mean (n=1)` for one seed;
 `—` where there are no results (never 0). If some results carry a validation accuracy
-(finetune.py --val_split), a second table shows it the same way, for those datasets.
+(finetune.py --val_split), a second table shows it the same way, for those datasets. With --train, one more
+table shows the accuracy on the training images (train_acc: eval mode, after the last step, without the
+--val_split part) the same way, without bold, for the results that have it (finetune.py writes it since
+2026-12), and the --init line adds it.
 
 Only runs of the same settings are averaged. The settings are the run's arguments recorded in each
 seed<k>.json, except those that do not change the result (NOT_SETTINGS: the seed, paths, and
@@ -31,7 +34,8 @@ report.csv: one row per (init, dataset) that has results (per settings group for
 init,row_name,dataset,n,mean_acc,std_acc,mean_loss,best,n_val,mean_val_acc,std_val_acc,best_val,settings;
 accuracies in percent, mean_loss the mean test cross-entropy, best / best_val 1 for the bold cells
 (else 0), std empty for a single seed, the val columns empty without validation results, settings the
-group's differing settings (`lr=0.001 steps=5000`) for a mixed cell, else empty.
+group's differing settings (`lr=0.001 steps=5000`) for a mixed cell, else empty. With --train, four more
+columns: n_train,mean_train_acc,std_train_acc,mean_train_loss (empty without training results).
 """
 import argparse
 import csv
@@ -54,6 +58,7 @@ RESULT_FILE = re.compile(r"^seed(\d+)\.json$")
 MISSING = "—"
 CSV_COLUMNS = ("init", "row_name", "dataset", "n", "mean_acc", "std_acc", "mean_loss", "best",
                "n_val", "mean_val_acc", "std_val_acc", "best_val", "settings")
+TRAIN_CSV_COLUMNS = ("n_train", "mean_train_acc", "std_train_acc", "mean_train_loss")  # with --train
 # Recorded arguments that do not change a run's result (utils.RESULT_NEUTRAL_FLAGS, the list resume uses too),
 # those implied by the cell (dataset, init) and the paths the inputs were read from: runs differing only in these
 # are averaged together.
@@ -78,6 +83,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default=None,
                    help="print one line per dataset for this init only (e.g. self-further-pretrain-20000); "
                         "writes no files")
+    p.add_argument("--train", action="store_true",
+                   help="also show the accuracy on the training images (a table, CSV columns, the --init line): "
+                        "whether fine-tuning fitted its training set")
     return p
 
 
@@ -94,7 +102,7 @@ def read_result(path: str) -> dict:
         raise utils.UserError(f"cannot read result file {path}: {e}") from None
     if not isinstance(result, dict) or "test_acc" not in result:
         raise utils.UserError(f"result file {path} has no test_acc (not written by finetune.py?)")
-    for key in ("test_acc", "val_acc") if result.get("val_acc") is not None else ("test_acc",):
+    for key in ["test_acc"] + [k for k in ("val_acc", "train_acc") if result.get(k) is not None]:
         value = result[key]
         if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
             raise utils.UserError(f"result file {path}: {key} is {value!r}, expected a fraction in [0, 1]")
@@ -152,18 +160,25 @@ def _stats(by_seed: dict[int, dict]) -> dict:
     acc = [100.0 * r["test_acc"] for r in results]
     losses = [r["test_loss"] for r in results if isinstance(r.get("test_loss"), (int, float))]
     val = [100.0 * r["val_acc"] for r in results if r.get("val_acc") is not None]
+    train = [100.0 * r["train_acc"] for r in results if r.get("train_acc") is not None]
+    train_losses = [r["train_loss"] for r in results if isinstance(r.get("train_loss"), (int, float))]
     mean_acc, std_acc = _mean_std(acc)
     mean_val, std_val = _mean_std(val)
+    mean_train, std_train = _mean_std(train)
     return {"seeds": sorted(by_seed), "n": len(acc), "mean_acc": mean_acc, "std_acc": std_acc,
             "mean_loss": statistics.fmean(losses) if losses else None,
-            "n_val": len(val), "mean_val_acc": mean_val, "std_val_acc": std_val}
+            "n_val": len(val), "mean_val_acc": mean_val, "std_val_acc": std_val,
+            "n_train": len(train), "mean_train_acc": mean_train, "std_train_acc": std_train,
+            "min_train_acc": min(train) if train else None,
+            "mean_train_loss": statistics.fmean(train_losses) if train_losses else None}
 
 
 def summarize(results_dir: str, datasets=None, seeds=None) -> dict[tuple[str, str], dict]:
     """{(dataset, init): summary} over the seeds of each (or those of `seeds` only); accuracies in percent.
 
     summary: seeds (sorted list), n, mean_acc, std_acc (sample std; None for one seed), mean_loss,
-    and n_val, mean_val_acc, std_val_acc over the seeds that have a validation accuracy (0 / None);
+    and n_val, mean_val_acc, std_val_acc over the seeds that have a validation accuracy (0 / None), and
+    n_train, mean_train_acc, std_train_acc, min_train_acc, mean_train_loss over those with a training accuracy;
     groups: [] when every seed has the same settings; otherwise the seeds were run with different
     settings, nothing is averaged (the means are None) and groups holds one such summary per settings,
     each with `settings`, {name: value} of the settings that differ between the groups."""
@@ -184,7 +199,8 @@ def summarize(results_dir: str, datasets=None, seeds=None) -> dict[tuple[str, st
         parts.sort(key=lambda g: g["seeds"])
         summaries[key] = {"seeds": sorted(by_seed), "n": len(by_seed), "mean_acc": None, "std_acc": None,
                           "mean_loss": None, "n_val": sum(g["n_val"] for g in parts), "mean_val_acc": None,
-                          "std_val_acc": None, "groups": parts}
+                          "std_val_acc": None, "n_train": sum(g["n_train"] for g in parts), "mean_train_acc": None,
+                          "std_train_acc": None, "min_train_acc": None, "mean_train_loss": None, "groups": parts}
     return summaries
 
 
@@ -253,10 +269,10 @@ def mixed_notes(summaries: dict, inits: list[str], datasets: list[str]) -> dict[
 
 
 def markdown_table(summaries: dict, inits: list[str], datasets: list[str], mean_key: str, std_key: str,
-                   n_key: str, notes: dict) -> str:
+                   n_key: str, notes: dict, bold: bool = True) -> str:
     header = [""] + datasets
     rows = []
-    best = {d: _best(summaries, inits, d, mean_key, n_key) for d in datasets}
+    best = {d: _best(summaries, inits, d, mean_key, n_key) if bold else set() for d in datasets}
     for init in inits:
         cells = [row_name(init)]
         for d in datasets:
@@ -284,28 +300,32 @@ def _number(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
 
-def csv_text(summaries: dict, inits: list[str], datasets: list[str]) -> str:
-    """report.csv's content."""
+def csv_text(summaries: dict, inits: list[str], datasets: list[str], train: bool = False) -> str:
+    """report.csv's content (with --train: the training-accuracy columns too)."""
     best = {d: _best(summaries, inits, d, "mean_acc", "n") for d in datasets}
     best_val = {d: _best(summaries, inits, d, "mean_val_acc", "n_val") for d in datasets}
     with io.StringIO(newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS)
+        writer.writerow(CSV_COLUMNS + (TRAIN_CSV_COLUMNS if train else ()))
         for init in inits:
             for d in datasets:
                 s = summaries.get((d, init))
                 if s is None:
                     continue
                 for g in s["groups"] or [s]:
-                    writer.writerow([init, row_name(init), d, g["n"], _number(g["mean_acc"]), _number(g["std_acc"]),
-                                     _number(g["mean_loss"]), int(init in best[d] and g is s), g["n_val"] or "",
-                                     _number(g["mean_val_acc"]), _number(g["std_val_acc"]),
-                                     int(init in best_val[d] and g is s) if g["n_val"] else "",
-                                     settings_text(g.get("settings", {}))])
+                    row = [init, row_name(init), d, g["n"], _number(g["mean_acc"]), _number(g["std_acc"]),
+                           _number(g["mean_loss"]), int(init in best[d] and g is s), g["n_val"] or "",
+                           _number(g["mean_val_acc"]), _number(g["std_val_acc"]),
+                           int(init in best_val[d] and g is s) if g["n_val"] else "",
+                           settings_text(g.get("settings", {}))]
+                    if train:
+                        row += [g["n_train"] or "", _number(g["mean_train_acc"]), _number(g["std_train_acc"]),
+                                _number(g["mean_train_loss"])]
+                    writer.writerow(row)
         return f.getvalue()
 
 
-def one_line(dataset: str, init: str, s: dict) -> str:
+def one_line(dataset: str, init: str, s: dict, train: bool = False) -> str:
     """e.g. `cub self-further-pretrain-20000: test accuracy 85.21 ± 0.43 % over 5 seeds (1 2 3 4 5)`"""
     spread = f" ± {s['std_acc']:.2f}" if s["std_acc"] is not None else ""
     seeds = " ".join(map(str, s["seeds"]))
@@ -314,6 +334,10 @@ def one_line(dataset: str, init: str, s: dict) -> str:
     if s["n_val"]:
         val_spread = f" ± {s['std_val_acc']:.2f}" if s["std_val_acc"] is not None else ""
         line += f"; validation accuracy {s['mean_val_acc']:.2f}{val_spread} % (n={s['n_val']})"
+    if train and s["n_train"]:
+        train_spread = f" ± {s['std_train_acc']:.2f}" if s["std_train_acc"] is not None else ""
+        line += (f"; training accuracy {s['mean_train_acc']:.2f}{train_spread} % (lowest {s['min_train_acc']:.2f}, "
+                 f"n={s['n_train']})")
     return line
 
 
@@ -340,7 +364,7 @@ def main(args):
                                       f"(expected {args.results_dir}/{d}/{args.init}/seed{missing[0]}.json)")
             for g in s["groups"] or [s]:  # runs of different settings: one line each, never averaged
                 name = f"{args.init} ({settings_text(g['settings'])})" if s["groups"] else args.init
-                print(one_line(d, name, g))
+                print(one_line(d, name, g, args.train))
         return
 
     if args.steps is not None:
@@ -358,6 +382,13 @@ def main(args):
     if val_datasets:
         sections += ["", "## Validation accuracy (%)", "",
                      markdown_table(summaries, inits, val_datasets, "mean_val_acc", "std_val_acc", "n_val", notes)]
+    train_datasets = [d for d in datasets if any(s["n_train"] for (d2, _), s in summaries.items() if d2 == d)]
+    if args.train and train_datasets:
+        sections += ["", "## Training accuracy (%)", "",
+                     markdown_table(summaries, inits, train_datasets, "mean_train_acc", "std_train_acc", "n_train",
+                                    notes, bold=False)]
+    elif args.train:
+        sections += ["", "No training accuracy in these results (finetune.py records train_acc since 2026-12)."]
     sections += ["", "Mean ± sample standard deviation over fine-tuning seeds (n = number of seeds); "
                      f"**bold**: best mean of the column among its cells of n >= {MIN_SEEDS_FOR_BEST} seeds; "
                      f"{MISSING}: no results."]
@@ -376,7 +407,8 @@ def main(args):
     out_dir = outputs.make_dir(args.out_dir or args.results_dir, "--out_dir")
     # both complete before either replaces an older report: a full disk leaves the old pair as it was
     outputs.write_together({os.path.join(out_dir, "report.md"): text,
-                            os.path.join(out_dir, "report.csv"): csv_text(summaries, inits, datasets)}, "the report")
+                            os.path.join(out_dir, "report.csv"): csv_text(summaries, inits, datasets, args.train)},
+                           "the report")
     print(text, end="")
 
 

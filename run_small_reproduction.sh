@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The paper's table and Fig. 1 at small scale, on CPU, about 30 minutes (SMALL_REPRODUCTION.md):
+# The paper's claims at small scale, on CPU, about 50-90 minutes on 2 cores (SMALL_REPRODUCTION.md, protocol 2):
 #   bash run_small_reproduction.sh [small_reproduction.py flags...]
-# Writes runs/small_reproduction/ (--out_dir); running it again continues where it stopped.
+# Writes runs/small_reproduction_protocol2/ (--out_dir); running it again continues where it stopped.
 set -euo pipefail
 USAGE="bash run_small_reproduction.sh [small_reproduction.py flags...]"
 source "$(dirname "$0")/scripts/launch.sh"  # $PYTHON and $REPO_DIR

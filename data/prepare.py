@@ -19,6 +19,11 @@ Converters and the splits they write (train / test, the usual benchmark splits):
     imagefolder     your own <src>/<class>/<image> (or <src>/{train,test}/<class>/<image>); class
                     folders sorted; without train/ and test/, each class is split with --seed,
                     --test_fraction of its images going to test. Needs --name.
+    natural_crops   random square crops of natural-ish images (the small reproduction's source domain):
+                    from Debian packages (apt-get download), or from any folder with --src
+    fashion_mnist   Fashion-MNIST from its idx files (Debian's dataset-fashion-mnist, or --src DIR);
+                    --shots N training images per class, all 10,000 test images
+                    (these two: data/sources.py, which lists their options)
 The train split of each benchmark includes its validation part: the recipe has no validation.
 
 Images are stored byte-for-byte by default. `--resize N` instead stores JPEG (quality 95) shrunk
@@ -58,6 +63,7 @@ import scipy.io
 from PIL import Image
 from tqdm import tqdm
 
+from data import sources
 from data.datasets import (DATASETS, SPLITS, check_name, class_folders, file_kind, folder_split, how_to_rebuild,
                            image_files, read_counts, to_8bit, unusable_file)
 import outputs
@@ -595,8 +601,8 @@ def check(args) -> dict:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m data.prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", nargs="?", choices=sorted(CONVERTERS), metavar="NAME",
-                        help=f"converter: one of {', '.join(CONVERTERS)}")
+    parser.add_argument("dataset", nargs="?", choices=sorted([*CONVERTERS, *sources.BUILDERS]), metavar="NAME",
+                        help=f"converter: one of {', '.join([*CONVERTERS, *sources.BUILDERS])}")
     parser.add_argument("--src", default=None, help="the dataset as downloaded and extracted")
     parser.add_argument("--out", default="data",
                         help="writes <out>/<name>/{train,test}.lmdb and counts.json (default: data)")
@@ -613,11 +619,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="imagefolder without train/ and test/: fraction of each class that goes to test "
                              "(default: 0.2)")
     parser.add_argument("--seed", type=int, default=0,
-                        help="imagefolder without train/ and test/: split seed (default: 0)")
+                        help="imagefolder without train/ and test/: split seed; natural_crops: crops; fashion_mnist: "
+                             "the --shots images (default: 0)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="threads decoding images (default: min(8, CPUs))")
     parser.add_argument("--check", default=None, metavar="NAME",
                         help="instead of building, decode every record of <out>/NAME and check labels and counts")
+    sources.add_arguments(parser)  # natural_crops, fashion_mnist
     return parser
 
 
@@ -630,6 +638,8 @@ def main(args):
         return check(args)
     if args.dataset is None:
         raise UserError(f"give a converter NAME ({', '.join(CONVERTERS)}) or --check NAME")
+    if args.dataset in sources.BUILDERS:  # built from Debian packages or other sources: data/sources.py
+        return sources.build(args)
     return build(args)
 
 

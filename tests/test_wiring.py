@@ -61,17 +61,19 @@ def test_evaluation_runs_once_after_the_last_step_in_eval_mode_on_the_test_split
     seen, calls, started = spy_prepare(monkeypatch), [], []
 
     def record(model, run, dataset):
-        calls.append({"steps_done": len(started), "split": dataset.split, "n": len(dataset),
+        split = getattr(dataset, "split", None) or f"{dataset.dataset.split} (part)"  # a Subset: the images trained on
+        calls.append({"steps_done": len(started), "split": split, "n": len(dataset),
                       "state": {k: v.clone() for k, v in model.state_dict().items()}})
     spy(monkeypatch, finetune, "evaluate", record)
     argv = finetune.get_args_parser().parse_args(stage_args(
         "--scratch", "True", "--results_dir", tmp_path / "res", "--save_model", "--lr", "1e-3", "--warmup_steps", 0, steps=6))
     with training.supplied_draws(cut_at(on_step=started.append)):
         finetune.main(argv)
-    assert [(c["steps_done"], c["split"], c["n"]) for c in calls] == [(6, "test", 500)], \
-        f"evaluation: {[(c['steps_done'], c['split'], c['n']) for c in calls]}; wanted once, after all 6 steps, on test"
+    assert [(c["steps_done"], c["split"], c["n"]) for c in calls] == [(6, "test", 500), (6, "train (part)", 1297)], \
+        f"evaluation: {[(c['steps_done'], c['split'], c['n']) for c in calls]}; wanted once, after all 6 steps, on " \
+        f"test (and the training accuracy on the images trained on)"
     result = json.load(open(tmp_path / "res" / "digits" / "initial" / "seed0.json"))
-    assert result["num_test"] == 500
+    assert (result["num_test"], result["num_train"]) == (500, 1297)
 
     # the saved classifier is the evaluated one, which is the trained one (dropout 0.1: eval mode matters)
     saved = ViTForImageClassification.from_pretrained(str(tmp_path / "res" / "digits" / "initial" / "seed0" / "model"))
