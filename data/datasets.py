@@ -36,6 +36,7 @@ DATASETS = {
     "digits": 10,
 }
 SPLITS = ("train", "test")
+BUILT_BY_PREPARE = ("natural_crops", "fashion_mnist")  # data.prepare builds these from Debian packages or --src
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 DIGITS_TEST_SIZE = 500  # of scikit-learn's 1,797 digits; the rest (1,297) is the training split
 
@@ -46,6 +47,8 @@ def how_to_get(name: str, data_dir: str) -> str:
     if name in DATASETS:
         return (f"download data.tar.gz of the original release and run `tar zxvf data.tar.gz` "
                 f"(it creates {data_dir}/{name}/), or build it with `python -m data.prepare {name} --src PATH`")
+    if name in BUILT_BY_PREPARE:  # the small reproduction's datasets (data/sources.py)
+        return f"build it with `python -m data.prepare {name} --out {data_dir}` (see its --help)"
     return f"build it with `python -m data.prepare imagefolder --src PATH --name {name}`"
 
 
