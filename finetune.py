@@ -25,9 +25,11 @@ import outputs
 import training
 import utils
 from data import ImageDataset, check_labels
+from data.identity import SplitInput
 from mae_common import creating_command
 from models import (build_classifier, has_checkpoint, load_encoder_state, load_mae, preprocessing_of,
                     save_model)
+from models.identity import WeightsInput
 from tools.card import model_card
 from tools.plots import plot_metrics
 
@@ -139,7 +141,9 @@ def main(args):
     result_path = os.path.normpath(out_dir) + ".json"
     checkpoint = args.model_name if args.scratch else os.path.join(args.checkpoint_dir, args.ckpt_name, args.dataset)
     preprocessing = preprocessing_of(checkpoint, args.model_name)  # what the checkpoint was trained with
-    run = training.Run(args, out_dir, "finetune", result_path, preprocessing, done_holds_record=True)
+    reads = {"start": WeightsInput(checkpoint), **{f"{split} split": SplitInput(args.dataset, split, args.data_dir)
+                                                   for split in ("train", "test")}}
+    run = training.Run(args, out_dir, "finetune", result_path, preprocessing, done_holds_record=True, reads=reads)
     if run.already_done:  # even if its checkpoint has been deleted since
         return
     if not args.scratch and not has_checkpoint(checkpoint):

@@ -6,6 +6,7 @@
                                               removed on every way out (an exception, Ctrl-C)
     with atomic_file(path) as f: f.write()   the same, through an open file (text, or mode="wb")
     write_json(path, obj)                    a JSON file, atomically
+    with reported(what, path): write...      a failed write (full, read-only) is one line naming it
     write_together({path: text}, what)       several files that belong together (report.md + report.csv): all
                                               written before any replaces its old version; failures: UserError
     remove_stale_temporaries(folder)         temporary files that dead processes left (a kill -9, a SIGTERM)
@@ -78,6 +79,17 @@ def write_json(path: str, obj) -> None:
     with atomic_file(path) as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=str)
         f.write("\n")
+
+
+@contextlib.contextmanager
+def reported(what: str, path: str, error=UserError, then: str = ""):
+    """A write that fails (a full disk, a read-only folder, a file where a folder should be; torch.save reports
+    these as RuntimeError) becomes one line: `error`("cannot write <what> <path>: <reason>[; <then>]")."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        reason = failure(e, existing_parent(os.path.dirname(os.path.abspath(path))))
+        raise error(f"cannot write {what} {path}: {reason}{'; ' + then if then else ''}") from None
 
 
 def write_together(texts: dict, what: str) -> None:

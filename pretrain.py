@@ -18,8 +18,10 @@ import os
 import training
 import utils
 from data import ImageDataset
+from data.identity import SplitInput
 from mae_common import MAE_BETAS, further_pretrain_dir, mae_args_parser, no_weight_decay
 from models import load_mae, mae_loss, preprocessing_of, save_model
+from models.identity import WeightsInput
 from tools.card import model_card
 from tools.plots import plot_metrics
 
@@ -40,7 +42,9 @@ def training_loss(mae, images, noise):
 def main(args):
     out_dir = args.output_dir or further_pretrain_dir(args.checkpoint_dir, args.steps, args.dataset)
     preprocessing = preprocessing_of(args.model_name)  # θ₀'s image processor, as in the release
-    run = training.Run(args, out_dir, "further-pretrain", os.path.join(out_dir, "model.safetensors"), preprocessing)
+    reads = {"θ₀": WeightsInput(args.model_name), "train split": SplitInput(args.dataset, "train", args.data_dir)}
+    run = training.Run(args, out_dir, "further-pretrain", os.path.join(out_dir, "model.safetensors"), preprocessing,
+                       reads=reads)
     if run.already_done:
         return
 

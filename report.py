@@ -22,9 +22,12 @@ table shows the accuracy on the training images (train_acc: eval mode, after the
 
 Only runs of the same settings are averaged. The settings are the run's arguments recorded in each
 seed<k>.json, except those that do not change the result (NOT_SETTINGS: the seed, paths, and
-utils.RESULT_NEUTRAL_FLAGS -- workers, logging, saving, device, data cache). A cell whose seeds were run with different settings (say, two
---lr values) shows `mixed settings [k]` instead of a mean, and note [k] below the table gives each
-group's mean ± std with the settings that differ.
+utils.RESULT_NEUTRAL_FLAGS -- workers, logging, saving, device, data cache), plus what the run started from and
+read, by content (the checkpoint's and the splits' fingerprints from the record, not their paths), and the
+precision and device type it ran with. A cell whose seeds were run with different settings (say, two --lr
+values, or two different checkpoints under one name) shows `mixed settings [k]` instead of a mean, and note
+[k] below the table gives each group's mean ± std with the settings that differ. Records from before inputs
+and numerics were kept are compared on their arguments alone.
 
 Bold: the best mean of a column (ties: all of them) among its cells with at least 2 seeds, when there
 are at least two such cells; a single seed has no spread, so it is never bold and never beats a mean
@@ -48,6 +51,7 @@ import statistics
 
 import outputs
 import utils
+from training.run_dir import recorded_inputs
 from data.datasets import file_kind
 
 PAPER_DATASETS = ("aircraft", "chest_xray", "cub", "dtd", "stanford_dogs", "vgg_flower_102")
@@ -63,6 +67,7 @@ TRAIN_CSV_COLUMNS = ("n_train", "mean_train_acc", "std_train_acc", "mean_train_l
 # those implied by the cell (dataset, init) and the paths the inputs were read from: runs differing only in these
 # are averaged together.
 NOT_SETTINGS = utils.RESULT_NEUTRAL_FLAGS | {"seed", "dataset", "scratch", "ckpt_name", "data_dir", "checkpoint_dir"}
+NUMERICS = ("precision", "device_type")  # as each start ran: they change the numbers
 MIN_SEEDS_FOR_BEST = 2
 
 
@@ -147,12 +152,30 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def settings_of(result: dict) -> dict:
-    """The recorded arguments of a run that change its result."""
+    """What a run's result depends on, from its record: the recorded arguments that change it, what it started
+    from and read (`<label> content`: the first 12 hex digits of each input's fingerprint -- the checkpoint's,
+    the splits' -- instead of their paths), and the numerics it ran with (precision, device type)."""
     args = result.get("args")
     if not isinstance(args, dict):
         return {}
     args = {**utils.LATER_FLAG_DEFAULTS, **args}  # a record older than a flag ran as its default
-    return {k: v for k, v in args.items() if k not in NOT_SETTINGS}
+    settings = {k: v for k, v in args.items() if k not in NOT_SETTINGS}
+    for label, fingerprint in recorded_inputs(result).items():
+        if isinstance(fingerprint, dict):
+            settings[f"{label} content"] = str(fingerprint.get("sha256"))[:12]
+    last = (result.get("history") or [result])[-1]
+    for key in NUMERICS:
+        if last.get(key) is not None:
+            settings[key] = last[key]
+    return settings
+
+
+def _comparable(all_settings: list[dict]) -> list[dict]:
+    """The settings without the keys a record from before they were kept lacks (inputs, numerics): such a run is
+    averaged with the others rather than shown as mixed."""
+    late = {k for st in all_settings for k in st if k.endswith(" content") or k in NUMERICS}
+    missing = {k for k in late if any(k not in st for st in all_settings)}
+    return [{k: v for k, v in st.items() if k not in missing} for st in all_settings]
 
 
 def _stats(by_seed: dict[int, dict]) -> dict:
@@ -185,9 +208,9 @@ def summarize(results_dir: str, datasets=None, seeds=None) -> dict[tuple[str, st
     summaries = {}
     for key, by_seed in find_results(results_dir, datasets, seeds).items():
         groups = {}
-        for seed, result in by_seed.items():
-            settings = settings_of(result)
-            groups.setdefault(json.dumps(settings, sort_keys=True, default=str), (settings, {}))[1][seed] = result
+        seeds = list(by_seed)
+        for seed, settings in zip(seeds, _comparable([settings_of(by_seed[s]) for s in seeds])):
+            groups.setdefault(json.dumps(settings, sort_keys=True, default=str), (settings, {}))[1][seed] = by_seed[seed]
         if len(groups) == 1:
             summaries[key] = {**_stats(by_seed), "groups": []}
             continue

@@ -24,10 +24,12 @@ import torch
 import training
 import utils
 from data import ImageDataset
+from data.identity import SplitInput
 from mae_common import (MAE_BETAS, creating_command, further_pretrain_dir, mae_args_parser, no_weight_decay,
                         self_distill_dir)
 from models import (MAEWithFeature, cls_feature, has_checkpoint, load_encoder, load_mae, preprocessing_of,
                     save_model)
+from models.identity import WeightsInput
 from tools.card import model_card
 from tools.plots import plot_metrics
 
@@ -80,7 +82,10 @@ def main(args):
     out_dir = args.output_dir or self_distill_dir(args.checkpoint_dir, args.steps, args.dataset)
     teacher_path = args.teacher or further_pretrain_dir(args.checkpoint_dir, args.steps, args.dataset)
     preprocessing = preprocessing_of(args.model_name)  # θ₀'s image processor, as in the release
-    run = training.Run(args, out_dir, "self-distill", os.path.join(out_dir, "model.safetensors"), preprocessing)
+    reads = {"θ₀": WeightsInput(args.model_name), "teacher": WeightsInput(teacher_path),
+             "train split": SplitInput(args.dataset, "train", args.data_dir)}
+    run = training.Run(args, out_dir, "self-distill", os.path.join(out_dir, "model.safetensors"), preprocessing,
+                       reads=reads)
     if run.already_done:  # even if its teacher has been deleted since
         return
     if not has_checkpoint(teacher_path):

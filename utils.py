@@ -41,6 +41,15 @@ def device_spec(value: str) -> str:
     return value
 
 
+def dataset_name(value: str) -> str:
+    """An argparse type for --dataset: a name (a folder under --data_dir), not a path (data.datasets.check_name)."""
+    from data.datasets import check_name  # data/ is not needed to import utils
+    try:
+        return check_name(value)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--dataset ")) from None
+
+
 def threads_spec(value: str) -> str | int:
     """An argparse type for --threads: auto, or a whole number >= 1."""
     if value == "auto":
@@ -110,7 +119,7 @@ def shared_parser() -> argparse.ArgumentParser:
     finetune.py overrides the few that differ with set_defaults()."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", required=True,
+    g.add_argument("--dataset", required=True, type=dataset_name,
                    help="aircraft, chest_xray, cub, dtd, stanford_dogs, vgg_flower_102, digits (built in), "
                         "or the name of your own folder under --data_dir")
     g.add_argument("--data_dir", default="data", help="root holding <dataset>/{train,test}.lmdb or image folders")

@@ -248,29 +248,35 @@ def decode_image(image_bytes: bytes, image_size: int, resample: int = Image.BILI
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (3, S, S); contiguous batches stack fast
 
 
+def open_split(name: str, split: str, data_dir: str):
+    """(the dataset's folder, the split's reader: an LMDBReader or an image-folder reader), checked."""
+    root = dataset_dir(name, data_dir)
+    lmdb_path, folder = os.path.join(root, f"{split}.lmdb"), os.path.join(root, split)
+    if os.path.lexists(lmdb_path):
+        try:
+            reader = LMDBReader(lmdb_path)
+        except Exception as e:  # lmdb.Error, pickle errors, ValueError (a truncated file among them)
+            raise UserError(f"cannot read {lmdb_path}: {e}; {how_to_rebuild(name, data_dir)}") from None
+    elif os.path.isdir(folder):
+        reader = _FolderReader(root, split)
+    else:
+        raise UserError(f"dataset '{name}' has no {split} split: expected {lmdb_path} or {folder}/<class>/; "
+                        f"{how_to_get(name, data_dir)}")
+    if len(reader) == 0:
+        raise UserError(f"dataset '{name}' split '{split}' is empty ({root})")
+    return root, reader
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """One split of a dataset; item = ((3, S, S) uint8 image, label)."""
 
     def __init__(self, name: str, split: str, data_dir: str, image_size: int, resample: int = Image.BILINEAR):
         self.name, self.split, self.image_size, self.resample = name, split, image_size, resample
         self.data_dir = data_dir
-        self.root = root = dataset_dir(name, data_dir)
-        lmdb_path, folder = os.path.join(root, f"{split}.lmdb"), os.path.join(root, split)
-        if os.path.lexists(lmdb_path):
-            try:
-                self.reader = LMDBReader(lmdb_path)
-            except Exception as e:  # lmdb.Error, pickle errors, ValueError (a truncated file among them)
-                raise UserError(f"cannot read {lmdb_path}: {e}; {how_to_rebuild(name, data_dir)}") from None
-        elif os.path.isdir(folder):
-            self.reader = _FolderReader(root, split)
-            if split == "train":
-                _warn_small_classes(name, self.reader)
-        else:
-            raise UserError(f"dataset '{name}' has no {split} split: expected {lmdb_path} or {folder}/<class>/; "
-                            f"{how_to_get(name, data_dir)}")
-        if len(self.reader) == 0:
-            raise UserError(f"dataset '{name}' split '{split}' is empty ({root})")
-        self.counts = read_counts(root, name, data_dir)  # data.prepare's record, or None
+        self.root, self.reader = open_split(name, split, data_dir)
+        if split == "train" and isinstance(self.reader, _FolderReader):
+            _warn_small_classes(name, self.reader)
+        self.counts = read_counts(self.root, name, data_dir)  # data.prepare's record, or None
 
     def __len__(self):
         return len(self.reader)

@@ -1,6 +1,7 @@
 """What a dataset split is, by content: a fingerprint that two copies share and any change of a byte breaks.
 
     split_fingerprint(dataset)   -> {"format": "lmdb", "records": 5994, "sha256": "<64 hex>"}
+    SplitInput(name, split, data_dir).fingerprint()   the same, from the name (what a run record keeps)
                                     {"format": "image folder", "records": 12000, "sha256": ...}
     describe_change(before, now) -> "5994 -> 6000 records", "same number of records (5994), other content", ""
 
@@ -69,7 +70,11 @@ def _folder_digest(reader) -> str:
 
 def split_fingerprint(dataset) -> dict:
     """The content fingerprint of one split of a data.ImageDataset (see the module docstring)."""
-    reader = dataset.reader
+    return reader_fingerprint(dataset.reader)
+
+
+def reader_fingerprint(reader) -> dict:
+    """The content fingerprint of a split's reader (an LMDBReader or an image-folder reader)."""
     if isinstance(reader, LMDBReader):
         key = ("lmdb", _stat_key(_lmdb_data_file(reader.path)))
         if key not in _MEMO:
@@ -91,3 +96,17 @@ def describe_change(before: dict, now: dict) -> str:
     if before.get("records") != now.get("records"):
         return f"{before.get('records')} -> {now.get('records')} records"
     return f"same number of records ({now.get('records')}), other content"
+
+
+class SplitInput:
+    """A dataset split a stage reads, named in its run record (training.Run's `reads`): fingerprinted on demand,
+    without decoding an image."""
+
+    def __init__(self, dataset: str, split: str, data_dir: str):
+        self.dataset, self.split, self.data_dir = dataset, split, data_dir
+
+    def fingerprint(self) -> dict:
+        from data.datasets import open_split  # data.datasets imports nothing of this module's users
+        return reader_fingerprint(open_split(self.dataset, self.split, self.data_dir)[1])
+
+    change = staticmethod(describe_change)

@@ -4,6 +4,7 @@ teacher, the checkpoint fine-tuning starts from.
     weights_fingerprint(name) -> {"kind": "model directory", "files": {"config.json": "<sha256>",
                                   "model.safetensors": "<sha256>"}, "bytes": 343249332, "sha256": "<sha256>"}
     describe_change(before, now) -> "model.safetensors changed", ""
+    WeightsInput(name).fingerprint()   the same, for a run record (training.Run's `reads`)
 
 `name` is anything the stages read weights from: a directory written by save_pretrained (ours, or `hf download
 --local-dir`), the release's model.pt (or a directory holding one, as fine-tuning's checkpoint path may be), a
@@ -115,3 +116,16 @@ def describe_change(before: dict, now: dict) -> str:
     old, new = before.get("files", {}), now.get("files", {})
     changed = sorted(n for n in set(old) | set(new) if old.get(n) != new.get(n))
     return ", ".join(f"{n} {'added' if n not in old else 'removed' if n not in new else 'changed'}" for n in changed)
+
+
+class WeightsInput:
+    """Weights a stage reads (θ₀, the teacher, the checkpoint fine-tuning starts from), named in its run record
+    (training.Run's `reads`): fingerprinted on demand."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def fingerprint(self) -> dict:
+        return weights_fingerprint(self.name)
+
+    change = staticmethod(describe_change)

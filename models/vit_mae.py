@@ -31,7 +31,8 @@ from torch import nn
 from transformers import ViTConfig, ViTForImageClassification, ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel
 from transformers.utils import logging as hf_logging
 
-from errors import UserError
+import outputs
+from errors import RunFailed, UserError
 
 hf_logging.disable_progress_bar()  # per-file loading bars drown the training log
 
@@ -461,6 +462,18 @@ def save_model(model: nn.Module, out_dir: str, preprocessing: Preprocessing = Pr
     only once the whole checkpoint, card included, is there (the stages use it as their "done" marker)."""
     tmp = os.path.join(out_dir, ".saving")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_model(model, tmp, preprocessing, card)
+    except (OSError, RuntimeError) as e:  # a full disk, a read-only folder: nothing half-written is left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunFailed(f"cannot write the model into {out_dir}: {outputs.failure(e, out_dir)}") from None
+    names = sorted(os.listdir(tmp), key=lambda n: n.endswith(".safetensors"))
+    for name in names:
+        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    os.rmdir(tmp)
+
+
+def _write_model(model: nn.Module, tmp: str, preprocessing: Preprocessing, card: str | None) -> None:
     model.save_pretrained(tmp)
     if card is not None:
         with open(os.path.join(tmp, CARD_FILE), "w", encoding="utf-8") as f:
@@ -471,7 +484,3 @@ def save_model(model: nn.Module, out_dir: str, preprocessing: Preprocessing = Pr
                    "size": {"height": size, "width": size}, "resample": preprocessing.resample,
                    "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
                    "image_mean": list(preprocessing.mean), "image_std": list(preprocessing.std)}, f, indent=2)
-    names = sorted(os.listdir(tmp), key=lambda n: n.endswith(".safetensors"))
-    for name in names:
-        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-    os.rmdir(tmp)

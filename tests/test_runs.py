@@ -92,7 +92,7 @@ def test_crash_between_write_and_rename_keeps_the_previous_state(stage_args, tmp
         return real_replace(src, dst)
     with monkeypatch.context() as m:
         m.setattr(utils.os, "replace", replace)
-        with pytest.raises(OSError, match="simulated crash"):
+        with pytest.raises(utils.RunFailed, match="cannot write the training state .*simulated crash"):
             pretrain.main(argv)
     state = torch.load(tmp_path / "run" / training.STATE_FILE, weights_only=True)
     assert state["step"] == 2

@@ -9,7 +9,8 @@ import time
 
 import torch
 
-from outputs import atomic_file
+from errors import RunFailed
+from outputs import atomic_file, reported
 
 
 def logged_step(line: str) -> float:
@@ -38,7 +39,7 @@ class Metrics:
             # drop lines past the resumed step (a killed run may have logged beyond its last state)
             with open(path) as f:
                 kept = [line for line in f if logged_step(line) <= start_step]
-            with atomic_file(path) as f:
+            with reported("the metrics", path, RunFailed), atomic_file(path) as f:  # a kill here keeps the old file
                 f.writelines(kept)
         self.progress = None
         if process.is_main and sys.stderr.isatty():
@@ -60,7 +61,7 @@ class Metrics:
         entry["peak_mem_mb"] = peak_memory_mb(self.process.device)
         if not self.process.is_main:
             return
-        with open(self.path, "a") as f:
+        with reported("the metrics", self.path, RunFailed), open(self.path, "a") as f:
             f.write(json.dumps(entry) + "\n")
         if self.reporter is not None:
             self.reporter.send(entry)

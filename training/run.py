@@ -13,7 +13,7 @@ from training.process import Process
 from training.report_to import new_wandb_id, reporter
 from training.run_dir import RunDirectory
 from training.step import StaticStep, TrainStep, optimizer_and_schedule, step_lr
-from utils import STREAM_NOISE, RunFailed, mix_seed
+from utils import STREAM_NOISE, RunFailed, UserError, mix_seed
 
 
 class Run:
@@ -30,12 +30,15 @@ class Run:
     A finished run (done_file) or an unfinished one (train_state.pt) with other arguments is refused, naming the
     argument; --overwrite moves whatever the directory holds aside (<out_dir>.old-<time>) and starts again.
     `done_holds_record`: done_file is a result carrying the run's record (fine-tuning's seed<k>.json).
+    `reads`: {label: input} of what the stage reads (data.identity.SplitInput, models.identity.WeightsInput): their
+    fingerprints go into each start's record, and a finished or unfinished run that read other contents is refused.
     `process`: this process's place in the job (default: from torchrun's environment).
     Run.without_directory(...): the same run writing nothing (tools/bench.py times the scripts' step with it)."""
 
     def __init__(self, args, out_dir: str | None, stage: str, done_file: str | None, preprocessing, *,
-                 done_holds_record: bool = False, process: Process | None = None):
+                 done_holds_record: bool = False, reads: dict | None = None, process: Process | None = None):
         self.args, self.out_dir, self.stage, self.preprocessing = args, out_dir, stage, preprocessing
+        self.reads = reads or {}
         self.process = process or Process.from_environment(args.device, args.precision, args.threads)
         self.device, self.is_main, self.local_rank = self.process.device, self.process.is_main, self.process.local_rank
         self.autocast, self.print = self.process.autocast, self.process.print
@@ -51,12 +54,26 @@ class Run:
         self.optimizer_record = None  # set by adamw
         torch.manual_seed(mix_seed(args.seed, self.process.rank))  # new heads, anything built before the loop
         # Checked here, before the stage loads anything, and again under the lock in prepare().
-        self.already_done = self.directory is not None and not args.overwrite and self.directory.finished(args)
+        self.already_done = (self.directory is not None and not args.overwrite
+                             and self.directory.finished(args, self.fingerprints(strict=False), self.reads))
         if self.already_done:
             self.print(f"[{stage}] already complete: {done_file} (same arguments; --overwrite moves it aside "
                        f"and runs again)")
         elif self.directory is not None and not args.overwrite:
             self.directory.resumable(args)
+
+    def fingerprints(self, strict: bool = True) -> dict:
+        """{label: content fingerprint} of what the stage reads; strict=False: None for what cannot be read (yet:
+        a teacher not trained; or any more: an input deleted since a run finished)."""
+        found = {}
+        for label, source in self.reads.items():
+            try:
+                found[label] = source.fingerprint()
+            except UserError:
+                if strict:
+                    raise
+                found[label] = None
+        return found
 
     @classmethod
     def without_directory(cls, args, stage: str, preprocessing, process: Process | None = None) -> "Run":
@@ -89,13 +106,14 @@ class Run:
         if self.is_main:
             directory.take(self.args.overwrite)
         self.process.barrier()
-        if directory.finished(self.args):  # under the lock: another run may have finished since __init__
+        inputs = self.fingerprints()  # everything is readable now (θ₀ loaded, the teacher found)
+        if directory.finished(self.args, inputs, self.reads):  # under the lock: another run may have finished
             raise RunFailed(f"{directory.done_file} was completed by another run while this one was starting; "
                             f"nothing was written")
-        resumed = directory.resumable(self.args)
+        resumed = directory.resumable(self.args, inputs, self.reads)
         if resumed is not None:
             self.start_step = directory.load_state(self.model, self.optimizer, self.scheduler)
-        entry = directory.start_entry(self.args, self.preprocessing, self.start_step, self.optimizer_record)
+        entry = directory.start_entry(self.args, self.preprocessing, self.start_step, self.optimizer_record, inputs)
         self._record = directory.write_record(entry, resumed)
         live = None
         if self.is_main and self.args.report_to != "none":

@@ -13,13 +13,14 @@ import sys
 import torch
 
 from errors import RunFailed, UserError
-from outputs import TEMPORARY_NAME, atomic_file, write_json
+from outputs import TEMPORARY_NAME, atomic_file, reported, write_json
 from utils import LATER_FLAG_DEFAULTS, RESULT_NEUTRAL_FLAGS, git_commit, library_versions, one_line
 
 STATE_FILE = "train_state.pt"
 RECORD_FILE = "args.json"
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".lock"
+RUN_FILES = (STATE_FILE, RECORD_FILE, METRICS_FILE, LOCK_FILE)
 
 _held_locks: dict[str, int] = {}  # lock file -> descriptor, for the run directories this process holds
 
@@ -78,6 +79,36 @@ def read_record(path: str) -> dict:
     return record
 
 
+def recorded_inputs(record: dict) -> dict:
+    """{label: fingerprint} of what the record's last start read ({} for a record from before inputs were kept)."""
+    history = record.get("history") or [record]
+    return history[-1].get("inputs") or {}
+
+
+def changed_inputs(record: dict, now: dict, reads: dict) -> str:
+    """'label: what changed' for each input the record names whose content differs now ('' if none). An input
+    that cannot be read now (None: deleted since) or that the record does not name is not compared."""
+    before = recorded_inputs(record)
+    changes = []
+    for label, fingerprint in now.items():
+        if fingerprint is not None and before.get(label) is not None:
+            change = reads[label].change(before[label], fingerprint)
+            if change:
+                changes.append(f"{label}: {change}")
+    return "; ".join(changes)
+
+
+def changed_numerics(record: dict, process, args) -> str:
+    """What a resumed run would compute differently from the start it continues: the precision, the device type,
+    --compile ('' if none; a record from before they were kept compares as unknown, not as changed)."""
+    last = (record.get("history") or [record])[-1]
+    now = {"precision": process.precision, "device_type": process.device.type, "compile": bool(args.compile)}
+    there = {"precision": last.get("precision"), "device_type": last.get("device_type"),
+             "compile": last.get("args", {}).get("compile")}
+    return "; ".join(f"{k}: {there[k]!r} there, {now[k]!r} now" for k in now
+                     if there[k] is not None and there[k] != now[k])
+
+
 def differences(before: dict, args) -> str:
     """'flag: value there, value now' for each argument that changes what the run computes ('' if none)."""
     now = json.loads(json.dumps(vars(args), default=str))
@@ -100,22 +131,30 @@ class RunDirectory:
         self.lock_path = None
 
     # -- finished, resumable
-    def finished(self, args) -> bool:
-        """Whether done_file exists; a finished run with other arguments is refused (never reported as this one)."""
+    def finished(self, args, inputs: dict | None = None, reads: dict | None = None) -> bool:
+        """Whether done_file exists; a finished run with other arguments, or that read other contents than
+        `inputs` ({label: fingerprint now, or None if unreadable}; `reads`: their training.Run reads), is
+        refused (never reported as this one)."""
         if not os.path.exists(self.done_file):
             return False
         candidates = (self.done_file, self.record_path) if self.done_holds_record else (self.record_path,)
         path = next((p for p in candidates if os.path.exists(p)), None)
         if path is None:
             return True  # a finished directory we did not write (no record): nothing to compare
-        changed = differences(read_record(path)["args"], args)
+        record = read_record(path)
+        changed = differences(record["args"], args)
         if changed:
             raise UserError(f"{self.done_file} is a finished run with other arguments ({changed}); pass "
                             f"--overwrite to move it aside and run again, or --output_dir for a new run")
+        changed = changed_inputs(record, inputs or {}, reads or {})
+        if changed:
+            raise UserError(f"{self.done_file} is a finished run that read other inputs ({changed}); pass "
+                            f"--overwrite to move it aside and run again, or --output_dir for a new run")
         return True
 
-    def resumable(self, args) -> dict | None:
-        """The record of the unfinished run here (a saved state with the same arguments), or None."""
+    def resumable(self, args, inputs: dict | None = None, reads: dict | None = None) -> dict | None:
+        """The record of the unfinished run here (a saved state with the same arguments and, when given, the same
+        inputs and numerics), or None."""
         if not os.path.exists(self.state_path):
             return None
         if not os.path.exists(self.record_path):
@@ -127,12 +166,27 @@ class RunDirectory:
             raise UserError(f"{self.out_dir} holds an unfinished run with other arguments ({changed}); pass "
                             f"the same arguments to resume it, --overwrite to move it aside and start again, or "
                             f"--output_dir for a new run")
+        changed = changed_inputs(record, inputs or {}, reads or {})
+        if changed:
+            raise UserError(f"{self.out_dir} holds an unfinished run that read other inputs ({changed}); nothing "
+                            f"was changed; --overwrite moves it aside and starts again, or --output_dir for a new run")
+        changed = changed_numerics(record, self.process, args)
+        if inputs is not None and changed:
+            raise UserError(f"{self.out_dir} holds an unfinished run computed with other numerics ({changed}); resume "
+                            f"it with the --precision, --device and --compile it ran with, or --overwrite / "
+                            f"--output_dir for a new run")
         return record
 
     # -- one writer: the lock, --overwrite, leftovers
     def take(self, overwrite: bool) -> None:
-        """First process: lock out_dir; with --overwrite move what is there aside; remove a killed run's
-        temporary files."""
+        """First process: lock out_dir; with --overwrite move what is there aside (a run's directory only, never
+        any other folder); remove a killed run's temporary files."""
+        if overwrite and os.path.isdir(self.out_dir):
+            theirs = [n for n in os.listdir(self.out_dir) if n not in RUN_FILES and not TEMPORARY_NAME.search(n)]
+            if theirs and RECORD_FILE not in os.listdir(self.out_dir):
+                raise UserError(f"--overwrite moves only a run's directory aside, and {self.out_dir} holds no run "
+                                f"record ({RECORD_FILE}) but {len(theirs)} other entr{'y' if len(theirs) == 1 else 'ies'} "
+                                f"({', '.join(sorted(theirs)[:3])}); nothing was moved; choose another --output_dir")
         self.lock_path = lock_run_dir(self.out_dir)
         if overwrite:
             self._move_aside()
@@ -181,14 +235,17 @@ class RunDirectory:
         self.process.print(f"[{self.stage}] --overwrite: moved the previous run to {' and '.join(moved)}")
 
     # -- the record
-    def start_entry(self, args, preprocessing, start_step: int, optimizer: dict | None = None) -> dict:
-        """Who runs from which step, how: one entry of the record's history per (re)start. `optimizer`: what the
-        arguments do not say (betas, eps, the no-weight-decay rule)."""
+    def start_entry(self, args, preprocessing, start_step: int, optimizer: dict | None = None,
+                    inputs: dict | None = None) -> dict:
+        """Who runs from which step, how, on what: one entry of the record's history per (re)start. `optimizer`:
+        what the arguments do not say (betas, eps, the no-weight-decay rule); `inputs`: {label: fingerprint} of
+        what the run reads."""
         process = self.process
         return {"stage": self.stage, "args": vars(args), "command": sys.argv, "git_commit": git_commit(),
-                "versions": library_versions(), "device": process.device_name(), "host": platform.node(),
-                "world_size": process.world, "precision": process.precision, "threads": torch.get_num_threads(),
-                "preprocessing": dataclasses.asdict(preprocessing), "optimizer": optimizer,
+                "versions": library_versions(), "device": process.device_name(), "device_type": process.device.type,
+                "host": platform.node(), "world_size": process.world, "precision": process.precision,
+                "threads": torch.get_num_threads(), "preprocessing": dataclasses.asdict(preprocessing),
+                "optimizer": optimizer, "inputs": inputs or {},
                 "started": datetime.datetime.now().isoformat(timespec="seconds"), "start_step": start_step}
 
     def write_record(self, entry: dict, resumed: dict | None) -> dict:
@@ -203,21 +260,25 @@ class RunDirectory:
             record["history"] = [entry]
         record = json.loads(json.dumps(record, default=str))
         if self.process.is_main:
-            write_json(self.record_path, record)
+            with reported("the run record", self.record_path, RunFailed):
+                write_json(self.record_path, record)
         return record
 
     def update_record(self, record: dict, **fields) -> dict:
         """The record with `fields` added (e.g. the W&B run id of a first start with --report_to wandb), written."""
         record = {**record, **fields}
         if self.process.is_main:
-            write_json(self.record_path, record)
+            with reported("the run record", self.record_path, RunFailed):
+                write_json(self.record_path, record)
         return record
 
     # -- the resumable state
     def save_state(self, step: int, model, optimizer, scheduler) -> None:
         """Everything needed to continue after `step` steps (randomness is recomputed from the seed)."""
         if self.process.is_main:
-            with atomic_file(self.state_path, "wb") as f:
+            kept = "the state saved before is kept" if os.path.exists(self.state_path) else "no state was saved"
+            with reported("the training state", self.state_path, RunFailed, kept), \
+                    atomic_file(self.state_path, "wb") as f:
                 torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict()}, f)
         self.process.barrier()
