@@ -189,9 +189,12 @@ def test_curves_within_bf16_noise_pass_and_departures_fail():
     drift = [x * (1.06 if i >= 30 else 1.0) for i, x in enumerate(reference)]
     verdict = rules.compare_curves(_lines(reference, mae_loss=reference), _lines(reference, mae_loss=drift),
                                    ["mae_loss"])
-    assert verdict.status == rules.FAIL and "mae_loss over steps" in verdict.summary and "by 6.0% (> 4%)" in verdict.summary
+    assert verdict.status == rules.FAIL
+    assert "mae_loss over steps" in verdict.summary and "by 6.0% (> 4%)" in verdict.summary
     assert "learning rates differ from step 1" in rules.compare_curves(
-        _lines(reference), _lines(reference, lr=2e-4), []).summary
+        _lines(reference), _lines(reference, lr=1.001e-4), []).summary
+    float32_rate = float(torch.tensor(1e-4, dtype=torch.float32))  # what the --cuda_graph run logs on CUDA
+    assert rules.compare_curves(_lines(reference), _lines(reference, lr=float32_rate), []).status == rules.PASS
     assert rules.compare_curves(_lines(reference), _lines(reference[:-1]), []).summary.startswith(
         "logged steps differ: 60 vs 59")
     # a loss falling towards 0 is held to half its first window's level, not to a relative bound on ~0
@@ -205,24 +208,23 @@ def test_curves_within_bf16_noise_pass_and_departures_fail():
 
 def test_teacher_rule_notices_a_row_of_another_image():
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (8, 3, 4, 4), generator=g, dtype=torch.uint8)
     # features of different images only 1 % apart (a random teacher's CLS features can be this close)
     online = torch.ones(8, 16) + 0.01 * torch.randn(8, 16, generator=g)
     exact = rules.TeacherComparison()
-    exact.add(online.clone(), online, images)
+    exact.add(online.clone(), online)
     assert exact.verdict().status == rules.PASS and exact.bit_equal == 8
     rounded = rules.TeacherComparison()
-    rounded.add(online.bfloat16().float(), online, images)  # bf16 rounding of every element
+    rounded.add(online.bfloat16().float(), online)  # bf16 rounding of every element
     assert rounded.verdict().status == rules.PASS, rounded.verdict().summary
     shifted = rules.TeacherComparison()
-    shifted.add(online.roll(1, dims=0), online, images)  # each row looked up for the neighbouring image
+    shifted.add(online.roll(1, dims=0), online)  # each row looked up for the neighbouring image
     verdict = shifted.verdict()
     assert shifted.max_rel < rules.TEACHER_RTOL  # the norm bound alone would not notice
     assert verdict.status == rules.FAIL and "closer to its own image's" in verdict.summary
-    # the same image twice in a batch (a batch across two epochs) is not "another image"
+    # the same image twice in a batch (a batch across two epochs) is not "another image", even when rounded
     twice = rules.TeacherComparison()
-    twice.add(online[[0, 0, 1]], online[[0, 0, 1]], images[[0, 0, 1]])
-    assert twice.verdict().status == rules.PASS
+    twice.add(online[[0, 0, 1]].bfloat16().float(), online[[0, 0, 1]])
+    assert twice.verdict().status == rules.PASS, twice.verdict().summary
 
 
 def test_dropout_rule_wants_the_step_seeds_masks():

@@ -137,7 +137,7 @@ def make_plan(args, device: torch.device) -> Plan:
         batch = dict.fromkeys(bench.STAGES, args.batch_size)
     workers = args.workers if args.workers is not None else (min(8, os.cpu_count() or 1) if cuda else 0)
     bench_argv = {}
-    if args.bench if args.bench is not None else cuda:
+    if cuda if args.bench is None else args.bench:
         common = ["--device", str(device), "--model", model]
         # on a CPU the figures mean little (BENCHMARKS.md): the fewest steps that exercise the code
         quick = [] if cuda else ["--steps", "2", "--warmup_steps", "1", "--repeats", "1", "--batch_size", "8"]
@@ -149,7 +149,8 @@ def make_plan(args, device: torch.device) -> Plan:
                       "bench-data": ["--device", str(device), "--data", *data_quick]}
     return Plan(out=os.path.abspath(args.out), device=str(device), device_type=device.type, model=model, steps=steps,
                 batch=batch, workers=workers, finetune_warmup_steps=max(1, steps // 10),
-                dropout_steps=min(steps, defaults["dropout_steps"]), teacher_steps=min(steps, defaults["teacher_steps"]),
+                dropout_steps=min(steps, defaults["dropout_steps"]),
+                teacher_steps=min(steps, defaults["teacher_steps"]),
                 negative_control=list(args.negative_control or []), bench_argv=bench_argv)
 
 
@@ -351,7 +352,7 @@ def teacher_check(events: Events, plan: Plan) -> None:
     for _, (images, _, index) in run.batches(dataset):
         with torch.inference_mode(), run.autocast():
             online = cls_feature(teacher, images)  # (B, D)
-        comparison.add(table[index], online, images)
+        comparison.add(table[index], online)
     del teacher, table
     bench.free_memory()
     events.check("self-distill/teacher_features", comparison.verdict())
