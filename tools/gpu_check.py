@@ -41,27 +41,34 @@ PARTS = ("setup", "further-pretrain", "self-distill", "finetune", "bench", "benc
 BENCH_PARTS = ("bench", "bench-cuda-graph", "bench-data")
 STAGE_TITLES = {"further-pretrain": "further pre-training", "self-distill": "self-distillation",
                 "finetune": "fine-tuning"}
+
+
+def _curve_checks(stage: str) -> list[tuple[str, str]]:
+    title = STAGE_TITLES[stage]
+    return [(f"{stage}/data_cache_off", f"{title}: loss curves, eager default vs eager --data_cache off"),
+            (f"{stage}/cuda_graph", f"{title}: loss curves, eager default vs --cuda_graph")]
+
+
 # part -> the checks it decides: (id, title); the bench parts' "checks" are informational
 CHECKS = {
     "setup": [("setup", "environment printed, θ₀ and the teacher saved, the dataset built")],
-    **{stage: [(f"{stage}/data_cache_off", f"{title}: loss curves, eager default vs eager --data_cache off"),
-               (f"{stage}/cuda_graph", f"{title}: loss curves, eager default vs --cuda_graph")]
-       for stage, title in STAGE_TITLES.items()},
+    "further-pretrain": _curve_checks("further-pretrain"),
+    "self-distill": [("self-distill/teacher_features",
+                      "self-distillation: teacher features looked up vs computed on-line"),
+                     *_curve_checks("self-distill")],
+    "finetune": [*_curve_checks("finetune"),
+                 ("finetune/dropout_in_graph", "fine-tuning: dropout inside the replayed graph follows the per-step "
+                                               "seed")],
     "bench": [("bench", "bench: the three stages, eager, against the release's computation; the projection")],
     "bench-cuda-graph": [("bench-cuda-graph", "bench: the three stages with --cuda_graph")],
     "bench-data": [("bench-data", "bench: the data path")],
 }
-CHECKS["self-distill"].insert(0, ("self-distill/teacher_features",
-                                  "self-distillation: teacher features looked up vs computed on-line"))
-CHECKS["finetune"].append(("finetune/dropout_in_graph",
-                           "fine-tuning: dropout inside the replayed graph follows the per-step seed"))
-# seconds per part. On an H200 (estimates from issue 11's figures: ~1,100 / 780 / 910 img/s eager) a stage part
-# takes about a minute and the bench parts about as long; the caps leave room for a slower GPU, while the total
-# budget keeps the whole check within ~8 minutes
-CAPS = {"cuda": {"setup": 90, "further-pretrain": 100, "self-distill": 120, "finetune": 110, "bench": 110,
-                 "bench-cuda-graph": 80, "bench-data": 70},
-        "cpu": {"setup": 120, "further-pretrain": 240, "self-distill": 240, "finetune": 240, "bench": 240,
-                "bench-cuda-graph": 240, "bench-data": 240}}
+# seconds per part after setup. On an H200 (estimates from issue 11's figures: ~1,100 / 780 / 910 img/s eager) a
+# stage part takes about a minute and a bench part about as long; the caps leave room for a slower GPU, while the
+# total budget keeps the whole check within ~8 minutes
+CAPS = {"cuda": {"further-pretrain": 100, "self-distill": 120, "finetune": 110, "bench": 110, "bench-cuda-graph": 80,
+                 "bench-data": 70},
+        "cpu": dict.fromkeys(PARTS[1:], 240)}
 SETUP_CAP = 120  # the device is known only once setup has run
 REPORT_RESERVE_S = 5  # kept back from the budget for killing a part and writing the report
 MIN_PART_S = 10  # a part is not started with less time than this left
@@ -81,8 +88,6 @@ def part_cap(value: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"expected PART=SECONDS with PART one of {', '.join(PARTS)}, got '{value}'")
     return name, utils.finite_float(0, low_open=True)(seconds)
 
-
-part_cap.__name__ = "part_cap"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -121,7 +126,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="seconds for the whole check; a part gets at most what is left")
     g.add_argument("--cap", type=part_cap, action="append", default=[], metavar="PART=SECONDS",
                    help=f"another time cap for a part (repeatable); defaults on CUDA: "
-                        f"{', '.join(f'{k} {v:g}' for k, v in CAPS['cuda'].items())} s")
+                        f"setup {SETUP_CAP}, {', '.join(f'{k} {v:g}' for k, v in CAPS['cuda'].items())} s")
     return p
 
 
@@ -259,9 +264,8 @@ def main(args) -> dict:
     # children are forked after this import and inherit it
     from tools import gpu_check_parts as parts
     selected = [p for p in PARTS if p == "setup" or p in args.parts]
-    caps_given = dict(args.cap)
-    started, clock = datetime.datetime.now().astimezone(), time.monotonic()
-    state = {"args": args, "selected": selected, "results": {}, "plan": None, "started": started, "clock": clock}
+    state = {"args": args, "selected": selected, "results": {}, "plan": None,
+             "started": datetime.datetime.now().astimezone(), "clock": time.monotonic()}
     print(f"[gpu-check] report: {os.path.join(out, 'report.md')}; rules:", flush=True)
     for name, rule in rules.RULES.items():
         print(f"  {name}: {rule}", flush=True)
@@ -270,33 +274,16 @@ def main(args) -> dict:
               f"{'; '.join(parts.NEGATIVE_CONTROLS[c] for c in args.negative_control)}", flush=True)
 
     for name in selected:
-        left = args.time_budget - (time.monotonic() - clock) - REPORT_RESERVE_S
-        plan = state["plan"]
-        device_caps = CAPS["cuda" if plan is not None and plan.device_type == "cuda" else "cpu"]
-        wanted = caps_given.get(name, SETUP_CAP if name == "setup" else device_caps[name])
-        cap = min(wanted, left)
-        if name != "setup" and plan is None:
-            result = PartResult(name, "NOT RUN", reason="setup did not finish")
-        elif name in BENCH_PARTS and name not in plan.bench_argv:
-            result = PartResult(name, "SKIP", reason="no GPU here: the bench is for GPUs (--bench runs a minimal "
-                                                     "one; python -m tools.bench the real one)")
-        elif cap < min(MIN_PART_S, wanted):  # too little time left for it (a cap asked for below that is kept)
-            result = PartResult(name, "TIMEOUT", cap=0, reason=f"not started: {max(left, 0):.0f} s of the "
-                                                               f"{args.time_budget:g} s budget were left")
-        else:
-            print(f"[gpu-check] {name} (cap {cap:.0f} s) ...", flush=True)
-            fn, fn_args = {"setup": (parts.setup, (args,))}.get(name, (None, None))
-            if fn is None:
-                fn, fn_args = ((parts.bench_part, (plan, name)) if name in BENCH_PARTS
-                               else (parts.stage_part, (plan, name)))
-            result = run_part(name, fn, fn_args, cap, out)
+        result = _run_or_skip(name, state, parts, out)
         state["results"][name] = result
         if name == "setup":
             error = result.error()
-            if error and error.get("user_error"):
+            if error and error.get("user_error"):  # e.g. --device cuda where there is none
                 raise utils.UserError(error["message"])
-            plan_dict = result.info("plan")
-            state["plan"] = parts.Plan(**plan_dict) if plan_dict else None
+            plan, env = result.info("plan"), result.info("environment")
+            state["plan"] = parts.Plan(**plan) if plan else None
+            if env:
+                print("[gpu-check] " + ", ".join(f"{k} {v}" for k, v in env.items()), flush=True)
         report = write_report(state, out)
         decided = [c for c in report["checks"] if c["part"] == name]
         print(f"[gpu-check] {name}: {result.outcome} in {result.seconds:.1f} s; "
@@ -309,6 +296,33 @@ def main(args) -> dict:
         failed = [c["id"] for c in report["checks"] if c["correctness"] and c["status"] != rules.PASS]
         raise utils.RunFailed(f"the check did not pass: {', '.join(failed)} (see {os.path.join(out, 'report.md')})")
     return report
+
+
+def _run_or_skip(name: str, state: dict, parts, out: str) -> PartResult:
+    """Runs part `name` under its cap (at most what the budget has left), or says why it does not run."""
+    args, plan = state["args"], state["plan"]
+    left = args.time_budget - (time.monotonic() - state["clock"]) - REPORT_RESERVE_S
+    if name == "setup":
+        wanted = dict(args.cap).get(name, SETUP_CAP)
+    elif plan is None:
+        return PartResult(name, "NOT RUN", reason="setup did not finish")
+    elif name in BENCH_PARTS and name not in plan.bench_argv:
+        return PartResult(name, "SKIP", reason="no GPU here: the bench is for GPUs (--bench runs a minimal one; "
+                                               "python -m tools.bench the real one)")
+    else:
+        wanted = dict(args.cap).get(name, CAPS["cuda" if plan.device_type == "cuda" else "cpu"][name])
+    cap = min(wanted, left)
+    if cap < min(MIN_PART_S, wanted):  # too little time left for it (a cap asked for below that is kept)
+        return PartResult(name, "TIMEOUT", cap=0, reason=f"not started: {max(left, 0):.0f} s of the "
+                                                         f"{args.time_budget:g} s budget were left")
+    if name == "setup":
+        fn, fn_args = parts.setup, (args,)
+    elif name in BENCH_PARTS:
+        fn, fn_args = parts.bench_part, (plan, name)
+    else:
+        fn, fn_args = parts.stage_part, (plan, name)
+    print(f"[gpu-check] {name} (cap {cap:.0f} s) ...", flush=True)
+    return run_part(name, fn, fn_args, cap, out)
 
 
 # ----------------------------------------------------------------------------- the report

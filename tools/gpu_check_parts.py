@@ -172,17 +172,17 @@ def driver_version() -> str:
 
 
 def environment(device: torch.device) -> dict:
-    env = {"device_type": device.type, "python": platform.python_version(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "pillow": PIL.__version__, "numpy": np.__version__,
-           "lmdb": lmdb.__version__, "cpus": os.cpu_count(), "host": platform.node(), "commit": utils.git_commit()}
+    """What the report names first: the device, its driver, CUDA, the libraries, the commit."""
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env.update(device=props.name, capability=f"{props.major}.{props.minor}",
-                   multiprocessors=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1),
-                   driver=driver_version(), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+        env = {"device": props.name, "driver": driver_version(), "cuda": torch.version.cuda,
+               "cudnn": torch.backends.cudnn.version(), "capability": f"{props.major}.{props.minor}",
+               "multiprocessors": props.multi_processor_count, "memory_gib": round(props.total_memory / 2**30, 1)}
     else:
-        env.update(device=bench.describe(device), driver="n/a", cuda="n/a", cudnn="n/a")
-    return env
+        env = {"device": bench.describe(device), "driver": "n/a", "cuda": "n/a", "cudnn": "n/a"}
+    return {**env, "device_type": device.type, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "pillow": PIL.__version__, "numpy": np.__version__,
+            "lmdb": lmdb.__version__, "cpus": os.cpu_count(), "host": platform.node(), "commit": utils.git_commit()}
 
 
 def initial_model(model: str) -> ViTMAEForPreTraining:
@@ -220,9 +220,11 @@ def setup(events: Events, args) -> None:
     save_model(perturbed(mae), plan.teacher)
     train = ImageDataset(DATASET, "train", plan.data_dir, mae.config.image_size)  # builds both splits
     events.check("setup", status=rules.PASS,
-                 summary=f"θ₀ {plan.model} ({sum(p.numel() for p in mae.parameters()) / 1e6:.1f} M parameters, "
-                         f"random weights) and its perturbed teacher saved; {DATASET} built ({len(train)} training "
-                         f"images at {mae.config.image_size} px) in {time.perf_counter() - start:.1f} s")
+                 summary=f"{env['device']} (driver {env['driver']}, CUDA {env['cuda']}, torch {env['torch']}, "
+                         f"transformers {env['transformers']}); θ₀ {plan.model} "
+                         f"({sum(p.numel() for p in mae.parameters()) / 1e6:.1f} M parameters, random weights) and "
+                         f"its perturbed teacher saved, {DATASET} built ({len(train)} training images at "
+                         f"{mae.config.image_size} px) in {time.perf_counter() - start:.1f} s")
 
 
 # ----------------------------------------------------------------------------- running a stage
