@@ -91,7 +91,7 @@ def test_negative_controls_fail_the_checks_meant_for_them(tmp_path, monkeypatch,
     assert code == 1
     assert_one_line(err, "the check did not pass", "further-pretrain/cuda_graph", "finetune/dropout_in_graph")
     assert markdown.startswith("# GPU check: FAIL (3 of 6 correctness checks passed; NEGATIVE CONTROL: "
-                               "stale_inputs fixed_dropout)")
+                               "stale_inputs (noticed), fixed_dropout (noticed))")
     assert "**Negative control**" in markdown
     checks = {c["id"]: c for c in report["checks"]}
     assert _statuses(report) == {"setup": "PASS", "further-pretrain/data_cache_off": "PASS",
@@ -103,6 +103,9 @@ def test_negative_controls_fail_the_checks_meant_for_them(tmp_path, monkeypatch,
     dropout = checks["finetune/dropout_in_graph"]
     assert "differ from the eager draws of the step's seed (first at step 2)" in dropout["summary"]
     assert dropout["measured"]["changes"] == [0.0] * 5  # the same mask at every step
+    # a control that its checks let through is named in the first line
+    assert gpu_check._noticed("fixed_dropout", [{"id": "finetune/dropout_in_graph", "status": "PASS"}]) \
+        == "NOT NOTICED"
 
 
 def test_a_part_past_its_cap_is_reported_as_timeout(tmp_path, monkeypatch, capsys):
