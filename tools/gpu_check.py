@@ -421,8 +421,8 @@ def markdown_body(report: dict) -> str:
             windows = sorted(((v["max_rel"], k) for k, v in m["windows"].items()), reverse=True)
             window = f"{windows[0][0]:.2%} ({windows[0][1]})" if windows else "n/a"
             final = ", ".join(f"{k} {a:.4f} / {b:.4f}" for k, (a, b) in m["final"].items())
-            lines.append(f"| {c['id']} | {m['steps']} | {'yes' if m['identical'] else 'no'} | "
-                         f"{early['max_rel']:.2g} ({key}, {early['at_step']}) | {window} | "
+            early = f"{early['max_rel']:.2g} ({key}, {early['at_step']})" if early["max_rel"] else "0"
+            lines.append(f"| {c['id']} | {m['steps']} | {'yes' if m['identical'] else 'no'} | {early} | {window} | "
                          f"{_cell(m['step_to_step_median_rel'], '{:.2%}')} | {final} |")
     lines += _bench_sections(report)
     lines += ["", "## Parts", "", "| part | outcome | seconds | cap | log |", "|---|---|---|---|---|"]

@@ -52,8 +52,8 @@ NEGATIVE_CONTROLS = {
                      "its first masks)",
 }
 TEACHER_NOISE = 0.1  # the teacher is θ₀ plus Gaussian noise of this fraction of each weight tensor's std
-VIT_B16_DEFAULTS = {"steps": 200, "dropout_steps": 16, "teacher_steps": 50}
-CPU_TINY_DEFAULTS = {"steps": 12, "dropout_steps": 6, "teacher_steps": 4, "batch_size": 16}
+CUDA_DEFAULTS = {"steps": 200, "dropout_steps": 16, "teacher_steps": 50}
+CPU_DEFAULTS = {"steps": 12, "dropout_steps": 6, "teacher_steps": 4, "batch_size": 16}
 
 
 class Events:
@@ -126,18 +126,19 @@ class Plan:
 def make_plan(args, device: torch.device) -> Plan:
     cuda = device.type == "cuda"
     model = args.model or (bench.VIT_B16 if cuda else TINY_NAME)
-    defaults = VIT_B16_DEFAULTS if cuda else CPU_TINY_DEFAULTS
+    defaults = CUDA_DEFAULTS if cuda else CPU_DEFAULTS
     steps = args.steps or defaults["steps"]
     if cuda:
         batch = dict(bench.PAPER_BATCH)
     else:
         batch = dict.fromkeys(bench.STAGES, bench.CPU_VIT_B16_BATCH if model == bench.VIT_B16 else
-                              CPU_TINY_DEFAULTS["batch_size"])
+                              CPU_DEFAULTS["batch_size"])
     if args.batch_size:
         batch = dict.fromkeys(bench.STAGES, args.batch_size)
     workers = args.workers if args.workers is not None else (min(8, os.cpu_count() or 1) if cuda else 0)
     bench_argv = {}
-    if cuda if args.bench is None else args.bench:
+    run_bench = cuda if args.bench is None else args.bench
+    if run_bench:
         common = ["--device", str(device), "--model", model]
         # on a CPU the figures mean little (BENCHMARKS.md): the fewest steps that exercise the code
         quick = [] if cuda else ["--steps", "2", "--warmup_steps", "1", "--repeats", "1", "--batch_size", "8"]
