@@ -17,14 +17,14 @@ from conftest import REPO
 from data import ImageDataset
 from models import load_mae, save_model
 from models import vit_mae
-from tools import bench, visualize
+from tools import bench, gpu_check, publish, tensorboard_logs, visualize
 from helpers import assert_one_line as _assert_one_line, cli as _cli
 
 SCRIPTS = {"pretrain": pretrain, "selftrain": selftrain, "finetune": finetune, "visualize": visualize,
-           "bench": bench}
+           "bench": bench, "gpu_check": gpu_check, "publish": publish, "tensorboard_logs": tensorboard_logs}
 REQUIRED = {"pretrain": ["--dataset", "digits"], "selftrain": ["--dataset", "digits"],
             "finetune": ["--dataset", "digits"], "visualize": ["--checkpoint", "vit-mae-tiny", "--dataset", "digits"],
-            "bench": []}
+            "bench": [], "gpu_check": [], "publish": ["dir", "me/repo"], "tensorboard_logs": ["dir"]}
 SHARED = [("--steps", "0", "must be at least 1, got 0"), ("--steps", "-5", "must be at least 1, got -5"),
           ("--steps", "2.5", "expected a whole number, got '2.5'"),
           ("--batch_size", "0", "must be at least 1, got 0"),
@@ -60,6 +60,10 @@ BAD = {
               ("--workers_list", "-1", "at least 0"), ("--data_images", "0", "at least 1"),
               ("--data_batch_size", "0", "at least 1"), ("--data_batches", "0", "at least 1"),
               ("--image_size", "0", "at least 1"), ("--device", "gpu", "expected auto, cpu, cuda or cuda:N")],
+    "gpu_check": [("--steps", "5", "must be at least 6, got 5"), ("--batch_size", "0", "at least 1"),
+                  ("--workers", "-1", "at least 0"), ("--side_by_side", "0", "greater than 0"),
+                  ("--time_budget", "nan", "finite number"), ("--device", "gpu", "expected auto, cpu, cuda")],
+    "publish": [], "tensorboard_logs": [],
 }
 
 

@@ -153,7 +153,7 @@ class Run:
                 raise RunFailed(f"the loss is not finite at step {bad} (lower --lr, or check the data); nothing "
                                 f"after it was saved; {last}")
         if logging:
-            self.metrics.log(done, step_lr(self.scheduler, done), loss=loss, grad_norm=grad_norm, **terms)
+            self.metrics.log(done, step_lr(self.args.lr, self.scheduler, done), loss=loss, grad_norm=grad_norm, **terms)
         if saving:
             self.directory.save_state(done, self.model, self.optimizer, self.scheduler)
 

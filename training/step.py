@@ -54,9 +54,10 @@ def optimizer_and_schedule(model, args, process, no_decay, betas):
     return optimizer, linear_schedule(optimizer, args.warmup_steps, args.steps)
 
 
-def step_lr(scheduler, step: int) -> float:
-    """The learning rate step `step` (1-based) used, whatever the scheduler has moved on to since."""
-    return float(scheduler.base_lrs[0]) * scheduler.lr_lambdas[0](step - 1)
+def step_lr(lr: float, scheduler, step: int) -> float:
+    """The learning rate step `step` (1-based) used at peak rate `lr`, whatever the scheduler has moved on to since
+    (from the Python float: with --cuda_graph the optimizer's rate is a float32 tensor on the device)."""
+    return lr * scheduler.lr_lambdas[0](step - 1)
 
 
 # ----------------------------------------------------------------------------- one step
