@@ -17,6 +17,8 @@
 # A failed run does not stop the others; the launcher then exits non-zero, naming it and its log.
 # Re-running continues: finished runs are skipped, interrupted ones resume from their last saved state
 # (saved every 1000 steps here; pass --save_every N to change it).
+# Flags for one kind of stage only: $MAE_FLAGS (further pre-training and self-distillation) and $FINETUNE_FLAGS
+# (fine-tuning), e.g. MAE_FLAGS="--lr 1e-3" FINETUNE_FLAGS="--lr 3e-3 --warmup_steps 40" (make demo does).
 # Example: STEPS=50 FINETUNE_STEPS=50 SEEDS="1 2" bash run_all.sh cpu digits --model_name vit-mae-tiny
 set -euo pipefail
 USAGE="bash run_all.sh GPU [DATASET ...] [flags for every stage...]"
@@ -40,32 +42,39 @@ it runs every init; for single runs use run_pretrain.sh, run_selftrain.sh, run_f
   usage_error "FINETUNE_STEPS must be a whole number >= 1, not '$FINETUNE_STEPS'"
 SEEDS=${SEEDS:-1 2 3 4 5}
 pool_init "$GPU"
-RESULTS_DIR=$(flag_value --results_dir results "$@")
-FLAGS=("$@")
+read -ra MAE_ONLY <<<"${MAE_FLAGS:-}"
+read -ra FINETUNE_ONLY <<<"${FINETUNE_FLAGS:-}"
+refuse_flags "run_all.sh's MAE_FLAGS / FINETUNE_FLAGS" "use STEPS=N / FINETUNE_STEPS=N" --steps -- \
+  "${MAE_ONLY[@]+"${MAE_ONLY[@]}"}" "${FINETUNE_ONLY[@]+"${FINETUNE_ONLY[@]}"}"
+refuse_flags "run_all.sh's MAE_FLAGS / FINETUNE_FLAGS" "run_all.sh sets them for each run" \
+  --dataset --seed --scratch --ckpt_name --output_dir -- \
+  "${MAE_ONLY[@]+"${MAE_ONLY[@]}"}" "${FINETUNE_ONLY[@]+"${FINETUNE_ONLY[@]}"}"
+RESULTS_DIR=$(flag_value --results_dir results "$@" "${FINETUNE_ONLY[@]+"${FINETUNE_ONLY[@]}"}")
 # the MAE stages get every flag but fine-tuning's own (--results_dir X, --save_model), which they would refuse
-MAE_FLAGS=()
+mae_args=()
 skip_value=0
 for arg in "$@"; do
   if [ "$skip_value" = 1 ]; then skip_value=0; continue; fi
   case "$arg" in
     --results_dir) skip_value=1 ;;
     --results_dir=*|--save_model) ;;
-    *) MAE_FLAGS+=("$arg") ;;
+    *) mae_args+=("$arg") ;;
   esac
 done
-FINETUNE_FLAGS=(--save_every 1000)
-[ -z "$FINETUNE_STEPS" ] || FINETUNE_FLAGS+=(--steps "$FINETUNE_STEPS")
+mae_args+=("${MAE_ONLY[@]+"${MAE_ONLY[@]}"}")
+finetune_args=(--save_every 1000)
+[ -z "$FINETUNE_STEPS" ] || finetune_args+=(--steps "$FINETUNE_STEPS")
+finetune_args+=("$@" "${FINETUNE_ONLY[@]+"${FINETUNE_ONLY[@]}"}")
 ROUTES=("further-pretrain-$STEPS" "self-further-pretrain-$STEPS")
 
 mae_stages() {  # DEVICE DATASET: the teacher, then the student
-  bash "$REPO_DIR/run_pretrain.sh" "$1" "$2" "$STEPS" --save_every 1000 "${MAE_FLAGS[@]+"${MAE_FLAGS[@]}"}" &&
-    bash "$REPO_DIR/run_selftrain.sh" "$1" "$2" "$STEPS" --save_every 1000 "${MAE_FLAGS[@]+"${MAE_FLAGS[@]}"}"
+  bash "$REPO_DIR/run_pretrain.sh" "$1" "$2" "$STEPS" --save_every 1000 "${mae_args[@]+"${mae_args[@]}"}" &&
+    bash "$REPO_DIR/run_selftrain.sh" "$1" "$2" "$STEPS" --save_every 1000 "${mae_args[@]+"${mae_args[@]}"}"
 }
 finetune_run() {  # DEVICE DATASET INIT SEED
   local scratch=False
   [ "$3" != initial ] || scratch=True
-  launch "$1" finetune.py --dataset "$2" --scratch "$scratch" --ckpt_name "$3" --seed "$4" \
-    "${FINETUNE_FLAGS[@]}" "${FLAGS[@]+"${FLAGS[@]}"}"
+  launch "$1" finetune.py --dataset "$2" --scratch "$scratch" --ckpt_name "$3" --seed "$4" "${finetune_args[@]}"
 }
 finetune_all() {  # DATASET INIT
   local seed

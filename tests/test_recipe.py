@@ -241,3 +241,17 @@ def test_run_all_runs_the_whole_table_with_the_recipe(tmp_path):
     assert sorted((a.scratch, a.ckpt_name, a.seed) for a in runs if not a.scratch) == sorted(
         (False, route, seed) for route in ("further-pretrain-20000", "self-further-pretrain-20000") for seed in range(1, 6))
     assert sorted(a.seed for a in runs if a.scratch) == [1, 2, 3, 4, 5]
+
+
+def test_run_all_gives_mae_flags_and_finetune_flags_to_their_stages_only(tmp_path):
+    """make demo's way of giving the MAE stages and fine-tuning their own learning rates."""
+    calls = _launcher_calls(tmp_path, f"bash {REPO}/run_all.sh cpu cub --workers 1",
+                            {"MAE_FLAGS": "--lr 1e-3", "FINETUNE_FLAGS": "--lr 3e-3 --warmup_steps 40",
+                             "SEEDS": "1"})
+    stages = {stage: [a for s, a in calls if s == stage] for stage in RECIPE}
+    assert [a.lr for a in stages["further-pretrain"] + stages["self-distill"]] == [1e-3, 1e-3]
+    assert [(a.lr, a.warmup_steps, a.workers) for a in stages["finetune"]] == [(3e-3, 40, 1)] * 3
+    assert stages["further-pretrain"][0].warmup_steps == 0 and stages["further-pretrain"][0].workers == 1
+    proc = subprocess.run(["bash", f"{REPO}/run_all.sh", "cpu", "cub"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": "false", "FINETUNE_FLAGS": "--seed 3"}, cwd=tmp_path)
+    assert proc.returncode == 2 and "FINETUNE_FLAGS" in proc.stderr and "--seed" in proc.stderr
