@@ -11,9 +11,9 @@ from training.draws import make_draws, use_global_batch_dropout
 from training.metrics import Metrics
 from training.process import Process
 from training.report_to import new_wandb_id, reporter
-from training.run_dir import RunDirectory
+from training.run_dir import RunDirectory, fingerprints
 from training.step import StaticStep, TrainStep, optimizer_and_schedule, step_lr
-from utils import STREAM_NOISE, RunFailed, UserError, mix_seed
+from utils import STREAM_NOISE, RunFailed, mix_seed
 
 
 class Run:
@@ -55,25 +55,12 @@ class Run:
         torch.manual_seed(mix_seed(args.seed, self.process.rank))  # new heads, anything built before the loop
         # Checked here, before the stage loads anything, and again under the lock in prepare().
         self.already_done = (self.directory is not None and not args.overwrite
-                             and self.directory.finished(args, self.fingerprints(strict=False), self.reads))
+                             and self.directory.finished(args, fingerprints(self.reads, strict=False), self.reads))
         if self.already_done:
             self.print(f"[{stage}] already complete: {done_file} (same arguments; --overwrite moves it aside "
                        f"and runs again)")
         elif self.directory is not None and not args.overwrite:
             self.directory.resumable(args)
-
-    def fingerprints(self, strict: bool = True) -> dict:
-        """{label: content fingerprint} of what the stage reads; strict=False: None for what cannot be read (yet:
-        a teacher not trained; or any more: an input deleted since a run finished)."""
-        found = {}
-        for label, source in self.reads.items():
-            try:
-                found[label] = source.fingerprint()
-            except UserError:
-                if strict:
-                    raise
-                found[label] = None
-        return found
 
     @classmethod
     def without_directory(cls, args, stage: str, preprocessing, process: Process | None = None) -> "Run":
@@ -106,7 +93,7 @@ class Run:
         if self.is_main:
             directory.take(self.args.overwrite)
         self.process.barrier()
-        inputs = self.fingerprints()  # everything is readable now (θ₀ loaded, the teacher found)
+        inputs = fingerprints(self.reads)  # everything is readable now (θ₀ loaded, the teacher found)
         if directory.finished(self.args, inputs, self.reads):  # under the lock: another run may have finished
             raise RunFailed(f"{directory.done_file} was completed by another run while this one was starting; "
                             f"nothing was written")

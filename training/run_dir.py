@@ -79,6 +79,21 @@ def read_record(path: str) -> dict:
     return record
 
 
+def fingerprints(reads: dict, strict: bool = True) -> dict:
+    """{label: content fingerprint} of what a stage reads ({label: data.identity.SplitInput or
+    models.identity.WeightsInput}); strict=False: None for what cannot be read (yet: a teacher not trained; or any
+    more: an input deleted since a run finished)."""
+    found = {}
+    for label, source in reads.items():
+        try:
+            found[label] = source.fingerprint()
+        except UserError:
+            if strict:
+                raise
+            found[label] = None
+    return found
+
+
 def recorded_inputs(record: dict) -> dict:
     """{label: fingerprint} of what the record's last start read ({} for a record from before inputs were kept)."""
     history = record.get("history") or [record]
