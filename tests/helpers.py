@@ -45,6 +45,16 @@ def assert_one_line(err: str, *words: str) -> str:
     return lines[0]
 
 
+def assert_parse_error(err: str, flag: str, *words: str) -> str:
+    """stderr is argparse's refusal of `flag`: the usage, then one `error: argument FLAG: ...` line holding
+    every one of `words`, no traceback; returns that line."""
+    last = err.strip().splitlines()[-1]
+    assert f"error: argument {flag}: " in last and "Traceback" not in err, err
+    for w in words:
+        assert w in last, (w, last)
+    return last
+
+
 # ----------------------------------------------------------------------------- observing main() from outside
 
 class Cut(Exception):

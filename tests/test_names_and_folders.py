@@ -22,7 +22,7 @@ from data.prepare import get_args_parser as prepare_parser
 from data.prepare import main as prepare_main
 from errors import UserError
 from fs_helpers import open_tmp, unprivileged, world_readable
-from helpers import assert_one_line, cli
+from helpers import assert_one_line, assert_parse_error, cli
 from tools import visualize
 
 
@@ -55,7 +55,7 @@ def test_a_dataset_given_as_a_path_is_refused_pointing_to_data_dir(name, tmp_pat
     code, err = cli(pretrain, [*TINY, "--dataset", name, "--data_dir", data, "--steps", 1, "--batch_size", 2,
                                "--overwrite"], monkeypatch, capsys)
     assert code == 2
-    line = assert_one_line(err, "--data_dir")
+    line = assert_parse_error(err, "--dataset", "--data_dir")  # refused when parsed, before anything is read
     assert "dataset name" in line or "hidden" in line, line
     assert _tree(data) == before and sorted(os.listdir(data)) == ["mine"]  # nothing moved, nothing written
     assert not (tmp_path / "checkpoints").exists()

@@ -4,7 +4,9 @@ tensorboard package is one line."""
 import datetime
 import json
 import os
+import re
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -100,6 +102,11 @@ def test_a_resumed_writer_purges_what_an_earlier_one_logged_from_its_start(tmp_p
     for step in (1, 2, 3, 4):
         first.metrics({"step": step, "loss": float(step)})
     first.close()
+    # as if made in the same second as the next writer, with a counter that sorts after it (...9 > ...10):
+    # TensorBoard reads files in name order, so the purge must come in a file named after this one
+    (name,) = os.listdir(tmp_path)
+    head, _, host_pid, _ = re.fullmatch(r"(events\.out\.tfevents\.)(\d+)(\..+\.)(\d+)", name).groups()
+    os.rename(tmp_path / name, tmp_path / f"{head}{int(time.time()) + 1}{host_pid}99")
     again = EventLog(str(tmp_path), purge_step=3)
     for step in (3, 4, 5):
         again.metrics({"step": step, "loss": 10.0 + step})

@@ -20,6 +20,9 @@ says what to install.
 """
 import json
 import math
+import os
+import re
+import time
 
 from errors import UserError
 
@@ -39,11 +42,26 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+_FILE_SECOND = re.compile(r"^events\.out\.tfevents\.(\d+)\.")
+
+
+def _wait_for_a_later_second(log_dir: str) -> None:
+    """TensorBoard reads a directory's event files in the order of their names, which begin with the second
+    their writer was made (then host, process id and a counter, which do not sort by time: ...9 > ...10). A
+    purge applies to the files read before it, so a writer made in the same second as an earlier file of
+    log_dir could be read first and its purge lost: wait (under a second) until the clock has passed them."""
+    seconds = [int(m.group(1)) for m in map(_FILE_SECOND.match, os.listdir(log_dir) if os.path.isdir(log_dir) else [])
+               if m]
+    while seconds and int(time.time()) <= max(seconds):
+        time.sleep(max(0.01, max(seconds) + 1 - time.time()))
+
+
 class EventLog:
     """One TensorBoard writer for `log_dir` (a run directory). filename_suffix is appended to the event
     file's name (tools.tensorboard_logs writes under a temporary name, then renames)."""
 
     def __init__(self, log_dir: str, purge_step: int | None = None, filename_suffix: str = ""):
+        _wait_for_a_later_second(log_dir)
         self._writer = _summary_writer()(log_dir=log_dir, purge_step=purge_step, filename_suffix=filename_suffix)
 
     def scalars(self, prefix: str, step: int, values: dict, walltime: float | None = None) -> None:
