@@ -15,11 +15,12 @@ The stop signal: submitit's (USR2 unless $SUBMITIT_PREEMPT_SIGNAL; SLURM's --sig
 the job, the local executor to each task) is forwarded to the child's process group, every RESEND_S seconds until
 the child exits, because the child ignores it until its run is prepared (it starts with the signal ignored, so
 neither it nor the pool's shell dies of it; training.Run installs the handler). The child stops after the step in
-progress (every process at the same step), saves and exits 75; then this task calls submitit's handler, which
-calls checkpoint() (the same command again, never --overwrite) and requeues the job. SIGTERM (a preemption,
-scancel, the end of the time limit) is forwarded too, but never requeues: SLURM requeues a preempted job itself, and
-a cancelled one must stay cancelled. Exit codes 1 (a run that could not go on) and 2 (bad input) fail the job: not
-requeued, and SLURM cancels what depends on it.
+progress (every process at the same step), saves and exits 75 (the fine-tuning pool then exits 1); then this task
+calls submitit's handler, which calls checkpoint() (the same command again, never --overwrite) and requeues the job.
+SIGTERM (a preemption, scancel, the end of the time limit) is forwarded too, but never requeues: SLURM requeues a
+preempted job itself, and a cancelled one must stay cancelled. Without a stop signal, exit codes 1 (a run that could
+not go on) and 2 (bad input) fail the job: not requeued, and SLURM cancels what depends on it; with one, only 2 does
+(a run that really could not go on fails again at its next start).
 
 This module imports no torch (every task of every job loads it); the exit code is training.preemption's."""
 import ctypes
@@ -155,7 +156,9 @@ class StageJob(submitit.helpers.Checkpointable):
         copier.join(timeout=5)
         code = child.returncode
         line = error_line(tail)
-        requeue = stop_signal in asked and code not in (0, 1, 2)
+        # not 2 (bad input, which the next start would meet again); 1 is what the pool says when a run of it stopped
+        # (75), so it requeues too: a run that really could not go on fails again at the next start, not stopped
+        requeue = stop_signal in asked and code not in (0, 2)
         if code == 0:
             self._record(job, "done", 0)
             return {"job": self.name, "exit_code": 0}

@@ -57,6 +57,11 @@ REFUSED = {"--dataset": "give the datasets as --datasets (the launchers: positio
                           "yourself, or pass another --checkpoint_dir / --results_dir"}
 
 
+# the launchers' positional arguments after GPU=slurm, as their usage lines say
+LAUNCHER_FORMS = {"run_all.sh": "[DATASET ...]", "run_pretrain.sh": "DATASET [STEPS]",
+                  "run_selftrain.sh": "DATASET [STEPS]", "run_finetune.sh": "DATASET [SCRATCH] [CKPT] [CKPT_DIR]"}
+
+
 class _Parser(argparse.ArgumentParser):
     """This tool's flags anywhere on the line; every other argument is a stage flag (args.stage_flags)."""
 
@@ -71,6 +76,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                 allow_abbrev=False)
     g = p.add_argument_group("what to run")
     g.add_argument("--datasets", nargs="+", default=None, help="default: the paper's six")
+    g.add_argument("--launcher", default=None, choices=list(LAUNCHER_FORMS),
+                   help="the launchers' cluster form (bash run_all.sh slurm ...): the leading words are that "
+                        "launcher's positional arguments after GPU")
     g.add_argument("--stage", default="table", choices=["table", "pretrain", "selftrain", "finetune"],
                    help="table: the whole graph; or one job of one stage (the stage launchers' cluster form)")
     g.add_argument("--init", default=None,
@@ -150,11 +158,11 @@ def sbatch_options(text: str) -> dict:
     return options
 
 
-def _refuse(flags: list[str], refused: dict) -> None:
+def _refuse(flags: list[str], refused: dict, who: str) -> None:
     for word in flags:
         name = word.split("=", 1)[0]
         if name in refused:
-            raise utils.UserError(f"tools.submit takes no {name}: {refused[name]}")
+            raise utils.UserError(f"{who} takes no {name}: {refused[name]}")
 
 
 def _stage_args(module_name: str, base: list, flags: list[str]):
@@ -200,11 +208,14 @@ def build_graph(args) -> list["Job"]:
     flags with the stages' parsers first."""
     from tools.job import DEVICES
     flags = args.stage_flags
-    _refuse(flags, REFUSED)
-    if args.stage != "finetune":
-        _refuse(flags, {"--steps": f"give the MAE stages' steps as --mae_steps or STEPS=N (now {args.mae_steps})"
-                                   + (" and fine-tuning's as --finetune_steps or FINETUNE_STEPS=N"
-                                      if args.stage == "table" else "")})
+    who = f"bash {args.launcher} slurm" if args.launcher else "tools.submit"
+    _refuse(flags, REFUSED, who)
+    if args.launcher in ("run_pretrain.sh", "run_selftrain.sh"):
+        _refuse(flags, {"--steps": f"give the steps as STEPS ({LAUNCHER_FORMS[args.launcher]})"}, who)
+    elif args.stage != "finetune":
+        _refuse(flags, {"--steps": f"give the MAE stages' steps as STEPS=N (--mae_steps; now {args.mae_steps})"
+                                   + (" and fine-tuning's as FINETUNE_STEPS=N (--finetune_steps)"
+                                      if args.stage == "table" else "")}, who)
     mae_flags = _mae_flags(flags)
     first = args.datasets[0]
     mae_base = ["--dataset", first, "--steps", args.mae_steps]
@@ -513,9 +524,46 @@ def print_status(jobs: list[Job], args, log_dir: str) -> None:
             print(f"    {run['name']:<36} {run_state(run, states[job.name], steps)}")
 
 
+def launcher_form(args) -> None:
+    """The launchers' cluster form: their positional arguments (the words before the first flag) as this tool's
+    flags; run_finetune.sh's CKPT_DIR as --checkpoint_dir, before the user's flags, as that launcher passes it."""
+    words = args.stage_flags
+    n = next((i for i, w in enumerate(words) if w.startswith("-")), len(words))
+    positional, args.stage_flags = words[:n], words[n:]
+    if args.launcher is None:
+        if positional:
+            raise utils.UserError(f"unexpected argument '{positional[0]}' (datasets go after --datasets)")
+        return
+    usage = f"bash {args.launcher} slurm {LAUNCHER_FORMS[args.launcher]} [flags...]"
+    if args.launcher == "run_all.sh":
+        args.datasets = positional or args.datasets
+        return
+    most = 2 if args.launcher != "run_finetune.sh" else 4
+    if not positional or len(positional) > most:
+        raise utils.UserError(f"{'DATASET is required' if not positional else f'unexpected {positional[most]}'}; "
+                              f"usage: {usage}")
+    args.datasets = positional[:1]
+    if args.launcher in ("run_pretrain.sh", "run_selftrain.sh"):
+        args.stage = args.launcher[4:-3]
+        try:  # the launcher's STEPS (default 20000), not $STEPS
+            args.mae_steps = utils.int_at_least(1)(positional[1]) if len(positional) > 1 else 20000
+        except argparse.ArgumentTypeError as e:
+            raise utils.UserError(f"STEPS: {e}; usage: {usage}") from None
+        return
+    scratch, ckpt, ckpt_dir = (positional[1:] + ["False", "self-further-pretrain-20000", "checkpoints"][len(positional) - 1:])[:3]
+    if scratch not in ("True", "true", "TRUE", "1", "False", "false", "FALSE", "0"):
+        raise utils.UserError(f"SCRATCH must be True or False, not '{scratch}'; usage: {usage}")
+    args.stage = "finetune"
+    args.init = "initial" if scratch in ("True", "true", "TRUE", "1") else ckpt
+    args.stage_flags = ["--checkpoint_dir", ckpt_dir, *args.stage_flags]
+
+
 # ----------------------------------------------------------------------------- main
 
-def main(args):
+def resolve(args) -> None:
+    """The settings: the launchers' positional form, the environment's values for unset flags, the defaults;
+    checked together."""
+    launcher_form(args)
     _from_environment(args, get_args_parser())
     args.datasets = args.datasets or list(PAPER_DATASETS)
     args.mae_steps = args.mae_steps or 20000
@@ -534,6 +582,10 @@ def main(args):
     if args.cluster == "debug" and args.processes_per_node > 1:
         raise utils.UserError("--cluster debug runs one process per job; use --cluster local for several")
     sbatch_options(args.sbatch_args)  # checked before anything is submitted
+
+
+def main(args):
+    resolve(args)
     jobs = build_graph(args)
     log_dir = os.path.abspath(args.log_dir or os.path.join(_results_dir(args), "jobs"))
     if args.status:
