@@ -432,6 +432,7 @@ def test_status_lists_every_run_of_the_table_with_its_state(tmp_path, monkeypatc
     (["--launcher", "run_all.sh", "digits", "--overwrite"], {}, ["takes no --overwrite", "at every start"]),
     (["--launcher", "run_all.sh", "digits", "--steps", "5"], {}, ["takes no --steps", "STEPS=N"]),
     (["--launcher", "run_all.sh", "digits", "--seed=3"], {}, ["takes no --seed", "SEEDS="]),
+    (["--launcher", "run_pretrain.sh", "digits", "--steps", "5"], {}, ["takes no --steps", "give the steps as STEPS"]),
     (["--launcher", "run_pretrain.sh"], {}, ["DATASET is required", "bash run_pretrain.sh slurm DATASET [STEPS]"]),
     (["--launcher", "run_pretrain.sh", "digits", "0"], {}, ["STEPS: must be at least 1, got 0"]),
     (["--launcher", "run_finetune.sh", "digits", "maybe"], {}, ["SCRATCH must be True or False, not 'maybe'"]),
