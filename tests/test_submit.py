@@ -225,6 +225,17 @@ def test_the_time_limit_signals_the_command_which_stops_and_is_requeued(requeues
         assert "start 2:" not in log and record["state"] == "failed" and "timed-out too many times" in record["error"]
 
 
+def test_a_debug_job_runs_here_and_leaves_the_signal_handlers_as_they_were(tmp_path):
+    """--cluster debug runs each job in this process: its command's exit code is the job's, and the signals the
+    task forwards to its command are this process's own again afterwards."""
+    import submitit
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR2)
+    ex = submitit.DebugExecutor(folder=tmp_path / "jobs")
+    work = job_module.StageJob("probe", [sys.executable, "-c", "print('ran')"], str(tmp_path))
+    assert ex.submit(work).result() == {"job": "probe", "exit_code": 0}
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR2)) == before
+
+
 # ----------------------------------------------------------------------------- real stages, --cluster local
 
 def _ppid(pid):

@@ -146,13 +146,17 @@ class StageJob(submitit.helpers.Checkpointable):
             with_group(child.pid, signum)
         stop_signal = _stop_signal()
         submitit_handler = signal.getsignal(stop_signal)  # submitit's checkpoint_and_try_requeue, in a job
+        previous_term = signal.signal(signal.SIGTERM, forward)
         signal.signal(stop_signal, forward)
-        signal.signal(signal.SIGTERM, forward)
-        while child.poll() is None:
-            time.sleep(0.2)
-            if asked and time.monotonic() - sent[0] >= RESEND_S:  # the child may not have had its handler yet
-                sent[0] = time.monotonic()
-                with_group(child.pid, asked[-1])
+        try:
+            while child.poll() is None:
+                time.sleep(0.2)
+                if asked and time.monotonic() - sent[0] >= RESEND_S:  # the child may not have had its handler yet
+                    sent[0] = time.monotonic()
+                    with_group(child.pid, asked[-1])
+        finally:  # --cluster debug runs jobs in the caller's process: leave its handlers as they were
+            signal.signal(stop_signal, submitit_handler)
+            signal.signal(signal.SIGTERM, previous_term)
         copier.join(timeout=5)
         code = child.returncode
         line = error_line(tail)
