@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -386,7 +385,8 @@ def test_bad_input_is_not_requeued_and_cancels_what_depends_on_it(data_dir, tmp_
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-3000:]  # every failure was bad input
     assert "[nosuch pretrain] FAILED (exit code 2): error: " in out and "nosuch" in out
-    for name, needs in (("nosuch selftrain", "nosuch pretrain"), ("nosuch finetune further-pretrain-4", "nosuch pretrain"),
+    for name, needs in (("nosuch selftrain", "nosuch pretrain"),
+                        ("nosuch finetune further-pretrain-4", "nosuch pretrain"),
                         ("nosuch finetune self-further-pretrain-4", "nosuch selftrain")):
         assert f"[{name}] cancelled: it needs {needs}, which " in out
     assert "[nosuch finetune initial] FAILED (exit code 2)" in out

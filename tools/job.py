@@ -82,7 +82,8 @@ class StageJob(submitit.helpers.Checkpointable):
 
     def __init__(self, name: str, command: list[str], cwd: str, env: dict | None = None, gpus: int = 0,
                  outcome: str | None = None):
-        self.name, self.command, self.cwd, self.env, self.gpus, self.outcome = name, command, cwd, env or {}, gpus, outcome
+        self.name, self.command, self.cwd, self.env = name, command, cwd, env or {}
+        self.gpus, self.outcome = gpus, outcome
         self.restarts = 0  # requeues by checkpoint(); the pickled copy that the next start loads carries it
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:

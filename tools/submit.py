@@ -25,7 +25,6 @@ Flags that are not this tool's go to the stages as run_all.sh passes them (the M
 --save_model) and are checked by the stages' own parsers before anything is submitted."""
 import argparse
 import datetime
-import glob
 import json
 import os
 import platform
@@ -312,7 +311,8 @@ def slurm_parameters(job: Job, args, ids: dict, name: str) -> dict:
     """submitit SlurmExecutor parameters of `job`; `ids`: the job ids of those submitted before it."""
     params = {"job_name": name, "time": max(1, round(args.time_limit_min)), "nodes": job.nodes,
               "ntasks_per_node": job.processes, "signal_delay_s": args.signal_delay_s, "stderr_to_stdout": True,
-              "additional_parameters": {"requeue": True, "kill-on-invalid-dep": "yes", **sbatch_options(args.sbatch_args)}}
+              "additional_parameters": {"requeue": True, "kill-on-invalid-dep": "yes",
+                                        **sbatch_options(args.sbatch_args)}}
     if args.partition:
         params["partition"] = args.partition
     if job.gpus:
@@ -550,7 +550,8 @@ def launcher_form(args) -> None:
         except argparse.ArgumentTypeError as e:
             raise utils.UserError(f"STEPS: {e}; usage: {usage}") from None
         return
-    scratch, ckpt, ckpt_dir = (positional[1:] + ["False", "self-further-pretrain-20000", "checkpoints"][len(positional) - 1:])[:3]
+    defaults = ["False", "self-further-pretrain-20000", "checkpoints"]  # run_finetune.sh's SCRATCH, CKPT, CKPT_DIR
+    scratch, ckpt, ckpt_dir = positional[1:] + defaults[len(positional) - 1:]
     if scratch not in ("True", "true", "TRUE", "1", "False", "false", "FALSE", "0"):
         raise utils.UserError(f"SCRATCH must be True or False, not '{scratch}'; usage: {usage}")
     args.stage = "finetune"

@@ -57,10 +57,11 @@ def lock_run_dir(path: str) -> str:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 os.close(fd)
-                raise UserError(f"cannot lock the run directory {path}: {e.strerror or e}, on a "
-                                f"{scheduler.filesystem_type(path)} filesystem, which does not support flock here (Lustre: "
-                                f"mount with -o flock; NFS: without nolock); or put the runs on another filesystem "
-                                f"(--checkpoint_dir, --results_dir)") from None
+                kind = scheduler.filesystem_type(path)
+                raise UserError(f"cannot lock the run directory {path}: {e.strerror or e}, on a {kind} filesystem, "
+                                f"which does not support flock here (Lustre: mount with -o flock; NFS: without "
+                                f"nolock); or put the runs on another filesystem (--checkpoint_dir, "
+                                f"--results_dir)") from None
             if time.monotonic() >= deadline:
                 os.close(fd)
                 waited = f" (waited {wait_s:g} s)" if wait_s else ""

@@ -4,7 +4,7 @@ filesystem a directory is on (locking is a property of the mount: Lustre without
 import os
 import re
 
-LOCK_WAIT_S = 300  # under SLURM: a Lustre or NFS lock of a crashed node is released after its eviction / lease (~90-300 s)
+LOCK_WAIT_S = 300  # under SLURM: Lustre / NFS release a crashed node's lock after its eviction / lease (~90-300 s)
 LOCK_POLL_S = 5
 
 
