@@ -17,7 +17,7 @@ import pretrain
 import training
 import utils
 from conftest import REPO, TINY
-from helpers import assert_one_line, cli_output, cut_at, spy
+from helpers import Cut, assert_one_line, cli_output, cut_at, spy
 from training import preemption, run_dir, scheduler
 from transformers import ViTMAEForPreTraining
 
@@ -79,6 +79,7 @@ def test_a_stop_signal_saves_at_the_step_boundary_and_the_same_command_continues
         expected = _final_state(module, argv, m)
     module, argv, run = _stage(name, stage_args, tmp_path, "stopped")
     monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv])
+    handler = signal.getsignal(signal.SIGUSR2)
     with training.supplied_draws(_signal_at(2)), pytest.raises(SystemExit) as stopped:
         utils.run_cli(module.get_args_parser, module.main)
     assert stopped.value.code == preemption.STOPPED_EXIT_CODE == 75
@@ -87,7 +88,7 @@ def test_a_stop_signal_saves_at_the_step_boundary_and_the_same_command_continues
     # the step in progress when the signal came was finished and saved; nothing after it ran
     assert torch.load(run / training.STATE_FILE, weights_only=True)["step"] == 3
     assert [line["step"] for line in _metrics(run)] == [1, 2, 3]
-    assert signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL  # the handler is put back
+    assert signal.getsignal(signal.SIGUSR2) == handler  # the handler is put back
     with monkeypatch.context() as m:
         resumed = _final_state(module, argv, m)
     assert resumed.keys() == expected.keys() and all(torch.equal(resumed[k], expected[k]) for k in expected)
@@ -102,6 +103,21 @@ def _json_record(module, run):
         with open(f"{run}.json") as f:
             return json.load(f)
     return _record(run)
+
+
+def test_a_run_that_ended_by_an_exception_leaves_no_handler_behind_the_next(stage_args, tmp_path):
+    """main() called again in one process (as tests do) after a run ended by an exception, without finish(): the
+    next run puts back the handler that was there before the first."""
+    original = signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+    try:
+        argv = pretrain.get_args_parser().parse_args(stage_args("--output_dir", tmp_path / "run", steps=4))
+        with training.supplied_draws(cut_at(stop=2)), pytest.raises(Cut):
+            pretrain.main(argv)
+        assert signal.getsignal(signal.SIGUSR2) is not signal.SIG_DFL  # the cut run's
+        pretrain.main(argv)
+        assert signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGUSR2, original)
 
 
 def test_a_stop_during_the_last_step_finishes_the_run(stage_args, tmp_path):

@@ -177,7 +177,9 @@ class StageJob(submitit.helpers.Checkpointable):
                 except Exception as e:  # e.g. timed out too many times: the job fails
                     self._record(job, "failed", code, f"not requeued: {e}")
                     raise
-            sys.exit(STOPPED_EXIT_CODE)  # the other tasks: the requeue restarts them
+            # The other tasks: task 0 requeues the whole job. Exit 0, with no result written: a non-zero exit could
+            # make srun kill task 0 before it requeues (KillOnBadExit); the local executor requeues on task 0's 144.
+            sys.exit(0)
         if code == STOPPED_EXIT_CODE or asked:
             why = ", ".join(s.name for s in dict.fromkeys(asked)) or "a signal sent to it directly"
             message = (f"{self.name}: stopped by {why} with its state saved (exit code {code}); not requeued here: "
