@@ -23,6 +23,8 @@
 set -euo pipefail
 USAGE="bash run_all.sh GPU [DATASET ...] [flags for every stage...]"
 source "$(dirname "$0")/scripts/launch.sh"
+# the cluster form, bash run_all.sh slurm [DATASET ...] [flags...]: the same table as SLURM jobs (tools/submit.py)
+[ "${1:-}" != slurm ] || PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}" exec "$PYTHON" -m tools.submit --launcher run_all.sh "${@:2}"
 
 [ $# -ge 1 ] || usage_error "GPU is required"
 GPU=$1

@@ -13,6 +13,9 @@
 set -euo pipefail
 USAGE="bash run_finetune.sh GPU DATASET [SCRATCH] [CKPT] [CKPT_DIR] [finetune.py flags...]"
 source "$(dirname "$0")/scripts/launch.sh"
+# the cluster form, bash run_finetune.sh slurm DATASET [SCRATCH] [CKPT] [CKPT_DIR] [flags...]: one SLURM job running the
+# seeds' pool on its GPUs (tools/submit.py)
+[ "${1:-}" != slurm ] || PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}" exec "$PYTHON" -m tools.submit --launcher run_finetune.sh "${@:2}"
 
 [ $# -ge 2 ] || usage_error "GPU and DATASET are required"
 GPU=$1 DATASET=$2

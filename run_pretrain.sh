@@ -6,5 +6,7 @@
 set -euo pipefail
 USAGE="bash run_pretrain.sh GPU DATASET [STEPS] [pretrain.py flags...]"
 source "$(dirname "$0")/scripts/launch.sh"
+# the cluster form, bash run_pretrain.sh slurm DATASET [STEPS] [flags...]: one SLURM job (tools/submit.py)
+[ "${1:-}" != slurm ] || PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}" exec "$PYTHON" -m tools.submit --launcher run_pretrain.sh "${@:2}"
 
 mae_stage pretrain.py "$@"

@@ -154,6 +154,10 @@ def shared_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_every", type=int_at_least(0), default=0,
                    help="steps between resumable training states (0: only at the end); re-running the same "
                         "command continues from the latest one")
+    g.add_argument("--save_every_minutes", type=finite_float(0), default=0.0,
+                   help="also save the resumable training state when this many minutes have passed since the last "
+                        "save (0: off), so a killed node loses at most that much; under several processes the clock "
+                        "is read at the steps where they agree on stopping (about every 2 s)")
     g.add_argument("--overwrite", action="store_true",
                    help="move what the run directory holds aside (to <dir>.old-<time>) and start again; re-run "
                         "without it to continue a killed run")
@@ -246,6 +250,6 @@ def generator(seed: int, stream: int, index: int) -> torch.Generator:
 # report.py averages runs that differ only in them.
 RESULT_NEUTRAL_FLAGS = frozenset({"workers", "threads", "log_every", "save_every", "plot", "overwrite", "device",
                                   "teacher_device", "save_model", "compile", "precision", "data_cache", "report_to",
-                                  "output_dir", "results_dir"})
+                                  "output_dir", "results_dir", "save_every_minutes"})
 # Flags added after runs were already being recorded: a record without one ran as its default does.
 LATER_FLAG_DEFAULTS = {"cuda_graph": False}

@@ -35,6 +35,7 @@ SHARED = [("--steps", "0", "must be at least 1, got 0"), ("--steps", "-5", "must
           ("--clip_grad", "0", "must be greater than 0, got 0"), ("--clip_grad", "nan", "finite number"),
           ("--clip_grad", "off", "expected a number or none, got 'off'"),
           ("--log_every", "0", "must be at least 1, got 0"), ("--save_every", "-1", "must be at least 0, got -1"),
+          ("--save_every_minutes", "-1", "must be at least 0, got -1"), ("--save_every_minutes", "nan", "finite number"),
           ("--workers", "-1", "must be at least 0, got -1"), ("--seed", "-1", "must be at least 0, got -1"),
           ("--device", "cuda:x", "expected auto, cpu, cuda or cuda:N, got 'cuda:x'"),
           ("--device", "cudafoo", "expected auto, cpu, cuda or cuda:N"), ("--device", "cuda:-1", "cuda:N")]

@@ -9,6 +9,7 @@ import torch
 from training.batches import Batches
 from training.draws import make_draws, use_global_batch_dropout
 from training.metrics import Metrics
+from training.preemption import StepControl, Stopped
 from training.process import Process
 from training.report_to import new_wandb_id, reporter
 from training.run_dir import RunDirectory, fingerprints
@@ -52,6 +53,7 @@ class Run:
                                                                    self.data.ordered)
         self.start_step, self.model, self.metrics, self._step, self._record = 0, None, None, None, None
         self.optimizer_record = None  # set by adamw
+        self._control = None  # stop signals and the time-based save (training/preemption.py), set by prepare
         torch.manual_seed(mix_seed(args.seed, self.process.rank))  # new heads, anything built before the loop
         # Checked here, before the stage loads anything, and again under the lock in prepare().
         self.already_done = (self.directory is not None and not args.overwrite
@@ -80,7 +82,8 @@ class Run:
         there is one, draw dropout masks for the global batch, wrap for DDP / compile. Nothing is written to disk
         before this point."""
         self.model, self.optimizer, self.scheduler = model.to(self.device), optimizer, scheduler
-        if self.directory is not None:
+        if self.directory is not None:  # signals first: a stop asked while resuming is honoured after the first step
+            self._control = StepControl(self.process, self.args.save_every_minutes)
             self._take_directory()
         eager = TrainStep(self.process, model, optimizer, scheduler, self.args.clip_grad)
         self._step = StaticStep(eager) if self.args.cuda_graph else eager
@@ -126,12 +129,17 @@ class Run:
         """One training step (training/step.py): `objective(*inputs)` -> (loss, terms) under autocast, its
         dropout seeded from (seed, step); backward; gradient clipping (--clip_grad); AdamW; the schedule. Then,
         at logging and saving steps only (the check reads the device back): the non-finite check, a metrics.jsonl
-        line (--log_every) and the resumable state (--save_every)."""
+        line (--log_every) and the resumable state (--save_every, --save_every_minutes, and before stopping). A stop
+        signal (training/preemption.py) ends the run here, after the state is saved: Stopped, exit code 75."""
         done = step + 1
         logging = self.metrics is not None and (done % self.args.log_every == 0 or done == self.args.steps)
         saving = self.directory is not None and self.args.save_every and done % self.args.save_every == 0 \
             and done < self.args.steps
         loss, grad_norm, terms = self._step(step, objective, inputs, self.draws.dropout_seed(step), logging)
+        stop = False
+        if self._control is not None and done < self.args.steps:  # after the last step the result is the state
+            stop, due = self._control.after_step(done)
+            saving = saving or stop or due
         if logging or saving:
             bad = self._step.first_bad()
             if bad:
@@ -143,6 +151,12 @@ class Run:
             self.metrics.log(done, step_lr(self.args.lr, self.scheduler, done), loss=loss, grad_norm=grad_norm, **terms)
         if saving:
             self.directory.save_state(done, self.model, self.optimizer, self.scheduler)
+            if self._control is not None:
+                self._control.saved()
+        if stop:
+            self._control.close()
+            raise Stopped(f"stopped after step {done} of {self.args.steps} ({self._control.reason()}); the state is "
+                          f"saved in {self.state_path}: the same command continues from it")
 
     def record(self) -> dict:
         """The run record (args.json): the first start's entry at the top level, every start in "history"."""
@@ -156,6 +170,7 @@ class Run:
         before this point leaves the state to resume from, or the finished result."""
         if self.directory is None:
             return
+        self._control.close()
         self.metrics.close()
         self.directory.drop_state()
         self.process.barrier()

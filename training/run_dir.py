@@ -9,11 +9,13 @@ import json
 import os
 import platform
 import sys
+import time
 
 import torch
 
 from errors import RunFailed, UserError
 from outputs import TEMPORARY_NAME, atomic_file, reported, write_json
+from training import scheduler
 from utils import LATER_FLAG_DEFAULTS, RESULT_NEUTRAL_FLAGS, git_commit, library_versions, one_line
 
 STATE_FILE = "train_state.pt"
@@ -29,7 +31,9 @@ def lock_run_dir(path: str) -> str:
     """Create run directory `path` if needed and hold an exclusive lock on it (its LOCK_FILE) until
     unlock_run_dir or the end of the process. An flock dies with its process, so a killed run (even kill -9)
     leaves no stale lock. A process that already holds the lock keeps it (main() called again in one
-    process after an exception, as tests do). Returns the lock file's path."""
+    process after an exception, as tests do). In a SLURM job a lock held by another process is waited for (up to
+    training.scheduler.LOCK_WAIT_S): on Lustre or NFS the lock of a requeued job's crashed node is released late.
+    Returns the lock file's path."""
     lock_path = os.path.abspath(os.path.join(path, LOCK_FILE))
     fd = _held_locks.get(lock_path)
     if fd is not None:
@@ -44,15 +48,31 @@ def lock_run_dir(path: str) -> str:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise UserError(f"cannot write to the run directory {path}: {e.strerror or e}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-        os.close(fd)
-        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise UserError(f"cannot lock the run directory {path}: {e.strerror or e}") from None
-        raise RunFailed(f"{path} is in use by another run ({holder or 'pid unknown'}); wait for it to end or "
-                        f"stop it, or pass --output_dir for a separate run") from None
+    wait_s = scheduler.lock_wait_seconds()
+    deadline, said = time.monotonic() + wait_s, False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as e:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                os.close(fd)
+                kind = scheduler.filesystem_type(path)
+                raise UserError(f"cannot lock the run directory {path}: {e.strerror or e}, on a {kind} filesystem, "
+                                f"which does not support flock here (Lustre: mount with -o flock; NFS: without "
+                                f"nolock); or put the runs on another filesystem (--checkpoint_dir, "
+                                f"--results_dir)") from None
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                waited = f" (waited {wait_s:g} s)" if wait_s else ""
+                raise RunFailed(f"{path} is in use by another run ({holder or 'pid unknown'}){waited}; wait for it to "
+                                f"end or stop it, or pass --output_dir for a separate run") from None
+            if not said:
+                said = True
+                print(f"{path} is locked by {holder or 'another process'}; waiting up to {wait_s:g} s (in a SLURM "
+                      f"job a shared filesystem may hold the lock of a previous node for a while)", flush=True)
+            time.sleep(scheduler.LOCK_POLL_S)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}\n".encode(), 0)
     _held_locks[lock_path] = fd
@@ -261,7 +281,8 @@ class RunDirectory:
                 "host": platform.node(), "world_size": process.world, "precision": process.precision,
                 "threads": torch.get_num_threads(), "preprocessing": dataclasses.asdict(preprocessing),
                 "optimizer": optimizer, "inputs": inputs or {},
-                "started": datetime.datetime.now().isoformat(timespec="seconds"), "start_step": start_step}
+                "started": datetime.datetime.now().isoformat(timespec="seconds"), "start_step": start_step,
+                "job": scheduler.job_identity()}
 
     def write_record(self, entry: dict, resumed: dict | None) -> dict:
         """args.json: a fresh run's record (the first start's entry at the top level, every start in "history"),
