@@ -72,3 +72,19 @@ def test_projection_of_the_papers_table(capsys):
     assert "reference / ours: 2.56" in printed and "x1.5" in printed
     # MFU over the table: its FLOPs over the GPU-hours at the peak
     assert f"MFU {out['table_flops'] / (out['ours_gpu_hours'] * 3600 * 1e15):.1%}" in printed
+
+
+def test_bench_threads_measures_the_thread_counts_it_names(tmp_path, capsys):
+    """tools.bench_threads runs pretrain.py as a user does, with each --threads (checked against the run's record),
+    quiet and beside busy processes, and prints the ratios of what it measured."""
+    from tools import bench_threads
+    args = bench_threads.get_args_parser().parse_args(
+        ["--steps", "4", "--log_every", "2", "--busy", "1", "--data_dir", str(tmp_path / "data"),
+         "--out", str(tmp_path / "figures.json")])
+    figures = bench_threads.main(args)
+    printed = capsys.readouterr().out
+    assert set(figures["pretrain"]) == {"quiet 1", "quiet 2", "loaded 1", "loaded 2"}
+    assert all(speed > 0 for speed in figures["pretrain"].values())
+    p = figures["pretrain"]
+    assert f"quiet: --threads 2 / --threads 1 = {p['quiet 2'] / p['quiet 1']:.2f}" in printed
+    assert f"--threads 1: loaded / quiet = {p['loaded 1'] / p['quiet 1']:.2f}" in printed
