@@ -64,8 +64,11 @@ class StepControl:
         self._next, self._since = None, (time.monotonic(), None)  # next agreement step; (time, step) of the last
         self._previous = {}
         if threading.current_thread() is threading.main_thread():  # signal.signal works there only
+            for left in reversed(_installed):  # a run of this process that ended by an exception, never closed
+                left.close()
             for sig in stop_signals():
                 self._previous[sig] = signal.signal(sig, self._request)
+            _installed.append(self)
 
     def _request(self, signum, frame) -> None:
         # Only a flag: the step in progress finishes, the loop looks at it after the step (printing here could
@@ -101,3 +104,8 @@ class StepControl:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}
+        if self in _installed:
+            _installed.remove(self)
+
+
+_installed: list[StepControl] = []  # the controls whose handlers are in place, oldest first
