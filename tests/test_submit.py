@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -151,6 +152,88 @@ def test_the_graph_passes_run_all_flags_for_one_kind_of_stage(tmp_path, monkeypa
     assert submit._results_dir(_args("--launcher", "run_all.sh", "cub")) == "ft"
     single = submit.build_graph(_args("--launcher", "run_pretrain.sh", "cub", "50"))
     assert "0.001" not in single[0].command
+
+
+def test_a_refused_submission_is_one_line_and_what_was_queued_is_on_record(tmp_path, monkeypatch):
+    """sbatch refusing the second group (a bad partition, say): one line naming the jobs already queued, and the
+    graph written with their ids, so --status sees them and a second try can be checked against them."""
+    import submitit
+
+    class Refusing(FakeExecutor):
+        def batch(self):
+            if FakeExecutor.submissions:
+                raise submitit.core.utils.FailedJobError("sbatch: error: invalid partition specified: nosuch")
+            return super().batch()
+    monkeypatch.chdir(tmp_path)
+    FakeExecutor.submissions = []
+    args = _args("--launcher", "run_all.sh", "cub", "dtd", "--mae_steps", 50, "--partition", "nosuch")
+    graphs = []
+    with pytest.raises(submit.utils.UserError) as refused:
+        submit.submit_slurm(submit.build_graph(args), args, str(tmp_path / "jobs"), executor=Refusing,
+                            write_graph=lambda submitted: graphs.append(dict(submitted)))
+    assert "invalid partition specified: nosuch" in str(refused.value)
+    assert "already queued: cub pretrain (1001_0), dtd pretrain (1001_1)" in str(refused.value)
+    assert [sorted(g) for g in graphs] == [["cub pretrain", "dtd pretrain"]]
+    assert "\n" not in submit.utils.one_line(refused.value)
+
+
+@pytest.mark.parametrize("first,raises", [("stopped", False), ("failed", True)])
+def test_on_this_machine_what_needs_a_stopped_or_crashed_job_is_cancelled(first, raises, tmp_path, monkeypatch,
+                                                                          capsys):
+    """A job that ended stopped (its state saved, not requeued) or whose handle re-raised its exception (--cluster
+    debug) ends the jobs that need it: cancelled, said in one line; the report still runs; the graph ends."""
+    jobs = [submit.Job("a", "pretrain", ["x"]), submit.Job("b", "selftrain", ["y"], after_ok=["a"]),
+            submit.Job("report", "report", ["z"], after_any=["a", "b"])]
+
+    class Handle:
+        def __init__(self, name):
+            self.name, self.job_id = name, f"local-{name}"
+            self.paths = type("Paths", (), {"stdout": str(tmp_path / f"{name}.log")})()
+
+        def done(self):
+            if self.name == "a" and raises:
+                raise RuntimeError("the job raised")
+            return True
+
+        def results(self):
+            raise RuntimeError("no result")
+
+    class Executor:
+        def submit(self, wrapped):
+            state = first if wrapped.name == "a" else "done"
+            if state != "failed":  # a crashed job wrote no outcome
+                os.makedirs(os.path.dirname(submit._outcome_path(str(tmp_path), wrapped.name)), exist_ok=True)
+                submit.write_json(submit._outcome_path(str(tmp_path), wrapped.name),
+                                  {"state": state, "exit_code": 75 if state == "stopped" else 0, "error": "stopped"})
+            return Handle(wrapped.name)
+    monkeypatch.setattr(submit, "_executor_here", lambda args, log_dir, job: Executor())
+    result = []
+    worker = threading.Thread(target=lambda: result.append(
+        submit.run_here(jobs, None, str(tmp_path), lambda submitted: None)), daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "run_here did not end"
+    out = capsys.readouterr().out
+    assert result == [1]
+    which = "stopped without being requeued" if first == "stopped" else "failed"
+    assert f"[b] cancelled: it needs a, which {which}" in out
+    assert f"[a] {first.upper()} (exit code" in out and "[report] done" in out
+    assert json.load(open(submit._outcome_path(str(tmp_path), "b")))["state"] == "cancelled"
+
+
+def test_the_stage_launchers_cluster_form_reads_no_steps_from_the_environment(tmp_path, monkeypatch):
+    """As without a cluster: run_finetune.sh runs finetune.py's steps whatever $FINETUNE_STEPS says, run_pretrain.sh
+    its STEPS argument whatever $STEPS says; run_all.sh reads both."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FINETUNE_STEPS", "50")
+    monkeypatch.setenv("STEPS", "70")
+    (one,) = submit.build_graph(_args("--launcher", "run_finetune.sh", "cub", "True"))
+    assert "--steps" not in one.command
+    (mae,) = submit.build_graph(_args("--launcher", "run_pretrain.sh", "cub"))
+    assert mae.command[mae.command.index("--steps") + 1] == "20000"
+    table = {j.name: j for j in submit.build_graph(_args("--launcher", "run_all.sh", "cub"))}
+    assert table["cub finetune initial"].command[-2:] == ["--steps", "50"]
+    assert "further-pretrain-70" in table["cub finetune further-pretrain-70"].name
 
 
 # ----------------------------------------------------------------------------- sbatch scripts, a fake sbatch
@@ -471,6 +554,7 @@ def test_status_lists_every_run_of_the_table_with_its_state(tmp_path, monkeypatc
     (["--datasets", "digits", "--gpus_per_job", "2", "--processes_per_node", "3"], {}, ["one process per GPU"]),
     (["--datasets", "digits", "--cluster", "local", "--nodes", "2"], {}, ["one node, not 2"]),
     (["digits"], {}, ["unexpected argument 'digits'", "--datasets"]),
+    (["--datasets", "digits", "data/dtd"], {}, ["dataset 'data/dtd'", "--data_dir"]),
     (["--launcher", "run_all.sh", "digits"], {"MAE_FLAGS": "--steps 5"}, ["MAE_FLAGS / FINETUNE_FLAGS takes no --steps"]),
     (["--launcher", "run_all.sh", "digits"], {"FINETUNE_FLAGS": "--seed 2"}, ["takes no --seed", "SEEDS="]),
 ])

@@ -41,6 +41,8 @@ PAPER_DATASETS = ("aircraft", "chest_xray", "cub", "dtd", "stanford_dogs", "vgg_
 GRAPH_FILE = "graph-{stage}.json"  # the jobs submitted last for the table (or for one stage), with their ids
 SAVE_EVERY_STEPS, SAVE_EVERY_MINUTES = 1000, 5  # a killed node loses at most ~5 minutes
 POLL_S = 2.0
+# how a job that ended without success is named to what needed it
+ENDED_BADLY = {"failed": "failed", "cancelled": "was cancelled", "stopped": "stopped without being requeued"}
 # flag -> the environment variable it defaults to, in the launchers' style (a flag given wins)
 FROM_ENVIRONMENT = {"mae_steps": "STEPS", "finetune_steps": "FINETUNE_STEPS", "seeds": "SEEDS",
                     "jobs_per_gpu": "JOBS", "partition": "PARTITION", "gpus_per_job": "GPUS_PER_JOB",
@@ -131,9 +133,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 def _from_environment(args, parser) -> None:
     """Fills each unset flag of FROM_ENVIRONMENT from its variable, checked by the flag's own type."""
     actions = {a.dest: a for a in parser._actions}
+    # the stage launchers take their steps as a positional argument (or finetune.py's default): as without a
+    # cluster, they read neither STEPS nor FINETUNE_STEPS
+    ignored = {"mae_steps", "finetune_steps"} if args.launcher not in (None, "run_all.sh") else set()
     for dest, variable in FROM_ENVIRONMENT.items():
         value = os.environ.get(variable, "").strip()
-        if getattr(args, dest) is not None or not value:
+        if getattr(args, dest) is not None or not value or dest in ignored:
             continue
         action = actions[dest]
         words = value.split() if action.nargs == "+" else [value]
@@ -337,20 +342,29 @@ def slurm_parameters(job: Job, args, ids: dict, name: str) -> dict:
     return params
 
 
-def submit_slurm(jobs: list[Job], args, log_dir: str, executor=None) -> dict:
+def submit_slurm(jobs: list[Job], args, log_dir: str, executor=None, write_graph=None) -> dict:
     """Submits every job (arrays where they can be) with its dependencies; returns {name: (job id, log path)}.
-    `executor`: a factory (folder, max_num_timeout) -> an executor like submitit.SlurmExecutor (tests: a fake)."""
+    `executor`: a factory (folder, max_num_timeout) -> an executor like submitit.SlurmExecutor (tests: a fake);
+    `write_graph(submitted)` after every group, so that what was submitted is on record even if a later group is
+    refused (which is one line naming the jobs already queued, to cancel or to leave)."""
     import submitit
     make = executor or submitit.SlurmExecutor
     submitted = {}
     for group in arrays(jobs):
-        ex = make(folder=log_dir, max_num_timeout=args.max_requeues)
-        name = _slug(group[0].name if len(group) == 1 else group[0].kind)
-        ex.update_parameters(**slurm_parameters(group[0], args, {n: i for n, (i, _) in submitted.items()}, name))
-        with ex.batch():
-            handles = [ex.submit(_wrapped(job, log_dir)) for job in group]
+        try:
+            ex = make(folder=log_dir, max_num_timeout=args.max_requeues)
+            name = _slug(group[0].name if len(group) == 1 else group[0].kind)
+            ex.update_parameters(**slurm_parameters(group[0], args, {n: i for n, (i, _) in submitted.items()}, name))
+            with ex.batch():
+                handles = [ex.submit(_wrapped(job, log_dir)) for job in group]
+        except (OSError, submitit.core.utils.FailedJobError) as e:
+            queued = ", ".join(f"{n} ({i})" for n, (i, _) in submitted.items()) or "none"
+            raise utils.UserError(f"sbatch refused {', '.join(j.name for j in group)}: {utils.one_line(e)}; already "
+                                  f"queued: {queued}") from None
         for job, handle in zip(group, handles):
             submitted[job.name] = (str(handle.job_id), str(handle.paths.stdout).replace("%t", "0"))
+        if write_graph is not None:
+            write_graph(submitted)
     return submitted
 
 
@@ -396,9 +410,9 @@ def run_here(jobs: list[Job], args, log_dir: str, write_graph) -> int:
             for job in jobs:
                 if job.name in state:
                     continue
-                blocked = next((n for n in job.after_ok if state.get(n, ("",))[0] in ("failed", "cancelled")), None)
+                blocked = next((n for n in job.after_ok if state.get(n, ("",))[0] in ENDED_BADLY), None)
                 if blocked:
-                    line = f"needs {blocked}, which {state[blocked][0] == 'failed' and 'failed' or 'was cancelled'}"
+                    line = f"needs {blocked}, which {ENDED_BADLY[state[blocked][0]]}"
                     state[job.name] = ("cancelled", None, line)
                     _write_outcome(log_dir, job, "cancelled", line)
                     print(f"[{job.name}] cancelled: it {line}", flush=True)
@@ -414,12 +428,16 @@ def run_here(jobs: list[Job], args, log_dir: str, write_graph) -> int:
                 write_graph(submitted)
                 print(f"[{job.name}] job {handle.job_id} started, log {log}", flush=True)
             for name, handle in list(handles.items()):
-                if handle.done():
+                try:
+                    ended = handle.done()
+                except Exception:  # --cluster debug: done() re-raises the job's exception (after pdb)
+                    ended = True
+                if ended:
                     del handles[name]
-                    job = next(j for j in jobs if j.name == name)
                     state[name] = _ended(handle, _outcome_path(log_dir, name))
                     what, code, line = state[name]
-                    print(f"[{name}] {'done' if what == 'done' else f'FAILED (exit code {code}): {line}'}", flush=True)
+                    print(f"[{name}] {'done' if what == 'done' else f'{what.upper()} (exit code {code}): {line}'}",
+                          flush=True)
                     if what != "done":
                         dependents = [j.name for j in jobs if name in j.after_ok]
                         if dependents:
@@ -432,13 +450,14 @@ def run_here(jobs: list[Job], args, log_dir: str, write_graph) -> int:
         print("interrupted: the running jobs were stopped; the same command continues them from their last saved "
               "state", file=sys.stderr)
         return 130
-    failed = [s for s in state.values() if s[0] == "failed"]
+    failed = [s for s in state.values() if s[0] in ("failed", "stopped")]
     if not failed and all(s[0] == "done" for s in state.values()):
         return 0
     return 2 if failed and all(s[1] == 2 for s in failed) else 1
 
 
 def _write_outcome(log_dir: str, job: Job, what: str, line: str) -> None:
+    os.makedirs(os.path.dirname(_outcome_path(log_dir, job.name)), exist_ok=True)
     write_json(_outcome_path(log_dir, job.name), {"job": job.name, "job_id": None, "state": what,
                                                         "exit_code": None, "error": line})
 
@@ -578,6 +597,11 @@ def resolve(args) -> None:
     launcher_form(args)
     _from_environment(args, get_args_parser())
     args.datasets = args.datasets or list(PAPER_DATASETS)
+    for name in args.datasets:  # each one a name (a folder under --data_dir), as the stages check it
+        try:
+            utils.dataset_name(name)
+        except argparse.ArgumentTypeError as e:
+            raise utils.UserError(f"dataset '{name}': {e}") from None
     args.mae_steps = args.mae_steps or 20000
     args.seeds = args.seeds or [1, 2, 3, 4, 5]
     args.init = args.init or f"self-further-pretrain-{args.mae_steps}"
@@ -630,8 +654,7 @@ def main(args):
                       "after_ok": j.after_ok, "after_any": j.after_any, "runs": j.runs} for j in jobs]})
 
     if args.cluster == "slurm":
-        submitted = submit_slurm(jobs, args, log_dir)
-        write_graph(submitted)
+        submitted = submit_slurm(jobs, args, log_dir, write_graph=write_graph)
         print(f"submitted {len(jobs)} jobs to SLURM:")
         for job in jobs:
             after = f"  (after {', '.join(submitted[n][0] for n in job.after_ok + job.after_any)})" \
