@@ -32,7 +32,14 @@ def _start(cmd: str, cwd, env_extra):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **env_extra}
     # a session of its own: the test can signal the launcher alone, or its whole process group as Ctrl-C does
     return subprocess.Popen(["bash", "-c", f"exec {cmd}"], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=_as_from_a_terminal)
+
+
+def _as_from_a_terminal():
+    """SIGINT and SIGTERM at their defaults in the launcher, as a terminal starts it: a suite started in the
+    background (`make test &`) ignores SIGINT, which bash could then never trap."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def _wait_for_calls(calls, n, proc, timeout=60):

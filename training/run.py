@@ -153,7 +153,8 @@ class Run:
             self.directory.save_state(done, self.model, self.optimizer, self.scheduler)
             if self._control is not None:
                 self._control.saved()
-        if stop:
+        if stop:  # every process waits for the state to be written: a launcher (torchrun) kills the others once
+            self.process.barrier()  # one of them exits, which could cut the save short
             self._control.close()
             raise Stopped(f"stopped after step {done} of {self.args.steps} ({self._control.reason()}); the state is "
                           f"saved in {self.state_path}: the same command continues from it")
