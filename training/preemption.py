@@ -64,7 +64,7 @@ class StepControl:
         self._next, self._since = None, (time.monotonic(), None)  # next agreement step; (time, step) of the last
         self._previous = {}
         if threading.current_thread() is threading.main_thread():  # signal.signal works there only
-            for left in reversed(_installed):  # a run of this process that ended by an exception, never closed
+            for left in reversed(list(_installed)):  # a run of this process that ended by an exception, unclosed
                 left.close()
             for sig in stop_signals():
                 self._previous[sig] = signal.signal(sig, self._request)
