@@ -61,20 +61,32 @@ class Cut(Exception):
     """Raised when a run asks for the draws of the step it is cut at (see cut_at)."""
 
 
-class _CutDraws:
-    """The run's own draws (training.Draws), with `on_step(step)` called as each step starts and Cut raised
-    when step `stop` is asked for."""
+class WatchedSteps:
+    """For draws handed to training.supplied_draws: `starting(step)`, called where a step asks for its data order,
+    records the step, calls `on_step(step)` the first time and raises Cut at step `stop`."""
 
-    def __init__(self, draws, stop, on_step):
-        self.draws, self.stop, self.on_step, self.started = draws, stop, on_step, []
+    def __init__(self, stop=None, on_step=None):
+        self.stop, self.on_step, self.started = stop, on_step, []
 
-    def indices(self, n, step):
+    def starting(self, step) -> None:
         if step not in self.started:
             self.started.append(step)
             if self.on_step is not None:
                 self.on_step(step)
         if step == self.stop:
             raise Cut
+
+
+class _CutDraws(WatchedSteps):
+    """The run's own draws (training.Draws), with `on_step(step)` called as each step starts and Cut raised
+    when step `stop` is asked for."""
+
+    def __init__(self, draws, stop, on_step):
+        super().__init__(stop, on_step)
+        self.draws = draws
+
+    def indices(self, n, step):
+        self.starting(step)
         return self.draws.indices(n, step)
 
     def uniform(self, step, stream, *shape):

@@ -53,7 +53,7 @@ from models import cls_feature, load_mae
 from transformers import ViTForImageClassification
 
 from conftest import GOLDEN, report_line
-from helpers import Cut, cut_at, spy, spy_prepare
+from helpers import Cut, WatchedSteps, cut_at, spy, spy_prepare
 
 LOSS_RTOL = 1e-5  # measured: the losses agree to 3e-7 relative
 # Parameters after each MAE step, every element: |ours − release| <= PARAM_ATOL. An AdamW step moves a weight by
@@ -99,24 +99,19 @@ def v4_state(state: dict) -> dict:
 
 # ----------------------------------------------------------------------------- the fixture as the scripts' inputs
 
-class ReleaseDraws:
+class ReleaseDraws(WatchedSteps):
     """The release's per-step randomness in our data order, for training.supplied_draws: row j of every batch is
     image ORDER[j], its masking noise is the release's noise of that image at that step, its flip the
     release's flip of it. `on_step(step)` is called as each step starts; asking for step `stop` raises Cut
     (the release's runs were cut after 2 complete steps, S7)."""
 
     def __init__(self, batch: dict, stop: int | None = None, on_step=None):
-        self.batch, self.stop, self.on_step = batch, stop, on_step
-        self.started = []
+        super().__init__(stop, on_step)
+        self.batch = batch
 
     def indices(self, n: int, step: int) -> torch.Tensor:
         assert n == len(ORDER), f"the stage trains on {n} images, the fixture has {len(ORDER)}"
-        if step not in self.started:
-            self.started.append(step)
-            if self.on_step is not None:
-                self.on_step(step)
-        if step == self.stop:
-            raise Cut
+        self.starting(step)
         return ORDER.clone()
 
     def uniform(self, step: int, stream: int, *shape: int) -> torch.Tensor:
