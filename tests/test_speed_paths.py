@@ -43,7 +43,8 @@ def test_decoded_batches_equal_the_streaming_batches(data_dir, tmp_path, monkeyp
         images, labels, index = decoded[2][1]
         assert labels.tolist() == [dataset[i][1] for i in index.tolist()]
     test = ImageDataset("digits", "test", data_dir, 32)
-    for a, b in zip(_run(tmp_path, "--data_cache", "off").eval_batches(test), _run(tmp_path).eval_batches(test)):
+    streamed_eval = _run(tmp_path, "--data_cache", "off").eval_batches(test)
+    for a, b in zip(streamed_eval, _run(tmp_path).eval_batches(test), strict=True):  # strict: a dropped batch fails
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
     # a second run reads the disk copy and decodes nothing
