@@ -92,7 +92,8 @@ def test_a_split_over_the_memory_budget_streams_with_a_notice(data_dir, tmp_path
     assert "streaming it through the workers" in capsys.readouterr().out
     assert not run.data.is_decoded(dataset)
     streamed = _all(_run(tmp_path, "--data_cache", "off").batches(dataset))
-    assert all(torch.equal(x, y) for (_, a), (_, b) in zip(batches, streamed, strict=True) for x, y in zip(a, b, strict=True))
+    assert all(torch.equal(x, y)
+               for (_, a), (_, b) in zip(batches, streamed, strict=True) for x, y in zip(a, b, strict=True))
 
 
 def test_randomness_drawn_ahead_equals_the_per_step_generators():
