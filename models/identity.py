@@ -11,7 +11,7 @@ teacher, the checkpoint fine-tuning starts from.
 hub id whose files are in the local cache, or vit-mae-tiny. What is hashed is what loading reads:
 - a model directory: config.json and the weight files (model*.safetensors, pytorch_model*.bin, their
   *.index.json), not args.json, metrics.jsonl, train_state.pt or preprocessor_config.json (the preprocessing
-  is recorded apart, in args.json);
+  is recorded and compared apart, as applied: training.run_dir.changed_preprocessing);
 - a release model.pt: the file;
 - a hub id: the cached snapshot's files, as a model directory, plus its revision (the commit);
 - vit-mae-tiny: its state dict as built (the tensors of models.load_mae), so a change of its initialisation

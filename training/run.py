@@ -33,6 +33,8 @@ class Run:
     `done_holds_record`: done_file is a result carrying the run's record (fine-tuning's seed<k>.json).
     `reads`: {label: input} of what the stage reads (data.identity.SplitInput, models.identity.WeightsInput): their
     fingerprints go into each start's record, and a finished or unfinished run that read other contents is refused.
+    `preprocessing` (models.Preprocessing): how images become the model's input; each start records it as applied
+    (the size resolved in prepare), and a finished or unfinished run that applied another is refused too.
     `process`: this process's place in the job (default: from torchrun's environment).
     Run.without_directory(...): the same run writing nothing (tools/bench.py times the scripts' step with it)."""
 
@@ -57,12 +59,13 @@ class Run:
         torch.manual_seed(mix_seed(args.seed, self.process.rank))  # new heads, anything built before the loop
         # Checked here, before the stage loads anything, and again under the lock in prepare().
         self.already_done = (self.directory is not None and not args.overwrite
-                             and self.directory.finished(args, fingerprints(self.reads, strict=False), self.reads))
+                             and self.directory.finished(args, fingerprints(self.reads, strict=False), self.reads,
+                                                         preprocessing))
         if self.already_done:
             self.print(f"[{stage}] already complete: {done_file} (same arguments; --overwrite moves it aside "
                        f"and runs again)")
         elif self.directory is not None and not args.overwrite:
-            self.directory.resumable(args)
+            self.directory.resumable(args, preprocessing=preprocessing)
 
     @classmethod
     def without_directory(cls, args, stage: str, preprocessing, process: Process | None = None) -> "Run":
@@ -97,10 +100,14 @@ class Run:
             directory.take(self.args.overwrite)
         self.process.barrier()
         inputs = fingerprints(self.reads)  # everything is readable now (θ₀ loaded, the teacher found)
-        if directory.finished(self.args, inputs, self.reads):  # under the lock: another run may have finished
+        size = _image_size(self.model)
+        if size is not None:  # the size applied: the model's, when the image-processor file leaves it out
+            self.preprocessing = self.preprocessing.check(size)
+        # under the lock: another run may have finished
+        if directory.finished(self.args, inputs, self.reads, self.preprocessing):
             raise RunFailed(f"{directory.done_file} was completed by another run while this one was starting; "
                             f"nothing was written")
-        resumed = directory.resumable(self.args, inputs, self.reads)
+        resumed = directory.resumable(self.args, inputs, self.reads, self.preprocessing)
         if resumed is not None:
             self.start_step = directory.load_state(self.model, self.optimizer, self.scheduler)
         entry = directory.start_entry(self.args, self.preprocessing, self.start_step, self.optimizer_record, inputs)
@@ -176,3 +183,9 @@ class Run:
         self.directory.drop_state()
         self.process.barrier()
         self.directory.release()
+
+
+def _image_size(model: torch.nn.Module) -> int | None:
+    """The image size `model` takes: its config's, or that of the model it wraps (the student wraps its MAE)."""
+    return next((m.config.image_size for m in model.modules() if hasattr(getattr(m, "config", None), "image_size")),
+                None)

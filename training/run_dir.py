@@ -12,6 +12,7 @@ import sys
 import time
 
 import torch
+from PIL import Image
 
 from errors import RunFailed, UserError
 from outputs import TEMPORARY_NAME, atomic_file, reported, write_json
@@ -133,6 +134,31 @@ def changed_inputs(record: dict, now: dict, reads: dict) -> str:
     return "; ".join(changes)
 
 
+# What a start records of its preprocessing and compares: the record's field -> the processor file's name for it.
+# The file it came from ("source") is not compared: a path is no content (and a fallback may give the same values).
+COMPARED_PREPROCESSING = {"size": "size", "resample": "resample", "mean": "image_mean", "std": "image_std"}
+
+
+def _shown(field: str, value) -> str:
+    if field == "resample" and value in range(len(Image.Resampling)):
+        return f"{value} ({Image.Resampling(value).name})"
+    return str(value)
+
+
+def changed_preprocessing(record: dict, preprocessing) -> str:
+    """'image_mean changed from [...] to [...]' for each value of `preprocessing` (models.Preprocessing, as
+    resolved: defaults and fallbacks applied) that differs from what the record's last start applied ('' if
+    none). A value the record does not hold is not compared: a record from before the preprocessing was kept,
+    or a size left to the model (null: its image_size, which the model's config.json, fingerprinted, fixes).
+    Deriving those from the files now would take an edited value for the one the run applied."""
+    last = (record.get("history") or [record])[-1]
+    before = last.get("preprocessing") or {}
+    now = json.loads(json.dumps(dataclasses.asdict(preprocessing)))  # tuples as the record's lists
+    return "; ".join(f"{name} changed from {_shown(field, before[field])} to {_shown(field, now[field])}"
+                     for field, name in COMPARED_PREPROCESSING.items()
+                     if before.get(field) is not None and now[field] is not None and before[field] != now[field])
+
+
 def changed_numerics(record: dict, process, args) -> str:
     """What a resumed run would compute differently from the start it continues: the precision, the device type,
     --compile ('' if none; a record from before they were kept compares as unknown, not as changed)."""
@@ -166,10 +192,11 @@ class RunDirectory:
         self.lock_path = None
 
     # -- finished, resumable
-    def finished(self, args, inputs: dict | None = None, reads: dict | None = None) -> bool:
-        """Whether done_file exists; a finished run with other arguments, or that read other contents than
-        `inputs` ({label: fingerprint now, or None if unreadable}; `reads`: their training.Run reads), is
-        refused (never reported as this one)."""
+    def finished(self, args, inputs: dict | None = None, reads: dict | None = None, preprocessing=None) -> bool:
+        """Whether done_file exists; a finished run with other arguments, that read other contents than
+        `inputs` ({label: fingerprint now, or None if unreadable}; `reads`: their training.Run reads), or that
+        applied another preprocessing than `preprocessing` (models.Preprocessing) is refused (never reported as
+        this one)."""
         if not os.path.exists(self.done_file):
             return False
         candidates = (self.done_file, self.record_path) if self.done_holds_record else (self.record_path,)
@@ -185,11 +212,17 @@ class RunDirectory:
         if changed:
             raise UserError(f"{self.done_file} is a finished run that read other inputs ({changed}); pass "
                             f"--overwrite to move it aside and run again, or --output_dir for a new run")
+        changed = changed_preprocessing(record, preprocessing) if preprocessing is not None else ""
+        if changed:
+            raise UserError(f"{self.done_file} is a finished run that applied another preprocessing ({changed} "
+                            f"since it ran; now read from {preprocessing.source}); pass --overwrite to move it aside "
+                            f"and run again, or --output_dir for a new run")
         return True
 
-    def resumable(self, args, inputs: dict | None = None, reads: dict | None = None) -> dict | None:
+    def resumable(self, args, inputs: dict | None = None, reads: dict | None = None,
+                  preprocessing=None) -> dict | None:
         """The record of the unfinished run here (a saved state with the same arguments and, when given, the same
-        inputs and numerics), or None."""
+        inputs, preprocessing and numerics), or None."""
         if not os.path.exists(self.state_path):
             return None
         if not os.path.exists(self.record_path):
@@ -205,6 +238,12 @@ class RunDirectory:
         if changed:
             raise UserError(f"{self.out_dir} holds an unfinished run that read other inputs ({changed}); nothing "
                             f"was changed; --overwrite moves it aside and starts again, or --output_dir for a new run")
+        changed = changed_preprocessing(record, preprocessing) if preprocessing is not None else ""
+        if changed:
+            raise UserError(f"{self.out_dir} holds an unfinished run that applied another preprocessing ({changed} "
+                            f"since this run started; now read from {preprocessing.source}); nothing was changed; "
+                            f"restore it to resume, or --overwrite moves this run aside and starts again, or "
+                            f"--output_dir for a new run")
         changed = changed_numerics(record, self.process, args)
         if inputs is not None and changed:
             raise UserError(f"{self.out_dir} holds an unfinished run computed with other numerics ({changed}); resume "
