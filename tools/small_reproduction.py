@@ -28,7 +28,8 @@ Every run is deterministic from its seed, so both give the same numbers. Everyth
     summary.md (gates, claims, table, Fig. 1, diagnostics, times, machine), report.md/.csv (report.py --train),
     fig1.md/.csv/.png, diagnostics.json, outcome.json, protocol.json (the settings), timings.jsonl, logs/
 Re-running the command continues where it stopped: finished runs are skipped, an interrupted MAE run resumes
-from its train_state.pt. A different protocol in the same --out_dir is refused.
+from its train_state.pt. A different protocol in the same --out_dir is refused once a run has started; before,
+only a change to what an already built dataset was made from (check_protocol).
 
 The time estimate printed up front comes from per-step costs measured on the machine of SMALL_REPRODUCTION.md
 (STEP_SECONDS and the constants next to it) and a simulation of the schedule over --jobs processes; while
