@@ -30,9 +30,10 @@ test: $(VENV)
 	$(PYTHON) -m pytest -q tests
 
 # make gpu-check   the speed paths against the eager step, then the bench, on this machine's GPU (~8 min on an
-# H100/H200; on a CPU the correctness part on vit-mae-tiny): runs/gpu-check/report.md, see BENCHMARKS.md. It uses
-# .venv when there is one and python3 otherwise, without installing anything (a GPU machine may have no network);
-# GPU_CHECK_FLAGS passes flags, e.g. make gpu-check GPU_CHECK_FLAGS="--parts finetune"
+# H100/H200): runs/gpu-check/report.md, see BENCHMARKS.md. Where torch sees no GPU it stops and says so; the CPU
+# part alone (vit-mae-tiny): make gpu-check GPU_CHECK_FLAGS="--device cpu". It uses .venv when there is one and
+# python3 otherwise, without installing anything (a GPU machine may have no network); GPU_CHECK_FLAGS passes flags,
+# e.g. make gpu-check GPU_CHECK_FLAGS="--parts finetune"
 .PHONY: gpu-check
 gpu-check:
 	$(if $(wildcard $(PYTHON)),$(PYTHON),python3) -m tools.gpu_check $(GPU_CHECK_FLAGS)

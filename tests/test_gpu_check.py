@@ -20,9 +20,9 @@ CORRECTNESS = ["setup", "further-pretrain/data_cache_off", "further-pretrain/cud
 
 
 def _check(tmp_path, monkeypatch, capsys, *argv):
-    """The command as a user types it; -> (exit code, stderr, report.json, report.md)."""
+    """The CPU part, asked for as a user would; -> (exit code, stderr, report.json, report.md)."""
     out = tmp_path / "check"
-    code, _, err = tool_output(gpu_check, ["--out", out, *argv], monkeypatch, capsys)
+    code, _, err = tool_output(gpu_check, ["--out", out, "--device", "cpu", *argv], monkeypatch, capsys)
     with open(out / "report.json") as f:
         report = json.load(f)
     with open(out / "report.md") as f:
@@ -45,7 +45,8 @@ def test_the_cpu_check_passes_and_writes_its_report(tmp_path, monkeypatch, capsy
     assert report["verdict"] == "PASS"
     # the first lines say PASS/FAIL per check, in this order; the bench is skipped on a CPU, and says why
     lines = markdown.splitlines()
-    assert lines[0] == f"# GPU check: PASS ({len(CORRECTNESS)} of {len(CORRECTNESS)} correctness checks passed)"
+    assert lines[0] == (f"# CPU part of the GPU check (no GPU checked): PASS ({len(CORRECTNESS)} of "
+                        f"{len(CORRECTNESS)} correctness checks passed)")
     assert [line.split()[:2] for line in lines[1:len(CORRECTNESS) + 4]] == (
         [["PASS", f"{c}:"] for c in CORRECTNESS] + [["SKIP", f"{b}:"] for b in gpu_check.BENCH_PARTS])
     assert lines[:len(report["first_lines"])] == report["first_lines"]
@@ -90,7 +91,7 @@ def test_negative_controls_fail_the_checks_meant_for_them(tmp_path, monkeypatch,
                                          "--negative_control", "stale_inputs", "fixed_dropout")
     assert code == 1
     assert_one_line(err, "the check did not pass", "further-pretrain/cuda_graph", "finetune/dropout_in_graph")
-    assert markdown.startswith("# GPU check: FAIL (3 of 6 correctness checks passed; NEGATIVE CONTROL: "
+    assert markdown.startswith(f"# {gpu_check.CPU_PART}: FAIL (3 of 6 correctness checks passed; NEGATIVE CONTROL: "
                                "stale_inputs (noticed), fixed_dropout (noticed))")
     assert "**Negative control**" in markdown
     checks = {c["id"]: c for c in report["checks"]}
@@ -154,16 +155,40 @@ def test_bad_input_is_one_line_and_numbers_are_checked(tmp_path, monkeypatch, ca
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
-    code, _, err = tool_output(gpu_check, ["--out", mine], monkeypatch, capsys)
+    code, _, err = tool_output(gpu_check, ["--out", mine, "--device", "cpu"], monkeypatch, capsys)
     assert code == 2
     assert_one_line(err, f"--out {mine} holds files this tool did not write")
     assert os.listdir(mine) == ["notes.txt"]
 
 
-def test_make_gpu_check_runs_the_command():
-    out = subprocess.run(["make", "-n", "gpu-check"], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert "-m tools.gpu_check" in out.stdout
+NO_GPU = ("error: no CUDA device visible to torch (", "); nothing was checked on a GPU. Run it where torch sees "
+          "the GPU, or pass --device cpu to run the CPU part alone")
+
+
+def test_without_a_gpu_it_says_so_first_and_checks_nothing(tmp_path, monkeypatch, capsys):
+    """Where torch sees no CUDA device, the check is not passed off as a GPU's: one line says so and how to run the
+    CPU part, exit 2, and --out is left as it was; with --device cpu the report's title says what was checked."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU for torch, on any machine
+    for argv in ([], ["--device", "cuda:1"]):
+        code, out, err = tool_output(gpu_check, ["--out", tmp_path / "check", *argv], monkeypatch, capsys)
+        assert code == 2 and out == ""
+        line = assert_one_line(err, *NO_GPU, "CUDA_VISIBLE_DEVICES is ''")
+        assert line.startswith(NO_GPU[0]), line
+        assert not (tmp_path / "check").exists()
+    assert gpu_check.report_title({"device": "NVIDIA H100 80GB HBM3", "device_type": "cuda"}, "cuda") == \
+        "GPU check on NVIDIA H100 80GB HBM3"
+    assert gpu_check.report_title({"device": "x86_64", "device_type": "cpu"}, "auto") == gpu_check.CPU_PART
+    assert gpu_check.report_title(None, "cpu") == gpu_check.CPU_PART
+
+
+def test_make_gpu_check_runs_the_command(tmp_path):
+    """make gpu-check is the GPU check: without a GPU it stops, and its first line says why."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run(["make", "gpu-check", f"GPU_CHECK_FLAGS=--out {tmp_path / 'check'}"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and out.stdout.splitlines()[-1].endswith(f"-m tools.gpu_check --out {tmp_path}/check")
+    assert out.stderr.splitlines()[0].startswith(NO_GPU[0]) and NO_GPU[1] in out.stderr, out.stderr
+    assert not (tmp_path / "check").exists()
 
 
 # ----------------------------------------------------------------------------- the rules

@@ -198,6 +198,38 @@ def test_rerun_skips_finished_runs_and_a_changed_protocol_is_refused(out, inputs
         run(tiny_run(inputs, "--further_steps", 5), out)
 
 
+class ReachedTheRuns(Exception):
+    pass
+
+
+def test_a_mistyped_data_folder_does_not_lock_the_out_dir(inputs, tmp_path, monkeypatch, capsys):
+    """A --target_src or --source_src without the data fails in one line, and the corrected command goes on in the
+    same folder; before any run, only the settings a built dataset was made from are held to."""
+    def reach_the_runs(stages, args, out, record):  # the runs are not what this is about: stop where they start
+        raise ReachedTheRuns
+    monkeypatch.setattr(sr, "execute", reach_the_runs)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for flag, out in (("--target_src", tmp_path / "typo_target"), ("--source_src", tmp_path / "typo_source")):
+        mistyped = tiny_run(inputs)
+        mistyped[mistyped.index(flag) + 1] = empty
+        with pytest.raises(UserError, match=rf"\(here: {flag} DIR\)$"):
+            run(mistyped, out)
+        with pytest.raises(ReachedTheRuns):
+            run(tiny_run(inputs), out)
+        assert _json(out / "protocol.json")[flag.removeprefix("--")] == str(dict(zip(["--source_src", "--target_src"],
+                                                                                       inputs))[flag])
+    out = tmp_path / "typo_target"  # both datasets built, no run yet
+    with pytest.raises(ReachedTheRuns):  # a setting of the runs only may still change ...
+        run(tiny_run(inputs, "--finetune_lr", 5e-4), out)
+    assert _json(out / "protocol.json")["finetune_lr"] == 5e-4
+    assert "no run yet" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"typo_target holds a reproduction with other settings \(source_crops: 40 "
+                                        r"there, 41 now; data/natural_crops was built with them\)"):
+        run(tiny_run(inputs, "--source_crops", 41), out)  # ... one the built crops were made from may not
+    assert _json(out / "protocol.json")["source_crops"] == 40
+
+
 def test_without_apt_get_the_error_names_the_flag_to_pass(inputs, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # neither apt-get nor dpkg-deb
     argv = tiny_run(inputs)

@@ -18,8 +18,10 @@
    time is killed with its process group and its undecided checks are reported as TIMEOUT.
 
 The children are forked from this process after the libraries are imported (once) and before anything touches
-CUDA, which each child then initialises for itself. On a CPU the same command runs the correctness parts on
-vit-mae-tiny (12 steps, batch 16) and skips the bench (--bench runs a minimal one); tests/test_gpu_check.py runs it.
+CUDA, which each child then initialises for itself. Where torch sees no CUDA device the check stops first, with
+one line saying so (exit 2), so that nothing passes for a GPU's check; --device cpu asks for the CPU part: the
+correctness parts on vit-mae-tiny (12 steps, batch 16), the bench skipped (--bench runs a minimal one), the
+report titled "CPU part of the GPU check (no GPU checked)"; tests/test_gpu_check.py runs it.
 """
 import argparse
 import datetime
@@ -31,6 +33,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 
 import torch
 
@@ -77,6 +80,8 @@ SETUP_CAP = 120  # the device is known only once setup has run
 REPORT_RESERVE_S = 5  # kept back from the budget for killing a part and writing the report
 MIN_PART_S = 10  # a part is not started with less time than this left
 KILL_WAIT_S = 10
+CUDA_PROBE_S = 60  # initialising the driver takes seconds; a hung one is taken as no CUDA
+CPU_PART = "CPU part of the GPU check (no GPU checked)"  # the report's title where no GPU was checked
 MARKER = ".gpu-check"  # marks a directory this tool wrote, which it may clear
 OUR_ENTRIES = ("report.md", "report.json", "logs", "parts", "runs", "setup", "data", MARKER)
 REQUIRED_PACKAGES = ("numpy", "PIL", "sklearn", "lmdb", "safetensors", "transformers")
@@ -101,8 +106,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=os.path.join("runs", "gpu-check"),
                    help="the report (report.md, report.json), the runs, logs and models; a directory this tool "
                         "wrote before is cleared first, any other non-empty one refused")
-    p.add_argument("--device", type=utils.device_spec, default="auto", help="auto (cuda if available), cpu, cuda, "
-                                                                            "cuda:N")
+    p.add_argument("--device", type=utils.device_spec, default="cuda",
+                   help="cuda or cuda:N: where torch sees no CUDA device the check stops and says so; cpu: the CPU "
+                        "part alone (no GPU checked); auto: cuda if torch sees one, else the CPU part")
     g = p.add_argument_group("the stages' runs")
     g.add_argument("--model", default=None, choices=["vit-b16", "vit-mae-tiny"],
                    help="θ₀'s architecture (random weights): default vit-b16 on CUDA, vit-mae-tiny on CPU")
@@ -244,6 +250,39 @@ def require_packages() -> None:
                               f"machine without network, bring their wheels and put them on PYTHONPATH)")
 
 
+def cuda_devices() -> tuple[int, str]:
+    """(how many CUDA devices torch sees, why none when 0), asked in a forked child: torch.cuda.is_available()
+    initialises the CUDA driver, after which the parts, forked from this process, could not use CUDA."""
+    receive, send = multiprocessing.get_context("fork").Pipe(duplex=False)
+    probe = multiprocessing.get_context("fork").Process(target=_count_cuda_devices, args=(send,),
+                                                        name="gpu-check cuda probe")
+    probe.start()
+    send.close()
+    try:
+        count, warned = receive.recv() if receive.poll(CUDA_PROBE_S) else (0, "torch's CUDA probe did not answer")
+    except EOFError:  # the probe died (a broken driver can take the process down)
+        count, warned = 0, "torch's CUDA probe crashed"
+    probe.join(KILL_WAIT_S)
+    if probe.is_alive():
+        probe.kill()
+        probe.join()
+    if count:
+        return count, ""
+    reasons = [f"this torch ({torch.__version__}) was built without CUDA"] if torch.version.cuda is None else []
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        reasons.append(f"CUDA_VISIBLE_DEVICES is {os.environ['CUDA_VISIBLE_DEVICES']!r}")
+    reasons += [warned] if warned else []
+    return 0, "; ".join(reasons) or (f"torch {torch.__version__}, built for CUDA {torch.version.cuda}, finds no "
+                                     f"driver or device")
+
+
+def _count_cuda_devices(send) -> None:
+    with warnings.catch_warnings(record=True) as caught:  # torch says why CUDA is unusable in a warning
+        warnings.simplefilter("always")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    send.send((count, utils.one_line(caught[-1].message) if caught else ""))
+
+
 def prepare_out(out: str) -> str:
     if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, MARKER)):
         raise utils.UserError(f"--out {out} holds files this tool did not write; choose another directory")
@@ -266,6 +305,11 @@ def prepare_out(out: str) -> str:
 
 def main(args) -> dict:
     require_packages()
+    if args.device.startswith("cuda"):  # before anything is written or printed: the first line says it
+        count, why_none = cuda_devices()
+        if count == 0:
+            raise utils.UserError(f"no CUDA device visible to torch ({why_none}); nothing was checked on a GPU. "
+                                  f"Run it where torch sees the GPU, or pass --device cpu to run the CPU part alone")
     out = prepare_out(args.out)
     # imported here, after the check above: it imports the stages and with them lmdb, transformers, ...; the
     # children are forked after this import and inherit it
@@ -348,11 +392,11 @@ def write_report(state: dict, out: str) -> dict:
     passed = sum(c["status"] == rules.PASS for c in correctness)
     verdict = rules.PASS if passed == len(correctness) else rules.FAIL
     controls = ", ".join(f"{c} ({_noticed(c, checks)})" for c in args.negative_control or [])
-    first = [f"# GPU check: {verdict} ({passed} of {len(correctness)} correctness checks passed"
-             f"{'; NEGATIVE CONTROL: ' + controls if controls else ''})"]
-    first += [f"{c['status']:<8} {c['id']}: {c['summary']}" for c in checks]
     setup = results.get("setup")
     env = setup.info("environment") if setup else None
+    first = [f"# {report_title(env, args.device)}: {verdict} ({passed} of {len(correctness)} correctness checks "
+             f"passed{'; NEGATIVE CONTROL: ' + controls if controls else ''})"]
+    first += [f"{c['status']:<8} {c['id']}: {c['summary']}" for c in checks]
     runs = [e for r in results.values() for e in r.events if e["kind"] == "run"]
     bench = {name: results[name].info(name) for name in BENCH_PARTS if name in results and results[name].info(name)}
     command = " ".join(["python -m tools.gpu_check", *sys.argv[1:]])
@@ -366,6 +410,13 @@ def write_report(state: dict, out: str) -> dict:
     with outputs.atomic_file(os.path.join(out, "report.md")) as f:
         f.write("\n".join(first) + "\n\n" + markdown_body(report) + "\n")
     return report
+
+
+def report_title(env: dict | None, device: str) -> str:
+    """What was checked: the GPU by name, or the CPU part alone (so that a PASS on a CPU is never read as a GPU's)."""
+    if env is None:  # setup did not finish
+        return CPU_PART if device == "cpu" else "GPU check"
+    return f"GPU check on {env['device']}" if env["device_type"] == "cuda" else CPU_PART
 
 
 def _noticed(control: str, checks: list[dict]) -> str:

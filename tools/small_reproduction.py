@@ -28,7 +28,8 @@ Every run is deterministic from its seed, so both give the same numbers. Everyth
     summary.md (gates, claims, table, Fig. 1, diagnostics, times, machine), report.md/.csv (report.py --train),
     fig1.md/.csv/.png, diagnostics.json, outcome.json, protocol.json (the settings), timings.jsonl, logs/
 Re-running the command continues where it stopped: finished runs are skipped, an interrupted MAE run resumes
-from its train_state.pt. A different protocol in the same --out_dir is refused.
+from its train_state.pt. A different protocol in the same --out_dir is refused once a run has started; before,
+only a change to what an already built dataset was made from (check_protocol).
 
 The time estimate printed up front comes from per-step costs measured on the machine of SMALL_REPRODUCTION.md
 (STEP_SECONDS and the constants next to it) and a simulation of the schedule over --jobs processes; while
@@ -85,6 +86,10 @@ DIAGNOSTIC_SECONDS_PER_IMAGE = 0.0015  # per model: probe features of both split
 SIDE_BY_SIDE_SLOWDOWN = 1.4
 # Flags that change how the experiment runs, not what it computes: free to differ when resuming.
 RUN_CONTROL_FLAGS = {"out_dir", "jobs", "threads", "workers", "log_every", "device", "download_dir"}
+# What each dataset is built from (build_datasets); every other setting reaches the runs only.
+DATASET_SETTINGS = {SOURCE_DATASET: ("source_crops", "source_src", "data_seed"),
+                    TARGET_DATASET: ("shots", "target_src", "data_seed")}
+RUN_OUTPUTS = ("initial_model", "checkpoints", "results", "diagnostics.json")  # under --out_dir, once a run started
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -657,19 +662,30 @@ def diagnostics_markdown(diag: dict, args) -> str:
 
 # ----------------------------------------------------------------------------- records
 
-def check_protocol(args, path: str) -> None:
-    """Write the settings on the first run; refuse to mix results of other settings into the same folder."""
+def check_protocol(args, out: str) -> None:
+    """Write the settings; refuse to mix results of other settings into the same folder. Only what was made binds:
+    before any run, settings that no built dataset was made from may change (a mistyped --target_src must not lock
+    the folder), and the new ones are written."""
+    path = os.path.join(out, "protocol.json")
     protocol = {k: v for k, v in vars(args).items() if k not in RUN_CONTROL_FLAGS}
     if os.path.exists(path):
         with open(path) as f:
             before = json.load(f)
         changed = [k for k in protocol if before.get(k) != protocol[k]]
-        if changed:
-            k = changed[0]
-            raise utils.UserError(f"{os.path.dirname(path)} holds a reproduction with other settings ({k}: "
-                                  f"{before.get(k)!r} there, {protocol[k]!r} now); pass the same settings to "
-                                  f"continue it, or another --out_dir")
-        return
+        if not changed:
+            return
+        runs = any(os.path.exists(os.path.join(out, p)) for p in RUN_OUTPUTS)
+        built = {k: name for name, keys in DATASET_SETTINGS.items() if os.path.isdir(os.path.join(out, "data", name))
+                 for k in keys}
+        bound = [k for k in changed if runs or k in built]
+        if bound:
+            k = bound[0]
+            made_by = "" if runs else f"; data/{built[k]} was built with them"
+            raise utils.UserError(f"{out} holds a reproduction with other settings ({k}: {before.get(k)!r} there, "
+                                  f"{protocol[k]!r} now{made_by}); pass the same settings to continue it, or another "
+                                  f"--out_dir")
+        print(f"[reproduce-small] {out} has no run yet and no data built from what changed "
+              f"({', '.join(changed)}): its protocol.json now holds these settings", flush=True)
     outputs.write_json(path, protocol)
 
 
@@ -727,7 +743,7 @@ def main(args):
     paths = {"data": os.path.join(out, "data"), "initial": os.path.join(out, "initial_model"),
              "checkpoints": os.path.join(out, "checkpoints"), "results": os.path.join(out, "results")}
     os.makedirs(paths["data"], exist_ok=True)
-    check_protocol(args, os.path.join(out, "protocol.json"))
+    check_protocol(args, out)
     timings_path = os.path.join(out, "timings.jsonl")
 
     def record(entry):
