@@ -3,6 +3,7 @@ through the training loader; plus --check, --skip_bad, overwrite and error handl
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -238,7 +239,6 @@ def test_original_bytes_are_stored_exactly(tmp_path):
     ("stanford_dogs", "test_list.mat"), ("vgg_flower_102", "setid.mat"), ("chest_xray", "chest_xray/test"),
     ("cub", "images")])
 def test_missing_index_file_is_named(tmp_path, dataset, missing):
-    import shutil
 
     src, *_ = FAKES[dataset](str(tmp_path / "src"))
     path = os.path.join(src, missing)
@@ -552,3 +552,9 @@ def test_check_of_an_image_folder_checks_its_images(tmp_path, monkeypatch, capsy
     assert "1 test records are byte-for-byte copies of train records (test/dog/7.png = train/dog/1.png)" in err
     assert f"{os.path.join(src, 'test', 'cat', '5.png')}: image does not decode" in err
     assert err.strip().splitlines()[-1] == f"error: {src}: 2 problems found; fix the folders and files named above"
+
+    for name in os.listdir(os.path.join(src, "test", "dog")):  # test/ with a class folder but no image
+        os.remove(os.path.join(src, "test", "dog", name))
+    shutil.rmtree(os.path.join(src, "test", "cat"))
+    code, out, err = tool_output(prepare, ["--check", "mine", "--out", tmp_path / "data"], monkeypatch, capsys)
+    assert code == 2 and f"{src} test: no images (training refuses an empty split)" in err, err
