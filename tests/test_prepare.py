@@ -239,7 +239,6 @@ def test_original_bytes_are_stored_exactly(tmp_path):
     ("stanford_dogs", "test_list.mat"), ("vgg_flower_102", "setid.mat"), ("chest_xray", "chest_xray/test"),
     ("cub", "images")])
 def test_missing_index_file_is_named(tmp_path, dataset, missing):
-
     src, *_ = FAKES[dataset](str(tmp_path / "src"))
     path = os.path.join(src, missing)
     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
