@@ -30,6 +30,10 @@ Images are stored byte-for-byte by default. `--resize N` instead stores JPEG (qu
 so that the shorter side is N (aspect ratio kept, never enlarged): a smaller, faster LMDB that is
 still a faithful picture; training resizes to 224x224 anyway, so N >= 224 loses nothing there.
 
+An image listed twice, within a split or in both (the same file: a link or a second hard link counts), is
+refused before anything is written, naming the index files: a test split holding training images would inflate
+every accuracy, and its size may still match the standard split's.
+
 Every image is decoded once while building (16-bit grayscale scaled to 8 bits by v / 257, as training
 does; the original bytes are stored unless --resize). An unreadable one stops the build (naming it) unless
 --skip_bad, which skips and lists it. Both splits are written into a hidden folder
@@ -41,7 +45,10 @@ After building, the images per split and per class are printed and stored in
 `<out>/<name>/counts.json`; a split whose size differs from the standard split prints a
 `warning: <name> <split>: expected ... images (standard split), found ...` line on stderr and
 does not fail (fake or partial sources are legitimate). `--check NAME` decodes every record of an
-existing `<out>/<name>` (ours, or the authors' data.tar.gz) and checks labels and counts.
+existing `<out>/<name>` (ours, the authors' data.tar.gz, or an image folder <name>/{train,test}/<class>/<image>)
+and checks labels and counts, and that no test record is a byte-for-byte copy of a train record (the SHA-256 of
+each encoded image, taken in the same pass; copies within one split are a warning: they weigh an image twice but
+leak nothing), whoever built the splits.
 """
 import argparse
 import contextlib
@@ -719,7 +726,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="threads decoding images (default: min(8, CPUs))")
     parser.add_argument("--check", default=None, metavar="NAME",
-                        help="instead of building, decode every record of <out>/NAME and check labels and counts")
+                        help="instead of building, decode every record of <out>/NAME (LMDB files or an image "
+                             "folder) and check labels, counts, and that no test image is a copy of a training image")
     sources.add_arguments(parser)  # natural_crops, fashion_mnist
     return parser
 

@@ -26,7 +26,8 @@ fashion_mnist   Fashion-MNIST (Xiao et al. 2017, 28x28 grey, 10 classes) from it
                 without --src those of the Debian package dataset-fashion-mnist (fetched as above), with --src
                 a folder holding train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz],
                 t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]. train: --shots images per class
-                drawn with --seed (default: all 60,000); test: all 10,000. Stored as grey PNG.
+                drawn with --seed (default: all 60,000); test: all 10,000. Stored as grey PNG. An image written twice
+                (the same pixels within a split or in both: t10k files that copy the training files) is refused.
 
 Both write counts.json in data.prepare's format (classes, per-split counts), plus where the images came from
 (package names and versions, or the folder), the settings, and for natural_crops the images kept and dropped
