@@ -248,18 +248,29 @@ def decode_image(image_bytes: bytes, image_size: int, resample: int = Image.BILI
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (3, S, S); contiguous batches stack fast
 
 
+def split_reader(root: str, split: str):
+    """The reader of one split of the dataset folder `root`: an LMDBReader of <split>.lmdb if that exists (the
+    release's layout), else an image-folder reader of <split>/ (whose errors are UserErrors naming the folder),
+    else None. An LMDB file that cannot be opened raises lmdb.Error, a pickle error or ValueError."""
+    lmdb_path, folder = os.path.join(root, f"{split}.lmdb"), os.path.join(root, split)
+    if os.path.lexists(lmdb_path):
+        return LMDBReader(lmdb_path)
+    if os.path.isdir(folder):
+        return _FolderReader(root, split)
+    return None
+
+
 def open_split(name: str, split: str, data_dir: str):
     """(the dataset's folder, the split's reader: an LMDBReader or an image-folder reader), checked."""
     root = dataset_dir(name, data_dir)
     lmdb_path, folder = os.path.join(root, f"{split}.lmdb"), os.path.join(root, split)
-    if os.path.lexists(lmdb_path):
-        try:
-            reader = LMDBReader(lmdb_path)
-        except Exception as e:  # lmdb.Error, pickle errors, ValueError (a truncated file among them)
-            raise UserError(f"cannot read {lmdb_path}: {e}; {how_to_rebuild(name, data_dir)}") from None
-    elif os.path.isdir(folder):
-        reader = _FolderReader(root, split)
-    else:
+    try:
+        reader = split_reader(root, split)
+    except UserError:
+        raise
+    except Exception as e:  # lmdb.Error, pickle errors, ValueError (a truncated file among them)
+        raise UserError(f"cannot read {lmdb_path}: {e}; {how_to_rebuild(name, data_dir)}") from None
+    if reader is None:
         raise UserError(f"dataset '{name}' has no {split} split: expected {lmdb_path} or {folder}/<class>/; "
                         f"{how_to_get(name, data_dir)}")
     if len(reader) == 0:

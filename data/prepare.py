@@ -30,6 +30,10 @@ Images are stored byte-for-byte by default. `--resize N` instead stores JPEG (qu
 so that the shorter side is N (aspect ratio kept, never enlarged): a smaller, faster LMDB that is
 still a faithful picture; training resizes to 224x224 anyway, so N >= 224 loses nothing there.
 
+An image listed twice, within a split or in both (the same file: a link or a second hard link counts), is
+refused before anything is written, naming the index files: a test split holding training images would inflate
+every accuracy, and its size may still match the standard split's.
+
 Every image is decoded once while building (16-bit grayscale scaled to 8 bits by v / 257, as training
 does; the original bytes are stored unless --resize). An unreadable one stops the build (naming it) unless
 --skip_bad, which skips and lists it. Both splits are written into a hidden folder
@@ -41,11 +45,15 @@ After building, the images per split and per class are printed and stored in
 `<out>/<name>/counts.json`; a split whose size differs from the standard split prints a
 `warning: <name> <split>: expected ... images (standard split), found ...` line on stderr and
 does not fail (fake or partial sources are legitimate). `--check NAME` decodes every record of an
-existing `<out>/<name>` (ours, or the authors' data.tar.gz) and checks labels and counts.
+existing `<out>/<name>` (ours, the authors' data.tar.gz, or an image folder <name>/{train,test}/<class>/<image>)
+and checks labels and counts, and that no test record is a byte-for-byte copy of a train record (the SHA-256 of
+each encoded image, taken in the same pass; copies within one split are a warning: they weigh an image twice but
+leak nothing), whoever built the splits.
 """
 import argparse
 import contextlib
 import datetime
+import hashlib
 import io
 import json
 import os
@@ -65,7 +73,7 @@ from tqdm import tqdm
 
 from data import sources
 from data.datasets import (DATASETS, SPLITS, check_name, class_folders, file_kind, folder_split, how_to_rebuild,
-                           image_files, read_counts, to_8bit, unusable_file)
+                           image_files, read_counts, split_reader, to_8bit, unusable_file)
 import outputs
 from data.lmdb_format import LMDBReader, write_lmdb
 from errors import UserError
@@ -81,12 +89,14 @@ EXPECTED_COUNTS = {
 }
 JPEG_QUALITY = 95
 MAX_LISTED_PROBLEMS = 20
+MAX_LISTED_COPIES = 3  # examples in --check's line about records that are copies of others
 SPACE_MARGIN = 64 << 20  # bytes a build leaves free beyond the images' size (LMDB pages, counts.json)
 
 
 class Source(NamedTuple):
     splits: dict  # split -> list of (image path, 0-based label)
     classes: list  # label -> class name
+    listed_in: dict  # split -> where each of its images is listed (an index file, a folder), in the same order
 
 
 # ---------------------------------------------------------------- reading the published layouts
@@ -168,7 +178,7 @@ def aircraft(src: str) -> Source:
     classes = _read_lines(_require(os.path.join(root, "variants.txt"), layout))
     label_of = {name: label for label, name in enumerate(classes)}
     image_dir = _require(os.path.join(root, "images"), layout)
-    splits = {}
+    splits, listed_in = {}, {}
     for split, index in (("train", "images_variant_trainval.txt"), ("test", "images_variant_test.txt")):
         path = _require(os.path.join(root, index), layout)
         items = []
@@ -177,7 +187,8 @@ def aircraft(src: str) -> Source:
                 raise UserError(f"{path}: variant {variant!r} of image {image_id} is not in variants.txt")
             items.append((os.path.join(image_dir, f"{image_id}.jpg"), label_of[variant]))
         splits[split] = items
-    return Source(splits, classes)
+        listed_in[split] = [path] * len(items)
+    return Source(splits, classes, listed_in)
 
 
 def cub(src: str) -> Source:
@@ -189,7 +200,7 @@ def cub(src: str) -> Source:
     label_of = {class_id: label for label, (class_id, _) in enumerate(index["classes.txt"])}
     classes = [name for _, name in index["classes.txt"]]
     class_of, is_train = dict(index["image_class_labels.txt"]), dict(index["train_test_split.txt"])
-    splits = {"train": [], "test": []}
+    splits, listed_in = {"train": [], "test": []}, {"train": [], "test": []}
     for image_id, relpath in index["images.txt"]:
         for table, name in ((class_of, "image_class_labels.txt"), (is_train, "train_test_split.txt")):
             if image_id not in table:
@@ -198,7 +209,8 @@ def cub(src: str) -> Source:
             raise UserError(f"class {class_of[image_id]} of image {image_id} is not in classes.txt")
         split = "train" if is_train[image_id] == "1" else "test"
         splits[split].append((os.path.join(image_dir, relpath), label_of[class_of[image_id]]))
-    return Source(splits, classes)
+        listed_in[split].append(f"{os.path.join(root, 'images.txt')} (image id {image_id})")
+    return Source(splits, classes, listed_in)
 
 
 def dtd(src: str) -> Source:
@@ -214,17 +226,18 @@ def dtd(src: str) -> Source:
     classes = sorted({line.split("/")[0] for lines in lists.values() for line in lines})
     label_of = {name: label for label, name in enumerate(classes)}
 
-    def items(lines):
-        return [(os.path.join(image_dir, line), label_of[line.split("/")[0]]) for line in lines]
-
-    return Source({"train": items(lists["train1.txt"] + lists["val1.txt"]), "test": items(lists["test1.txt"])},
-                  classes)
+    parts = {"train": ("train1.txt", "val1.txt"), "test": ("test1.txt",)}
+    splits = {split: [(os.path.join(image_dir, line), label_of[line.split("/")[0]])
+                      for name in names for line in lists[name]] for split, names in parts.items()}
+    listed_in = {split: [os.path.join(root, "labels", name) for name in names for _ in lists[name]]
+                 for split, names in parts.items()}
+    return Source(splits, classes, listed_in)
 
 
 def stanford_dogs(src: str) -> Source:
     layout = "Stanford Dogs: train_list.mat, test_list.mat (lists.tar), Images/ (images.tar)"
     image_dir = _require(os.path.join(src, "Images"), layout)
-    splits, names = {}, {}
+    splits, names, listed_in = {}, {}, {}
     for split in SPLITS:
         path = _require(os.path.join(src, f"{split}_list.mat"), layout)
         mat = _loadmat(path, ("file_list", "labels"))
@@ -236,8 +249,9 @@ def stanford_dogs(src: str) -> Source:
             if names.setdefault(number, folder) != folder:
                 raise UserError(f"{path}: label {number} is both {names[number]} and {folder}")
         splits[split] = [(os.path.join(image_dir, f), n - 1) for f, n in zip(files, numbers)]
+        listed_in[split] = [path] * len(files)
     classes = [names.get(number, str(number)) for number in range(1, max(names, default=0) + 1)]
-    return Source(splits, classes)
+    return Source(splits, classes, listed_in)
 
 
 def vgg_flower_102(src: str) -> Source:
@@ -254,11 +268,13 @@ def vgg_flower_102(src: str) -> Source:
         if not 1 <= image_id <= len(numbers):
             raise UserError(f"{setid_path}: image id {image_id} outside 1..{len(numbers)} of imagelabels.mat")
 
-    def items(image_ids):
-        return [(os.path.join(image_dir, f"image_{i:05d}.jpg"), numbers[i - 1] - 1) for i in sorted(image_ids)]
-
+    keys = {"train": ("trnid", "valid"), "test": ("tstid",)}
+    listed = {split: sorted((i, f"{setid_path} ({key})") for key in split_keys for i in ids[key])
+              for split, split_keys in keys.items()}
+    splits = {split: [(os.path.join(image_dir, f"image_{i:05d}.jpg"), numbers[i - 1] - 1) for i, _ in pairs]
+              for split, pairs in listed.items()}
     classes = [str(number) for number in range(1, max(numbers, default=0) + 1)]
-    return Source({"train": items(ids["trnid"] + ids["valid"]), "test": items(ids["tstid"])}, classes)
+    return Source(splits, classes, {split: [where for _, where in pairs] for split, pairs in listed.items()})
 
 
 def chest_xray(src: str) -> Source:
@@ -267,14 +283,19 @@ def chest_xray(src: str) -> Source:
     train_dir = _require(os.path.join(root, "train"), layout)
     test_dir = _require(os.path.join(root, "test"), layout)
     classes = class_folders(train_dir)
-    return Source({"train": folder_split(train_dir, classes), "test": folder_split(test_dir, classes)}, classes)
+    return _folders_source({"train": train_dir, "test": test_dir}, classes)
+
+
+def _folders_source(split_dirs: dict, classes: list) -> Source:
+    splits = {split: folder_split(folder, classes) for split, folder in split_dirs.items()}
+    return Source(splits, classes, {split: [split_dirs[split]] * len(items) for split, items in splits.items()})
 
 
 def imagefolder(src: str, test_fraction: float, seed: int) -> Source:
     has = {split: os.path.isdir(os.path.join(src, split)) for split in SPLITS}
     if all(has.values()):
         classes = class_folders(os.path.join(src, "train"))
-        return Source({split: folder_split(os.path.join(src, split), classes) for split in SPLITS}, classes)
+        return _folders_source({split: os.path.join(src, split) for split in SPLITS}, classes)
     if any(has.values()):
         present, absent = ("train", "test") if has["train"] else ("test", "train")
         raise UserError(f"{src} has {present}/ but no {absent}/: give both, or put the class folders "
@@ -294,7 +315,7 @@ def imagefolder(src: str, test_fraction: float, seed: int) -> Source:
             n_test = min(max(n_test, 1), len(files) - 1)
         splits["test"] += [(f, label) for f in sorted(files[:n_test])]
         splits["train"] += [(f, label) for f in sorted(files[n_test:])]
-    return Source(splits, classes)
+    return Source(splits, classes, {split: [src] * len(items) for split, items in splits.items()})
 
 
 CONVERTERS = {"aircraft": aircraft, "cub": cub, "dtd": dtd, "stanford_dogs": stanford_dogs,
@@ -364,6 +385,38 @@ def _records(items, args, skipped: list, desc: str):
             skipped.append(path)
             continue
         yield data, label
+
+
+def _file_identity(path: str) -> tuple:
+    """The file `path` names: a link or a second hard link to an image is that image; a missing one its path."""
+    try:
+        st = os.stat(path)
+        return st.st_dev, st.st_ino
+    except OSError:
+        return (os.path.realpath(path),)
+
+
+def _check_listed_once(source: Source, src: str) -> None:
+    """Refuses a source that lists an image twice, within a split or in both: an index that puts training images
+    into the test split (test1.txt a copy of train1.txt, a repeated line of images.txt) would inflate every
+    accuracy measured on it, and the split sizes need not show it."""
+    first, repeats = {}, []
+    for split, items in source.splits.items():
+        for (path, _), where in zip(items, source.listed_in[split], strict=True):
+            identity = _file_identity(path)
+            if identity in first:
+                repeats.append((first[identity], (split, path, where)))
+            else:
+                first[identity] = (split, path, where)
+    if not repeats:
+        return
+    across = [(a, b) for a, b in repeats if a[0] != b[0]]
+    (split_a, path_a, where_a), (split_b, path_b, where_b) = (across or repeats)[0]
+    example = (f"{path_b} is listed in {where_a} ({split_a}) and in {where_b} ({split_b})" if path_a == path_b else
+               f"{path_a} in {where_a} ({split_a}) and {path_b} in {where_b} ({split_b}) are the same file")
+    raise UserError(f"{src}: {len(across)} images are listed in both train and test and {len(repeats) - len(across)} "
+                    f"twice within a split; e.g. {example}. Each image must be listed once (a test image that is also "
+                    f"a training image inflates the accuracy): fix the index; nothing was written")
 
 
 def _count(labels, classes) -> dict:
@@ -464,6 +517,7 @@ def build(args) -> dict:
         source = imagefolder(args.src, args.test_fraction, args.seed)
     else:
         source = CONVERTERS[args.dataset](args.src)
+    _check_listed_once(source, args.src)
     classes = source.classes
     if len(set(classes)) != len(classes):
         raise UserError(f"{args.src}: duplicate class names in the index")
@@ -527,20 +581,55 @@ def build(args) -> dict:
 
 # ---------------------------------------------------------------- check
 
-def _read_records(reader: LMDBReader, problems: list):
+def _open_split(root: str, split: str, problems: list):
+    """The split's reader (its LMDB file, else its image folder), or None with the reason in `problems`."""
+    try:
+        reader = split_reader(root, split)
+    except UserError as e:  # an image folder's: a test/ class that train/ lacks, an unreadable folder or image
+        problems.append(str(e))
+        return None
+    except Exception as e:  # lmdb.Error, pickle errors, ValueError (a truncated file among them)
+        problems.append(f"cannot open {os.path.join(root, f'{split}.lmdb')}: {type(e).__name__}: {e}")
+        return None
+    if reader is None:
+        problems.append(f"missing {os.path.join(root, f'{split}.lmdb')} (or an image folder "
+                        f"{os.path.join(root, split)}/<class>/<image>)")
+    elif len(reader) == 0:
+        problems.append(f"{root} {split}: no images (training refuses an empty split)")
+    return reader
+
+
+def _record_name(reader, index: int, root: str) -> str:
+    """A record as its user finds it below the dataset folder `root`: an LMDB file's key, or an image file."""
+    if isinstance(reader, LMDBReader):
+        return f"{os.path.relpath(reader.path, root)} record {reader.keys[index]!r}"
+    return os.path.relpath(reader.items[index][0], root)
+
+
+def _read_records(reader, root: str, problems: list):
     for index in range(len(reader)):
         try:
-            yield reader.keys[index], reader[index]
-        except Exception as e:  # missing key, refused or broken pickle
-            problems.append(f"{reader.path} record {reader.keys[index]!r}: cannot read ({type(e).__name__}: {e})")
+            yield index, reader[index]
+        except Exception as e:  # missing key, refused or broken pickle, an image file gone meanwhile
+            where = os.path.join(root, _record_name(reader, index, root))
+            problems.append(f"{where}: cannot read ({type(e).__name__}: {e})")
 
 
-def _decode_error(record):
+def _examine(record) -> tuple:
+    """(why the image does not decode or None, SHA-256 of its encoded bytes): one record's work, on a thread."""
+    _, (image_bytes, _) = record
+    digest = hashlib.sha256(image_bytes).digest()
     try:
-        _decode(record[1][0])
-        return None
+        _decode(image_bytes)
+        return None, digest
     except Exception as e:
-        return f"{type(e).__name__}: {e}"
+        return f"{type(e).__name__}: {e}", digest
+
+
+def _copies_text(pairs: list) -> str:
+    """'later = earlier' for the first few (earlier, later) record names."""
+    shown = "; ".join(f"{later} = {earlier}" for earlier, later in pairs[:MAX_LISTED_COPIES])
+    return shown + (f"; ... and {len(pairs) - MAX_LISTED_COPIES} more" if len(pairs) > MAX_LISTED_COPIES else "")
 
 
 def check(args) -> dict:
@@ -549,33 +638,40 @@ def check(args) -> dict:
     if not os.path.isdir(root):
         raise UserError(f"{root} does not exist; build it with `python -m data.prepare`")
     stored = read_counts(root, name, args.out)
-    num_classes = DATASETS.get(name) or (stored or {}).get("num_classes")
     problems, labels = [], {}
-    for split in SPLITS:
-        path = os.path.join(root, f"{split}.lmdb")
-        if not os.path.exists(path):
-            problems.append(f"missing {path}")
-            continue
-        try:
-            reader = LMDBReader(path)
-        except Exception as e:
-            problems.append(f"cannot open {path}: {type(e).__name__}: {e}")
-            continue
-        records = _read_records(reader, problems)
-        decoded = _ordered_map(lambda record: (record, _decode_error(record)), records, args.workers)
+    readers = {split: reader for split in SPLITS if (reader := _open_split(root, split, problems)) is not None}
+    folder_classes = next((r.classes for r in readers.values() if not isinstance(r, LMDBReader)), None)
+    num_classes = DATASETS.get(name) or (stored or {}).get("num_classes") or len(folder_classes or []) or None
+    # Copies by content, whoever built the splits: a test image that is also a training image inflates the accuracy.
+    first_seen, copies = {}, {"across": [], **{split: [] for split in SPLITS}}
+    for split, reader in readers.items():
+        examined = _ordered_map(lambda record: (record, _examine(record)), _read_records(reader, root, problems),
+                                args.workers)
         labels[split] = []
-        for (key, (_, label)), error in tqdm(decoded, total=len(reader), desc=f"{name} {split}", unit="img"):
+        for (index, (_, label)), (error, digest) in tqdm(examined, total=len(reader), desc=f"{name} {split}",
+                                                          unit="img"):
+            record = _record_name(reader, index, root)
+            if digest in first_seen:
+                first_split, first_record = first_seen[digest]
+                copies["across" if first_split != split else split].append((first_record, record))
+            else:
+                first_seen[digest] = (split, record)
             if error is not None:
-                problems.append(f"{path} record {key!r}: image does not decode ({error})")
+                problems.append(f"{os.path.join(root, record)}: image does not decode ({error})")
             if label < 0 or (num_classes is not None and label >= num_classes):
-                problems.append(f"{path} record {key!r}: label {label} outside 0..{(num_classes or 0) - 1}")
+                problems.append(f"{os.path.join(root, record)}: label {label} outside 0..{(num_classes or 0) - 1}")
             else:
                 labels[split].append(label)
+    if copies["across"]:
+        problems.insert(0, f"{root}: the test split holds training images: {len(copies['across'])} test records are "
+                           f"byte-for-byte copies of train records ({_copies_text(copies['across'])}); accuracies "
+                           f"measured on it are inflated: take the copies out of the test split, or rebuild it "
+                           f"from a source whose splits do not overlap")
     if num_classes is None:
         print(f"warning: {name}: class count unknown (not a known dataset, no counts.json); "
               f"labels checked only for being >= 0", file=sys.stderr)
         num_classes = max([max(v, default=-1) for v in labels.values()], default=-1) + 1
-    classes = (stored or {}).get("classes") or [str(label) for label in range(num_classes)]
+    classes = (stored or {}).get("classes") or folder_classes or [str(label) for label in range(num_classes)]
     counts = {split: _count(split_labels, classes) for split, split_labels in labels.items()}
     if stored and isinstance(stored.get("splits"), dict):  # other writers' counts.json may have no splits
         for split in counts:
@@ -586,13 +682,19 @@ def check(args) -> dict:
 
     _print_counts(counts, classes)
     _warn_expected((stored or {}).get("dataset", name), name, counts)
+    for split in SPLITS:  # they weigh an image twice, but put no training image into the test split
+        if copies[split]:
+            print(f"warning: {root} {split}: {len(copies[split])} records are byte-for-byte copies of other {split} "
+                  f"records ({_copies_text(copies[split])})", file=sys.stderr)
     if problems:
         for problem in problems[:MAX_LISTED_PROBLEMS]:
             print(problem, file=sys.stderr)
         if len(problems) > MAX_LISTED_PROBLEMS:
             print(f"... and {len(problems) - MAX_LISTED_PROBLEMS} more", file=sys.stderr)
-        raise UserError(f"{root}: {len(problems)} problems found; {how_to_rebuild(name, args.out)}")
-    print(f"{root}: ok, every record decodes, labels in 0..{num_classes - 1}")
+        fix = ("fix the folders and files named above" if folder_classes is not None
+               else how_to_rebuild(name, args.out))
+        raise UserError(f"{root}: {len(problems)} problems found; {fix}")
+    print(f"{root}: ok, every record decodes, labels in 0..{num_classes - 1}, no test image is a training image")
     return counts
 
 
@@ -624,7 +726,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="threads decoding images (default: min(8, CPUs))")
     parser.add_argument("--check", default=None, metavar="NAME",
-                        help="instead of building, decode every record of <out>/NAME and check labels and counts")
+                        help="instead of building, decode every record of <out>/NAME (LMDB files or an image "
+                             "folder) and check labels, counts, and that no test image is a copy of a training image")
     sources.add_arguments(parser)  # natural_crops, fashion_mnist
     return parser
 

@@ -26,13 +26,15 @@ fashion_mnist   Fashion-MNIST (Xiao et al. 2017, 28x28 grey, 10 classes) from it
                 without --src those of the Debian package dataset-fashion-mnist (fetched as above), with --src
                 a folder holding train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz],
                 t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]. train: --shots images per class
-                drawn with --seed (default: all 60,000); test: all 10,000. Stored as grey PNG.
+                drawn with --seed (default: all 60,000); test: all 10,000. Stored as grey PNG. An image written twice
+                (the same pixels within a split or in both: t10k files that copy the training files) is refused.
 
 Both write counts.json in data.prepare's format (classes, per-split counts), plus where the images came from
 (package names and versions, or the folder), the settings, and for natural_crops the images kept and dropped
 for each reason; fashion_mnist adds the indices of the chosen training images in the 60,000.
 """
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -390,11 +392,34 @@ def _idx_path(folder: str, stem: str) -> str:
                     f"{', '.join(s + '[.gz]' for pair in FASHION_MNIST_FILES.values() for s in pair)})")
 
 
+def _check_each_image_once(images: dict, indices: dict, paths: dict) -> None:
+    """Refuses images (split -> N x rows x columns) whose chosen `indices` repeat an image pixel for pixel, within a
+    split or across: t10k files that copy the training files would make a test split of training images, which
+    inflates every accuracy measured on it. Fashion-MNIST itself has no such repeat."""
+    first, repeats = {}, []
+    for split in ("train", "test"):
+        for i in indices[split]:
+            digest = hashlib.sha256(images[split][i].tobytes()).digest()
+            if digest in first:
+                repeats.append((first[digest], (split, int(i))))
+            else:
+                first[digest] = (split, int(i))
+    if repeats:
+        across = [(a, b) for a, b in repeats if a[0] != b[0]]
+        (split_a, i_a), (split_b, i_b) = (across or repeats)[0]
+        raise UserError(f"{paths['train']} and {paths['test']}: {len(across)} test images are training images and "
+                        f"{len(repeats) - len(across)} repeat within a split, pixel for pixel (e.g. {split_b} image "
+                        f"{i_b} = {split_a} image {i_a}, counted from 0); each image must appear once (a test image "
+                        f"that is also a training image inflates the accuracy): check that the t10k-* files are "
+                        f"Fashion-MNIST's test set; nothing was written")
+
+
 def fashion_mnist(args, folder: str):
     """(splits, information for counts.json) from the idx files in `folder`."""
-    arrays = {}
+    arrays, paths = {}, {}
     for split, (images_stem, labels_stem) in FASHION_MNIST_FILES.items():
         images_path, labels_path = _idx_path(folder, images_stem), _idx_path(folder, labels_stem)
+        paths[split] = images_path
         images, labels = read_idx(images_path), read_idx(labels_path)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise UserError(f"{images_path} and {labels_path}: expected N images (N x rows x columns) and N labels, "
@@ -414,6 +439,7 @@ def fashion_mnist(args, folder: str):
         chosen = np.sort(np.concatenate([rng.choice(np.flatnonzero(train_labels == c), size=args.shots, replace=False)
                                          for c in range(len(FASHION_MNIST_CLASSES))]))
     indices = {"train": chosen, "test": np.arange(len(arrays["test"][1]))}
+    _check_each_image_once({split: arrays[split][0] for split in arrays}, indices, paths)
 
     def records(split):
         images, labels = arrays[split]

@@ -3,6 +3,7 @@ through the training loader; plus --check, --skip_bad, overwrite and error handl
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -26,9 +27,12 @@ def run(*argv):
 
 
 def save_jpeg(path, colour, size=(12, 8)):
+    """A flat `colour`, its path as the JPEG comment: each fake image is a distinct file, as the photos of a real
+    dataset are (bytes that repeat across splits are a leak to --check), with the same pixels."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     mode = "L" if colour[0] == colour[1] == colour[2] else "RGB"
-    Image.new(mode, size, colour[0] if mode == "L" else colour).save(path, format="JPEG", quality=95)
+    Image.new(mode, size, colour[0] if mode == "L" else colour).save(path, format="JPEG", quality=95,
+                                                                     comment=path.encode())
 
 
 def write_text(path, lines):
@@ -235,8 +239,6 @@ def test_original_bytes_are_stored_exactly(tmp_path):
     ("stanford_dogs", "test_list.mat"), ("vgg_flower_102", "setid.mat"), ("chest_xray", "chest_xray/test"),
     ("cub", "images")])
 def test_missing_index_file_is_named(tmp_path, dataset, missing):
-    import shutil
-
     src, *_ = FAKES[dataset](str(tmp_path / "src"))
     path = os.path.join(src, missing)
     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
@@ -334,9 +336,9 @@ def test_refuses_to_build_over_its_own_source(tmp_path):
 
 # ---------------------------------------------------------------- --check
 
-def png(colour):
+def png(colour, width=5):
     buf = io.BytesIO()
-    Image.new("RGB", (5, 4), colour).save(buf, format="PNG")
+    Image.new("RGB", (width, 4), colour).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -361,8 +363,8 @@ def test_check_accepts_a_good_build_and_rejects_a_corrupted_one(tmp_path, capsys
 
 def test_check_reads_the_authors_tarball_without_counts_json(tmp_path, capsys):
     root = tmp_path / "data" / "aircraft"
-    write_lmdb(str(root / "train.lmdb"), [(png(COLOURS[i % 3]), i % 3) for i in range(6)])
-    write_lmdb(str(root / "test.lmdb"), [(png(COLOURS[0]), 99), (png(COLOURS[1]), 1)])
+    write_lmdb(str(root / "train.lmdb"), [(png(COLOURS[i % 3], width=5 + i), i % 3) for i in range(6)])
+    write_lmdb(str(root / "test.lmdb"), [(png(COLOURS[0], width=4), 99), (png(COLOURS[1], width=4), 1)])
     counts = run("--check", "aircraft", "--out", tmp_path / "data")
     assert counts["train"]["total"] == 6 and counts["test"]["per_class"]["99"] == 1
     err = capsys.readouterr().err
@@ -415,3 +417,143 @@ def test_imagefolder_needs_a_name_and_both_splits_or_neither(tmp_path):
     os.makedirs(os.path.join(src, "train", "a"))
     with pytest.raises(UserError, match="has train/ but no test/"):
         run("imagefolder", "--src", src, "--out", tmp_path / "data", "--name", "mine")
+
+
+# ---------------------------------------------------------------- an image in both splits, or listed twice
+
+def copy_file(src, dst):
+    with open(src, "rb") as f:
+        data = f.read()
+    with open(dst, "wb") as f:
+        f.write(data)
+
+
+def repeat_an_image(dataset, src):
+    """Damages the fake `src` so that it lists an image twice; returns the words the refusal must hold."""
+    if dataset == "dtd":  # the issue's case: the sizes match the standard split's, nothing else warns
+        copy_file(os.path.join(src, "labels", "train1.txt"), os.path.join(src, "labels", "test1.txt"))
+        return ["4 images are listed in both train and test", os.path.join(src, "labels", "train1.txt"),
+                os.path.join(src, "labels", "test1.txt")]
+    if dataset == "cub":  # a line of images.txt twice: both in the same split
+        lines = open(os.path.join(src, "images.txt")).read().splitlines()
+        write_text(os.path.join(src, "images.txt"), lines + [lines[2]])
+        return ["0 images are listed in both train and test and 1 twice within a split",
+                f"{os.path.join(src, 'images.txt')} (image id 3)", lines[2].split()[1]]
+    if dataset == "aircraft":  # a test line copied into trainval
+        data = os.path.join(src, "data")
+        test_line = open(os.path.join(data, "images_variant_test.txt")).read().splitlines()[0]
+        with open(os.path.join(data, "images_variant_trainval.txt"), "a") as f:
+            f.write(test_line + "\n")
+        return ["1 images are listed in both", os.path.join(data, "images_variant_trainval.txt"),
+                os.path.join(data, "images_variant_test.txt"), f"{test_line.split()[0]}.jpg"]
+    if dataset == "stanford_dogs":  # test_list.mat a copy of train_list.mat
+        copy_file(os.path.join(src, "train_list.mat"), os.path.join(src, "test_list.mat"))
+        return ["6 images are listed in both", os.path.join(src, "train_list.mat"), os.path.join(src, "test_list.mat")]
+    if dataset == "vgg_flower_102":  # a training id among tstid
+        ids = {"trnid": [3, 1, 5], "valid": [2, 9], "tstid": [4, 6, 7, 8, 10, 11, 9]}
+        scipy.io.savemat(os.path.join(src, "setid.mat"), {k: np.array([v], dtype=np.float64) for k, v in ids.items()})
+        return ["1 images are listed in both", "image_00009.jpg", f"{os.path.join(src, 'setid.mat')} (valid)",
+                f"{os.path.join(src, 'setid.mat')} (tstid)"]
+    if dataset == "chest_xray":  # a link in test/ to a training image: the same file
+        train = os.path.join(src, "chest_xray", "train", "NORMAL", "IM-0000-0001.jpeg")
+        link = os.path.join(src, "chest_xray", "test", "NORMAL", "IM-9999-0001.jpeg")
+        os.symlink(train, link)
+        return ["1 images are listed in both", f"{train} in", f"{link} in", "are the same file"]
+    if dataset == "imagefolder":  # a second hard link, in test/, to a training image
+        train, link = os.path.join(src, "train", "cat", "0.png"), os.path.join(src, "test", "cat", "9.png")
+        os.link(train, link)
+        return ["1 images are listed in both", train, link, "are the same file"]
+    raise AssertionError(dataset)
+
+
+@pytest.mark.parametrize("dataset", sorted(FAKES))
+def test_converters_refuse_an_image_listed_twice_or_in_both_splits(tmp_path, dataset):
+    src, *_ = FAKES[dataset](str(tmp_path / "src"))
+    words = repeat_an_image(dataset, src)
+    out = tmp_path / "data"
+    with pytest.raises(UserError) as refused:
+        run(dataset, "--src", src, "--out", out, "--name", "mine")
+    for w in words + ["Each image must be listed once", "nothing was written"]:
+        assert w in str(refused.value), (w, str(refused.value))
+    assert not out.exists() or os.listdir(out) == []
+
+
+def test_dtd_with_test1_a_copy_of_train1_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    from data import prepare
+    from helpers import assert_one_line, tool_output
+
+    src, *_ = fake_dtd(str(tmp_path / "src"))
+    repeat_an_image("dtd", src)
+    code, out, err = tool_output(prepare, ["dtd", "--src", src, "--out", tmp_path / "data"], monkeypatch, capsys)
+    assert code == 2
+    assert_one_line(err, "train1.txt (train) and in", "test1.txt (test)", "inflates the accuracy")
+
+
+# ---------------------------------------------------------------- --check: copies by content, image folders
+
+def lmdb_pair(root, train, test):
+    for split, records in (("train", train), ("test", test)):
+        write_lmdb(str(root / f"{split}.lmdb"), records)
+
+
+def test_check_finds_test_records_that_are_training_images(tmp_path, monkeypatch, capsys):
+    """Whoever built the LMDBs (the authors' tarball, another tool): the same bytes in both splits are a leak."""
+    from data import prepare
+    from helpers import tool_output
+
+    root = tmp_path / "data" / "mine"
+    train = [(png(COLOURS[i % 2], width=3 + i), i % 2) for i in range(6)]
+    lmdb_pair(root, train, [(png(COLOURS[0], width=20), 0), train[4], train[1]])
+    code, _, err = tool_output(prepare, ["--check", "mine", "--out", tmp_path / "data"], monkeypatch, capsys)
+    assert code == 2, err
+    leak = [line for line in err.splitlines() if "the test split holds training images" in line]
+    assert len(leak) == 1, err
+    assert ("2 test records are byte-for-byte copies of train records (test.lmdb record b'00000001' = train.lmdb "
+            "record b'00000004'; test.lmdb record b'00000002' = train.lmdb record b'00000001')") in leak[0]
+    assert err.strip().splitlines()[-1].startswith(f"error: {root}: 1 problems found")
+
+    lmdb_pair(tmp_path / "data" / "clean", train, [(png(COLOURS[0], width=20), 0), (png(COLOURS[1], width=21), 1)])
+    code, out, err = tool_output(prepare, ["--check", "clean", "--out", tmp_path / "data"], monkeypatch, capsys)
+    assert code == 0 and "no test image is a training image" in out, err
+
+
+def test_check_warns_of_copies_within_a_split(tmp_path, capsys):
+    """They weigh an image twice but leak nothing (natural_crops makes them from small images): a warning."""
+    root = tmp_path / "data" / "mine"
+    train = [(png(COLOURS[i % 2], width=3 + i), i % 2) for i in range(4)]
+    lmdb_pair(root, train + [train[0]], [(png(COLOURS[0], width=20), 0)])
+    run("--check", "mine", "--out", tmp_path / "data")
+    captured = capsys.readouterr()
+    assert (f"warning: {root} train: 1 records are byte-for-byte copies of other train records (train.lmdb record "
+            f"b'00000004' = train.lmdb record b'00000000')") in captured.err
+    assert "ok, every record decodes" in captured.out
+
+
+def test_check_of_an_image_folder_checks_its_images(tmp_path, monkeypatch, capsys):
+    from data import prepare
+    from helpers import tool_output
+
+    src, classes, per_label, _ = fake_imagefolder(str(tmp_path / "data" / "mine"))
+    code, out, err = tool_output(prepare, ["--check", "mine", "--out", tmp_path / "data"], monkeypatch, capsys)
+    assert code == 0, err
+    assert f"{src}: ok, every record decodes, labels in 0..1" in out
+    assert "total       5       3" in out  # cat, dog of train/ and test/
+
+    copy_file(os.path.join(src, "train", "dog", "1.png"), os.path.join(src, "test", "dog", "7.png"))
+    with open(os.path.join(src, "test", "cat", "5.png"), "wb") as f:
+        f.write(b"not an image")
+    os.makedirs(os.path.join(src, "test", "bird"))
+    code, out, err = tool_output(prepare, ["--check", "mine", "--out", tmp_path / "data"], monkeypatch, capsys)
+    assert code == 2 and f"{os.path.join(src, 'test')} has class folders that train/ lacks: bird" in err, err
+    os.rmdir(os.path.join(src, "test", "bird"))
+    code, out, err = tool_output(prepare, ["--check", "mine", "--out", tmp_path / "data"], monkeypatch, capsys)
+    assert code == 2, err
+    assert "1 test records are byte-for-byte copies of train records (test/dog/7.png = train/dog/1.png)" in err
+    assert f"{os.path.join(src, 'test', 'cat', '5.png')}: image does not decode" in err
+    assert err.strip().splitlines()[-1] == f"error: {src}: 2 problems found; fix the folders and files named above"
+
+    for name in os.listdir(os.path.join(src, "test", "dog")):  # test/ with a class folder but no image
+        os.remove(os.path.join(src, "test", "dog", name))
+    shutil.rmtree(os.path.join(src, "test", "cat"))
+    code, out, err = tool_output(prepare, ["--check", "mine", "--out", tmp_path / "data"], monkeypatch, capsys)
+    assert code == 2 and f"{src} test: no images (training refuses an empty split)" in err, err

@@ -389,10 +389,14 @@ def test_fashion_mnist_from_the_debian_package(fake_debian, tmp_path):
     ("missing", r"missing .*t10k-labels-idx1-ubyte\[\.gz\] \(expected Fashion-MNIST's idx files"),
     ("truncated", r"t10k-images-idx3-ubyte: the header says 15x7x5 bytes of data, the file holds 100"),
     ("not idx", r"t10k-images-idx3-ubyte is not an idx file"),
-    ("shots", r"--shots 5: class \d \(.*\) has only 4 training images")])
+    ("shots", r"--shots 5: class \d \(.*\) has only 4 training images"),
+    ("copied", r"t10k-images-idx3-ubyte: 20 test images are training images and 0 repeat within a split, pixel for "
+               r"pixel \(e\.g\. test image (\d+) = train image \1, counted from 0\).*inflates the accuracy.*t10k-\* "),
+    ("repeated", r"0 test images are training images and 1 repeat within a split, pixel for pixel \(e\.g\. test image "
+                 r"14 = test image 3")])
 def test_fashion_mnist_bad_input_is_named(tmp_path, damage, message):
     src = tmp_path / "src"
-    fake_fashion(str(src))
+    arrays = fake_fashion(str(src))
     if damage == "missing":
         os.remove(src / "t10k-labels-idx1-ubyte")
     elif damage == "truncated":
@@ -400,6 +404,12 @@ def test_fashion_mnist_bad_input_is_named(tmp_path, damage, message):
         (src / "t10k-images-idx3-ubyte").write_bytes(data[:16 + 100])
     elif damage == "not idx":
         (src / "t10k-images-idx3-ubyte").write_bytes(b"PK\x03\x04 a zip file")
+    elif damage == "copied":  # the t10k files copies of the training files: the 20 chosen are test images too
+        for stem, array in zip(sources.FASHION_MNIST_FILES["test"], arrays["train"]):
+            (src / stem).write_bytes(idx(array, gz=False))
+    elif damage == "repeated":  # the last test image repeats the fourth
+        images = arrays["test"][0]
+        (src / "t10k-images-idx3-ubyte").write_bytes(idx(np.concatenate([images[:14], images[3:4]]), gz=False))
     with pytest.raises(UserError, match=message):
         run("fashion_mnist", "--src", src, "--out", tmp_path / "data", "--shots", 5 if damage == "shots" else 2)
     assert not (tmp_path / "data").exists() or os.listdir(tmp_path / "data") == []
