@@ -36,7 +36,7 @@ test: $(VENV)
 # e.g. make gpu-check GPU_CHECK_FLAGS="--parts finetune"
 .PHONY: gpu-check
 gpu-check:
-	$(if $(wildcard $(PYTHON)),$(PYTHON),python3) -m tools.gpu_check $(GPU_CHECK_FLAGS)
+	$(if $(wildcard $(PYTHON)),$(PYTHON),python3) -m lab.gpu_check $(GPU_CHECK_FLAGS)
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

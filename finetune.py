@@ -30,8 +30,8 @@ from mae_common import creating_command
 from models import (build_classifier, has_checkpoint, load_encoder_state, load_mae, preprocessing_of,
                     save_model)
 from models.identity import WeightsInput
-from tools.card import model_card
-from tools.plots import plot_metrics
+from outputs.card import model_card
+from outputs.plots import plot_metrics
 
 FINETUNE_BETAS = (0.9, 0.999)
 NO_DECAY_NAMES = ("bias", "position_embeddings", "cls_token")  # the release's rule; LayerNorm weights decay

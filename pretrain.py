@@ -22,8 +22,8 @@ from data.identity import SplitInput
 from mae_common import MAE_BETAS, further_pretrain_dir, mae_args_parser, no_weight_decay
 from models import load_mae, mae_loss, preprocessing_of, save_model
 from models.identity import WeightsInput
-from tools.card import model_card
-from tools.plots import plot_metrics
+from outputs.card import model_card
+from outputs.plots import plot_metrics
 
 
 def get_args_parser() -> argparse.ArgumentParser:

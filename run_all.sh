@@ -22,9 +22,9 @@
 # Example: STEPS=50 FINETUNE_STEPS=50 SEEDS="1 2" bash run_all.sh cpu digits --model_name vit-mae-tiny
 set -euo pipefail
 USAGE="bash run_all.sh GPU [DATASET ...] [flags for every stage...]"
-source "$(dirname "$0")/scripts/launch.sh"
-# the cluster form, bash run_all.sh slurm [DATASET ...] [flags...]: the same table as SLURM jobs (tools/submit.py)
-[ "${1:-}" != slurm ] || PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}" exec "$PYTHON" -m tools.submit --launcher run_all.sh "${@:2}"
+source "$(dirname "$0")/launch/launch.sh"
+# the cluster form, bash run_all.sh slurm [DATASET ...] [flags...]: the same table as SLURM jobs (launch/submit.py)
+[ "${1:-}" != slurm ] || PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}" exec "$PYTHON" -m launch.submit --launcher run_all.sh "${@:2}"
 
 [ $# -ge 1 ] || usage_error "GPU is required"
 GPU=$1

@@ -12,10 +12,10 @@
 # Example: SEEDS="1 2" bash run_finetune.sh cpu digits True --model_name vit-mae-tiny --steps 50
 set -euo pipefail
 USAGE="bash run_finetune.sh GPU DATASET [SCRATCH] [CKPT] [CKPT_DIR] [finetune.py flags...]"
-source "$(dirname "$0")/scripts/launch.sh"
+source "$(dirname "$0")/launch/launch.sh"
 # the cluster form, bash run_finetune.sh slurm DATASET [SCRATCH] [CKPT] [CKPT_DIR] [flags...]: one SLURM job running the
-# seeds' pool on its GPUs (tools/submit.py)
-[ "${1:-}" != slurm ] || PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}" exec "$PYTHON" -m tools.submit --launcher run_finetune.sh "${@:2}"
+# seeds' pool on its GPUs (launch/submit.py)
+[ "${1:-}" != slurm ] || PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}" exec "$PYTHON" -m launch.submit --launcher run_finetune.sh "${@:2}"
 
 [ $# -ge 2 ] || usage_error "GPU and DATASET are required"
 GPU=$1 DATASET=$2

@@ -4,6 +4,6 @@
 # Writes runs/small_reproduction_protocol2/ (--out_dir); running it again continues where it stopped.
 set -euo pipefail
 USAGE="bash run_small_reproduction.sh [small_reproduction.py flags...]"
-source "$(dirname "$0")/scripts/launch.sh"  # $PYTHON and $REPO_DIR
+source "$(dirname "$0")/launch/launch.sh"  # $PYTHON and $REPO_DIR
 
-cd "$REPO_DIR" && exec "$PYTHON" -m tools.small_reproduction "$@"  # exec: a signal to the launcher reaches the run
+cd "$REPO_DIR" && exec "$PYTHON" -m lab.small_reproduction "$@"  # exec: a signal to the launcher reaches the run

@@ -30,8 +30,8 @@ from mae_common import (MAE_BETAS, creating_command, further_pretrain_dir, mae_a
 from models import (MAEWithFeature, cls_feature, has_checkpoint, load_encoder, load_mae, preprocessing_of,
                     save_model)
 from models.identity import WeightsInput
-from tools.card import model_card
-from tools.plots import plot_metrics
+from outputs.card import model_card
+from outputs.plots import plot_metrics
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@
     load_encoder(path, name)    the encoder of a checkpoint (the frozen teacher)
     build_classifier(...)       ViTForImageClassification whose encoder comes from θ₀ or a checkpoint
     save_model(model, dir)      a directory stock `from_pretrained` opens (config.json + model.safetensors),
-                                with its model card (tools/card.py) when given one
+                                with its model card (outputs/card.py) when given one
 
 Checkpoints written by the authors' release (`model.pt`, a pickled {"args", "state_dict"} of the
 encoder with transformers-4.x parameter names) are read wherever a checkpoint is read.
@@ -48,7 +48,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
 RELEASE_CHECKPOINT = "model.pt"  # the authors' release
 PROCESSOR_FILE = "preprocessor_config.json"
-CARD_FILE = "README.md"  # the model card (tools/card.py)
+CARD_FILE = "README.md"  # the model card (outputs/card.py)
 
 
 # ----------------------------------------------------------------------------- loading θ₀
@@ -456,7 +456,7 @@ def save_model(model: nn.Module, out_dir: str, preprocessing: Preprocessing = Pr
                card: str | None = None) -> None:
     """config.json + model.safetensors, readable by stock `from_pretrained`, the preprocessing the
     model was trained with (a ViTImageProcessor file: resize, rescale to [0, 1], normalise), and the
-    model card `card` (README.md, tools.card.model_card) when given.
+    model card `card` (README.md, outputs.card.model_card) when given.
 
     Written into a temporary folder first and moved in weights-last, so `model.safetensors` exists
     only once the whole checkpoint, card included, is there (the stages use it as their "done" marker)."""

@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import ViTMAEConfig
 
-from tools import bench
+from lab import bench
 from models import cls_feature, load_mae, mae_loss
 
 
@@ -75,9 +75,9 @@ def test_projection_of_the_papers_table(capsys):
 
 
 def test_bench_threads_measures_the_thread_counts_it_names(tmp_path, capsys):
-    """tools.bench_threads runs pretrain.py as a user does, with each --threads (checked against the run's record),
+    """lab.bench_threads runs pretrain.py as a user does, with each --threads (checked against the run's record),
     quiet and beside busy processes, and prints the ratios of what it measured."""
-    from tools import bench_threads
+    from lab import bench_threads
     args = bench_threads.get_args_parser().parse_args(
         ["--steps", "4", "--log_every", "2", "--busy", "1", "--data_dir", str(tmp_path / "data"),
          "--out", str(tmp_path / "figures.json")])

@@ -1,6 +1,6 @@
-"""tools.gpu_check on CPU: the GPU self-check's correctness part runs on vit-mae-tiny through the real entry point,
+"""lab.gpu_check on CPU: the GPU self-check's correctness part runs on vit-mae-tiny through the real entry point,
 writes its report, fails when the --cuda_graph runs depart on purpose, and reports a part past its time cap as
-TIMEOUT; its rules (tools/gpu_check_rules.py) pass what is within bf16 noise and fail what is not."""
+TIMEOUT; its rules (lab/gpu_check_rules.py) pass what is within bf16 noise and fail what is not."""
 import json
 import math
 import os
@@ -11,8 +11,8 @@ import torch
 import training
 from conftest import REPO
 from helpers import assert_one_line, tool_output
-from tools import gpu_check
-from tools import gpu_check_rules as rules
+from lab import gpu_check
+from lab import gpu_check_rules as rules
 
 CORRECTNESS = ["setup", "further-pretrain/data_cache_off", "further-pretrain/cuda_graph",
                "self-distill/teacher_features", "self-distill/data_cache_off", "self-distill/cuda_graph",
@@ -186,7 +186,7 @@ def test_make_gpu_check_runs_the_command(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     out = subprocess.run(["make", "gpu-check", f"GPU_CHECK_FLAGS=--out {tmp_path / 'check'}"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0 and out.stdout.splitlines()[-1].endswith(f"-m tools.gpu_check --out {tmp_path}/check")
+    assert out.returncode != 0 and out.stdout.splitlines()[-1].endswith(f"-m lab.gpu_check --out {tmp_path}/check")
     assert out.stderr.splitlines()[0].startswith(NO_GPU[0]) and NO_GPU[1] in out.stderr, out.stderr
     assert not (tmp_path / "check").exists()
 

@@ -1,12 +1,12 @@
-"""tools.mutants stays a working check as the code moves: every edit it makes still finds its text exactly once
-(else `python -m tools.mutants` reports it "NOT APPLIED" and checks nothing), and applying one changes that file
+"""lab.mutants stays a working check as the code moves: every edit it makes still finds its text exactly once
+(else `python -m lab.mutants` reports it "NOT APPLIED" and checks nothing), and applying one changes that file
 only, in a copy, never the checkout."""
 import os
 
 import pytest
 
 from conftest import REPO
-from tools import mutants
+from lab import mutants
 
 
 @pytest.mark.parametrize("edit", mutants.EDITS, ids=lambda e: e.name)

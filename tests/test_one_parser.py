@@ -52,8 +52,8 @@ def _value_for(parser: argparse.ArgumentParser, base: list[str], action: argpars
 
 
 def test_the_walk_finds_every_command_line():
-    assert {"pretrain", "selftrain", "finetune", "report", "data.prepare", "tools.visualize", "tools.bench",
-            "tools.small_reproduction"} <= set(ENTRY_MODULES)
+    assert {"pretrain", "selftrain", "finetune", "report", "data.prepare", "tools.visualize", "lab.bench",
+            "lab.small_reproduction"} <= set(ENTRY_MODULES)
 
 
 @pytest.mark.parametrize("module_name", ENTRY_MODULES)

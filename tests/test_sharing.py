@@ -21,7 +21,7 @@ import training
 from conftest import REPO, TINY
 from data import LMDBReader, decode_image
 from helpers import Cut, assert_one_line, cut_at, tool_output
-from tools import card as cards
+from outputs import card as cards
 from models import cls_feature, load_encoder, load_mae, save_model, vit_mae
 from tools import publish
 

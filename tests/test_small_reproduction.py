@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from transformers import ViTMAEForPreTraining
 
-from tools import small_reproduction as sr
+from lab import small_reproduction as sr
 from data import LMDBReader
 from models import load_mae
 from errors import UserError

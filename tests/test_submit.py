@@ -1,4 +1,4 @@
-"""The table on a cluster (tools/submit.py, tools/job.py): the job graph and its dependencies (a fake executor),
+"""The table on a cluster (launch/submit.py, launch/job.py): the job graph and its dependencies (a fake executor),
 the sbatch scripts submitit writes (a fake sbatch on PATH), and on this machine through submitit's LocalExecutor:
 the time limit's signal, the stop and the requeue; the whole table through `run_all.sh slurm --cluster local` with
 one job stopped and requeued, equal to runs made without a cluster; two processes in one job; bad input not
@@ -27,7 +27,7 @@ import selftrain
 import training
 from conftest import REPO, TINY
 from helpers import assert_one_line, cli_output, tool_output
-from tools import job as job_module, submit
+from launch import job as job_module, submit
 from training import preemption
 
 TINY_FLAGS = ["--model_name", "vit-mae-tiny", "--batch_size", "8", "--workers", "0", "--log_every", "1"]
@@ -60,7 +60,7 @@ def test_the_exit_code_of_a_stop_is_the_one_the_job_reads():
 # ----------------------------------------------------------------------------- the graph, from a fake executor
 
 class FakeExecutor:
-    """Records what tools.submit asks of submitit.SlurmExecutor: each submission's parameters and callables;
+    """Records what launch.submit asks of submitit.SlurmExecutor: each submission's parameters and callables;
     job ids 1001, 1002, ... (an array's tasks <id>_<i>)."""
     submissions: list = []
 

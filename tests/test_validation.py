@@ -17,7 +17,8 @@ from conftest import REPO
 from data import ImageDataset
 from models import load_mae, save_model
 from models import vit_mae
-from tools import bench, gpu_check, publish, tensorboard_logs, visualize
+from lab import bench, gpu_check
+from tools import publish, tensorboard_logs, visualize
 from helpers import assert_one_line as _assert_one_line, assert_parse_error, cli as _cli
 
 SCRIPTS = {"pretrain": pretrain, "selftrain": selftrain, "finetune": finetune, "visualize": visualize,

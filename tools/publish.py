@@ -6,7 +6,7 @@
 
 DIR is a directory a stage saved: a checkpoint of pretrain.py / selftrain.py, or a classifier of
 `finetune.py --save_model` (<run>/model/). Its card (README.md) is first written again from the run's records
-(tools/card.py): its snippets then load REPO_ID, and a classifier's card lists every seed's result that
+(outputs/card.py): its snippets then load REPO_ID, and a classifier's card lists every seed's result that
 exists by now. A card edited by hand is never replaced: publishing stops, unless --keep_card uploads it as is.
 
 What goes: every file of DIR but the run's private ones: the lock (.lock), the resumable state
@@ -26,7 +26,7 @@ import outputs
 import training
 import utils
 from models import vit_mae
-from tools.card import CARD_FILE, card_state, model_card, write_card
+from outputs.card import CARD_FILE, card_state, model_card, write_card
 
 LEFT_OUT = {training.LOCK_FILE: "the run's lock", training.STATE_FILE: "the resumable training state",
             ".saving": "an unfinished save"}

@@ -1,6 +1,6 @@
 """Stopping at a step boundary: a signal (a scheduler's "your time is up", SLURM's --signal, submitit's USR2, a
 preemption's SIGTERM) asks the run to stop; the run finishes the step it is in, saves its resumable state and
-exits with STOPPED_EXIT_CODE, which a job wrapper reads as "run the same command again" (tools/job.py requeues
+exits with STOPPED_EXIT_CODE, which a job wrapper reads as "run the same command again" (launch/job.py requeues
 the job). Beside it, the time-based save (--save_every_minutes), so a node that dies without a signal loses at
 most that much.
 

@@ -36,7 +36,7 @@ class Run:
     `preprocessing` (models.Preprocessing): how images become the model's input; each start records it as applied
     (the size resolved in prepare), and a finished or unfinished run that applied another is refused too.
     `process`: this process's place in the job (default: from torchrun's environment).
-    Run.without_directory(...): the same run writing nothing (tools/bench.py times the scripts' step with it)."""
+    Run.without_directory(...): the same run writing nothing (lab/bench.py times the scripts' step with it)."""
 
     def __init__(self, args, out_dir: str | None, stage: str, done_file: str | None, preprocessing, *,
                  done_holds_record: bool = False, reads: dict | None = None, process: Process | None = None):

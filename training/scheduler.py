@@ -18,7 +18,7 @@ def _count(value: str | None):
 def job_identity() -> dict | None:
     """The scheduler's job this process runs in, for the record's history (None outside one): SLURM's job id (the
     array's id and the task's index for an array task) and its restart count (SLURM_RESTART_COUNT, which
-    `scontrol requeue` raises); under submitit's local executor its job id, and the restarts tools/job.py counts
+    `scontrol requeue` raises); under submitit's local executor its job id, and the restarts launch/job.py counts
     ($JOB_RESTART_COUNT)."""
     env = os.environ
     if env.get("SLURM_JOB_ID"):

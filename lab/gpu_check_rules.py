@@ -1,4 +1,4 @@
-"""The rules by which `python -m tools.gpu_check` decides PASS or FAIL: two runs' loss curves agree within bf16
+"""The rules by which `python -m lab.gpu_check` decides PASS or FAIL: two runs' loss curves agree within bf16
 noise, the teacher's features looked up equal the ones computed on-line, dropout inside a replayed CUDA graph
 follows the per-step seed. Pure functions of what the runs recorded (metrics.jsonl lines, tensors); each returns
 a Verdict, and RULES says each rule in words (printed at the start of a check and in its report).

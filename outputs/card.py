@@ -60,8 +60,8 @@ DEFAULT_LICENSE = {"license": "other", "license_name": "base-model-and-dataset-t
 NOT_SHOWN = frozenset({"data_dir", "checkpoint_dir", "output_dir", "results_dir", "workers", "log_every",
                        "save_every", "overwrite", "plot", "data_cache", "save_model"})
 LOSS_TERMS = ("loss", "mae_loss", "distill_loss", "cls_loss")
-_MARK = "<!-- written by tools/card.py from the run's records; sha256 of the text above: {} -->"
-_MARK_RE = re.compile(r"\n<!-- written by tools/card\.py from the run's records; sha256 of the text above: "
+_MARK = "<!-- written by outputs/card.py from the run's records; sha256 of the text above: {} -->"
+_MARK_RE = re.compile(r"\n<!-- written by outputs/card\.py from the run's records; sha256 of the text above: "
                       r"([0-9a-f]{64}) -->\n?$")
 
 

@@ -1,10 +1,10 @@
 """The paper's table on a cluster: run_all.sh's runs as SLURM jobs through submitit, requeued when their time is up
 and resumed where they stopped; `--status` says where each run is.
 
-    bash run_all.sh slurm cub dtd                      # the launchers' cluster form: python -m tools.submit ...
+    bash run_all.sh slurm cub dtd                      # the launchers' cluster form: python -m launch.submit ...
     PARTITION=gpu GPUS_PER_JOB=4 TIME_LIMIT=240 bash run_all.sh slurm cub
     bash run_all.sh slurm digits --cluster local --model_name vit-mae-tiny   # the same jobs on this machine
-    python -m tools.submit --status                    # every run of the table: done, running, failed, pending
+    python -m launch.submit --status                    # every run of the table: done, running, failed, pending
 
 The job graph, per dataset: further pre-training; self-distillation once it succeeded; fine-tuning from θ₀ at once,
 from the teacher once further pre-training succeeded, from the student once self-distillation did -- each route one
@@ -15,7 +15,7 @@ jobs of the same shape go as one array (the datasets' further pre-training, thei
 
 A further pre-training or self-distillation job is one DistributedDataParallel run over its processes (one per GPU,
 $GPUS_PER_JOB, on $NODES nodes; torch's env:// variables from submitit's TorchDistributedEnvironment). Every task
-runs its command through tools/job.py, which forwards the scheduler's stop signal: the run saves at the next step
+runs its command through launch/job.py, which forwards the scheduler's stop signal: the run saves at the next step
 boundary and the job is requeued with the same command (never --overwrite). Bad input (exit 2) and a run that
 cannot go on (exit 1) are not requeued. --cluster slurm submits and returns; local and debug run the same graph on
 this machine and wait for it (local: submitit's LocalExecutor, with its time limit, signal and requeue; debug: one
@@ -200,7 +200,7 @@ def _flags_for_one_kind(args) -> tuple[list[str], list[str]]:
 # ----------------------------------------------------------------------------- the graph
 
 class Job:
-    """One job of the graph: `command` run by each of nodes x processes tasks (tools/job.py); after_ok: jobs that
+    """One job of the graph: `command` run by each of nodes x processes tasks (launch/job.py); after_ok: jobs that
     must have succeeded first; after_any: jobs that must have ended; runs: the run directories it produces
     ({name, dir, done, log}) for --status."""
 
@@ -217,9 +217,9 @@ class Job:
 def build_graph(args) -> list["Job"]:
     """The jobs of args.stage, in an order where every job comes after those it waits for. Checks the stage
     flags with the stages' parsers first."""
-    from tools.job import DEVICES
+    from launch.job import DEVICES
     flags = args.stage_flags
-    who = f"bash {args.launcher} slurm" if args.launcher else "tools.submit"
+    who = f"bash {args.launcher} slurm" if args.launcher else "launch.submit"
     _refuse(flags, REFUSED, who)
     if args.launcher in ("run_pretrain.sh", "run_selftrain.sh"):
         _refuse(flags, {"--steps": f"give the steps as STEPS ({LAUNCHER_FORMS[args.launcher]})"}, who)
@@ -315,7 +315,7 @@ def arrays(jobs: list[Job]) -> list[list[Job]]:
 # ----------------------------------------------------------------------------- submitting
 
 def _wrapped(job: Job, log_dir: str):
-    from tools.job import StageJob
+    from launch.job import StageJob
     return StageJob(job.name, job.command, os.getcwd(), job.env, job.gpus, _outcome_path(log_dir, job.name))
 
 
@@ -388,7 +388,7 @@ def _read_json(path: str) -> dict | None:
 
 def _ended(handle, outcome_path: str) -> tuple[str, int | None, str]:
     """(state, exit code, line) of a job that has ended: its task 0's outcome file, else submitit's result."""
-    from tools.job import error_line
+    from launch.job import error_line
     outcome = _read_json(outcome_path)
     if outcome and outcome.get("state") in ("done", "failed", "stopped"):
         return outcome["state"], outcome.get("exit_code"), outcome.get("error") or ""
@@ -512,7 +512,7 @@ def _holder_alive(run_dir: str) -> bool | None:
 
 def run_state(run: dict, job_state: tuple[str, str], steps: int | None) -> str:
     """One run's state from its directory (and its job's, for a failure)."""
-    from tools.job import error_line
+    from launch.job import error_line
     if os.path.exists(run["done"]):
         result = _read_json(run["done"]) if run["done"].endswith(".json") else None
         return f"done, test accuracy {100 * result['test_acc']:.2f} %" if result and "test_acc" in result else "done"
@@ -642,7 +642,7 @@ def main(args):
         path = _outcome_path(log_dir, job.name)
         if os.path.exists(path):
             os.remove(path)
-    # the jobs import tools.job: the repository on their path, wherever they start
+    # the jobs import launch.job: the repository on their path, wherever they start
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
 
@@ -661,7 +661,7 @@ def main(args):
                 if job.after_ok or job.after_any else ""
             print(f"  {submitted[job.name][0]:<12} {job.name}{after}")
         print(f"logs: {log_dir}/<job id>_<task>_log.out (task 0 of the first job: {submitted[jobs[0].name][1]})")
-        print(f"status: python -m tools.submit --status {shlex.join(_status_flags(args))}")
+        print(f"status: python -m launch.submit --status {shlex.join(_status_flags(args))}")
         return
     code = run_here(jobs, args, log_dir, write_graph)
     if code:

@@ -2,9 +2,9 @@
 could make, applied one at a time to a scratch copy of the repository; the fidelity tests run after each, and
 the edits they miss are listed. A test proves something only if it fails when the code is wrong.
 
-    python -m tools.mutants                      # every edit below, against FIDELITY_TESTS (~20 min on 2 cores)
-    python -m tools.mutants --only flip teacher  # the edits whose names contain these words
-    python -m tools.mutants --tests tests        # against the whole suite (for the ones that survive)
+    python -m lab.mutants                      # every edit below, against FIDELITY_TESTS (~20 min on 2 cores)
+    python -m lab.mutants --only flip teacher  # the edits whose names contain these words
+    python -m lab.mutants --tests tests        # against the whole suite (for the ones that survive)
 
 Each edit replaces one exact piece of text that must occur exactly once in its file (so an edit that no
 longer applies after a change is reported, not skipped). The copy holds the tracked and untracked files of
@@ -145,7 +145,7 @@ EDITS = [
          "        torch.manual_seed(dropout_seed)  # GlobalBatchDropout", "        # GlobalBatchDropout"),
     # ---- launchers
     Edit("run_finetune.sh: 3 seeds", "run_finetune.sh", 'SEEDS=${SEEDS:-1 2 3 4 5}', 'SEEDS=${SEEDS:-1 2 3}'),
-    Edit("launchers: 2,000 MAE steps", "scripts/launch.sh", "local gpu=$1 dataset=$2 steps=20000", "local gpu=$1 dataset=$2 steps=2000"),
+    Edit("launchers: 2,000 MAE steps", "launch/launch.sh", "local gpu=$1 dataset=$2 steps=20000", "local gpu=$1 dataset=$2 steps=2000"),
     Edit("run_all.sh: self-distillation route fine-tunes the teacher", "run_all.sh",
          'ROUTES=("further-pretrain-$STEPS" "self-further-pretrain-$STEPS")', 'ROUTES=("further-pretrain-$STEPS" "further-pretrain-$STEPS")'),
     Edit("run_finetune.sh: from θ₀ by default", "run_finetune.sh",

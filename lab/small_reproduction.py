@@ -13,8 +13,8 @@ The protocol (and why each number is what it is) is in SMALL_REPRODUCTION.md. In
   reported, not read: memorisation (MAE loss with fixed masks on the training images vs as many held-out ones),
           logistic regression on the pixels, linear probes on the frozen CLS features (scikit-learn)
 
-    python -m tools.small_reproduction            # all of it (= make reproduce-small, bash run_small_reproduction.sh)
-    python -m tools.small_reproduction --source_src IMAGES --target_src IDX_DIR --source_crops 64 \\
+    python -m lab.small_reproduction            # all of it (= make reproduce-small, bash run_small_reproduction.sh)
+    python -m lab.small_reproduction --source_src IMAGES --target_src IDX_DIR --source_crops 64 \\
         --source_steps 4 --further_steps 2 --fig1_steps 2 4 --finetune_steps 3 --seeds 1 --out_dir /tmp/smoke
 
 Runs are the stages' own `main` (pretrain.main, selftrain.main, finetune.main) with the arguments their command

@@ -19,11 +19,11 @@ peak. Batches are synthetic uint8 images already on the device (ours normalises 
 training.Run does; the reference gets them normalised, as its DataLoader delivered them), so the model
 step is measured without the data path.
 
-    python -m tools.bench                       # CUDA: ViT-B/16 at 224, batches 64/64/32; CPU: vit-mae-tiny
-    python -m tools.bench --model vit-b16       # on CPU: ViT-B/16 (random weights) at batch 8
-    python -m tools.bench --compile             # our model torch.compile'd
-    python -m tools.bench --cuda_graph --side_by_side 2.4   # our step in one CUDA graph (experimental)
-    python -m tools.bench --data --workers_list 0 1 2 4 8    # the data path only (see below)
+    python -m lab.bench                       # CUDA: ViT-B/16 at 224, batches 64/64/32; CPU: vit-mae-tiny
+    python -m lab.bench --model vit-b16       # on CPU: ViT-B/16 (random weights) at batch 8
+    python -m lab.bench --compile             # our model torch.compile'd
+    python -m lab.bench --cuda_graph --side_by_side 2.4   # our step in one CUDA graph (experimental)
+    python -m lab.bench --data --workers_list 0 1 2 4 8    # the data path only (see below)
 
 `--data` measures the loader alone, in images/s delivered to the device, per worker count: ours
 (data.ImageDataset through training.Run.batches with --data_cache off: PIL decode + resize to uint8 in

@@ -1,4 +1,4 @@
-"""The parts of `python -m tools.gpu_check` (tools/gpu_check.py runs each in a child process of its own, under a
+"""The parts of `python -m lab.gpu_check` (lab/gpu_check.py runs each in a child process of its own, under a
 time cap). A part reports through Events: one JSON line per check decided, per run made, per fact measured, so a
 part killed at its cap still leaves what it had decided.
 
@@ -7,7 +7,7 @@ part killed at its cap still leaves what it had decided.
     a stage       its main() three ways -- eager (the default paths), eager with --data_cache off, --cuda_graph --
                   on digits, and the loss curves compared (gpu_check_rules); self-distillation also checks the
                   teacher's features looked up against the on-line ones, fine-tuning dropout inside the graph
-    bench parts   tools.bench: the three stages eager and with --cuda_graph, the data path (informational)
+    bench parts   lab.bench: the three stages eager and with --cuda_graph, the data path (informational)
 """
 import contextlib
 import dataclasses
@@ -34,8 +34,8 @@ import utils
 from data import ImageDataset
 from models import TINY_NAME, cls_feature, load_encoder, load_mae, preprocessing_of, save_model
 from models.vit_mae import SINCOS_TABLES, initial_config, mae_initialize
-from tools import bench
-from tools import gpu_check_rules as rules
+from lab import bench
+from lab import gpu_check_rules as rules
 
 DATASET = "digits"  # built in (scikit-learn), 1,297 training images: no download
 SCRIPTS = {"further-pretrain": pretrain, "self-distill": selftrain, "finetune": finetune}
@@ -105,7 +105,7 @@ class Plan:
     dropout_steps: int
     teacher_steps: int
     negative_control: list
-    bench_argv: dict  # bench part -> tools.bench argv; empty: no bench
+    bench_argv: dict  # bench part -> lab.bench argv; empty: no bench
 
     @property
     def theta0(self) -> str:
@@ -443,7 +443,7 @@ def dropout_check(events: Events, plan: Plan) -> None:
 
 def bench_part(events: Events, plan: Plan, part: str) -> None:
     argv = plan.bench_argv[part]
-    events.progress(f"{part}: python -m tools.bench {' '.join(argv)}")
+    events.progress(f"{part}: python -m lab.bench {' '.join(argv)}")
     rows = bench.main(bench.get_args_parser().parse_args(argv))
     result = {"argv": argv, "rows": rows}
     if part != "bench-data" and {r["stage"] for r in rows} == set(bench.STAGES):

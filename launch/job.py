@@ -1,4 +1,4 @@
-"""What runs inside one task of a scheduler job that tools/submit.py submitted: the stage (or the fine-tuning pool,
+"""What runs inside one task of a scheduler job that launch/submit.py submitted: the stage (or the fine-tuning pool,
 or report.py) as a child process, with the job's distributed environment, and submitit's requeue when the
 scheduler asks the job to stop.
 

@@ -1,8 +1,8 @@
 """CPU threads, measured side by side: a stage with --threads 1 against --threads 2, on a quiet machine and with
 busy processes beside it; and, with --demo, `make demo` quiet against `make demo` beside the same busy processes.
 
-    python -m tools.bench_threads                  # further pre-training of vit-mae-tiny on digits, 4 runs
-    python -m tools.bench_threads --demo           # also make demo, quiet and loaded (about 5 + 10 minutes)
+    python -m lab.bench_threads                  # further pre-training of vit-mae-tiny on digits, 4 runs
+    python -m lab.bench_threads --demo           # also make demo, quiet and loaded (about 5 + 10 minutes)
 
 Each measurement is `python pretrain.py --device cpu --threads T ...` as a user runs it (vit-mae-tiny on digits,
 batch 64, --steps steps, a metrics line every --log_every steps); its speed is the median images/s of its

@@ -1,15 +1,15 @@
 """Does this repository run correctly, and how fast, on this machine? One command, for any CUDA machine (issue 20):
 
-    python -m tools.gpu_check                 # or: make gpu-check; writes runs/gpu-check/report.md and report.json
-    python -m tools.gpu_check --negative_control stale_inputs   # the same, with a departure the check must FAIL
+    python -m lab.gpu_check                 # or: make gpu-check; writes runs/gpu-check/report.md and report.json
+    python -m lab.gpu_check --negative_control stale_inputs   # the same, with a departure the check must FAIL
 
 1. the environment: device, driver, CUDA, torch, transformers;
 2. each stage's own main() for a few hundred steps (200 on CUDA) on the built-in digits dataset, with ViT-B/16's
    architecture (random weights, saved once as a model directory: no Hub), three ways: eager with the default
    paths, eager with --data_cache off, --cuda_graph; the loss curves (each run's metrics.jsonl) compared within
    bf16 noise; the teacher's features looked up against the ones computed on-line; dropout inside the replayed
-   graph against the per-step seed (the rules: tools/gpu_check_rules.py, printed at the start and in the report);
-3. tools.bench: the three stages eager and with --cuda_graph against the release's computation, MFU, the
+   graph against the per-step seed (the rules: lab/gpu_check_rules.py, printed at the start and in the report);
+3. lab.bench: the three stages eager and with --cuda_graph against the release's computation, MFU, the
    projection of the paper's whole table, the data path (informational: never fails the check);
 4. one report, Markdown and JSON, whose first lines say PASS/FAIL per check; exit code 1 when a correctness check
    did not pass (FAIL, ERROR, TIMEOUT), 2 for bad input, 0 otherwise;
@@ -39,7 +39,7 @@ import torch
 
 import outputs
 import utils
-from tools import gpu_check_rules as rules
+from lab import gpu_check_rules as rules
 
 PARTS = ("setup", "further-pretrain", "self-distill", "finetune", "bench", "bench-cuda-graph", "bench-data")
 BENCH_PARTS = ("bench", "bench-cuda-graph", "bench-data")
@@ -67,7 +67,7 @@ CHECKS = {
     "bench-cuda-graph": [("bench-cuda-graph", "bench: the three stages with --cuda_graph")],
     "bench-data": [("bench-data", "bench: the data path")],
 }
-# the checks meant to notice each negative control (tools/gpu_check_parts.NEGATIVE_CONTROLS)
+# the checks meant to notice each negative control (lab/gpu_check_parts.NEGATIVE_CONTROLS)
 NOTICED_BY = {"stale_inputs": [f"{stage}/cuda_graph" for stage in STAGE_TITLES],
               "fixed_dropout": ["finetune/dropout_in_graph"]}
 # seconds per part after setup. On an H200 (estimates from issue 11's figures: ~1,100 / 780 / 910 img/s eager) a
@@ -125,7 +125,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "fixed_dropout seeds every step's dropout like step 0 (the dropout check must fail)")
     g = p.add_argument_group("the bench (informational)")
     g.add_argument("--bench", action=argparse.BooleanOptionalAction, default=None,
-                   help="run tools.bench after the checks (default: on CUDA only; on a CPU a minimal one)")
+                   help="run lab.bench after the checks (default: on CUDA only; on a CPU a minimal one)")
     g.add_argument("--side_by_side", type=utils.finite_float(0, low_open=True), default=2.4,
                    help="the eager bench's projection: fine-tuning runs side by side multiply their img/s by this "
                         "(2.4: 3 eager runs on an H200, issue 11); the --cuda_graph bench uses 1")
@@ -170,7 +170,7 @@ class PartResult:
 def _child(fn, log_path: str, events_path: str, fn_args: tuple) -> None:
     """The body of a part's process: its own process group (killed whole at the cap, DataLoader workers too), its
     output in its log, one error event if it fails."""
-    from tools.gpu_check_parts import Events
+    from lab.gpu_check_parts import Events
     os.setpgid(0, 0)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
@@ -191,7 +191,7 @@ def _child(fn, log_path: str, events_path: str, fn_args: tuple) -> None:
 
 
 def run_part(name: str, fn, fn_args: tuple, cap: float, out: str) -> PartResult:
-    from tools.gpu_check_parts import read_events
+    from lab.gpu_check_parts import read_events
     log, events_path = os.path.join(out, "logs", f"{name}.log"), os.path.join(out, "parts", f"{name}.jsonl")
     assert not torch.cuda.is_initialized(), "CUDA was initialised before forking: a forked child could not use it"
     sys.stdout.flush()
@@ -313,7 +313,7 @@ def main(args) -> dict:
     out = prepare_out(args.out)
     # imported here, after the check above: it imports the stages and with them lmdb, transformers, ...; the
     # children are forked after this import and inherit it
-    from tools import gpu_check_parts as parts
+    from lab import gpu_check_parts as parts
     selected = [p for p in PARTS if p == "setup" or p in args.parts]
     state = {"args": args, "selected": selected, "results": {}, "plan": None,
              "started": datetime.datetime.now().astimezone(), "clock": time.monotonic()}
@@ -359,7 +359,7 @@ def _run_or_skip(name: str, state: dict, parts, out: str) -> PartResult:
         return PartResult(name, "NOT RUN", reason="setup did not finish")
     elif name in BENCH_PARTS and name not in plan.bench_argv:
         return PartResult(name, "SKIP", reason="no GPU here: the bench is for GPUs (--bench runs a minimal one; "
-                                               "python -m tools.bench the real one)")
+                                               "python -m lab.bench the real one)")
     else:
         wanted = dict(args.cap).get(name, CAPS["cuda" if plan.device_type == "cuda" else "cpu"][name])
     cap = min(wanted, left)
@@ -399,7 +399,7 @@ def write_report(state: dict, out: str) -> dict:
     first += [f"{c['status']:<8} {c['id']}: {c['summary']}" for c in checks]
     runs = [e for r in results.values() for e in r.events if e["kind"] == "run"]
     bench = {name: results[name].info(name) for name in BENCH_PARTS if name in results and results[name].info(name)}
-    command = " ".join(["python -m tools.gpu_check", *sys.argv[1:]])
+    command = " ".join(["python -m lab.gpu_check", *sys.argv[1:]])
     report = {"verdict": verdict, "first_lines": first, "command": command,
               "started": state["started"].isoformat(timespec="seconds"),
               "seconds": round(time.monotonic() - state["clock"], 1), "time_budget": args.time_budget,
@@ -432,7 +432,7 @@ def _cell(value, fmt="{:.4g}") -> str:
 
 
 def markdown_body(report: dict) -> str:
-    from tools.gpu_check_parts import MODES, NEGATIVE_CONTROLS
+    from lab.gpu_check_parts import MODES, NEGATIVE_CONTROLS
     lines = [f"`{report['command']}`, started {report['started']}, {report['seconds']:.0f} s of the "
              f"{report['time_budget']:g} s budget."]
     if report["negative_control"]:
@@ -491,7 +491,7 @@ def _bench_sections(report: dict) -> list[str]:
             continue
         result = bench[name]
         lines += ["", f"## {'Bench' if name == 'bench' else 'Bench with --cuda_graph'}",
-                  "", f"`python -m tools.bench {' '.join(result['argv'])}`", "",
+                  "", f"`python -m lab.bench {' '.join(result['argv'])}`", "",
                   "| stage | batch | ours img/s | release img/s | ratio | ours MiB | release MiB | ours MFU | "
                   "release MFU |", "|---|---|---|---|---|---|---|---|---|"]
         for r in result["rows"]:
@@ -511,7 +511,7 @@ def _bench_sections(report: dict) -> list[str]:
             lines += ["", "Targets (H100/H200): " + "; ".join(_targets(result))]
     if "bench-data" in bench:
         result = bench["bench-data"]
-        lines += ["", "## Bench: the data path", "", f"`python -m tools.bench {' '.join(result['argv'])}`", "",
+        lines += ["", "## Bench: the data path", "", f"`python -m lab.bench {' '.join(result['argv'])}`", "",
                   "| workers | ours, streamed img/s | ours, decoded once img/s | release img/s | ratio |",
                   "|---|---|---|---|---|"]
         lines += [f"| {r['workers']} | {r['ours_images_per_s']:.4g} | {r['decoded_images_per_s']:.4g} | "

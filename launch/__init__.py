@@ -1,0 +1,1 @@
+"""Running the table: one machine (the launchers) or a cluster (SLURM through submitit)."""
