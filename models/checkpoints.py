@@ -77,7 +77,6 @@ def preprocessing_of(*names: str) -> Preprocessing:
     return Preprocessing()
 
 
-
 # ----------------------------------------------------------------------------- checkpoints
 
 # transformers 4.x (the authors' release) -> 5.x parameter names
