@@ -81,7 +81,7 @@ import training
 import utils
 from data import ImageDataset, LMDBReader, write_lmdb
 from models import TINY_NAME, MAEWithFeature, Preprocessing, build_classifier, load_mae
-from models.vit_mae import IMAGENET_MEAN, IMAGENET_STD
+from models.checkpoints import IMAGENET_MEAN, IMAGENET_STD
 
 VIT_B16 = "vit-b16"
 STAGES = ("further-pretrain", "self-distill", "finetune")

@@ -33,7 +33,8 @@ import training
 import utils
 from data import ImageDataset
 from models import TINY_NAME, cls_feature, load_encoder, load_mae, preprocessing_of, save_model
-from models.vit_mae import SINCOS_TABLES, initial_config, mae_initialize
+from models.hub import initial_config
+from models.vit_mae import SINCOS_TABLES, mae_initialize
 from lab import bench
 from lab import gpu_check_rules as rules
 

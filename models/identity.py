@@ -29,10 +29,11 @@ import os
 import torch
 
 from errors import UserError
-from models.vit_mae import TINY_NAME, load_mae, looks_like_local_path
+from models.checkpoints import RELEASE_CHECKPOINT
+from models.hub import TINY_NAME, looks_like_local_path
+from models.vit_mae import load_mae
 
 WEIGHT_PATTERNS = ("model*.safetensors", "pytorch_model*.bin", "*.index.json")
-RELEASE_CHECKPOINT = "model.pt"
 _MEMO: dict[tuple, str] = {}
 
 

@@ -28,7 +28,8 @@ import training
 import utils
 from errors import UserError
 from mae_common import further_pretrain_dir
-from models.vit_mae import CARD_FILE, TINY_NAME, looks_like_local_path
+from models.checkpoints import CARD_FILE
+from models.hub import TINY_NAME, looks_like_local_path
 
 BIBTEX = """@inproceedings{lee2023selfdistillation,
   title={Self-Distillation for Further Pre-training of Transformers},

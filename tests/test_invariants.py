@@ -22,7 +22,7 @@ import training
 import utils
 from models import (SINCOS_TABLES, TINY_NAME, MAEWithFeature, Preprocessing, build_classifier, cls_feature, load_mae,
                     mae_loss, preprocessing_of, save_model, sincos_2d_table)
-from models.vit_mae import TINY_CONFIG
+from models.hub import TINY_CONFIG
 
 from conftest import GOLDEN
 from test_golden import group_names, release_groups

@@ -14,7 +14,7 @@ import selftrain
 import training
 from helpers import Cut, assert_one_line, cut_at, tool_output
 from models import TINY_NAME, Preprocessing, load_mae, save_model
-from models.vit_mae import PROCESSOR_FILE
+from models.hub import PROCESSOR_FILE
 
 
 def cli(module, argv, monkeypatch, capsys):

@@ -22,7 +22,7 @@ from conftest import REPO, TINY
 from data import LMDBReader, decode_image
 from helpers import Cut, assert_one_line, cut_at, tool_output
 from outputs import card as cards
-from models import cls_feature, load_encoder, load_mae, save_model, vit_mae
+from models import checkpoints, cls_feature, load_encoder, load_mae, save_model
 from tools import publish
 
 FINETUNE = ["--ckpt_name", "self-further-pretrain-4", "--steps", 40, "--batch_size", 32, "--lr", 3e-3,
@@ -168,7 +168,7 @@ def test_the_card_is_in_place_before_the_weights(tmp_path, monkeypatch):
         if os.path.basename(dst) == "model.safetensors":
             raise KeyboardInterrupt  # killed just before the weights land
         real(src, dst)
-    monkeypatch.setattr(vit_mae.os, "replace", replace)
+    monkeypatch.setattr(checkpoints.os, "replace", replace)
     with pytest.raises(KeyboardInterrupt):
         save_model(load_mae("vit-mae-tiny"), str(tmp_path), card="# card\n")
     assert moved[-1] == "model.safetensors" and "README.md" in moved
@@ -195,7 +195,7 @@ def _test_images(data_dir):
 
 def _training_inputs(encoded: list[bytes], size: int = 32, resample: int = 2) -> torch.Tensor:
     """What the stages feed the model: PIL resize, then (x / 255 - mean) / std (utils.Run.normalize)."""
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (vit_mae.IMAGENET_MEAN, vit_mae.IMAGENET_STD))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (checkpoints.IMAGENET_MEAN, checkpoints.IMAGENET_STD))
     images = torch.stack([decode_image(b, size, resample) for b in encoded]).float().div_(255)
     return (images - mean) / std
 
@@ -255,7 +255,7 @@ def test_the_default_torchvision_processor_resizes_photos_unlike_training_and_pi
     here and there (digits, upscaled 8 -> 32 px, happen to come out equal)."""
     from sklearn.datasets import load_sample_images
     from transformers import ViTImageProcessor, ViTImageProcessorPil
-    std = torch.tensor(vit_mae.IMAGENET_STD).view(1, 3, 1, 1)
+    std = torch.tensor(checkpoints.IMAGENET_STD).view(1, 3, 1, 1)
     for array in load_sample_images().images:
         buf = io.BytesIO()
         Image.fromarray(array).save(buf, format="PNG")
@@ -264,7 +264,7 @@ def test_the_default_torchvision_processor_resizes_photos_unlike_training_and_pi
             off = {}
             for cls in (ViTImageProcessor, ViTImageProcessorPil):
                 processor = cls(size={"height": 224, "width": 224}, resample=resample,
-                                image_mean=list(vit_mae.IMAGENET_MEAN), image_std=list(vit_mae.IMAGENET_STD))
+                                image_mean=list(checkpoints.IMAGENET_MEAN), image_std=list(checkpoints.IMAGENET_STD))
                 x = processor(Image.fromarray(array), return_tensors="pt")["pixel_values"]
                 off[cls] = ((x - ours) * std * 255).abs()
             assert off[ViTImageProcessorPil].max() == 0

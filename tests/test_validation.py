@@ -16,7 +16,7 @@ import utils
 from conftest import REPO
 from data import ImageDataset
 from models import load_mae, save_model
-from models import vit_mae
+from models import checkpoints, hub
 from lab import bench, gpu_check
 from tools import publish, tensorboard_logs, visualize
 from helpers import assert_one_line as _assert_one_line, assert_parse_error, cli as _cli
@@ -192,7 +192,7 @@ def test_a_good_release_file_still_loads(tiny_dir, tmp_path):
     """The checks above do not refuse the real format: a v4-named encoder state dict in {'args', 'state_dict'}."""
     mae = load_mae("vit-mae-tiny")
     torch.save({"args": argparse.Namespace(lr=1e-4), "state_dict": mae.vit.state_dict()}, tmp_path / "r.pt")
-    state = vit_mae.read_release_checkpoint(str(tmp_path / "r.pt"))
+    state = checkpoints.read_release_checkpoint(str(tmp_path / "r.pt"))
     assert state.keys() == mae.vit.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in mae.vit.state_dict().items())
 
@@ -230,9 +230,9 @@ def unreachable_hub(monkeypatch):
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    vit_mae._endpoint_unreachable.cache_clear()
+    hub._endpoint_unreachable.cache_clear()
     yield
-    vit_mae._endpoint_unreachable.cache_clear()
+    hub._endpoint_unreachable.cache_clear()
 
 
 def test_unreachable_hub_uses_the_cache_only(unreachable_hub, stage_args, monkeypatch, capsys):

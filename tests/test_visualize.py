@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from models import TINY_NAME, Preprocessing, load_mae, preprocessing_of, save_model
-from models.vit_mae import IMAGENET_MEAN, IMAGENET_STD
+from models.checkpoints import IMAGENET_MEAN, IMAGENET_STD
 from tools.visualize import (GAP, HEADER, get_args_parser, main, reconstruction_grid,
                        trained_with_norm_pix_loss, upscale_factor)
 

@@ -25,12 +25,12 @@ import os
 import outputs
 import training
 import utils
-from models import vit_mae
+from models import hub
 from outputs.card import CARD_FILE, card_state, model_card, write_card
 
 LEFT_OUT = {training.LOCK_FILE: "the run's lock", training.STATE_FILE: "the resumable training state",
             ".saving": "an unfinished save"}
-NEEDED = (CARD_FILE, "config.json", "model.safetensors", vit_mae.PROCESSOR_FILE)  # never excluded
+NEEDED = (CARD_FILE, "config.json", "model.safetensors", hub.PROCESSOR_FILE)  # never excluded
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -60,7 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def hub_offline_reason() -> str | None:
     """Why the Hub cannot be asked from here (None: it can), decided as the stages decide it for θ₀."""
-    return vit_mae._hub_offline_reason()
+    return hub._hub_offline_reason()
 
 
 def select_files(model_dir: str, exclude: list[str]) -> tuple[list[str], list[tuple[str, str]]]:

@@ -33,7 +33,7 @@ import outputs
 import utils
 from data import SPLITS, ImageDataset
 from models import TINY_NAME, load_mae, preprocessing_of
-from models.vit_mae import initial_config
+from models.hub import initial_config
 
 COLUMNS = ("original", "masked input", "reconstruction", "reconstruction + visible")
 MIN_CELL = 128  # pixels: smaller images are upscaled to at least this
