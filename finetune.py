@@ -15,7 +15,6 @@ and the run's record and metrics in results/<dataset>/<init>/seed<k>/; <init> is
 --save_model also the classifier, in results/<dataset>/<init>/seed<k>/model/ (stock from_pretrained).
 """
 import argparse
-import functools
 import os
 
 import torch
@@ -172,10 +171,16 @@ def main(args):
 
     # ---- supervised training, horizontal flip as the only augmentation
     classifier.train()
-    objective = functools.partial(training_loss, classifier)  # (images, labels, flip) -> (loss, terms)
+
+    @run.graphed  # --cuda_graph: this step captured whole in one CUDA graph (training/cuda_graph.py)
+    def train_step(step, images, labels, flip):
+        with run.forward(step):  # autocast; dropout seeded from (seed, step)
+            loss, terms = training_loss(classifier, images, labels, flip)
+        run.step(step, loss, terms)  # backward, clip, AdamW, schedule, non-finite check; log, save
+
     for step, (images, labels, _) in run.batches(train_set):
         flip = run.global_rand(step, utils.STREAM_FLIP) < 0.5  # (B,), a function of (seed, step, sample)
-        run.train_step(step, objective, images, labels, flip)
+        train_step(step, images, labels, flip)
 
     # ---- evaluation, once, after the last step: the test split, and (eval mode, no flip) the images trained on,
     # to tell a classifier that does not fit its training set from one that fits and does not generalise

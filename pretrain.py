@@ -12,7 +12,6 @@ Writes <checkpoint_dir>/further-pretrain-<steps>/<dataset>/: the full MAE model 
 model.safetensors) with its model card (README.md), args.json (the run record) and metrics.jsonl.
 """
 import argparse
-import functools
 import os
 
 import training
@@ -58,12 +57,18 @@ def main(args):
     optimizer, scheduler = run.adamw(mae, no_weight_decay, MAE_BETAS)
     model = run.prepare(mae, optimizer, scheduler)
 
-    # ---- MAE training: each step is training_loss under autocast, then Run.step (backward, AdamW, schedule)
+    # ---- MAE training
     model.train()
-    objective = functools.partial(training_loss, model)  # (images, noise) -> (loss, terms)
+
+    @run.graphed  # --cuda_graph: this step captured whole in one CUDA graph (training/cuda_graph.py)
+    def train_step(step, images, noise):
+        with run.forward(step):  # autocast; dropout seeded from (seed, step)
+            loss, terms = training_loss(model, images, noise)
+        run.step(step, loss, terms)  # backward, clip, AdamW, schedule, non-finite check; log, save
+
     for step, (images, _, _) in run.batches(dataset):
         noise = run.masking_noise(step, num_patches)  # (B, N), a function of (seed, step, sample)
-        run.train_step(step, objective, images, noise)
+        train_step(step, images, noise)
 
     if run.is_main:
         save_model(mae, out_dir, preprocessing, card=model_card(out_dir))  # the card travels with the weights

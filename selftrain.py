@@ -16,7 +16,6 @@ distillation gradient reaches the student's encoder only; the decoder learns fro
 Writes <checkpoint_dir>/self-further-pretrain-<steps>/<dataset>/ (same contents as stage 1).
 """
 import argparse
-import functools
 import os
 
 import torch
@@ -107,14 +106,20 @@ def main(args):
     student = run.prepare(MAEWithFeature(student_mae), optimizer, scheduler)
 
     # ---- the frozen teacher's h_T(x), once per training image (no augmentation: it never changes)
-    teacher_cls = teacher_features(teacher, teacher_device, run, dataset)  # (N, D) on run.device
+    teacher_table = teacher_features(teacher, teacher_device, run, dataset)  # (N, D) on run.device
 
     # ---- MAE + distillation, one backward pass for both terms
     student.train()
-    objective = functools.partial(training_loss, student, distill_weight=args.distill_weight)
+
+    @run.graphed  # --cuda_graph: this step captured whole in one CUDA graph (training/cuda_graph.py)
+    def train_step(step, images, noise, teacher_cls):
+        with run.forward(step):  # autocast; dropout seeded from (seed, step)
+            loss, terms = training_loss(student, images, noise, teacher_cls, distill_weight=args.distill_weight)
+        run.step(step, loss, terms)  # backward, clip, AdamW, schedule, non-finite check; log, save
+
     for step, (images, _, index) in run.batches(dataset):
         noise = run.masking_noise(step, num_patches)  # (B, N), the same masks as stage 1 would draw
-        run.train_step(step, objective, images, noise, teacher_cls[index])
+        train_step(step, images, noise, teacher_table[index])
 
     if run.is_main:
         save_model(student_mae, out_dir, preprocessing, card=model_card(out_dir))  # the card travels with the weights

@@ -2,8 +2,8 @@
 
 For each stage (further pre-training, self-distillation, fine-tuning) two steps run on the same model,
 batch and device, one after the other in the same process:
-  ours       the scripts' own step, not a copy: the stage's optimizer from Run.adamw, then per step the
-             stage's training_loss (pretrain / selftrain / finetune) and Run.step, through Run.train_step
+  ours       the scripts' own step: the stage's optimizer from Run.adamw, then per step the stage's
+             training_loss (pretrain / selftrain / finetune) under Run.forward and Run.step, through Run.graphed
              (bf16 autocast and fused AdamW on CUDA, fp32 on CPU; one backward pass; the teacher's
              features computed once before the steps and looked up; --compile or --cuda_graph optional)
   reference  the release's computation (trainer.py of the 2023 code) on the current libraries: fp32 with
@@ -59,7 +59,6 @@ release's FLOPs: ≈ 5.0 EFLOP for ViT-B/16).
 import argparse
 import contextlib
 import copy
-import functools
 import gc
 import io
 import os
@@ -283,17 +282,22 @@ def our_run(s: Setting, stage: str, script) -> training.Run:
 # ----------------------------------------------------------------------------- further pre-training
 
 def ours_further_pretrain(s: Setting, theta0) -> dict:
-    """pretrain.py's step: its optimizer (Run.adamw), then pretrain.training_loss + Run.step (Run.train_step)."""
+    """pretrain.py's step: its optimizer (Run.adamw), then pretrain.training_loss under Run.forward + Run.step."""
     run = our_run(s, "further-pretrain", pretrain)
     mae = copy.deepcopy(theta0)
     num_patches = mae.vit.embeddings.patch_embeddings.num_patches
     model = run.prepare(mae, *run.adamw(mae, mae_common.no_weight_decay, mae_common.MAE_BETAS))
     model.train()
-    objective = functools.partial(pretrain.training_loss, model)
     batch, _ = synthetic_batch(s, "further-pretrain", mae.config.image_size)
 
+    @run.graphed
+    def train_step(step, images, noise):
+        with run.forward(step):
+            loss, terms = pretrain.training_loss(model, images, noise)
+        run.step(step, loss, terms)
+
     def step(i):
-        run.train_step(i, objective, run.normalize(batch), run.masking_noise(i, num_patches))
+        train_step(i, run.normalize(batch), run.masking_noise(i, num_patches))
 
     result = measure(s, "further-pretrain", step)
     run.finish()
@@ -343,10 +347,15 @@ def ours_self_distill(s: Setting, theta0) -> dict:
     images_set = torch.utils.data.TensorDataset(batch.cpu(), labels.cpu())
     teacher_cls = selftrain.teacher_features(teacher, run.device, run, images_set)  # (B, D)
     index = torch.arange(len(batch), device=run.device)
-    objective = functools.partial(selftrain.training_loss, student, distill_weight=run.args.distill_weight)
+
+    @run.graphed
+    def train_step(step, images, noise, teacher_batch):
+        with run.forward(step):
+            loss, terms = selftrain.training_loss(student, images, noise, teacher_batch, run.args.distill_weight)
+        run.step(step, loss, terms)
 
     def step(i):
-        run.train_step(i, objective, run.normalize(batch), run.masking_noise(i, num_patches), teacher_cls[index])
+        train_step(i, run.normalize(batch), run.masking_noise(i, num_patches), teacher_cls[index])
 
     result = measure(s, "self-distill", step)
     run.finish()
@@ -384,17 +393,22 @@ def reference_self_distill(s: Setting, theta0) -> dict:
 
 def ours_finetune(s: Setting, theta0) -> dict:
     """finetune.py's step (from θ₀, as --scratch True): its optimizer, the flip drawn for the step, then
-    finetune.training_loss + Run.step (Run.train_step)."""
+    finetune.training_loss under Run.forward + Run.step."""
     run = our_run(s, "finetune", finetune)
     model = build_classifier(theta0.config, theta0.vit.state_dict(), NUM_CLASSES, run.args.dropout)
     classifier = run.prepare(model, *run.adamw(model, finetune.no_weight_decay, finetune.FINETUNE_BETAS))
     classifier.train()
-    objective = functools.partial(finetune.training_loss, classifier)
     batch, labels = synthetic_batch(s, "finetune", theta0.config.image_size)
+
+    @run.graphed
+    def train_step(step, images, labels, flip):
+        with run.forward(step):
+            loss, terms = finetune.training_loss(classifier, images, labels, flip)
+        run.step(step, loss, terms)
 
     def step(i):
         flip = run.global_rand(i, utils.STREAM_FLIP) < 0.5  # (B,)
-        run.train_step(i, objective, run.normalize(batch), labels, flip)
+        train_step(i, run.normalize(batch), labels, flip)
 
     result = measure(s, "finetune", step)
     run.finish()

@@ -365,11 +365,12 @@ def teacher_check(events: Events, plan: Plan) -> None:
 # ----------------------------------------------------------------------------- dropout inside the graph
 
 class DropoutRecorder:
-    """Watches fine-tuning's dropout from outside (the classes' methods wrapped for one run, as tests/helpers.spy
-    wraps functions): every GlobalBatchDropout call copies which of its positions were dropped into a buffer of its
-    own -- inside a captured CUDA graph that copy is captured too, so after each replay the buffers hold that
-    replay's masks -- and after each step (Run.train_step) the masks are compared with the eager draws of the
-    step's seed (training.Draws.dropout_seed, what the step seeds with)."""
+    """Watches fine-tuning's dropout from outside, through two observation hooks: a global forward hook (torch's
+    register_module_forward_hook) copies, at every GlobalBatchDropout call, which of its positions were dropped
+    into a buffer of its own -- inside a captured CUDA graph that copy is captured too, so after each replay the
+    buffers hold that replay's masks -- and after each step (training.observed_steps: after the replay) the
+    masks are compared with the eager draws of the step's seed (training.Draws.dropout_seed, what the step seeds
+    with)."""
 
     def __init__(self, seed: int, p: float):
         self.canonical = training.Draws(seed, 1, 1, 0, 1, torch.device("cpu"))  # dropout_seed(step) only
@@ -379,9 +380,9 @@ class DropoutRecorder:
         self.buffers = []
         self.order, self.current, self.previous = [], [], None  # the modules called, in order
 
-    def forward(self, real, module, x):
-        y = real(module, x)
-        if module.training and module.p > 0:
+    def forward_hook(self, module, args, y):
+        if isinstance(module, training.GlobalBatchDropout) and module.training and module.p > 0:
+            x = args[0]
             call = len(self.current)
             if call == len(self.buffers):  # allocated at the first (eager, warm-up) step, before any capture
                 self.buffers.append((torch.empty_like(x, dtype=torch.bool), torch.empty_like(x, dtype=torch.bool)))
@@ -389,13 +390,11 @@ class DropoutRecorder:
             known.copy_(x != 0)
             dropped.copy_((y == 0) & (x != 0))
             self.current.append(module)
-        return y
 
-    def train_step(self, real, run, step, objective, *inputs):
-        self.current = []
-        real(run, step, objective, *inputs)
+    def after_step(self, step: int) -> None:
         if self.current:  # Python ran the forward (eager, warm-up or capture); a replay runs none of it
             self.order = self.current
+        self.current = []
         self.compare(step)
 
     def compare(self, step: int) -> None:
@@ -412,19 +411,13 @@ class DropoutRecorder:
 
     @contextlib.contextmanager
     def installed(self):
-        """GlobalBatchDropout.forward and Run.train_step wrapped while the block runs."""
-        real_forward, real_step = training.GlobalBatchDropout.forward, training.Run.train_step
-
-        def forward(module, x):
-            return self.forward(real_forward, module, x)
-
-        def train_step(run, step, objective, *inputs):
-            return self.train_step(real_step, run, step, objective, *inputs)
-        training.GlobalBatchDropout.forward, training.Run.train_step = forward, train_step
+        """The forward hook and the step observer installed while the block runs."""
+        handle = torch.nn.modules.module.register_module_forward_hook(self.forward_hook)
         try:
-            yield self
+            with training.observed_steps(self.after_step):
+                yield self
         finally:
-            training.GlobalBatchDropout.forward, training.Run.train_step = real_forward, real_step
+            handle.remove()
 
 
 def dropout_check(events: Events, plan: Plan) -> None:
@@ -432,7 +425,7 @@ def dropout_check(events: Events, plan: Plan) -> None:
     steps = plan.dropout_steps
     p = finetune.get_args_parser().get_default("dropout")
     events.progress(f"finetune: dropout inside the graph, {steps} steps with --cuda_graph "
-                    f"({training.StaticStep.WARMUP_STEPS} warm-up steps, the capture, then replays)")
+                    f"({training.GraphedStep.WARMUP_STEPS} warm-up steps, the capture, then replays)")
     recorder = DropoutRecorder(stage_args(plan, "finetune", "cuda_graph", None, steps).seed, p)
     with recorder.installed():
         run = run_stage(plan, "finetune", "cuda_graph", "dropout", steps)

@@ -1,5 +1,5 @@
 """The speed paths give today's numbers: decode-once batches, randomness drawn ahead, the teacher's
-features computed once, and the static-buffer step of --cuda_graph (run without capture on CPU)."""
+features computed once, and --cuda_graph's graphed step (training/cuda_graph.py, run without capture on CPU)."""
 import json
 import os
 
@@ -197,6 +197,58 @@ def test_static_step_flags_a_non_finite_loss(stage_args, tmp_path, monkeypatch):
     argv = pretrain.get_args_parser().parse_args(
         stage_args("--cuda_graph", "--log_every", 4, "--output_dir", tmp_path / "r", steps=6))
     with pytest.raises(utils.UserError, match="not finite at step 3"):
+        pretrain.main(argv)
+
+
+def test_graphed_step_runs_the_stage_step_function_on_static_buffers(tmp_path):
+    """--cuda_graph on CPU: Run.graphed calls the stage's own step function on static input buffers that every call
+    refills (a captured graph reads fixed addresses), seeds dropout from (seed, step) before it (a capture cannot
+    take a seed; a replay reads the generator's), and does the host work after it (observers, then the schedule):
+    Run.step inside the function does the device work only."""
+    observed = []
+    with training.observed_steps(lambda step: observed.append((step, run.scheduler.last_epoch))):
+        run = _run(tmp_path, "--cuda_graph", "--warmup_steps", 2, steps=4)
+    model = load_mae("vit-mae-tiny")
+    model = run.prepare(model, *run.adamw(model, lambda n, p: False, (0.9, 0.95)))
+    seen = []
+
+    @run.graphed
+    def train_step(step, images, noise):
+        seen.append({"images": images, "noise": noise.clone(), "draw": torch.rand(()),
+                     "schedule": run.scheduler.last_epoch})
+        with run.forward(step):
+            loss, terms = pretrain.training_loss(model, images, noise)
+        run.step(step, loss, terms)
+        assert run.scheduler.last_epoch == step  # the schedule steps after the function, outside any graph
+
+    noises = []
+    for step in range(4):
+        noises.append(run.masking_noise(step, 64))
+        train_step(step, torch.randn(8, 3, 32, 32), noises[-1])
+    assert all(s["images"] is seen[0]["images"] for s in seen)  # one buffer, refilled
+    assert all(torch.equal(s["noise"], n) for s, n in zip(seen, noises))
+    for step, s in enumerate(seen):
+        torch.manual_seed(run.draws.dropout_seed(step))
+        assert torch.equal(s["draw"], torch.rand(())), f"step {step}: dropout not seeded from (seed, step)"
+        assert s["schedule"] == step
+    assert observed == [(step, step) for step in range(4)] and run.scheduler.last_epoch == 4
+
+
+@pytest.mark.parametrize("graph", ["--no-cuda_graph", "--cuda_graph"])
+def test_non_finite_loss_in_a_resumed_run_names_the_runs_step(stage_args, tmp_path, monkeypatch, graph):
+    """The non-finite flag counts steps on the device from the step the run resumed at."""
+    argv = pretrain.get_args_parser().parse_args(
+        stage_args(graph, "--save_every", 2, "--log_every", 1, "--output_dir", tmp_path / "r", steps=6))
+    with training.supplied_draws(cut_at(stop=3)), pytest.raises(Cut):
+        pretrain.main(argv)
+    real, calls = pretrain.mae_loss, []
+
+    def mae_loss(*a):
+        calls.append(1)
+        loss = real(*a)
+        return loss * float("nan") if len(calls) == 2 else loss  # the resumed run's second step: step 4
+    monkeypatch.setattr(pretrain, "mae_loss", mae_loss)
+    with pytest.raises(utils.RunFailed, match="not finite at step 4"):
         pretrain.main(argv)
 
 

@@ -1,7 +1,8 @@
 """Run: what one training run is, apart from the method -- the facade the three stages use. Each concern lives
 in its own room: the process and device (process.py), the run directory and its record (run_dir.py), the
-step's randomness (draws.py), its batches (batches.py), the optimizer step (step.py), the metrics (metrics.py,
-and report_to.py for --report_to)."""
+step's randomness (draws.py), its batches (batches.py), the optimizer step (step.py) and its CUDA graph
+(cuda_graph.py), the metrics (metrics.py, and report_to.py for --report_to)."""
+import contextlib
 import os
 
 import torch
@@ -13,7 +14,8 @@ from training.preemption import StepControl, Stopped
 from training.process import Process
 from training.report_to import new_wandb_id, reporter
 from training.run_dir import RunDirectory, fingerprints
-from training.step import StaticStep, TrainStep, optimizer_and_schedule, step_lr
+from training.cuda_graph import GraphedStep
+from training.step import TrainStep, optimizer_and_schedule, step_lr
 from utils import STREAM_NOISE, RunFailed, mix_seed
 
 
@@ -24,8 +26,15 @@ class Run:
         if run.already_done: return                              # done_file exists, same arguments: never redo
         optimizer, scheduler = run.adamw(model, no_decay, betas)
         model = run.prepare(model, optimizer, scheduler)         # lock the directory; record; resume; DDP; compile
+
+        @run.graphed                                             # --cuda_graph: captured whole (training/cuda_graph.py)
+        def train_step(step, images, ...):
+            with run.forward(step):                              # autocast; dropout seeded from (seed, step)
+                loss, terms = training_loss(model, images, ...)
+            run.step(step, loss, terms)                          # backward, clip, AdamW, schedule; log, save, stop
+
         for step, (images, labels, indices) in run.batches(dataset):
-            run.train_step(step, objective, images, ...)           # see train_step
+            train_step(step, images, ...)
         run.finish()                                             # after the stage wrote done_file
 
     A finished run (done_file) or an unfinished one (train_state.pt) with other arguments is refused, naming the
@@ -53,7 +62,9 @@ class Run:
         self.data = Batches(args, self.process, self.draws, preprocessing, stage)
         self.normalize, self.eval_batches, self.ordered_batches = (self.data.normalize, self.data.evaluation,
                                                                    self.data.ordered)
-        self.start_step, self.model, self.metrics, self._step, self._record = 0, None, None, None, None
+        self.start_step, self.model, self.metrics, self._update, self._record = 0, None, None, None, None
+        self._graph = None  # the GraphedStep of --cuda_graph, made by graphed()
+        self._observers = list(_observers)
         self.optimizer_record = None  # set by adamw
         self._control = None  # stop signals and the time-based save (training/preemption.py), set by prepare
         torch.manual_seed(mix_seed(args.seed, self.process.rank))  # new heads, anything built before the loop
@@ -88,8 +99,8 @@ class Run:
         if self.directory is not None:  # signals first: a stop asked while resuming is honoured after the first step
             self._control = StepControl(self.process, self.args.save_every_minutes)
             self._take_directory()
-        eager = TrainStep(self.process, model, optimizer, scheduler, self.args.clip_grad)
-        self._step = StaticStep(eager) if self.args.cuda_graph else eager
+        self._update = TrainStep(self.process, model, optimizer, self.args.clip_grad, self.start_step,
+                                 static=self.args.cuda_graph)
         use_global_batch_dropout(model, self.process.rank, self.process.world)
         return self.process.wrap(model, self.args.compile)
 
@@ -132,23 +143,59 @@ class Run:
         """This process's rows of a (global_batch, *shape) uniform tensor drawn from (seed, stream, step)."""
         return self.draws.uniform(step, stream, *shape)
 
-    def train_step(self, step: int, objective, *inputs: torch.Tensor) -> None:
-        """One training step (training/step.py): `objective(*inputs)` -> (loss, terms) under autocast, its
-        dropout seeded from (seed, step); backward; gradient clipping (--clip_grad); AdamW; the schedule. Then,
-        at logging and saving steps only (the check reads the device back): the non-finite check, a metrics.jsonl
-        line (--log_every) and the resumable state (--save_every, --save_every_minutes, and before stopping). A stop
-        signal (training/preemption.py) ends the run here, after the state is saved: Stopped, exit code 75."""
+    def graphed(self, fn):
+        """The stage's step function fn(step, *inputs) as the loop calls it: fn itself, or with --cuda_graph fn on
+        static input buffers, captured in one CUDA graph on CUDA and replayed (training/cuda_graph.py)."""
+        if not self.args.cuda_graph:
+            return fn
+        self._graph = GraphedStep(fn, self.device, self._seed_dropout, self._after_step)
+        return self._graph
+
+    def _seed_dropout(self, step: int) -> None:
+        torch.manual_seed(self.draws.dropout_seed(step))  # GlobalBatchDropout's masks: a function of (seed, step)
+
+    @contextlib.contextmanager
+    def forward(self, step: int):
+        """The context of step `step`'s forward: the process's autocast, dropout seeded from (seed, step). Under
+        --cuda_graph the graph seeds before each call and replay (a capture cannot take a new seed), and autocast
+        keeps no cache of cast weights (a replay must cast the weights the last step left)."""
+        graphed = self._graph is not None
+        if not graphed:
+            self._seed_dropout(step)
+        with self.autocast(cache_enabled=not graphed):
+            yield
+
+    def step(self, step: int, loss: torch.Tensor, terms: dict) -> None:
+        """Step `step` after its forward (training/step.py): backward; gradient clipping (--clip_grad); AdamW; the
+        schedule. Then, at logging and saving steps only (the check reads the device back): the non-finite check,
+        a metrics.jsonl line (--log_every) with `terms` ({name: term}) and the resumable state (--save_every,
+        --save_every_minutes, and before stopping). A stop signal (training/preemption.py) ends the run here, after
+        the state is saved: Stopped, exit code 75. Inside a --cuda_graph step only the device work runs here; the
+        graph does the rest after the step (training/cuda_graph.py)."""
+        grad_norm = self._update.update(loss, need_norm=self._logging(step + 1))
+        if self._graph is not None and self._graph.running:
+            self._graph.hold(loss.detach(), grad_norm, {k: v.detach() for k, v in terms.items()})
+            return
+        self._after_step(step, loss, grad_norm, terms)
+
+    def _logging(self, done: int) -> bool:
+        return self.metrics is not None and (done % self.args.log_every == 0 or done == self.args.steps)
+
+    def _after_step(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None, terms: dict) -> None:
+        """The host's part of step `step`, once its device work ran: observers, the schedule, check, log, save."""
+        for observe in self._observers:
+            observe(step)
+        self.scheduler.step()
         done = step + 1
-        logging = self.metrics is not None and (done % self.args.log_every == 0 or done == self.args.steps)
+        logging = self._logging(done)
         saving = self.directory is not None and self.args.save_every and done % self.args.save_every == 0 \
             and done < self.args.steps
-        loss, grad_norm, terms = self._step(step, objective, inputs, self.draws.dropout_seed(step), logging)
         stop = False
         if self._control is not None and done < self.args.steps:  # after the last step the result is the state
             stop, due = self._control.after_step(done)
             saving = saving or stop or due
         if logging or saving:
-            bad = self._step.first_bad()
+            bad = self._update.first_bad()
             if bad:
                 last = (f"the last good state is {self.state_path}" if os.path.exists(self.state_path)
                         else "no state was saved (see --save_every)")
@@ -189,3 +236,18 @@ def _image_size(model: torch.nn.Module) -> int | None:
     """The image size `model` takes: its config's, or that of the model it wraps (the student wraps its MAE)."""
     return next((m.config.image_size for m in model.modules() if hasattr(getattr(m, "config", None), "image_size")),
                 None)
+
+
+_observers = []  # callbacks step -> None, the innermost observed_steps block last
+
+
+@contextlib.contextmanager
+def observed_steps(observe):
+    """Runs created inside this block call `observe(step)` after the device work of each step (after the graph's
+    replay under --cuda_graph), before the schedule, logging and saving: the seam through which a check watches
+    what a step did (lab/gpu_check_parts.py reads the dropout masks a replay recorded). Nothing else changes."""
+    _observers.append(observe)
+    try:
+        yield
+    finally:
+        _observers.remove(observe)
