@@ -52,51 +52,24 @@ leak nothing), whoever built the splits.
 """
 import argparse
 import contextlib
-import datetime
-import hashlib
-import io
 import json
 import os
 import random
-import shutil
 import sys
 import uuid
-from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
 
 import lmdb
 import numpy as np
 import scipy.io
-from PIL import Image
-from tqdm import tqdm
 
 from data import sources
-from data.datasets import (DATASETS, SPLITS, check_name, class_folders, file_kind, folder_split, how_to_rebuild,
-                           image_files, read_counts, split_reader, to_8bit, unusable_file)
+from data.build import (EXPECTED_COUNTS, Source, check_listed_once, check_space, check_target, count,
+                        move_into_place, print_counts, records, remove, warn_expected)
+from data.check import check
+from data.datasets import DATASETS, SPLITS, class_folders, file_kind, folder_split, image_files, unusable_file
 import outputs
 from data.lmdb_format import LMDBReader, write_lmdb
 from errors import UserError
-
-# Sizes of the standard splits (train includes validation where the dataset has one).
-EXPECTED_COUNTS = {
-    "aircraft": {"train": 6667, "test": 3333},
-    "cub": {"train": 5994, "test": 5794},
-    "dtd": {"train": 3760, "test": 1880},
-    "stanford_dogs": {"train": 12000, "test": 8580},
-    "vgg_flower_102": {"train": 2040, "test": 6149},
-    "chest_xray": {"train": 5216, "test": 624},
-}
-JPEG_QUALITY = 95
-MAX_LISTED_PROBLEMS = 20
-MAX_LISTED_COPIES = 3  # examples in --check's line about records that are copies of others
-SPACE_MARGIN = 64 << 20  # bytes a build leaves free beyond the images' size (LMDB pages, counts.json)
-
-
-class Source(NamedTuple):
-    splits: dict  # split -> list of (image path, 0-based label)
-    classes: list  # label -> class name
-    listed_in: dict  # split -> where each of its images is listed (an index file, a folder), in the same order
 
 
 # ---------------------------------------------------------------- reading the published layouts
@@ -322,181 +295,7 @@ CONVERTERS = {"aircraft": aircraft, "cub": cub, "dtd": dtd, "stanford_dogs": sta
               "vgg_flower_102": vgg_flower_102, "chest_xray": chest_xray, "imagefolder": imagefolder}
 
 
-# ---------------------------------------------------------------- images
-
-def _decode(image_bytes: bytes) -> Image.Image:
-    """Fully decoded and converted as data.decode_image will (16-bit images scaled to 8 bits), so a truncated
-    file fails here, not mid-training."""
-    img = to_8bit(Image.open(io.BytesIO(image_bytes)))
-    img.load()
-    img.convert("RGB")
-    return img
-
-
-def _load(path: str, resize):
-    """(image bytes to store, None), or (None, why it cannot be used)."""
-    why = unusable_file(path)
-    if why is not None:  # a FIFO among the listed images would make open() wait for ever
-        return None, why
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        img = _decode(data)
-        if resize is None:
-            return data, None
-        # No EXIF transpose: decode_image ignores orientation too, so both options give the same pixels.
-        img = img.convert("L" if img.mode == "L" else "RGB")
-        scale = resize / min(img.size)
-        if scale < 1:
-            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=JPEG_QUALITY)
-        return buf.getvalue(), None
-    except Exception as e:  # OSError, PIL's UnidentifiedImageError / DecompressionBombError, ...
-        return None, f"{type(e).__name__}: {e}"
-
-
-def _ordered_map(fn, items, workers: int):
-    """map(fn, items) on threads (PIL decodes without the GIL), in order, a bounded window ahead."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending = deque()
-        try:
-            for item in items:
-                pending.append(pool.submit(fn, item))
-                if len(pending) >= 4 * workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-
-
 # ---------------------------------------------------------------- build
-
-def _records(items, args, skipped: list, desc: str):
-    """(image bytes, label) of each usable image; an unreadable one stops the build, or with
-    --skip_bad is left out and appended to `skipped`."""
-    loaded = _ordered_map(lambda path: _load(path, args.resize), (path for path, _ in items), args.workers)
-    for (path, label), (data, error) in tqdm(zip(items, loaded), total=len(items), desc=desc, unit="img"):
-        if error is not None:
-            if not args.skip_bad:
-                raise UserError(f"cannot read image {path}: {error} (fix or remove it, or pass --skip_bad)")
-            tqdm.write(f"skipped unreadable image {path}: {error}", file=sys.stderr)
-            skipped.append(path)
-            continue
-        yield data, label
-
-
-def _file_identity(path: str) -> tuple:
-    """The file `path` names: a link or a second hard link to an image is that image; a missing one its path."""
-    try:
-        st = os.stat(path)
-        return st.st_dev, st.st_ino
-    except OSError:
-        return (os.path.realpath(path),)
-
-
-def _check_listed_once(source: Source, src: str) -> None:
-    """Refuses a source that lists an image twice, within a split or in both: an index that puts training images
-    into the test split (test1.txt a copy of train1.txt, a repeated line of images.txt) would inflate every
-    accuracy measured on it, and the split sizes need not show it."""
-    first, repeats = {}, []
-    for split, items in source.splits.items():
-        for (path, _), where in zip(items, source.listed_in[split], strict=True):
-            identity = _file_identity(path)
-            if identity in first:
-                repeats.append((first[identity], (split, path, where)))
-            else:
-                first[identity] = (split, path, where)
-    if not repeats:
-        return
-    across = [(a, b) for a, b in repeats if a[0] != b[0]]
-    (split_a, path_a, where_a), (split_b, path_b, where_b) = (across or repeats)[0]
-    example = (f"{path_b} is listed in {where_a} ({split_a}) and in {where_b} ({split_b})" if path_a == path_b else
-               f"{path_a} in {where_a} ({split_a}) and {path_b} in {where_b} ({split_b}) are the same file")
-    raise UserError(f"{src}: {len(across)} images are listed in both train and test and {len(repeats) - len(across)} "
-                    f"twice within a split; e.g. {example}. Each image must be listed once (a test image that is also "
-                    f"a training image inflates the accuracy): fix the index; nothing was written")
-
-
-def _count(labels, classes) -> dict:
-    per_class = Counter(labels)
-    return {"total": len(labels), "per_class": {name: per_class.get(label, 0) for label, name in enumerate(classes)}}
-
-
-def _print_counts(counts: dict, classes) -> None:
-    width = max([len(c) for c in classes] + [5])
-    print(f"{'label':>5}  {'class':<{width}}  {'train':>6}  {'test':>6}")
-    for label, name in enumerate(classes):
-        row = "  ".join(f"{counts[split]['per_class'].get(name, 0):>6}" if split in counts else f"{'-':>6}"
-                        for split in SPLITS)
-        print(f"{label:>5}  {name:<{width}}  {row}")
-    print(f"{'':>5}  {'total':<{width}}  " + "  ".join(f"{counts[s]['total'] if s in counts else '-':>6}"
-                                                        for s in SPLITS))
-
-
-def _warn_expected(dataset: str, name: str, counts: dict) -> None:
-    for split, expected in EXPECTED_COUNTS.get(dataset, {}).items():
-        if split in counts and counts[split]["total"] != expected:
-            print(f"warning: {name} {split}: expected {expected} images (standard split), "
-                  f"found {counts[split]['total']}", file=sys.stderr)
-
-
-def _check_target(target: str, src: str, overwrite: bool) -> None:
-    real_target, real_src = os.path.realpath(target), os.path.realpath(src)
-    if real_src == real_target or real_src.startswith(real_target + os.sep):
-        raise UserError(f"--src {src} is inside the output {target}: building would replace the source; "
-                        f"choose another --out or --name")
-    if os.path.lexists(target) and not _is_empty_dir(target) and not overwrite:
-        raise UserError(f"{target} already exists; pass --overwrite to replace it "
-                        f"(the old one is kept until the new one is complete)")
-
-
-def _is_empty_dir(path: str) -> bool:
-    return os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)
-
-
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.remove(path)
-
-
-def _move_into_place(partial: str, target: str, overwrite: bool) -> None:
-    if _is_empty_dir(target):
-        os.rmdir(target)
-    if not os.path.lexists(target):
-        os.rename(partial, target)
-        return
-    if not overwrite:  # appeared while we were building
-        raise UserError(f"{target} already exists; pass --overwrite to replace it")
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    old, i = f"{target}.old-{stamp}", 2
-    while os.path.lexists(old):
-        old, i = f"{target}.old-{stamp}-{i}", i + 1
-    os.rename(target, old)  # kept, as the stages keep a run directory: nothing a user has is deleted
-    try:
-        os.rename(partial, target)
-    except OSError:
-        os.rename(old, target)
-        raise
-    print(f"--overwrite: moved the previous {target} to {old} (delete it once the new one is checked)")
-
-
-def _check_space(args, source: Source, target: str) -> None:
-    """Refuses a build that would not fit: the LMDB files hold the images' bytes (fewer with --resize, which
-    is not estimated), so a build that would fill the disk is stopped before it starts, not at its end."""
-    if args.resize is not None:
-        return
-    need = sum(os.path.getsize(path) for items in source.splits.values() for path, _ in items
-               if os.path.isfile(path))
-    free = shutil.disk_usage(args.out).free
-    if need + SPACE_MARGIN > free:
-        raise UserError(f"{target} would need about {need / 2**20:.0f} MiB (the images' size) and "
-                        f"{SPACE_MARGIN / 2**20:.0f} MiB to spare, but {args.out} has {free / 2**20:.0f} MiB free; "
-                        f"free some space, choose another --out, or pass --resize N")
-
 
 def build(args) -> dict:
     name = args.name or args.dataset
@@ -511,13 +310,13 @@ def build(args) -> dict:
     if args.resize is not None and args.resize < 1:
         raise UserError(f"--resize must be a positive number of pixels, got {args.resize}")
     target = os.path.join(args.out, name)
-    _check_target(target, args.src, args.overwrite)
+    check_target(target, args.src, args.overwrite)
 
     if args.dataset == "imagefolder":
         source = imagefolder(args.src, args.test_fraction, args.seed)
     else:
         source = CONVERTERS[args.dataset](args.src)
-    _check_listed_once(source, args.src)
+    check_listed_once(source, args.src)
     classes = source.classes
     if len(set(classes)) != len(classes):
         raise UserError(f"{args.src}: duplicate class names in the index")
@@ -534,7 +333,7 @@ def build(args) -> dict:
         raise UserError(f"{what} {missing[0]} ({len(missing)} listed images are missing or not regular files; "
                         f"pass --skip_bad to build without them)")
     outputs.make_dir(args.out, "--out")
-    _check_space(args, source, target)
+    check_space(args, source, target)
     for entry in sorted(os.listdir(args.out)):
         if entry.startswith(f".{name}.partial-"):
             print(f"warning: {os.path.join(args.out, entry)} is left from an interrupted build; delete it "
@@ -551,151 +350,33 @@ def build(args) -> dict:
         for split in SPLITS:
             path = os.path.join(partial, f"{split}.lmdb")
             skipped = []
-            write_lmdb(path, _records(source.splits[split], args, skipped, desc=f"{name} {split}"))
-            counts[split] = _count(LMDBReader(path).labels(), classes)  # what was written, read back
+            write_lmdb(path, records(source.splits[split], args, skipped, desc=f"{name} {split}"))
+            counts[split] = count(LMDBReader(path).labels(), classes)  # what was written, read back
             counts[split]["skipped"] = skipped
         summary = {"name": name, "dataset": args.dataset, "src": os.path.abspath(args.src), "resize": args.resize,
                    "num_classes": len(classes), "classes": classes, "splits": counts,
                    "expected": EXPECTED_COUNTS.get(args.dataset)}
         with open(os.path.join(partial, "counts.json"), "w") as f:
             json.dump(summary, f, indent=1)
-        _move_into_place(partial, target, args.overwrite)
+        move_into_place(partial, target, args.overwrite)
     except (OSError, lmdb.Error) as e:  # a full disk (lmdb: DiskError), a folder made read-only meanwhile
         raise UserError(f"cannot write {target}: {outputs.failure(e, args.out)}; nothing was changed there") from None
     finally:
         with contextlib.suppress(OSError):
-            _remove(partial)
+            remove(partial)
 
     # ---- report
     print(f"{name}: wrote {target}/train.lmdb ({counts['train']['total']} images) and "
           f"{target}/test.lmdb ({counts['test']['total']} images), {len(classes)} classes")
-    _print_counts(counts, classes)
+    print_counts(counts, classes)
     print(f"counts stored in {os.path.join(target, 'counts.json')}")
     for split in SPLITS:
         if counts[split]["skipped"]:
             print(f"warning: {name} {split}: skipped {len(counts[split]['skipped'])} unreadable images "
                   f"(listed in counts.json)", file=sys.stderr)
-    _warn_expected(args.dataset, name, counts)
+    warn_expected(args.dataset, name, counts)
     return summary
 
-
-# ---------------------------------------------------------------- check
-
-def _open_split(root: str, split: str, problems: list):
-    """The split's reader (its LMDB file, else its image folder), or None with the reason in `problems`."""
-    try:
-        reader = split_reader(root, split)
-    except UserError as e:  # an image folder's: a test/ class that train/ lacks, an unreadable folder or image
-        problems.append(str(e))
-        return None
-    except Exception as e:  # lmdb.Error, pickle errors, ValueError (a truncated file among them)
-        problems.append(f"cannot open {os.path.join(root, f'{split}.lmdb')}: {type(e).__name__}: {e}")
-        return None
-    if reader is None:
-        problems.append(f"missing {os.path.join(root, f'{split}.lmdb')} (or an image folder "
-                        f"{os.path.join(root, split)}/<class>/<image>)")
-    elif len(reader) == 0:
-        problems.append(f"{root} {split}: no images (training refuses an empty split)")
-    return reader
-
-
-def _record_name(reader, index: int, root: str) -> str:
-    """A record as its user finds it below the dataset folder `root`: an LMDB file's key, or an image file."""
-    if isinstance(reader, LMDBReader):
-        return f"{os.path.relpath(reader.path, root)} record {reader.keys[index]!r}"
-    return os.path.relpath(reader.items[index][0], root)
-
-
-def _read_records(reader, root: str, problems: list):
-    for index in range(len(reader)):
-        try:
-            yield index, reader[index]
-        except Exception as e:  # missing key, refused or broken pickle, an image file gone meanwhile
-            where = os.path.join(root, _record_name(reader, index, root))
-            problems.append(f"{where}: cannot read ({type(e).__name__}: {e})")
-
-
-def _examine(record) -> tuple:
-    """(why the image does not decode or None, SHA-256 of its encoded bytes): one record's work, on a thread."""
-    _, (image_bytes, _) = record
-    digest = hashlib.sha256(image_bytes).digest()
-    try:
-        _decode(image_bytes)
-        return None, digest
-    except Exception as e:
-        return f"{type(e).__name__}: {e}", digest
-
-
-def _copies_text(pairs: list) -> str:
-    """'later = earlier' for the first few (earlier, later) record names."""
-    shown = "; ".join(f"{later} = {earlier}" for earlier, later in pairs[:MAX_LISTED_COPIES])
-    return shown + (f"; ... and {len(pairs) - MAX_LISTED_COPIES} more" if len(pairs) > MAX_LISTED_COPIES else "")
-
-
-def check(args) -> dict:
-    name = check_name(args.check, "--check", "--out")
-    root = os.path.join(args.out, name)
-    if not os.path.isdir(root):
-        raise UserError(f"{root} does not exist; build it with `python -m data.prepare`")
-    stored = read_counts(root, name, args.out)
-    problems, labels = [], {}
-    readers = {split: reader for split in SPLITS if (reader := _open_split(root, split, problems)) is not None}
-    folder_classes = next((r.classes for r in readers.values() if not isinstance(r, LMDBReader)), None)
-    num_classes = DATASETS.get(name) or (stored or {}).get("num_classes") or len(folder_classes or []) or None
-    # Copies by content, whoever built the splits: a test image that is also a training image inflates the accuracy.
-    first_seen, copies = {}, {"across": [], **{split: [] for split in SPLITS}}
-    for split, reader in readers.items():
-        examined = _ordered_map(lambda record: (record, _examine(record)), _read_records(reader, root, problems),
-                                args.workers)
-        labels[split] = []
-        for (index, (_, label)), (error, digest) in tqdm(examined, total=len(reader), desc=f"{name} {split}",
-                                                          unit="img"):
-            record = _record_name(reader, index, root)
-            if digest in first_seen:
-                first_split, first_record = first_seen[digest]
-                copies["across" if first_split != split else split].append((first_record, record))
-            else:
-                first_seen[digest] = (split, record)
-            if error is not None:
-                problems.append(f"{os.path.join(root, record)}: image does not decode ({error})")
-            if label < 0 or (num_classes is not None and label >= num_classes):
-                problems.append(f"{os.path.join(root, record)}: label {label} outside 0..{(num_classes or 0) - 1}")
-            else:
-                labels[split].append(label)
-    if copies["across"]:
-        problems.insert(0, f"{root}: the test split holds training images: {len(copies['across'])} test records are "
-                           f"byte-for-byte copies of train records ({_copies_text(copies['across'])}); accuracies "
-                           f"measured on it are inflated: take the copies out of the test split, or rebuild it "
-                           f"from a source whose splits do not overlap")
-    if num_classes is None:
-        print(f"warning: {name}: class count unknown (not a known dataset, no counts.json); "
-              f"labels checked only for being >= 0", file=sys.stderr)
-        num_classes = max([max(v, default=-1) for v in labels.values()], default=-1) + 1
-    classes = (stored or {}).get("classes") or folder_classes or [str(label) for label in range(num_classes)]
-    counts = {split: _count(split_labels, classes) for split, split_labels in labels.items()}
-    if stored and isinstance(stored.get("splits"), dict):  # other writers' counts.json may have no splits
-        for split in counts:
-            want = stored["splits"].get(split) or {}
-            if (want.get("total"), want.get("per_class")) != (counts[split]["total"], counts[split]["per_class"]):
-                problems.append(f"{root} {split}: counts differ from counts.json "
-                                f"({counts[split]['total']} images, counts.json says {want.get('total')})")
-
-    _print_counts(counts, classes)
-    _warn_expected((stored or {}).get("dataset", name), name, counts)
-    for split in SPLITS:  # they weigh an image twice, but put no training image into the test split
-        if copies[split]:
-            print(f"warning: {root} {split}: {len(copies[split])} records are byte-for-byte copies of other {split} "
-                  f"records ({_copies_text(copies[split])})", file=sys.stderr)
-    if problems:
-        for problem in problems[:MAX_LISTED_PROBLEMS]:
-            print(problem, file=sys.stderr)
-        if len(problems) > MAX_LISTED_PROBLEMS:
-            print(f"... and {len(problems) - MAX_LISTED_PROBLEMS} more", file=sys.stderr)
-        fix = ("fix the folders and files named above" if folder_classes is not None
-               else how_to_rebuild(name, args.out))
-        raise UserError(f"{root}: {len(problems)} problems found; {fix}")
-    print(f"{root}: ok, every record decodes, labels in 0..{num_classes - 1}, no test image is a training image")
-    return counts
 
 
 # ---------------------------------------------------------------- command line

@@ -56,6 +56,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+from data.build import check_target, count, move_into_place, print_counts, remove
 from data.datasets import DATASETS, to_8bit
 from data.lmdb_format import LMDBReader, write_lmdb
 from errors import UserError
@@ -497,9 +498,7 @@ def _check_options(args) -> None:
 
 def build(args) -> dict:
     """data.prepare's build for the names of BUILDERS: the splits into a hidden folder, moved into place (with
-    --overwrite, over an existing one) only once complete, by data.prepare's own helpers."""
-    from data import prepare  # data.prepare imports this module: imported here, when both are loaded
-
+    --overwrite, over an existing one) only once complete, by data/build.py's helpers."""
     _check_options(args)
     name = args.name or args.dataset
     if name in DATASETS:
@@ -508,7 +507,7 @@ def build(args) -> dict:
         raise UserError(f"--name {name!r}: use letters, digits, '_', '-' and '.' (it names a folder)")
     target = os.path.join(args.out, name)
     download_dir = args.download_dir or os.path.join(args.out, ".downloads")
-    prepare._check_target(target, args.src or download_dir, args.overwrite)
+    check_target(target, args.src or download_dir, args.overwrite)
 
     # ---- where the images come from
     packages = None
@@ -537,20 +536,20 @@ def build(args) -> dict:
         for split, records in splits.items():
             path = os.path.join(partial, f"{split}.lmdb")
             write_lmdb(path, records)
-            counts[split] = prepare._count(LMDBReader(path).labels(), classes)  # what was written, read back
+            counts[split] = count(LMDBReader(path).labels(), classes)  # what was written, read back
             counts[split]["skipped"] = []
         summary = {"name": name, "dataset": args.dataset, "src": os.path.abspath(args.src) if args.src else None,
                    "resize": None, "num_classes": len(classes), "classes": classes, "splits": counts,
                    "expected": None, **info}
         with open(os.path.join(partial, "counts.json"), "w") as f:
             json.dump(summary, f, indent=1)
-        prepare._move_into_place(partial, target, args.overwrite)
+        move_into_place(partial, target, args.overwrite)
     finally:
-        prepare._remove(partial)
+        remove(partial)
 
     print(f"{name}: wrote {target}/train.lmdb ({counts['train']['total']} images) and {target}/test.lmdb "
           f"({counts['test']['total']} images), {len(classes)} classes")
-    prepare._print_counts(counts, classes)
+    print_counts(counts, classes)
     print(f"counts stored in {os.path.join(target, 'counts.json')}")
     if args.dataset == "natural_crops":
         for split, left_out in info["flat_crops_left_out"].items():

@@ -129,7 +129,7 @@ def test_an_output_path_that_cannot_be_written_is_one_line(tool, case, data_dir,
             assert out[-1].startswith("error: ") and target in out[-1] and "ermission denied" in out[-1], out
         else:
             if tool == "prepare":  # the real write, past the check of the space it needs (tested apart)
-                monkeypatch.setattr("data.prepare._check_space", lambda *a: None)
+                monkeypatch.setattr("data.prepare.check_space", lambda *a: None)
             with small_filesystem(target, 256 << 10):
                 if tool == "report":  # an older report, which must survive intact
                     for name in ("report.md", "report.csv"):
@@ -146,10 +146,10 @@ def test_an_output_path_that_cannot_be_written_is_one_line(tool, case, data_dir,
 
 
 def test_prepare_refuses_a_build_that_would_not_fit_before_starting(tmp_path, monkeypatch):
-    import data.prepare
+    import data.build
     _src(str(tmp_path / "src"))
-    monkeypatch.setattr(data.prepare.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 30, 1 << 30,
-                                                                                                  1 << 20))
+    monkeypatch.setattr(data.build.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 30, 1 << 30,
+                                                                                                1 << 20))
     with pytest.raises(UserError, match=r"would need about 0 MiB .* has 1 MiB free"):
         prepare_main(prepare_parser().parse_args(["imagefolder", "--src", str(tmp_path / "src"), "--name", "pets",
                                                   "--out", str(tmp_path / "out")]))
