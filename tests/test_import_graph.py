@@ -8,7 +8,10 @@ from conftest import REPO
 
 
 def _module_names(root: str, package: str) -> dict[str, str]:
-    """{dotted module name: file} of the .py files under root/package (its __init__.py is the package itself)."""
+    """{dotted module name: file} of the .py files under root/package (its __init__.py is the package itself), or
+    of the one module root/package when package names a .py file."""
+    if package.endswith(".py"):
+        return {package[:-len(".py")]: os.path.join(root, package)}
     names = {}
     for folder, dirs, files in os.walk(os.path.join(root, package)):
         dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
@@ -77,8 +80,45 @@ def assert_no_import_circle(packages: list[str], root: str = REPO) -> None:
         f"{a} ({graph[a][b]})" for a, b in zip(circle, circle[1:])) + f" -> {circle[-1]}"
 
 
+# Folders by audience (STYLE.md "Where things live"): the product -- the stages and what a run needs, including
+# what it writes (outputs/) -- imports none of launch/ (running the table), tools/ (utilities on saved runs) or
+# lab/ (checks, benchmarks, experiments about the project); launch/ and tools/ do not import lab/.
+PRODUCT = ["pretrain.py", "selftrain.py", "finetune.py", "report.py", "utils.py", "errors.py", "mae_common.py",
+           "data", "models", "training", "outputs"]
+
+
+def _top_level_modules(root: str = REPO) -> list[str]:
+    return sorted(f for f in os.listdir(root) if f.endswith(".py"))
+
+
 def test_data_has_no_import_circle():
     assert_no_import_circle(["data"])
+
+
+def test_the_repository_has_no_import_circle():
+    assert_no_import_circle(_top_level_modules() + ["data", "models", "training", "outputs", "launch", "tools", "lab"])
+
+
+def test_every_top_level_module_has_an_audience():
+    """A new module at the top must be placed: in PRODUCT (checked below) or in a folder."""
+    assert set(_top_level_modules()) <= set(PRODUCT), "a top-level module outside PRODUCT: put it in a folder"
+
+
+def _imports_into(packages: list[str], folders: list[str]) -> list[str]:
+    graph = import_graph(packages + folders)
+    inside = set(import_graph(folders))
+    own = set(import_graph(packages))
+    return sorted(f"{module} imports {target} ({where})" for module in own for target, where in graph[module].items()
+                  if target in inside)
+
+
+def test_the_product_imports_no_launcher_tool_or_lab_equipment():
+    assert _imports_into(PRODUCT, ["launch", "tools", "lab"]) == []
+
+
+def test_the_launchers_and_tools_import_no_lab_equipment():
+    assert _imports_into(["launch", "tools"], ["lab"]) == []
+    assert _imports_into(["launch"], ["tools"]) == [] and _imports_into(["tools"], ["launch"]) == []
 
 
 def test_a_lazy_import_back_is_a_circle(tmp_path):
