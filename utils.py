@@ -1,7 +1,7 @@
 """Stateless helpers shared by the stages, the plumbing (training/) and the tools: flag types and the flags the
 three stages share, the command-line wrapper, the run's provenance (git commit, library versions), seed streams,
-and which flags do not change a run's result. (Files written atomically: outputs.py.) Nothing here holds state; nothing here
-imports the entry scripts, training/ or tools/.
+and which flags do not change a run's result. (Files written atomically: outputs/.) Nothing here holds state;
+nothing here imports the entry scripts, training/, launch/, tools/ or lab/.
 """
 import argparse
 import contextlib
@@ -149,7 +149,7 @@ def shared_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the model (slow start, faster steps)")
     g.add_argument("--checkpoint_dir", default="checkpoints", help="where the MAE stages write and are read from")
-    g.add_argument("--output_dir", default=None, help="this run's directory (default: derived, see README)")
+    g.add_argument("--output_dir", default=None, help="this run's directory (default: derived, see docs/flags.md)")
     g.add_argument("--log_every", type=int_at_least(1), default=50, help="steps between metrics lines")
     g.add_argument("--save_every", type=int_at_least(0), default=0,
                    help="steps between resumable training states (0: only at the end); re-running the same "

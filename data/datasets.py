@@ -25,7 +25,7 @@ import outputs
 from data.lmdb_format import LMDBReader, file_kind, write_lmdb
 from errors import UserError
 
-# name -> number of classes (README, "Data")
+# name -> number of classes (docs/data.md)
 DATASETS = {
     "aircraft": 100,
     "chest_xray": 2,

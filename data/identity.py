@@ -15,10 +15,10 @@ Paths, inodes and modification times do not enter: a dataset moved, copied with 
 archive is the same; an image rewritten with its old size and times is not.
 
 Cost: every byte is read once (SHA-256 at ~1.3 GB/s here): a cub-sized LMDB (1.1 GB) about 1.5 s, an image
-folder of 12,000 files (1.1 GB) about 2 s, on 2 shared CPU cores with a warm page cache (README "Data"). A
-process remembers each result under the files' (inode, size, times), so the decode-once cache and the run
-record pay for one hash, not two; that memo cannot be stale (any rewrite changes the ctime, which no user
-can set).
+folder of 12,000 files (1.1 GB) about 2 s, on 2 shared CPU cores with a warm page cache (docs/data.md,
+"Fingerprints"). A process remembers each result under the files' (inode, size, times), so the decode-once
+cache and the run record pay for one hash, not two; that memo cannot be stale (any rewrite changes the ctime,
+which no user can set).
 """
 import hashlib
 import os

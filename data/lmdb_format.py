@@ -1,4 +1,4 @@
-"""The LMDB layout of the authors' release (README, "Data"), read and written.
+"""The LMDB layout of the authors' release (docs/data.md), read and written.
 
 One LMDB file per split (`data/<name>/train.lmdb`, `data/<name>/test.lmdb`):
     b'__len__'  -> pickle(int)              number of records

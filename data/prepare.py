@@ -1,4 +1,4 @@
-"""Build data/<name>/{train,test}.lmdb (the release's format, README "Data") from a dataset as its owners publish it.
+"""Build data/<name>/{train,test}.lmdb (the release's format, docs/data.md) from a dataset as its owners publish it.
 
     python -m data.prepare cub --src ~/downloads/CUB_200_2011 --out data
     python -m data.prepare imagefolder --src ~/my_xrays --name my_xrays --resize 256

@@ -19,7 +19,7 @@ hub id whose files are in the local cache, or vit-mae-tiny. What is hashed is wh
 "sha256" digests the per-file digests with their names. The SHA-256 of a weight file equals the Hub's LFS oid
 of that file, so a downloaded copy and the cached original agree. Paths and times never enter.
 
-Cost: every byte read once (ViT-B/16's 330 MB: about 0.5 s; measured in README "Data"). Results are
+Cost: every byte read once (ViT-B/16's 330 MB: about 0.5 s; measured in docs/data.md, "Fingerprints"). Results are
 remembered per process under each file's (inode, size, times), so reading one checkpoint twice hashes it once.
 """
 import fnmatch

@@ -1,6 +1,6 @@
 """What the recipe depends on, pinned so that an upgrade of transformers that changes it fails here, loudly.
 
-transformers 5 silently changed two of these (README, "Differences from the original code"): `from_pretrained`
+transformers 5 silently changed two of these (docs/fidelity.md): `from_pretrained`
 returned MAE's fixed sin-cos position tables trainable, and a model built from a config had all-zero tables and
 tokens. Each test
 names the invariant it guards; the numbers come from the release on transformers 4.17 (tests/golden/).

@@ -11,8 +11,8 @@ one architecture, so checkpoints can be compared side by side.
 One row per image; columns: original, masked input (hidden patches grey), reconstruction, and the
 reconstruction with the visible patches pasted back. Models trained with norm_pix_loss predict each
 patch normalised by its own mean and variance; the reconstruction undoes that with the statistics
-of the original image's patch (the only way to show such a model's output as pixels; README "Reports and pictures").
-So in that case each hidden patch's brightness and contrast come from the original image, and even an
+of the original image's patch (the only way to show such a model's output as pixels; docs/records.md, "Reports and
+pictures"). So in that case each hidden patch's brightness and contrast come from the original image, and even an
 untrained model shows the image's coarse outline at patch resolution: only the detail within a patch
 is the model's own. Compare checkpoints with each other (or with θ₀), not with the original.
 
