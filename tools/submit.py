@@ -24,12 +24,15 @@ job after another in this process, pdb on an exception).
 Flags that are not this tool's go to the stages as run_all.sh passes them (the MAE stages all but --results_dir and
 --save_model) and are checked by the stages' own parsers before anything is submitted."""
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import platform
 import shlex
+import signal
 import sys
+import threading
 import time
 
 import utils
@@ -323,9 +326,18 @@ def _outcome_path(log_dir: str, name: str) -> str:
     return os.path.join(log_dir, "outcomes", _slug(name) + ".json")
 
 
+def time_limit_s(args) -> int:
+    """The time limit each job gets, in seconds: SLURM's whole minutes, the local executor's whole seconds."""
+    return 60 * _slurm_minutes(args) if args.cluster == "slurm" else int(60 * args.time_limit_min)
+
+
+def _slurm_minutes(args) -> int:
+    return max(1, round(args.time_limit_min))
+
+
 def slurm_parameters(job: Job, args, ids: dict, name: str) -> dict:
     """submitit SlurmExecutor parameters of `job`; `ids`: the job ids of those submitted before it."""
-    params = {"job_name": name, "time": max(1, round(args.time_limit_min)), "nodes": job.nodes,
+    params = {"job_name": name, "time": _slurm_minutes(args), "nodes": job.nodes,
               "ntasks_per_node": job.processes, "signal_delay_s": args.signal_delay_s, "stderr_to_stdout": True,
               "additional_parameters": {"requeue": True, "kill-on-invalid-dep": "yes",
                                         **sbatch_options(args.sbatch_args)}}
@@ -405,9 +417,16 @@ def run_here(jobs: list[Job], args, log_dir: str, write_graph) -> int:
     """Runs the graph on this machine, each job once those it waits for have ended, as SLURM would; says what
     starts and ends. Returns the exit code: 0 all done; 2 when every failed job failed on bad input; else 1."""
     state, handles, submitted = {}, {}, {}
+    stopping, told = [], set()
+    previous = _on_hangup(stopping)
     try:
-        while len(state) < len(jobs) or handles:
-            for job in jobs:
+        while (len(state) < len(jobs) and not stopping) or handles:
+            for name in set(handles) - told if stopping else ():  # as SLURM ends a job: SIGTERM, the run saves
+                told.add(name)
+                if args.cluster == "local":  # the job's controller, which forwards it to each task
+                    with contextlib.suppress(ProcessLookupError, ValueError):
+                        os.kill(int(handles[name].job_id), signal.SIGTERM)
+            for job in jobs if not stopping else ():
                 if job.name in state:
                     continue
                 blocked = next((n for n in job.after_ok if state.get(n, ("",))[0] in ENDED_BADLY), None)
@@ -438,7 +457,7 @@ def run_here(jobs: list[Job], args, log_dir: str, write_graph) -> int:
                     what, code, line = state[name]
                     print(f"[{name}] {'done' if what == 'done' else f'{what.upper()} (exit code {code}): {line}'}",
                           flush=True)
-                    if what != "done":
+                    if what != "done" and not stopping:
                         dependents = [j.name for j in jobs if name in j.after_ok]
                         if dependents:
                             print(f"[{name}] what depends on it is cancelled: {', '.join(dependents)}", flush=True)
@@ -450,10 +469,29 @@ def run_here(jobs: list[Job], args, log_dir: str, write_graph) -> int:
         print("interrupted: the running jobs were stopped; the same command continues them from their last saved "
               "state", file=sys.stderr)
         return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stopping:
+        print(f"stopped by {stopping[0].name}: the running jobs stopped at a step boundary with their state saved, "
+              f"no other job started; the same command continues them", file=sys.stderr)
+        return 1
     failed = [s for s in state.values() if s[0] in ("failed", "stopped")]
     if not failed and all(s[0] == "done" for s in state.values()):
         return 0
     return 2 if failed and all(s[1] == 2 for s in failed) else 1
+
+
+def _on_hangup(stopping: list) -> dict:
+    """SIGHUP (the terminal closed) and SIGTERM to this process: noted in `stopping`; the running jobs are then
+    stopped as a scheduler stops them (they save), and none starts. Returns the handlers to put back."""
+    def note(signum, frame):
+        if signum == signal.SIGHUP:  # the terminal is gone: what would be printed to it has nowhere to go
+            sys.stdout = sys.stderr = open(os.devnull, "w")
+        stopping.append(signal.Signals(signum))
+    if threading.current_thread() is not threading.main_thread():  # signal.signal works there only
+        return {}
+    return {sig: signal.signal(sig, note) for sig in (signal.SIGHUP, signal.SIGTERM)}
 
 
 def _write_outcome(log_dir: str, job: Job, what: str, line: str) -> None:
@@ -606,6 +644,13 @@ def resolve(args) -> None:
     args.seeds = args.seeds or [1, 2, 3, 4, 5]
     args.init = args.init or f"self-further-pretrain-{args.mae_steps}"
     args.time_limit_min = args.time_limit_min or 240
+    limit_s = time_limit_s(args)
+    # the signal would never come (local) or come at the start (SLURM); debug has no time limit
+    if args.cluster != "debug" and args.signal_delay_s >= limit_s:
+        raise utils.UserError(f"--signal_delay_s {args.signal_delay_s} is not shorter than the time limit "
+                              f"({limit_s} s, --time_limit_min / TIME_LIMIT {args.time_limit_min:g}): the stop "
+                              f"signal must come before the limit, with time for a step and a save; give a longer "
+                              f"time limit or a shorter --signal_delay_s")
     if args.gpus_per_job is None:
         args.gpus_per_job = 1 if args.cluster == "slurm" else 0
     args.nodes = args.nodes or 1
