@@ -138,3 +138,98 @@ def _wait_for_outcome(path, timeout=15):
             return record
         time.sleep(0.1)
     return submit._read_json(str(path))
+
+
+# ----------------------------------------------------------------------------- --status
+
+def _submitted(tmp_path, *argv, ids=None):
+    """The graph file of a submission of `argv` made here, as tools.submit writes it; ids: {job name: id}."""
+    args = submit.get_args_parser().parse_args(list(map(str, argv)))
+    submit.resolve(args)
+    jobs = submit.build_graph(args)
+    graph = submit.graph_record(jobs, args, "2026-12-01T10:00:00", {n: (i, None) for n, i in (ids or {}).items()})
+    path = tmp_path / "results" / "jobs" / "graph-table.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(graph))
+    return graph, path
+
+
+def _status(argv, monkeypatch, capsys):
+    code, out, err = tool_output(submit, ["--status", *map(str, argv)], monkeypatch, capsys)
+    return code, [" ".join(line.split()) for line in out.splitlines()], err
+
+
+def test_status_refuses_a_damaged_graph_file(tmp_path, monkeypatch, capsys):
+    """A graph file that cannot be read is not taken for no submission (on SLURM that would invite a second copy
+    of every job on the same run directories): one line naming it and what to do, non-zero exit."""
+    monkeypatch.chdir(tmp_path)
+    _, path = _submitted(tmp_path, "--datasets", "digits", "--mae_steps", 4, "--model_name", "vit-mae-tiny",
+                         ids={"digits pretrain": "1001"})
+    path.write_text(path.read_text()[:100])  # cut short, as by a full disk
+    code, _, err = cli_output(submit, ["--status", "--datasets", "digits", "--model_name", "vit-mae-tiny"],
+                              monkeypatch, capsys)
+    assert code == 2
+    assert_one_line(err, str(path), "is unreadable", "will not guess", "squeue", "move the file aside")
+    path.write_text("[]")
+    code, _, err = cli_output(submit, ["--status", "--datasets", "digits"], monkeypatch, capsys)
+    assert code == 2
+    assert_one_line(err, "is unreadable (not a graph of jobs)")
+
+
+def test_status_tells_a_local_job_that_runs_from_one_that_is_gone(tmp_path, monkeypatch, capsys):
+    """--cluster local: a job whose controller process runs is running; one whose process is gone without an
+    outcome (killed with its terminal) is said to be gone, its saved run continued by the same command, not by
+    its job; jobs that never started, once the submitter is gone, will not start by themselves."""
+    monkeypatch.chdir(tmp_path)
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    controller = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "submitit.local._local"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # as if its pid were reused
+    try:
+        graph, path = _submitted(tmp_path, "--cluster", "local", "--datasets", "digits", "--mae_steps", 4,
+                                 "--seeds", 1, "--finetune_steps", 10, "--model_name", "vit-mae-tiny",
+                                 ids={"digits pretrain": str(controller.pid), "digits finetune initial": str(ended.pid),
+                                      "digits finetune further-pretrain-4": str(other.pid)})
+        graph["pid"] = ended.pid  # the submitter, gone too
+        path.write_text(json.dumps(graph))
+        seed = tmp_path / "results" / "digits" / "initial" / "seed1"
+        seed.mkdir(parents=True)
+        (seed / "train_state.pt").write_bytes(b"")
+        (seed / "metrics.jsonl").write_text('{"step": 3}\n')
+        code, lines, err = _status([], monkeypatch, capsys)
+    finally:
+        for process in (controller, other):
+            process.kill()
+            process.wait()
+    assert code == 0, err
+    assert f"digits pretrain {controller.pid} running" in lines, lines
+    gone = [line for line in lines if line.startswith(f"digits finetune initial {ended.pid} gone: its process")]
+    assert gone and "the same command does" in gone[0], lines
+    assert any(line.startswith(f"digits finetune further-pretrain-4 {other.pid} gone") for line in lines), lines
+    assert "digits initial seed 1 stopped, step 3 of 10 with its state saved; the same command continues it" in lines
+    assert "digits selftrain - not started: its submitter is gone; the same command starts it" in lines
+
+
+def test_status_reads_the_submissions_settings_or_says_they_differ(tmp_path, monkeypatch, capsys):
+    """Asked without the submission's STEPS, --status lists the submission's runs (not those of the default
+    steps, 'pending' beside a job 'done'); asked with other settings, it says which differ and how."""
+    monkeypatch.chdir(tmp_path)
+    _submitted(tmp_path, "--datasets", "digits", "--mae_steps", 4, "--seeds", 1, 2, "--finetune_steps", 10,
+               "--model_name", "vit-mae-tiny", ids={"digits pretrain": "1001"})
+    teacher = tmp_path / "checkpoints" / "further-pretrain-4" / "digits"
+    teacher.mkdir(parents=True)
+    (teacher / "model.safetensors").write_bytes(b"")
+    outcomes = tmp_path / "results" / "jobs" / "outcomes"
+    outcomes.mkdir()
+    (outcomes / "digits.pretrain.json").write_text(json.dumps({"state": "done", "exit_code": 0}))
+    code, lines, err = _status([], monkeypatch, capsys)
+    assert code == 0, err
+    assert "digits pretrain 1001 done" in lines and "digits further-pretrain-4 done" in lines, lines
+    assert "digits further-pretrain-4 seed 2 pending" in lines and not any("20000" in line for line in lines)
+    assert not any(line.startswith("note:") for line in lines)
+    monkeypatch.setenv("STEPS", "50")
+    code, lines, err = _status(["--seeds", 1, 2, 3, "--model_name", "vit-mae-tiny"], monkeypatch, capsys)
+    assert code == 0, err
+    assert ("note: the settings given differ from the submission's (--mae_steps (STEPS) 50 here, 4 there; "
+            "--seeds (SEEDS) 1 2 3 here, 1 2 there): listed as submitted") in lines, lines
+    assert "digits further-pretrain-4 done" in lines

@@ -565,31 +565,106 @@ def run_state(run: dict, job_state: tuple[str, str], steps: int | None) -> str:
                 line = error_line(f.read().splitlines()[-40:]) or line
         return f"{what}{at}: {line}" if line else f"{what}{at}"
     if os.path.exists(os.path.join(run["dir"], "train_state.pt")):
-        return f"stopped{at} with its state saved; its job continues it"
+        return f"stopped{at} with its state saved; " + ("its job continues it" if what in ("submitted", "running")
+                                                        else "the same command continues it")
     return "pending" if step is None else f"interrupted{at}, before a state was saved"
+
+
+# the settings a graph file records, each as --status compares it with the one given
+SETTINGS = {"datasets": "--datasets", "mae_steps": "--mae_steps (STEPS)", "finetune_steps": "--finetune_steps "
+            "(FINETUNE_STEPS)", "seeds": "--seeds (SEEDS)", "init": "--init", "stage_flags": "the stage flags"}
+
+
+def settings(args) -> dict:
+    return {"stage": args.stage, **{key: getattr(args, key) for key in SETTINGS}}
+
+
+def read_graph(graph_file: str) -> dict | None:
+    """The graph file of a submission; None when there is none. A damaged one is refused, not taken for none: on
+    SLURM, submitting again because of it would start a second copy of every job on the same run directories."""
+    try:
+        with open(graph_file) as f:
+            graph = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        graph = utils.one_line(e)
+    if not isinstance(graph, dict) or not isinstance(graph.get("jobs"), list):
+        why = graph if isinstance(graph, str) else "not a graph of jobs"
+        raise utils.UserError(f"{graph_file} is unreadable ({why}); it is the record of which jobs were submitted, "
+                              f"so --status will not guess: see the queue (squeue -u $USER; --cluster local: ps) and "
+                              f"move the file aside once none of its jobs is queued or running")
+    return graph
+
+
+def _process_alive(pid, host) -> bool | None:
+    """Whether submitit's local controller `pid` (a job's id under --cluster local) still runs; None when it ran
+    on another host."""
+    if host != platform.node():
+        return None
+    try:
+        with open(f"/proc/{int(pid)}/cmdline", "rb") as f:
+            return b"submitit" in f.read()  # a pid alone could name another process by now
+    except (OSError, ValueError):
+        return False
+
+
+def _job_state(record: dict, outcome: dict | None, graph: dict) -> tuple[str, str]:
+    """(state, line) of one job of a submission: its outcome once it said how it ended; else whether it runs,
+    where that can be seen (the local executor's controller, by its pid)."""
+    if outcome and outcome.get("state") != "requeued":
+        return outcome["state"], outcome.get("error") or ""
+    job_id = record.get("job_id")
+    if graph.get("cluster") != "local":
+        return ("submitted" if job_id else "not submitted"), ""
+    if job_id:
+        alive = _process_alive(job_id, graph.get("host"))
+        if alive is False:
+            return "gone", (f"its process {job_id} ended without saying how (killed?); nothing continues its "
+                            f"runs: the same command does, from their last saved state")
+        return ("running" if alive else "submitted"), ""
+    if _process_alive(graph.get("pid"), graph.get("host")) is False:  # the submitter, which starts the others
+        return "not started", "its submitter is gone; the same command starts it"
+    return "not submitted", ""
 
 
 def print_status(jobs: list[Job], args, log_dir: str) -> None:
     graph_file = os.path.join(log_dir, GRAPH_FILE.format(stage=args.stage))
-    graph = _read_json(graph_file) or {}
-    ids = {j["name"]: j.get("job_id") for j in graph.get("jobs", [])}
-    if graph:
-        print(f"{len(jobs)} jobs; submitted {graph.get('submitted')} to {graph.get('cluster')} ({graph_file})")
+    graph = read_graph(graph_file) or {}
+    recorded = graph.get("settings")  # none in a graph file written before they were: the settings given
+    records = graph["jobs"] if recorded else [{"name": j.name, "kind": j.kind, "after_ok": j.after_ok,
+                                               "runs": j.runs} for j in jobs]
+    recorded, cwd = recorded or settings(args), graph.get("cwd") or os.getcwd()
+    if not graph:
+        print(f"{len(records)} jobs; none submitted from here yet ({graph_file} not found)")
     else:
-        print(f"{len(jobs)} jobs; none submitted from here yet ({graph_file} not found)")
+        print(f"{len(records)} jobs; submitted {graph.get('submitted')} to {graph.get('cluster')} ({graph_file})")
+        given = settings(args)
+        differ = [f"{SETTINGS[k]} {_shown(given[k])} here, {_shown(recorded.get(k))} there"
+                  for k in SETTINGS if k in args.given and given[k] != recorded.get(k)]
+        if differ:
+            print(f"note: the settings given differ from the submission's ({'; '.join(differ)}): listed as "
+                  f"submitted")
+    ids = {j["name"]: j.get("job_id") for j in graph.get("jobs", [])}
     states = {}
-    for job in jobs:
-        outcome = _read_json(_outcome_path(log_dir, job.name)) if ids.get(job.name) or graph else None
-        what = (outcome or {}).get("state") or ("submitted" if ids.get(job.name) else "not submitted")
-        blocked = next((n for n in job.after_ok if states.get(n, ("",))[0] in ("failed", "cancelled")), None)
-        if blocked and what in ("submitted", "not submitted"):
-            outcome, what = {"error": f"needs {blocked}, which did not succeed"}, "cancelled"
-        states[job.name] = (what, (outcome or {}).get("error") or "")
-        print(f"{job.name:<40} {ids.get(job.name) or '-':<12} {what}"
-              + (f": {states[job.name][1]}" if what in ("failed", "cancelled", "stopped") else ""))
-        steps = args.mae_steps if job.kind in ("pretrain", "selftrain") else args.finetune_steps
-        for run in job.runs:
-            print(f"    {run['name']:<36} {run_state(run, states[job.name], steps)}")
+    for record in records:
+        name = record["name"]
+        outcome = _read_json(_outcome_path(log_dir, name)) if graph else None
+        what, line = _job_state({**record, "job_id": ids.get(name)}, outcome, graph)
+        blocked = next((n for n in record.get("after_ok", []) if states.get(n, ("",))[0] in ENDED_BADLY), None)
+        if blocked and what in ("submitted", "not submitted", "not started"):
+            what, line = "cancelled", f"needs {blocked}, which did not succeed"
+        states[name] = (what, line)
+        print(f"{name:<40} {ids.get(name) or '-':<12} {what}" + (f": {line}" if line and what != "done" else ""))
+        steps = recorded.get("mae_steps") if record.get("kind") in ("pretrain", "selftrain") \
+            else recorded.get("finetune_steps")
+        for run in record.get("runs", []):
+            run = {**run, **{k: os.path.join(cwd, run[k]) for k in ("dir", "done", "log") if run.get(k)}}
+            print(f"    {run['name']:<36} {run_state(run, states[name], steps)}")
+
+
+def _shown(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def launcher_form(args) -> None:
@@ -634,6 +709,8 @@ def resolve(args) -> None:
     checked together."""
     launcher_form(args)
     _from_environment(args, get_args_parser())
+    # what was given (a flag, a variable, a launcher's word), which --status compares with the submission's
+    args.given = {k for k in SETTINGS if getattr(args, k, None)}
     args.datasets = args.datasets or list(PAPER_DATASETS)
     for name in args.datasets:  # each one a name (a folder under --data_dir), as the stages check it
         try:
@@ -692,11 +769,8 @@ def main(args):
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
 
     def write_graph(submitted):
-        write_json(os.path.join(log_dir, GRAPH_FILE.format(stage=args.stage)), {
-            "submitted": stamp, "cluster": args.cluster, "cwd": os.getcwd(),
-            "jobs": [{"name": j.name, "job_id": submitted.get(j.name, (None, None))[0],
-                      "log": submitted.get(j.name, (None, None))[1], "command": j.command, "env": j.env,
-                      "after_ok": j.after_ok, "after_any": j.after_any, "runs": j.runs} for j in jobs]})
+        write_json(os.path.join(log_dir, GRAPH_FILE.format(stage=args.stage)), graph_record(jobs, args, stamp,
+                                                                                            submitted))
 
     if args.cluster == "slurm":
         submitted = submit_slurm(jobs, args, log_dir, write_graph=write_graph)
@@ -711,6 +785,16 @@ def main(args):
     code = run_here(jobs, args, log_dir, write_graph)
     if code:
         sys.exit(code)
+
+
+def graph_record(jobs: list[Job], args, stamp: str, submitted: dict) -> dict:
+    """What the graph file says of a submission: its settings, where and by whom it was made, and every job with
+    its id ({name: (job id, log)} of those submitted so far) and the runs it produces."""
+    return {"submitted": stamp, "cluster": args.cluster, "cwd": os.getcwd(), "host": platform.node(),
+            "pid": os.getpid(), "settings": settings(args),
+            "jobs": [{"name": j.name, "kind": j.kind, "job_id": submitted.get(j.name, (None, None))[0],
+                      "log": submitted.get(j.name, (None, None))[1], "command": j.command, "env": j.env,
+                      "after_ok": j.after_ok, "after_any": j.after_any, "runs": j.runs} for j in jobs]}
 
 
 def _results_dir(args) -> str:
