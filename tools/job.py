@@ -18,9 +18,12 @@ neither it nor the pool's shell dies of it; training.Run installs the handler). 
 progress (every process at the same step), saves and exits 75 (the fine-tuning pool then exits 1); then this task
 calls submitit's handler, which calls checkpoint() (the same command again, never --overwrite) and requeues the job.
 SIGTERM (a preemption, scancel, the end of the time limit) is forwarded too, but never requeues: SLURM requeues a
-preempted job itself, and a cancelled one must stay cancelled. Without a stop signal, exit codes 1 (a run that could
-not go on) and 2 (bad input) fail the job: not requeued, and SLURM cancels what depends on it; with one, only 2 does
-(a run that really could not go on fails again at its next start).
+preempted job itself, and a cancelled one must stay cancelled. SIGINT (the local executor's kill at its time limit,
+SIGKILL a second later; a cancellation) and SIGHUP (the submitter's terminal closed) reach the child as SIGTERM; for
+any of these the task records at once that the job stopped, before a kill can end it, and again once the child has
+exited. Without a stop signal, exit codes 1 (a run that could not go on) and 2 (bad input) fail the job: not
+requeued, and SLURM cancels what depends on it; with one, only 2 does (a run that really could not go on fails again
+at its next start).
 
 This module imports no torch (every task of every job loads it); the exit code is training.preemption's."""
 import ctypes

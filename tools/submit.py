@@ -114,8 +114,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="time limit of each job, in minutes; a longer stage is requeued (default $TIME_LIMIT, "
                         "else 240)")
     g.add_argument("--signal_delay_s", type=utils.int_at_least(1), default=120,
-                   help="the stop signal comes this many seconds before the time limit (the step in progress and a "
-                        "save must fit)")
+                   help="the stop signal comes this many seconds before the time limit, which must be longer (the "
+                        "step in progress and a save must fit)")
     g.add_argument("--max_requeues", type=utils.int_at_least(0), default=10,
                    help="requeues after a time limit before a job counts as failed (preemptions do not count)")
     g.add_argument("--sbatch_args", default=None,
@@ -126,8 +126,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "each job ended (default <results_dir>/jobs)")
     g.add_argument("--dry_run", action="store_true", help="print the jobs and what each runs; submit nothing")
     g.add_argument("--status", action="store_true",
-                   help="list every run of the table (the same flags) and its state, from the run records and "
-                        "the jobs' outcomes; submits nothing")
+                   help="list every run of the last submission and its state, from its graph file (found by the "
+                        "same --stage and --results_dir / --log_dir; its settings are read there), the run records "
+                        "and the jobs' outcomes; submits nothing")
     return p
 
 
