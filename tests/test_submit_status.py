@@ -227,6 +227,12 @@ def test_status_reads_the_submissions_settings_or_says_they_differ(tmp_path, mon
     assert "digits pretrain 1001 done" in lines and "digits further-pretrain-4 done" in lines, lines
     assert "digits further-pretrain-4 seed 2 pending" in lines and not any("20000" in line for line in lines)
     assert not any(line.startswith("note:") for line in lines)
+    (outcomes / "digits.pretrain.json").write_text('{"state": "do')  # a damaged outcome is not taken for none
+    code, lines, err = _status([], monkeypatch, capsys)
+    assert code == 0, err
+    assert any(line.startswith("digits pretrain 1001 unknown: its outcome") and "is unreadable" in line
+               for line in lines), lines
+    (outcomes / "digits.pretrain.json").write_text(json.dumps({"state": "done", "exit_code": 0}))
     monkeypatch.setenv("STEPS", "50")
     code, lines, err = _status(["--seeds", 1, 2, 3, "--model_name", "vit-mae-tiny"], monkeypatch, capsys)
     assert code == 0, err

@@ -650,8 +650,11 @@ def print_status(jobs: list[Job], args, log_dir: str) -> None:
     states = {}
     for record in records:
         name = record["name"]
-        outcome = _read_json(_outcome_path(log_dir, name)) if graph else None
+        path = _outcome_path(log_dir, name)
+        outcome = _read_json(path) if graph else None
         what, line = _job_state({**record, "job_id": ids.get(name)}, outcome, graph)
+        if graph and outcome is None and os.path.exists(path):  # written by the job as it ended, then damaged
+            what, line = "unknown", f"its outcome {path} is unreadable; its log says how it ended"
         blocked = next((n for n in record.get("after_ok", []) if states.get(n, ("",))[0] in ENDED_BADLY), None)
         if blocked and what in ("submitted", "not submitted", "not started"):
             what, line = "cancelled", f"needs {blocked}, which did not succeed"
