@@ -129,6 +129,27 @@ def test_a_hangup_stops_the_local_jobs_with_their_state_saved_and_says_so(to, tm
     assert not (tmp_path / "b ran").exists() and not (tmp_path / "report ran").exists(), out
 
 
+def test_under_nohup_a_hangup_leaves_the_local_jobs_running(tmp_path):
+    """Started with SIGHUP ignored (nohup), the submission outlives its terminal: the hangup stops nothing."""
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER.format(stopping=STOPPING)], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        _wait_for(tmp_path / "started")
+        time.sleep(0.5)
+        os.killpg(driver.pid, signal.SIGHUP)
+        time.sleep(2)
+        assert driver.poll() is None and not (tmp_path / "saved").exists()
+        assert not (tmp_path / "jobs" / "outcomes" / "a.json").exists()
+        driver.terminate()  # SIGTERM to the submitter: it stops its jobs, which save
+        out, _ = driver.communicate(timeout=60)
+    finally:
+        driver.kill()
+    _wait_for(tmp_path / "saved", timeout=10)
+    assert driver.returncode == 1, out
+
+
 def _wait_for_outcome(path, timeout=15):
     """The outcome once it is final (the task writes one as soon as it is told to stop, the final one after)."""
     deadline = time.monotonic() + timeout

@@ -155,6 +155,8 @@ class StageJob(submitit.helpers.Checkpointable):
         # the submitter's terminal closed. Both stop the command as SIGTERM does. Under --cluster debug the job runs
         # in the submitter's process, whose Ctrl-C stays its own.
         ended = [signal.SIGTERM, signal.SIGHUP, stop_signal] + ([] if job.cluster == "debug" else [signal.SIGINT])
+        if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:  # nohup: the job is meant to outlive the terminal
+            ended.remove(signal.SIGHUP)
         previous = {sig: signal.signal(sig, forward) for sig in ended}
         on_record = False
         try:

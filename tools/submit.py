@@ -492,7 +492,9 @@ def _on_hangup(stopping: list) -> dict:
         stopping.append(signal.Signals(signum))
     if threading.current_thread() is not threading.main_thread():  # signal.signal works there only
         return {}
-    return {sig: signal.signal(sig, note) for sig in (signal.SIGHUP, signal.SIGTERM)}
+    # a SIGHUP ignored already (nohup) stays ignored: the jobs are meant to outlive the terminal
+    return {sig: signal.signal(sig, note) for sig in (signal.SIGHUP, signal.SIGTERM)
+            if signal.getsignal(sig) != signal.SIG_IGN}
 
 
 def _write_outcome(log_dir: str, job: Job, what: str, line: str) -> None:
