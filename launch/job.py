@@ -18,9 +18,12 @@ neither it nor the pool's shell dies of it; training.Run installs the handler). 
 progress (every process at the same step), saves and exits 75 (the fine-tuning pool then exits 1); then this task
 calls submitit's handler, which calls checkpoint() (the same command again, never --overwrite) and requeues the job.
 SIGTERM (a preemption, scancel, the end of the time limit) is forwarded too, but never requeues: SLURM requeues a
-preempted job itself, and a cancelled one must stay cancelled. Without a stop signal, exit codes 1 (a run that could
-not go on) and 2 (bad input) fail the job: not requeued, and SLURM cancels what depends on it; with one, only 2 does
-(a run that really could not go on fails again at its next start).
+preempted job itself, and a cancelled one must stay cancelled. SIGINT (the local executor's kill at its time limit,
+SIGKILL a second later; a cancellation) and SIGHUP (the submitter's terminal closed) reach the child as SIGTERM; for
+any of these the task records at once that the job stopped, before a kill can end it, and again once the child has
+exited. Without a stop signal, exit codes 1 (a run that could not go on) and 2 (bad input) fail the job: not
+requeued, and SLURM cancels what depends on it; with one, only 2 does (a run that really could not go on fails again
+at its next start).
 
 This module imports no torch (every task of every job loads it); the exit code is training.preemption's."""
 import ctypes
@@ -114,6 +117,14 @@ class StageJob(submitit.helpers.Checkpointable):
                                        "error": line, "restarts": self.restarts,
                                        "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
+    def _stopped_line(self, asked: list, code: int | None) -> str:
+        why = ", ".join(s.name for s in dict.fromkeys(asked)) or "a signal sent to it directly"
+        if code is None:  # said while the command is still stopping: a kill may end this task before it exits
+            return (f"{self.name}: stopped by {why}; its command was told to stop at a step boundary and save; not "
+                    f"requeued: the same command continues it from its last saved state")
+        return (f"{self.name}: stopped by {why} with its state saved (exit code {code}); not requeued here: the same "
+                f"command continues it")
+
     def __call__(self) -> dict:
         job = submitit.JobEnvironment()
         command = [self._devices() if arg == DEVICES else arg for arg in self.command]
@@ -137,20 +148,29 @@ class StageJob(submitit.helpers.Checkpointable):
         def forward(signum, frame):  # only flags and a kill: no print in a handler (it may interrupt a print)
             asked.append(signal.Signals(signum))
             sent[0] = time.monotonic()
-            with_group(child.pid, signum)
+            with_group(child.pid, _for_child(signum))
         stop_signal = _stop_signal()
         submitit_handler = signal.getsignal(stop_signal)  # submitit's checkpoint_and_try_requeue, in a job
-        previous_term = signal.signal(signal.SIGTERM, forward)
-        signal.signal(stop_signal, forward)
+        # SIGINT: the local executor's kill at its time limit (SIGKILL a second later) or a cancellation; SIGHUP:
+        # the submitter's terminal closed. Both stop the command as SIGTERM does. Under --cluster debug the job runs
+        # in the submitter's process, whose Ctrl-C stays its own.
+        ended = [signal.SIGTERM, signal.SIGHUP, stop_signal] + ([] if job.cluster == "debug" else [signal.SIGINT])
+        if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:  # nohup: the job is meant to outlive the terminal
+            ended.remove(signal.SIGHUP)
+        previous = {sig: signal.signal(sig, forward) for sig in ended}
+        on_record = False
         try:
             while child.poll() is None:
                 time.sleep(0.2)
+                if any(s != stop_signal for s in asked) and not on_record:  # a kill may follow: say it now
+                    on_record = True
+                    self._record(job, "stopped", None, self._stopped_line(asked, None))
                 if asked and time.monotonic() - sent[0] >= RESEND_S:  # the child may not have had its handler yet
                     sent[0] = time.monotonic()
-                    with_group(child.pid, asked[-1])
+                    with_group(child.pid, _for_child(asked[-1]))
         finally:  # --cluster debug runs jobs in the caller's process: leave its handlers as they were
-            signal.signal(stop_signal, submitit_handler)
-            signal.signal(signal.SIGTERM, previous_term)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         copier.join(timeout=5)
         code = child.returncode
         line = error_line(tail)
@@ -174,14 +194,18 @@ class StageJob(submitit.helpers.Checkpointable):
             # make srun kill task 0 before it requeues (KillOnBadExit); the local executor requeues on task 0's 144.
             sys.exit(0)
         if code == STOPPED_EXIT_CODE or asked:
-            why = ", ".join(s.name for s in dict.fromkeys(asked)) or "a signal sent to it directly"
-            message = (f"{self.name}: stopped by {why} with its state saved (exit code {code}); not requeued here: "
-                       f"the same submission continues it")
+            message = self._stopped_line(asked, code)
             self._record(job, "stopped", code, message)
             raise JobFailed(message)
         reason = {2: "bad input", 1: "a run that could not go on"}.get(code, "failed")
         self._record(job, "failed", code, line)
         raise JobFailed(f"{self.name}: {reason} (exit code {code}), not requeued: {line}")
+
+
+def _for_child(signum) -> signal.Signals:
+    """The signal the child gets for `signum`: the stop signal as it came; any other as SIGTERM, which the child
+    reads as "stop at a step boundary and save" ($STOP_SIGNALS)."""
+    return signal.Signals(signum) if signum == _stop_signal() else signal.SIGTERM
 
 
 def with_group(pid: int, signum) -> None:

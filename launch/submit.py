@@ -24,12 +24,15 @@ job after another in this process, pdb on an exception).
 Flags that are not this tool's go to the stages as run_all.sh passes them (the MAE stages all but --results_dir and
 --save_model) and are checked by the stages' own parsers before anything is submitted."""
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import platform
 import shlex
+import signal
 import sys
+import threading
 import time
 
 import utils
@@ -111,8 +114,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="time limit of each job, in minutes; a longer stage is requeued (default $TIME_LIMIT, "
                         "else 240)")
     g.add_argument("--signal_delay_s", type=utils.int_at_least(1), default=120,
-                   help="the stop signal comes this many seconds before the time limit (the step in progress and a "
-                        "save must fit)")
+                   help="the stop signal comes this many seconds before the time limit, which must be longer (the "
+                        "step in progress and a save must fit)")
     g.add_argument("--max_requeues", type=utils.int_at_least(0), default=10,
                    help="requeues after a time limit before a job counts as failed (preemptions do not count)")
     g.add_argument("--sbatch_args", default=None,
@@ -123,8 +126,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "each job ended (default <results_dir>/jobs)")
     g.add_argument("--dry_run", action="store_true", help="print the jobs and what each runs; submit nothing")
     g.add_argument("--status", action="store_true",
-                   help="list every run of the table (the same flags) and its state, from the run records and "
-                        "the jobs' outcomes; submits nothing")
+                   help="list every run of the last submission and its state, from its graph file (found by the "
+                        "same --stage and --results_dir / --log_dir; its settings are read there), the run records "
+                        "and the jobs' outcomes; submits nothing")
     return p
 
 
@@ -323,9 +327,18 @@ def _outcome_path(log_dir: str, name: str) -> str:
     return os.path.join(log_dir, "outcomes", _slug(name) + ".json")
 
 
+def time_limit_s(args) -> int:
+    """The time limit each job gets, in seconds: SLURM's whole minutes, the local executor's whole seconds."""
+    return 60 * _slurm_minutes(args) if args.cluster == "slurm" else int(60 * args.time_limit_min)
+
+
+def _slurm_minutes(args) -> int:
+    return max(1, round(args.time_limit_min))
+
+
 def slurm_parameters(job: Job, args, ids: dict, name: str) -> dict:
     """submitit SlurmExecutor parameters of `job`; `ids`: the job ids of those submitted before it."""
-    params = {"job_name": name, "time": max(1, round(args.time_limit_min)), "nodes": job.nodes,
+    params = {"job_name": name, "time": _slurm_minutes(args), "nodes": job.nodes,
               "ntasks_per_node": job.processes, "signal_delay_s": args.signal_delay_s, "stderr_to_stdout": True,
               "additional_parameters": {"requeue": True, "kill-on-invalid-dep": "yes",
                                         **sbatch_options(args.sbatch_args)}}
@@ -405,9 +418,16 @@ def run_here(jobs: list[Job], args, log_dir: str, write_graph) -> int:
     """Runs the graph on this machine, each job once those it waits for have ended, as SLURM would; says what
     starts and ends. Returns the exit code: 0 all done; 2 when every failed job failed on bad input; else 1."""
     state, handles, submitted = {}, {}, {}
+    stopping, told = [], set()
+    previous = _on_hangup(stopping)
     try:
-        while len(state) < len(jobs) or handles:
-            for job in jobs:
+        while (len(state) < len(jobs) and not stopping) or handles:
+            for name in set(handles) - told if stopping else ():  # as SLURM ends a job: SIGTERM, the run saves
+                told.add(name)
+                if args.cluster == "local":  # the job's controller, which forwards it to each task
+                    with contextlib.suppress(ProcessLookupError, ValueError):
+                        os.kill(int(handles[name].job_id), signal.SIGTERM)
+            for job in jobs if not stopping else ():
                 if job.name in state:
                     continue
                 blocked = next((n for n in job.after_ok if state.get(n, ("",))[0] in ENDED_BADLY), None)
@@ -438,7 +458,7 @@ def run_here(jobs: list[Job], args, log_dir: str, write_graph) -> int:
                     what, code, line = state[name]
                     print(f"[{name}] {'done' if what == 'done' else f'{what.upper()} (exit code {code}): {line}'}",
                           flush=True)
-                    if what != "done":
+                    if what != "done" and not stopping:
                         dependents = [j.name for j in jobs if name in j.after_ok]
                         if dependents:
                             print(f"[{name}] what depends on it is cancelled: {', '.join(dependents)}", flush=True)
@@ -450,10 +470,31 @@ def run_here(jobs: list[Job], args, log_dir: str, write_graph) -> int:
         print("interrupted: the running jobs were stopped; the same command continues them from their last saved "
               "state", file=sys.stderr)
         return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stopping:
+        print(f"stopped by {stopping[0].name}: the running jobs stopped at a step boundary with their state saved, "
+              f"no other job started; the same command continues them", file=sys.stderr)
+        return 1
     failed = [s for s in state.values() if s[0] in ("failed", "stopped")]
     if not failed and all(s[0] == "done" for s in state.values()):
         return 0
     return 2 if failed and all(s[1] == 2 for s in failed) else 1
+
+
+def _on_hangup(stopping: list) -> dict:
+    """SIGHUP (the terminal closed) and SIGTERM to this process: noted in `stopping`; the running jobs are then
+    stopped as a scheduler stops them (they save), and none starts. Returns the handlers to put back."""
+    def note(signum, frame):
+        if signum == signal.SIGHUP:  # the terminal is gone: what would be printed to it has nowhere to go
+            sys.stdout = sys.stderr = open(os.devnull, "w")
+        stopping.append(signal.Signals(signum))
+    if threading.current_thread() is not threading.main_thread():  # signal.signal works there only
+        return {}
+    # a SIGHUP ignored already (nohup) stays ignored: the jobs are meant to outlive the terminal
+    return {sig: signal.signal(sig, note) for sig in (signal.SIGHUP, signal.SIGTERM)
+            if signal.getsignal(sig) != signal.SIG_IGN}
 
 
 def _write_outcome(log_dir: str, job: Job, what: str, line: str) -> None:
@@ -527,31 +568,109 @@ def run_state(run: dict, job_state: tuple[str, str], steps: int | None) -> str:
                 line = error_line(f.read().splitlines()[-40:]) or line
         return f"{what}{at}: {line}" if line else f"{what}{at}"
     if os.path.exists(os.path.join(run["dir"], "train_state.pt")):
-        return f"stopped{at} with its state saved; its job continues it"
+        return f"stopped{at} with its state saved; " + ("its job continues it" if what in ("submitted", "running")
+                                                        else "the same command continues it")
     return "pending" if step is None else f"interrupted{at}, before a state was saved"
+
+
+# the settings a graph file records, each as --status compares it with the one given
+SETTINGS = {"datasets": "--datasets", "mae_steps": "--mae_steps (STEPS)", "finetune_steps": "--finetune_steps "
+            "(FINETUNE_STEPS)", "seeds": "--seeds (SEEDS)", "init": "--init", "stage_flags": "the stage flags"}
+
+
+def settings(args) -> dict:
+    return {"stage": args.stage, **{key: getattr(args, key) for key in SETTINGS}}
+
+
+def read_graph(graph_file: str) -> dict | None:
+    """The graph file of a submission; None when there is none. A damaged one is refused, not taken for none: on
+    SLURM, submitting again because of it would start a second copy of every job on the same run directories."""
+    try:
+        with open(graph_file) as f:
+            graph = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        graph = utils.one_line(e)
+    if not isinstance(graph, dict) or not isinstance(graph.get("jobs"), list):
+        why = graph if isinstance(graph, str) else "not a graph of jobs"
+        raise utils.UserError(f"{graph_file} is unreadable ({why}); it is the record of which jobs were submitted, "
+                              f"so --status will not guess: see the queue (squeue -u $USER; --cluster local: ps) and "
+                              f"move the file aside once none of its jobs is queued or running")
+    return graph
+
+
+def _process_alive(pid, host) -> bool | None:
+    """Whether submitit's local controller `pid` (a job's id under --cluster local) still runs; None when it ran
+    on another host."""
+    if host != platform.node():
+        return None
+    try:
+        with open(f"/proc/{int(pid)}/cmdline", "rb") as f:
+            return b"submitit" in f.read()  # a pid alone could name another process by now
+    except (OSError, ValueError):
+        return False
+
+
+def _job_state(record: dict, outcome: dict | None, graph: dict) -> tuple[str, str]:
+    """(state, line) of one job of a submission: its outcome once it said how it ended; else whether it runs,
+    where that can be seen (the local executor's controller, by its pid)."""
+    if outcome and outcome.get("state") != "requeued":
+        return outcome["state"], outcome.get("error") or ""
+    job_id = record.get("job_id")
+    if graph.get("cluster") != "local":
+        return ("submitted" if job_id else "not submitted"), ""
+    if job_id:
+        alive = _process_alive(job_id, graph.get("host"))
+        if alive is False:
+            return "gone", (f"its process {job_id} ended without saying how (killed?); nothing continues its "
+                            f"runs: the same command does, from their last saved state")
+        return ("running" if alive else "submitted"), ""
+    if _process_alive(graph.get("pid"), graph.get("host")) is False:  # the submitter, which starts the others
+        return "not started", "its submitter is gone; the same command starts it"
+    return "not submitted", ""
 
 
 def print_status(jobs: list[Job], args, log_dir: str) -> None:
     graph_file = os.path.join(log_dir, GRAPH_FILE.format(stage=args.stage))
-    graph = _read_json(graph_file) or {}
-    ids = {j["name"]: j.get("job_id") for j in graph.get("jobs", [])}
-    if graph:
-        print(f"{len(jobs)} jobs; submitted {graph.get('submitted')} to {graph.get('cluster')} ({graph_file})")
+    graph = read_graph(graph_file) or {}
+    recorded = graph.get("settings")  # none in a graph file written before they were: the settings given
+    records = graph["jobs"] if recorded else [{"name": j.name, "kind": j.kind, "after_ok": j.after_ok,
+                                               "runs": j.runs} for j in jobs]
+    recorded, cwd = recorded or settings(args), graph.get("cwd") or os.getcwd()
+    if not graph:
+        print(f"{len(records)} jobs; none submitted from here yet ({graph_file} not found)")
     else:
-        print(f"{len(jobs)} jobs; none submitted from here yet ({graph_file} not found)")
+        print(f"{len(records)} jobs; submitted {graph.get('submitted')} to {graph.get('cluster')} ({graph_file})")
+        given = settings(args)
+        differ = [f"{SETTINGS[k]} {_shown(given[k])} here, {_shown(recorded.get(k))} there"
+                  for k in SETTINGS if k in args.given and given[k] != recorded.get(k)]
+        if differ:
+            print(f"note: the settings given differ from the submission's ({'; '.join(differ)}): listed as "
+                  f"submitted")
+    ids = {j["name"]: j.get("job_id") for j in graph.get("jobs", [])}
     states = {}
-    for job in jobs:
-        outcome = _read_json(_outcome_path(log_dir, job.name)) if ids.get(job.name) or graph else None
-        what = (outcome or {}).get("state") or ("submitted" if ids.get(job.name) else "not submitted")
-        blocked = next((n for n in job.after_ok if states.get(n, ("",))[0] in ("failed", "cancelled")), None)
-        if blocked and what in ("submitted", "not submitted"):
-            outcome, what = {"error": f"needs {blocked}, which did not succeed"}, "cancelled"
-        states[job.name] = (what, (outcome or {}).get("error") or "")
-        print(f"{job.name:<40} {ids.get(job.name) or '-':<12} {what}"
-              + (f": {states[job.name][1]}" if what in ("failed", "cancelled", "stopped") else ""))
-        steps = args.mae_steps if job.kind in ("pretrain", "selftrain") else args.finetune_steps
-        for run in job.runs:
-            print(f"    {run['name']:<36} {run_state(run, states[job.name], steps)}")
+    for record in records:
+        name = record["name"]
+        path = _outcome_path(log_dir, name)
+        outcome = _read_json(path) if graph else None
+        what, line = _job_state({**record, "job_id": ids.get(name)}, outcome, graph)
+        if graph and outcome is None and os.path.exists(path):  # written by the job as it ended, then damaged
+            what, line = "unknown", f"its outcome {path} is unreadable; its log says how it ended"
+        blocked = next((n for n in record.get("after_ok", []) if states.get(n, ("",))[0] in ENDED_BADLY), None)
+        if blocked and what in ("submitted", "not submitted", "not started"):
+            what, line = "cancelled", f"needs {blocked}, which did not succeed"
+        states[name] = (what, line)
+        print(f"{name:<40} {ids.get(name) or '-':<12} {what}" + (f": {line}" if line and what != "done" else ""))
+        steps = recorded.get("mae_steps") if record.get("kind") in ("pretrain", "selftrain") \
+            else recorded.get("finetune_steps")
+        for run in record.get("runs", []):
+            run = {**run, **{k: os.path.join(cwd, run[k]) for k in ("dir", "done", "log") if run.get(k)}}
+            print(f"    {run['name']:<36} {run_state(run, states[name], steps)}")
+
+
+def _shown(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def launcher_form(args) -> None:
@@ -596,6 +715,8 @@ def resolve(args) -> None:
     checked together."""
     launcher_form(args)
     _from_environment(args, get_args_parser())
+    # what was given (a flag, a variable, a launcher's word), which --status compares with the submission's
+    args.given = {k for k in SETTINGS if getattr(args, k, None)}
     args.datasets = args.datasets or list(PAPER_DATASETS)
     for name in args.datasets:  # each one a name (a folder under --data_dir), as the stages check it
         try:
@@ -606,6 +727,13 @@ def resolve(args) -> None:
     args.seeds = args.seeds or [1, 2, 3, 4, 5]
     args.init = args.init or f"self-further-pretrain-{args.mae_steps}"
     args.time_limit_min = args.time_limit_min or 240
+    limit_s = time_limit_s(args)
+    # the signal would never come (local) or come at the start (SLURM); debug has no time limit
+    if args.cluster != "debug" and args.signal_delay_s >= limit_s:
+        raise utils.UserError(f"--signal_delay_s {args.signal_delay_s} is not shorter than the time limit "
+                              f"({limit_s} s, --time_limit_min / TIME_LIMIT {args.time_limit_min:g}): the stop "
+                              f"signal must come before the limit, with time for a step and a save; give a longer "
+                              f"time limit or a shorter --signal_delay_s")
     if args.gpus_per_job is None:
         args.gpus_per_job = 1 if args.cluster == "slurm" else 0
     args.nodes = args.nodes or 1
@@ -647,11 +775,8 @@ def main(args):
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
 
     def write_graph(submitted):
-        write_json(os.path.join(log_dir, GRAPH_FILE.format(stage=args.stage)), {
-            "submitted": stamp, "cluster": args.cluster, "cwd": os.getcwd(),
-            "jobs": [{"name": j.name, "job_id": submitted.get(j.name, (None, None))[0],
-                      "log": submitted.get(j.name, (None, None))[1], "command": j.command, "env": j.env,
-                      "after_ok": j.after_ok, "after_any": j.after_any, "runs": j.runs} for j in jobs]})
+        write_json(os.path.join(log_dir, GRAPH_FILE.format(stage=args.stage)), graph_record(jobs, args, stamp,
+                                                                                            submitted))
 
     if args.cluster == "slurm":
         submitted = submit_slurm(jobs, args, log_dir, write_graph=write_graph)
@@ -666,6 +791,16 @@ def main(args):
     code = run_here(jobs, args, log_dir, write_graph)
     if code:
         sys.exit(code)
+
+
+def graph_record(jobs: list[Job], args, stamp: str, submitted: dict) -> dict:
+    """What the graph file says of a submission: its settings, where and by whom it was made, and every job with
+    its id ({name: (job id, log)} of those submitted so far) and the runs it produces."""
+    return {"submitted": stamp, "cluster": args.cluster, "cwd": os.getcwd(), "host": platform.node(),
+            "pid": os.getpid(), "settings": settings(args),
+            "jobs": [{"name": j.name, "kind": j.kind, "job_id": submitted.get(j.name, (None, None))[0],
+                      "log": submitted.get(j.name, (None, None))[1], "command": j.command, "env": j.env,
+                      "after_ok": j.after_ok, "after_any": j.after_any, "runs": j.runs} for j in jobs]}
 
 
 def _results_dir(args) -> str:
