@@ -1,4 +1,4 @@
-"""tools.submit and tools.job when a job is cut short, and what --status then says: a time limit too short for the
+"""launch.submit and launch.job when a job is cut short, and what --status then says: a time limit too short for the
 stop signal, refused when the flags are read; a job killed at its time limit, or whose submitter's terminal closed
 (SIGHUP), stopped with its state saved and its outcome on record; --status telling a job that still runs from one
 that is gone, a damaged graph file from a missing one, and reading the submission's own settings."""
@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO
 from helpers import assert_one_line, cli_output, tool_output
-from tools import job as job_module, submit
+from launch import job as job_module, submit
 
 CLUSTER_VARIABLES = ("STEPS", "FINETUNE_STEPS", "SEEDS", "JOBS", "MAE_FLAGS", "FINETUNE_FLAGS", "PARTITION",
                      "GPUS_PER_JOB", "NODES", "PROCESSES_PER_NODE", "CPUS_PER_GPU", "TIME_LIMIT", "SBATCH_ARGS",
@@ -71,7 +71,7 @@ def test_a_time_limit_just_longer_than_the_signal_delay_is_accepted(tmp_path, mo
 
 
 def test_a_job_killed_at_its_time_limit_stops_its_command_and_records_it(tmp_path):
-    """No stop signal before the limit (submitit's own parameters, past tools.submit's check): at the limit the
+    """No stop signal before the limit (submitit's own parameters, past launch.submit's check): at the limit the
     local executor interrupts the task (SIGINT, SIGKILL a second later). The command is told to stop and save,
     and the job's outcome says it stopped; no KeyboardInterrupt traceback."""
     import submitit
@@ -91,7 +91,7 @@ def test_a_job_killed_at_its_time_limit_stops_its_command_and_records_it(tmp_pat
 # ----------------------------------------------------------------------------- the submitter's terminal closes
 
 DRIVER = """import argparse, sys
-from tools import submit
+from launch import submit
 stopping = {stopping!r}
 args = argparse.Namespace(cluster="local", time_limit_min=5, signal_delay_s=60, max_requeues=3)
 jobs = [submit.Job("a", "pretrain", [sys.executable, "-c", stopping]),
@@ -164,7 +164,7 @@ def _wait_for_outcome(path, timeout=15):
 # ----------------------------------------------------------------------------- --status
 
 def _submitted(tmp_path, *argv, ids=None):
-    """The graph file of a submission of `argv` made here, as tools.submit writes it; ids: {job name: id}."""
+    """The graph file of a submission of `argv` made here, as launch.submit writes it; ids: {job name: id}."""
     args = submit.get_args_parser().parse_args(list(map(str, argv)))
     submit.resolve(args)
     jobs = submit.build_graph(args)
