@@ -109,7 +109,7 @@ def run_finetune(launcher: str, words: list[str]) -> int:
         raise usage_error(launcher, "GPU and DATASET are required")
     gpu, dataset = words[:2]
     given, flags = positional(words[2:])
-    scratch, ckpt, ckpt_dir = given[:3] + ["False", "self-further-pretrain-20000", "checkpoints"][len(given):]
+    scratch, ckpt, ckpt_dir = given[:3] + ["False", graph.student(graph.MAE_STEPS), "checkpoints"][len(given):]
     flags = given[3:] + flags  # a fourth word is the user's, as the stage gets it
     if scratch not in SCRATCH:
         raise usage_error(launcher, f"SCRATCH must be True or False, not '{scratch}'")
