@@ -105,7 +105,7 @@ class Pool:
         self.check_stop()
 
     def _start_ready(self, pending: list[Job]) -> list[Job]:
-        left, blocked = [], False
+        left, blocked = [], "all" in self._running  # a job over every device runs alone
         for job in pending:
             needs = [self.results.get(name, "pending") for name in job.after]
             if any(code != 0 and code != "pending" for code in needs):
@@ -124,6 +124,7 @@ class Pool:
                     left.append(job)
                 else:
                     self._start(job, "all", ",".join(self.devices), attached=True)
+                    blocked = True
                 continue
             slot = next((i for i in range(len(self.slots)) if i not in self._running), None)
             if slot is None:
