@@ -137,6 +137,36 @@ def run_finetune(launcher: str, words: list[str]) -> int:
     return code
 
 
+def table_jobs(datasets, steps, seeds, mae_args, finetune_args, results_dir: str, ddp: bool) -> list[Job]:
+    """graph.table's runs as the pool's jobs: a dataset's two MAE stages one job, one after the other in one slot
+    (ddp: each over every GPU, one dataset at a time); each route one job per seed, after its dataset's MAE stages
+    where it starts from one of their checkpoints."""
+    def mae_stages(dataset, stages):
+        return lambda device: [stage_command(device, f"{stage}.py", ["--dataset", dataset, "--steps", steps,
+                                                                        *mae_args]) for stage in stages]
+
+    jobs, mae_job, stages = [], {}, {}
+    for node in graph.table(datasets, steps):
+        d = node.dataset
+        if node.stage in ("pretrain", "selftrain"):
+            if d not in stages:
+                stages[d] = []
+                mae_job[d] = Job(f"{d} MAE stages", os.path.join(results_dir, d, f"mae-{steps}.log"),
+                                 mae_stages(d, stages[d]), all_devices=ddp)
+                jobs.append(mae_job[d])
+            stages[d].append(node.stage)  # in the table's order: the teacher first
+        elif node.stage == "finetune":
+            after = (mae_job[d].name,) if node.after_ok else ()
+            scratch = "True" if node.init == "initial" else "False"
+            for seed in seeds:
+                args = ["--dataset", d, "--scratch", scratch, "--ckpt_name", node.init, "--seed", seed,
+                        *finetune_args]
+                jobs.append(Job(f"{d} {node.init} seed {seed}",
+                                os.path.join(results_dir, d, node.init, f"seed{seed}.log"),
+                                lambda device, args=args: [stage_command(device, "finetune.py", args)], after=after))
+    return jobs
+
+
 def run_all(launcher: str, words: list[str]) -> int:
     """The paper's table (graph.table) on this machine; then report.py, per route and the table."""
     if not words:
@@ -165,31 +195,8 @@ def run_all(launcher: str, words: list[str]) -> int:
     mae_args = [*save, *graph.mae_flags(flags), *mae_only]
     finetune_args = [*save, *(["--steps", finetune_steps] if finetune_steps else []), *flags, *finetune_only]
 
-    # the table's nodes as this pool's jobs: a dataset's two MAE stages one job, one after the other in one slot
-    # (with fewer datasets than GPUs, each over all of them, DDP); each route one job per seed
     ddp = len(gpus) > 1 and len(datasets) < len(gpus)
-    jobs, mae_job, stages = [], {}, {}
-    for node in graph.table(datasets, steps):
-        d = node.dataset
-        if node.stage in ("pretrain", "selftrain"):
-            if d not in stages:
-                stages[d] = []
-                mae_job[d] = Job(f"{d} MAE stages", os.path.join(results_dir, d, f"mae-{steps}.log"),
-                                 lambda device, d=d: [stage_command(device, f"{s}.py", ["--dataset", d, "--steps",
-                                                                                       steps, *mae_args])
-                                                      for s in stages[d]], all_devices=ddp)
-                jobs.append(mae_job[d])
-            stages[d].append(node.stage)
-        elif node.stage == "finetune":
-            after = (mae_job[d].name,) if node.after_ok else ()
-            scratch = "True" if node.init == "initial" else "False"
-            for seed in seeds:
-                args = ["--dataset", d, "--scratch", scratch, "--ckpt_name", node.init, "--seed", seed,
-                        *finetune_args]
-                jobs.append(Job(f"{d} {node.init} seed {seed}",
-                                os.path.join(results_dir, d, node.init, f"seed{seed}.log"),
-                                lambda device, args=args: [stage_command(device, "finetune.py", args)], after=after))
-
+    jobs = table_jobs(datasets, steps, seeds, mae_args, finetune_args, results_dir, ddp)
     print(f"=== {' '.join(datasets)}: further pre-training and self-distillation ({steps} steps), fine-tuning "
           f"({finetune_steps or 10000} steps; seeds {' '.join(seeds)}); {len(pool.slots)} run(s) at a time", flush=True)
     pool.run(jobs)
