@@ -3,8 +3,8 @@
 from the environment (STEPS, FINETUNE_STEPS, SEEDS, JOBS, MAE_FLAGS, FINETUNE_FLAGS) are read here. What each one
 runs is in its usage comment at the top of the .sh file.
 
-Each run is `$PYTHON SCRIPT --device DEVICE ARGS` (stage_command); the launcher itself runs on the standard library
-only, in any python3."""
+Each run is `$PYTHON SCRIPT --device DEVICE ARGS` (stage_command); the launcher itself needs only the standard
+library (Python 3.11+) and errors.py, so it starts at once and runs on whichever python3 scripts/launch.sh finds."""
 import os
 import re
 import subprocess

@@ -1,10 +1,11 @@
 # Shared by the run_*.sh launchers (sourced, not run): $REPO_DIR, $PYTHON and `launcher NAME ARGS...`.
 # $PYTHON runs the stages: set it, else the repository's .venv (made by `make`), else python3. It may be any
 # command that takes a Python script's arguments (a wrapper, a container's python); the launcher itself
-# (launch/, the standard library only) runs on the .venv's python, else python3.
+# (launch/: the standard library of Python 3.11+ only) runs on the .venv's python, else python3.
 
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [ -x "$REPO_DIR/.venv/bin/python" ]; then LAUNCHER_PYTHON="$REPO_DIR/.venv/bin/python"; else LAUNCHER_PYTHON=python3; fi
+LAUNCHER_PYTHON=python3
+[ ! -x "$REPO_DIR/.venv/bin/python" ] || LAUNCHER_PYTHON="$REPO_DIR/.venv/bin/python"
 PYTHON=${PYTHON:-$LAUNCHER_PYTHON}
 export PYTHON
 

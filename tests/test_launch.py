@@ -95,7 +95,7 @@ def test_a_failed_run_does_not_stop_the_others(tmp_path, capsys):
     assert pool.results == {"bad": 1, "good": 0, "needs bad": None, "needs good": 0}
     assert pool.summary() == 1
     out, err = capsys.readouterr()
-    assert f"[good] done: fine on cpu" in out.splitlines() and "[needs good] done: ran too" in out.splitlines()
+    assert "[good] done: fine on cpu" in out.splitlines() and "[needs good] done: ran too" in out.splitlines()
     assert f"[bad] FAILED with exit code 1; see {tmp_path}/bad.log" in err.splitlines()
     assert err.splitlines()[-2:] == ["error: 1 run(s) failed:", f"  bad: exit code 1, log {tmp_path}/bad.log"]
     header, output = (tmp_path / "bad.log").read_text().splitlines()
@@ -139,7 +139,8 @@ from launch import pool
 from launch.pool import Job, Pool
 pool.KILL_AFTER_S = 3
 tree = "import subprocess, sys, time; subprocess.Popen(['sleep', '60']); time.sleep(60)"
-stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+stubborn = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); "
+            "time.sleep(60)")
 p = Pool(["cpu"], 3)
 try:
     p.run([Job(name, sys.argv[1] + "/" + name + ".log", lambda device, code=code: [([sys.executable, "-c", code], {})])
