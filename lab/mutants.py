@@ -144,12 +144,13 @@ EDITS = [
     Edit("dropout not seeded per step", "training/step.py",
          "        torch.manual_seed(dropout_seed)  # GlobalBatchDropout", "        # GlobalBatchDropout"),
     # ---- launchers
-    Edit("run_finetune.sh: 3 seeds", "run_finetune.sh", 'SEEDS=${SEEDS:-1 2 3 4 5}', 'SEEDS=${SEEDS:-1 2 3}'),
-    Edit("launchers: 2,000 MAE steps", "launch/launch.sh", "local gpu=$1 dataset=$2 steps=20000", "local gpu=$1 dataset=$2 steps=2000"),
-    Edit("run_all.sh: self-distillation route fine-tunes the teacher", "run_all.sh",
-         'ROUTES=("further-pretrain-$STEPS" "self-further-pretrain-$STEPS")', 'ROUTES=("further-pretrain-$STEPS" "further-pretrain-$STEPS")'),
-    Edit("run_finetune.sh: from θ₀ by default", "run_finetune.sh",
-         "SCRATCH=False CKPT=self-further-pretrain-20000", "SCRATCH=True CKPT=self-further-pretrain-20000"),
+    Edit("launchers: 3 seeds", "launch/graph.py", 'SEEDS = ("1", "2", "3", "4", "5")', 'SEEDS = ("1", "2", "3")'),
+    Edit("launchers: 2,000 MAE steps", "launch/graph.py", "MAE_STEPS = 20000", "MAE_STEPS = 2000"),
+    Edit("the table: self-distillation route fine-tunes the teacher", "launch/graph.py",
+         '"finetune", d, student(mae_steps),', '"finetune", d, teacher(mae_steps),'),
+    Edit("run_finetune.sh: from θ₀ by default", "launch/launchers.py",
+         '["False", graph.student(graph.MAE_STEPS), "checkpoints"]',
+         '["True", graph.student(graph.MAE_STEPS), "checkpoints"]'),
 ]
 
 

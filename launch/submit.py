@@ -37,12 +37,13 @@ import time
 
 import utils
 from outputs import write_json
+from launch import graph
 from mae_common import further_pretrain_dir, self_distill_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAPER_DATASETS = ("aircraft", "chest_xray", "cub", "dtd", "stanford_dogs", "vgg_flower_102")
+PAPER_DATASETS = graph.PAPER_DATASETS
 GRAPH_FILE = "graph-{stage}.json"  # the jobs submitted last for the table (or for one stage), with their ids
-SAVE_EVERY_STEPS, SAVE_EVERY_MINUTES = 1000, 5  # a killed node loses at most ~5 minutes
+SAVE_EVERY_STEPS, SAVE_EVERY_MINUTES = graph.SAVE_EVERY_STEPS, 5  # a killed node loses at most ~5 minutes
 POLL_S = 2.0
 # how a job that ended without success is named to what needed it
 ENDED_BADLY = {"failed": "failed", "cancelled": "was cancelled", "stopped": "stopped without being requeued"}
@@ -51,13 +52,14 @@ FROM_ENVIRONMENT = {"mae_steps": "STEPS", "finetune_steps": "FINETUNE_STEPS", "s
                     "jobs_per_gpu": "JOBS", "partition": "PARTITION", "gpus_per_job": "GPUS_PER_JOB",
                     "nodes": "NODES", "processes_per_node": "PROCESSES_PER_NODE", "cpus_per_gpu": "CPUS_PER_GPU",
                     "time_limit_min": "TIME_LIMIT", "sbatch_args": "SBATCH_ARGS"}
-# stage flags the graph sets for every run itself: given again, a later copy would win in one stage but not in the
-# paths the graph (and --status) reads back; --overwrite would move a run aside at every requeue
-REFUSED = {"--dataset": "give the datasets as --datasets (the launchers: positional arguments)",
-           "--seed": "give the seeds as --seeds or SEEDS=\"1 2 3\"",
-           "--scratch": "the graph runs every route (--stage finetune --init NAME for one)",
-           "--ckpt_name": "the graph runs every route (--stage finetune --init NAME for one)",
-           "--output_dir": "each run has its own directory",
+# the stage flags the graph sets for every run itself (graph.SET_PER_RUN), and what to do instead; and --overwrite,
+# which would move a run aside at every requeue
+HOW_INSTEAD = {"--dataset": "give the datasets as --datasets (the launchers: positional arguments)",
+               "--seed": "give the seeds as --seeds or SEEDS=\"1 2 3\"",
+               "--scratch": "the graph runs every route (--stage finetune --init NAME for one)",
+               "--ckpt_name": "the graph runs every route (--stage finetune --init NAME for one)",
+               "--output_dir": "each run has its own directory"}
+REFUSED = {**{flag: HOW_INSTEAD[flag] for flag in graph.SET_PER_RUN},
            "--overwrite": "a requeued job would move its own run aside at every start; move old runs aside "
                           "yourself, or pass another --checkpoint_dir / --results_dir"}
 
@@ -168,10 +170,9 @@ def sbatch_options(text: str) -> dict:
 
 
 def _refuse(flags: list[str], refused: dict, who: str) -> None:
-    for word in flags:
-        name = word.split("=", 1)[0]
-        if name in refused:
-            raise utils.UserError(f"{who} takes no {name}: {refused[name]}")
+    name = graph.refused_flag(flags, refused)
+    if name:
+        raise utils.UserError(f"{who} takes no {name}: {refused[name]}")
 
 
 def _stage_args(module_name: str, base: list, flags: list[str]):
@@ -182,23 +183,9 @@ def _stage_args(module_name: str, base: list, flags: list[str]):
     return parser.parse_args([*map(str, base), *flags])
 
 
-def _mae_flags(flags: list[str]) -> list[str]:
-    """run_all.sh's rule: the MAE stages get every flag but fine-tuning's own (--results_dir X, --save_model)."""
-    out, skip = [], False
-    for word in flags:
-        if skip:
-            skip = False
-        elif word == "--results_dir":
-            skip = True
-        elif not (word.startswith("--results_dir=") or word == "--save_model"):
-            out.append(word)
-    return out
-
-
 def _flags_for_one_kind(args) -> tuple[list[str], list[str]]:
-    """run_all.sh's $MAE_FLAGS and $FINETUNE_FLAGS (the table only), split on whitespace as run_all.sh does."""
-    words = [os.environ.get(v, "").split() if args.stage == "table" else [] for v in ("MAE_FLAGS", "FINETUNE_FLAGS")]
-    return words[0], words[1]
+    """run_all.sh's $MAE_FLAGS and $FINETUNE_FLAGS (the table only)."""
+    return graph.flags_for_one_kind(os.environ) if args.stage == "table" else ([], [])
 
 
 # ----------------------------------------------------------------------------- the graph
@@ -234,7 +221,7 @@ def build_graph(args) -> list["Job"]:
     mae_only, finetune_only = _flags_for_one_kind(args)
     _refuse(mae_only + finetune_only, {**REFUSED, "--steps": "use STEPS=N / FINETUNE_STEPS=N"},
             "MAE_FLAGS / FINETUNE_FLAGS")
-    mae_flags = _mae_flags(flags) + mae_only
+    mae_flags = graph.mae_flags(flags) + mae_only
     flags = flags + finetune_only  # fine-tuning's (the MAE stages' when one stage is submitted, where both are empty)
     first = args.datasets[0]
     mae_base = ["--dataset", first, "--steps", args.mae_steps]
@@ -253,8 +240,8 @@ def build_graph(args) -> list["Job"]:
     save = ["--save_every", SAVE_EVERY_STEPS, "--save_every_minutes", SAVE_EVERY_MINUTES]
     steps = args.mae_steps
 
-    def mae_job(script, dataset, after=()):
-        stage = "pretrain" if script == "pretrain.py" else "selftrain"
+    def mae_job(stage, dataset, after=()):
+        script = f"{stage}.py"
         out = (further_pretrain_dir if stage == "pretrain" else self_distill_dir)(checkpoint_dir, steps, dataset)
         command = [python, os.path.join(REPO, script), "--device", device, "--dataset", dataset, "--steps", steps,
                    *save, *(mae_flags if args.stage == "table" else flags)]
@@ -278,20 +265,22 @@ def build_graph(args) -> list["Job"]:
                    command, gpus=args.gpus_per_job, after_ok=after, env=env, runs=runs)
 
     if args.stage == "pretrain":
-        jobs = [mae_job("pretrain.py", d) for d in args.datasets]
+        jobs = [mae_job("pretrain", d) for d in args.datasets]
     elif args.stage == "selftrain":
-        jobs = [mae_job("selftrain.py", d) for d in args.datasets]
+        jobs = [mae_job("selftrain", d) for d in args.datasets]
     elif args.stage == "finetune":
         jobs = [finetune_job(d, args.init) for d in args.datasets]
     else:
-        jobs = [mae_job("pretrain.py", d) for d in args.datasets] + [finetune_job(d, "initial") for d in args.datasets]
-        for d in args.datasets:
-            jobs.append(mae_job("selftrain.py", d, after=[f"{d} pretrain"]))
-            jobs.append(finetune_job(d, f"further-pretrain-{steps}", after=[f"{d} pretrain"]))
-            jobs.append(finetune_job(d, f"self-further-pretrain-{steps}", after=[f"{d} selftrain"]))
         report = [python, os.path.join(REPO, "report.py"), "--results_dir", results_dir, "--datasets",
                   *args.datasets, "--steps", steps]
-        jobs.append(Job("report", "report", report, after_any=[j.name for j in jobs]))
+        jobs = []
+        for node in graph.table(args.datasets, steps):  # the names, order and dependencies of the table's runs
+            if node.stage == "finetune":
+                jobs.append(finetune_job(node.dataset, node.init, node.after_ok))
+            elif node.stage == "report":
+                jobs.append(Job(node.name, "report", report, after_any=node.after_any))
+            else:
+                jobs.append(mae_job(node.stage, node.dataset, node.after_ok))
     for job in jobs:
         job.command = [str(word) for word in job.command]
     return jobs
