@@ -3,6 +3,7 @@ weight-decay rule and where their checkpoints go. Neither entry script imports t
 import argparse
 import os
 
+import paper
 import utils
 
 MAE_BETAS = (0.9, 0.95)
@@ -10,12 +11,12 @@ MAE_BETAS = (0.9, 0.95)
 
 def further_pretrain_dir(checkpoint_dir: str, steps: int, dataset: str) -> str:
     """Stage 1's output (the teacher): <checkpoint_dir>/further-pretrain-<steps>/<dataset>."""
-    return os.path.join(checkpoint_dir, f"further-pretrain-{steps}", dataset)
+    return os.path.join(checkpoint_dir, paper.teacher(steps), dataset)
 
 
 def self_distill_dir(checkpoint_dir: str, steps: int, dataset: str) -> str:
     """Stage 2's output (the student): <checkpoint_dir>/self-further-pretrain-<steps>/<dataset>."""
-    return os.path.join(checkpoint_dir, f"self-further-pretrain-{steps}", dataset)
+    return os.path.join(checkpoint_dir, paper.student(steps), dataset)
 
 
 def creating_command(ckpt_name: str, dataset: str, checkpoint_dir: str) -> str:

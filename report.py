@@ -50,14 +50,15 @@ import re
 import statistics
 
 import outputs
+import paper
 import utils
 from training.run_dir import recorded_inputs
 from data.datasets import file_kind
 
-PAPER_DATASETS = ("aircraft", "chest_xray", "cub", "dtd", "stanford_dogs", "vgg_flower_102")
-INITIAL = "initial"
-FURTHER_PRETRAIN = re.compile(r"^further-pretrain-(\d+)$")
-SELF_DISTILL = re.compile(r"^self-further-pretrain-(\d+)$")
+PAPER_DATASETS = paper.PAPER_DATASETS
+INITIAL = paper.INITIAL
+FURTHER_PRETRAIN = re.compile("^" + paper.teacher(r"(\d+)") + "$")  # the checkpoints' names, with their steps
+SELF_DISTILL = re.compile("^" + paper.student(r"(\d+)") + "$")
 RESULT_FILE = re.compile(r"^seed(\d+)\.json$")
 MISSING = "—"
 CSV_COLUMNS = ("init", "row_name", "dataset", "n", "mean_acc", "std_acc", "mean_loss", "best",
@@ -210,7 +211,8 @@ def summarize(results_dir: str, datasets=None, seeds=None) -> dict[tuple[str, st
         groups = {}
         seeds = list(by_seed)
         for seed, settings in zip(seeds, _comparable([settings_of(by_seed[s]) for s in seeds])):
-            groups.setdefault(json.dumps(settings, sort_keys=True, default=str), (settings, {}))[1][seed] = by_seed[seed]
+            key = json.dumps(settings, sort_keys=True, default=str)
+            groups.setdefault(key, (settings, {}))[1][seed] = by_seed[seed]
         if len(groups) == 1:
             summaries[key] = {**_stats(by_seed), "groups": []}
             continue

@@ -20,6 +20,7 @@ import os
 
 import torch
 
+import paper
 import training
 import utils
 from data import ImageDataset
@@ -88,7 +89,7 @@ def main(args):
     if run.already_done:  # even if its teacher has been deleted since
         return
     if not has_checkpoint(teacher_path):
-        command = creating_command(f"further-pretrain-{args.steps}", args.dataset, args.checkpoint_dir)
+        command = creating_command(paper.teacher(args.steps), args.dataset, args.checkpoint_dir)
         raise utils.UserError(f"teacher not found: {teacher_path} (create it with `{command}`, "
                               f"or pass --teacher PATH)")
 

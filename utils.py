@@ -16,6 +16,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+import paper
 from errors import RunFailed, UserError  # noqa: F401  (re-exported: stages raise utils.UserError)
 
 
@@ -130,7 +131,7 @@ def shared_parser() -> argparse.ArgumentParser:
                    help="the initial MAE model θ₀: a hub id, a local directory from save_pretrained, "
                         "or vit-mae-tiny (a small built-in config for CPU runs)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int_at_least(1), default=20000, help="optimizer steps")
+    g.add_argument("--steps", type=int_at_least(1), default=paper.MAE_STEPS, help="optimizer steps")
     g.add_argument("--batch_size", type=int_at_least(1), default=64,
                    help="global batch size (split evenly over the processes of a torchrun job)")
     g.add_argument("--lr", type=finite_float(0, low_open=True), default=1.5e-4, help="peak learning rate (AdamW)")

@@ -1,16 +1,16 @@
 """The paper's table, described once: for each dataset further pre-training (the teacher), self-distillation (the
 student, from the teacher), fine-tuning from the three starting points (routes) over the seeds; then the report.
 Also the rules for which flags reach which run. run_all.sh (launch.launchers, on one machine) and launch/submit.py
-(on a cluster) both build their jobs from table(); only the standard library, so the launchers need no torch.
+(on a cluster) both build their jobs from table(); only the standard library and paper.py (the table's names), so
+the launchers need no torch.
 
     table(["cub", "dtd"], 50) -> cub pretrain, dtd pretrain, cub finetune initial, dtd finetune initial,
         cub selftrain (after cub pretrain), cub finetune further-pretrain-50 (after cub pretrain),
         cub finetune self-further-pretrain-50 (after cub selftrain), the same for dtd, report (after all)"""
 import dataclasses
 
-PAPER_DATASETS = ("aircraft", "chest_xray", "cub", "dtd", "stanford_dogs", "vgg_flower_102")
-MAE_STEPS = 20000  # the paper's length of further pre-training and self-distillation
-SEEDS = ("1", "2", "3", "4", "5")
+from paper import MAE_STEPS, PAPER_DATASETS, SEEDS, routes, student, teacher  # noqa: F401 (the table's names)
+
 SAVE_EVERY_STEPS = 1000  # the table's runs save this often, so that a stopped table continues where it stopped
 
 # Stage flags the table sets for each run itself: a later copy among the user's flags would win in the stage but
@@ -31,19 +31,6 @@ class Node:
     init: str | None = None  # fine-tuning's starting point: initial or a checkpoint name
     after_ok: tuple = ()
     after_any: tuple = ()
-
-
-def teacher(mae_steps) -> str:
-    return f"further-pretrain-{mae_steps}"
-
-
-def student(mae_steps) -> str:
-    return f"self-further-pretrain-{mae_steps}"
-
-
-def routes(mae_steps) -> list[str]:
-    """Fine-tuning's starting points, in the table's order: θ₀, the teacher, the student."""
-    return ["initial", teacher(mae_steps), student(mae_steps)]
 
 
 def table(datasets, mae_steps) -> list[Node]:

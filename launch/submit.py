@@ -714,7 +714,7 @@ def resolve(args) -> None:
             raise utils.UserError(f"dataset '{name}': {e}") from None
     args.mae_steps = args.mae_steps or 20000
     args.seeds = args.seeds or [1, 2, 3, 4, 5]
-    args.init = args.init or f"self-further-pretrain-{args.mae_steps}"
+    args.init = args.init or graph.student(args.mae_steps)
     args.time_limit_min = args.time_limit_min or 240
     limit_s = time_limit_s(args)
     # the signal would never come (local) or come at the start (SLURM); debug has no time limit
