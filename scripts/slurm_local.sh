@@ -29,8 +29,16 @@ node_state() {  # the node's state as sinfo says it ("idle", "mixed", "down*", .
   timeout 10 sinfo -h -N -o %T 2>/dev/null | head -n 1 || true
 }
 
-is_up() {
-  alive "$DIR/slurmctld.pid" && alive "$DIR/slurmd.pid" && [[ "$(node_state)" =~ ^(idle|mixed|allocated) ]]
+is_up() {  # our daemons run and the node takes jobs ("idle*", not responding, does not count)
+  alive "$DIR/slurmctld.pid" && alive "$DIR/slurmd.pid" && [[ "$(node_state)" =~ ^(idle|mixed|allocated|completing)$ ]]
+}
+
+running() {  # NAME: the pid of a process of that name, if one runs (without procps, which a container may lack)
+  local comm
+  for comm in /proc/[0-9]*/comm; do
+    if [ "$(cat "$comm" 2>/dev/null)" = "$1" ]; then basename "$(dirname "$comm")"; return 0; fi
+  done
+  return 1
 }
 
 install() {
@@ -43,6 +51,7 @@ install() {
   [ "$(id -u)" = 0 ] || fail 3 "${missing[*]} missing, and only root installs them (apt-get install ${PACKAGES[*]})"
   command -v apt-get >/dev/null || fail 3 "${missing[*]} missing, and there is no apt-get here: install SLURM and munge"
   say "installing ${PACKAGES[*]} (apt-get)"
+  mkdir -p "$DIR"
   # a container's policy-rc.d stops the packages' services from starting; on systemd they may start and fail
   # without /etc/slurm/slurm.conf, which is harmless: this script starts its own daemons
   if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
@@ -117,13 +126,13 @@ start() {
     say "already up ($(node_state)); export SLURM_CONF=$CONF"
     return 0
   fi
-  mkdir -p "$DIR/state" "$DIR/spool"
   install
   [ "$(id -u)" = 0 ] || fail 3 "starting SLURM here needs root (its daemons run as root in $DIR)"
-  if pgrep -x slurmctld >/dev/null && ! alive "$DIR/slurmctld.pid"; then
-    fail 1 "a slurmctld this script did not start runs here (pid $(pgrep -x slurmctld | head -n 1)): use that \
-SLURM, or stop it first"
+  local other
+  if other=$(running slurmctld) && ! alive "$DIR/slurmctld.pid"; then
+    fail 1 "a slurmctld this script did not start runs here (pid $other): use that SLURM, or stop it first"
   fi
+  mkdir -p "$DIR/state" "$DIR/spool"
   start_munge
   write_conf
   alive "$DIR/slurmctld.pid" || slurmctld -f "$CONF"

@@ -192,19 +192,23 @@ def test_a_job_stopped_by_its_time_limit_is_requeued_by_slurm_and_resumes_bit_fo
     (job,) = _graph(log_dir, "pretrain")
     # the uninterrupted run, while SLURM runs the job
     reference = tmp_path / "reference"
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "pretrain.py"), *flags, "--device", "cpu",
-                           "--dataset", "digits", "--steps", str(steps), "--save_every", "1000",
-                           "--output_dir", str(reference)],
-                          cwd=tmp_path, env=slurm(), capture_output=True, text=True, timeout=JOBS_TIMEOUT_S)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "pretrain.py"), *flags, "--device", "cpu",
+                             "--dataset", "digits", "--steps", str(steps), "--save_every", "1000",
+                             "--output_dir", str(reference)],
+                            cwd=tmp_path, env=slurm(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     released = []
 
     def release_when_requeued(queued):
         if not released and queued.get(job["job_id"]) == "PENDING BeginTime":
             subprocess.run(["scontrol", "update", f"JobId={job['job_id']}", "StartTime=now", "TimeLimit=5"],
                            env=slurm(), check=True, timeout=60)
-            released.append(time.monotonic() - started)
-    _wait_until_gone([job], slurm(), while_waiting=release_when_requeued)
+            released.append(round(time.monotonic() - started))
+    try:
+        _wait_until_gone([job], slurm(), while_waiting=release_when_requeued)
+        out, _ = proc.communicate(timeout=JOBS_TIMEOUT_S)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
     print(f"{steps} steps on SLURM, requeued after {released[0] if released else '-'} s: "
           f"{time.monotonic() - started:.0f} s")
     with open(job["log"]) as f:
