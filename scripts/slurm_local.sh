@@ -82,15 +82,16 @@ start_munge() {
   fail 1 "munged does not answer (log: /var/log/munge/munged.log)"
 }
 
-write_conf() {
+write_conf() {  # FILE
   local host node
   host=$(hostname -s)
   # the node as slurmd sees it (a node declared larger than it is would be drained); memory is not scheduled
   node=$(slurmd -C | head -n 1 | sed -E 's/ RealMemory=[0-9]+//')
   [[ "$node" == "NodeName=$host "* ]] || fail 1 "slurmd -C names another node than hostname -s ($host): $node"
   # cgroup-free plugins (a container may have no writable cgroup tree); ReturnToService=2: a node that was
-  # down comes back when its slurmd registers; the signal and requeue paths are SLURM's own
-  cat >"$CONF" <<EOF
+  # down comes back when its slurmd registers; OverSubscribe=FORCE:4: up to 4 jobs share a CPU, so that jobs which
+  # could run together do, and a missing dependency shows (on 2 CPUs, queueing alone would order most jobs)
+  cat >"$1" <<EOF
 # written by scripts/slurm_local.sh: a one-node SLURM on $host
 ClusterName=local
 SlurmctldHost=$host(127.0.0.1)
@@ -117,14 +118,19 @@ SlurmdPidFile=$DIR/slurmd.pid
 SlurmctldLogFile=$DIR/slurmctld.log
 SlurmdLogFile=$DIR/slurmd.log
 $node NodeAddr=127.0.0.1 State=UNKNOWN
-PartitionName=local Nodes=$host Default=YES MaxTime=INFINITE State=UP
+PartitionName=local Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF
 }
 
 start() {
   if is_up; then
-    say "already up ($(node_state)); export SLURM_CONF=$CONF"
-    return 0
+    if [ "$(id -u)" != 0 ] || { write_conf "$DIR/slurm.conf.new" && cmp -s "$DIR/slurm.conf.new" "$CONF"; }; then
+      rm -f "$DIR/slurm.conf.new"
+      say "already up ($(node_state)); export SLURM_CONF=$CONF"
+      return 0
+    fi
+    say "the configuration changed (a newer version of this script): restarting"
+    stop
   fi
   install
   [ "$(id -u)" = 0 ] || fail 3 "starting SLURM here needs root (its daemons run as root in $DIR)"
@@ -134,7 +140,8 @@ start() {
   fi
   mkdir -p "$DIR/state" "$DIR/spool"
   start_munge
-  write_conf
+  write_conf "$CONF"
+  rm -f "$DIR/slurm.conf.new"
   alive "$DIR/slurmctld.pid" || slurmctld -f "$CONF"
   alive "$DIR/slurmd.pid" || slurmd -f "$CONF"
   local waited=0 state
