@@ -82,3 +82,8 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("measured by the tests")
         for line in _REPORT:
             terminalreporter.write_line(line)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slurm: runs jobs on a real one-node SLURM on this machine "
+                                       "(scripts/slurm_local.sh; REAL_SLURM=0 skips, REAL_SLURM=1 must run)")
