@@ -86,4 +86,4 @@ def pytest_terminal_summary(terminalreporter):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slurm: runs jobs on a real one-node SLURM on this machine "
-                                       "(scripts/slurm_local.sh; REAL_SLURM=0 skips, REAL_SLURM=1 must run)")
+                                       "(lab/slurm_local.sh; REAL_SLURM=0 skips, REAL_SLURM=1 must run)")

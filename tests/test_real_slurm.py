@@ -1,4 +1,4 @@
-"""The table on a real SLURM: a one-node cluster on this machine (scripts/slurm_local.sh: Debian's slurmctld, slurmd
+"""The table on a real SLURM: a one-node cluster on this machine (lab/slurm_local.sh: Debian's slurmctld, slurmd
 and munge, installed when missing), the jobs submitted by `bash run_all.sh slurm` through submitit's SlurmExecutor.
 What tests/test_submit.py checks against submitit's local executor and a fake sbatch, here against SLURM itself:
 sbatch reading submitit's scripts, the dependencies (afterok, afterany, --kill-on-invalid-dep), srun, the time
@@ -26,8 +26,8 @@ from conftest import REPO
 
 pytestmark = pytest.mark.slurm
 
-SCRIPT = os.path.join(REPO, "scripts", "slurm_local.sh")
-CANNOT_INSTALL = 3  # scripts/slurm_local.sh: SLURM is missing and cannot be installed here
+SCRIPT = os.path.join(REPO, "lab", "slurm_local.sh")
+CANNOT_INSTALL = 3  # lab/slurm_local.sh: SLURM is missing and cannot be installed here
 TINY_FLAGS = ["--model_name", "vit-mae-tiny", "--batch_size", "8", "--workers", "0"]
 # what the cluster forms read from the environment: the tests set their own
 CLUSTER_VARIABLES = ("STEPS", "FINETUNE_STEPS", "SEEDS", "JOBS", "MAE_FLAGS", "FINETUNE_FLAGS", "PARTITION",

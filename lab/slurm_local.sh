@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # A one-node SLURM on this machine, for the tests of the cluster path (tests/test_real_slurm.py) and for trying
 # `bash run_all.sh slurm ...` without a cluster:
-#   bash scripts/slurm_local.sh [start]   installs it when missing (root, apt-get: Debian's slurmctld, slurmd,
+#   bash lab/slurm_local.sh [start]   installs it when missing (root, apt-get: Debian's slurmctld, slurmd,
 #                                         slurm-client, munge), starts munged, slurmctld and slurmd, waits until the
 #                                         node is idle; does nothing when it is already up
-#   bash scripts/slurm_local.sh stop      stops the daemons it started
-#   bash scripts/slurm_local.sh status    exit 0 when it is up
+#   bash lab/slurm_local.sh stop      stops the daemons it started
+#   bash lab/slurm_local.sh status    exit 0 when it is up
 # Everything of it lies in $SLURM_LOCAL_DIR (default /var/tmp/slurm-local): slurm.conf, state, spool, logs, pid
 # files; /etc/slurm is left alone, so the SLURM commands need SLURM_CONF=$SLURM_LOCAL_DIR/slurm.conf (printed).
 # Exit codes: 0 up (or stopped); 1 it could not start (the log's last lines are printed); 2 bad usage;
@@ -92,7 +92,7 @@ write_conf() {  # FILE
   # down comes back when its slurmd registers; OverSubscribe=FORCE:4: up to 4 jobs share a CPU, so that jobs which
   # could run together do, and a missing dependency shows (on 2 CPUs, queueing alone would order most jobs)
   cat >"$1" <<EOF
-# written by scripts/slurm_local.sh: a one-node SLURM on $host
+# written by lab/slurm_local.sh: a one-node SLURM on $host
 ClusterName=local
 SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
@@ -186,5 +186,5 @@ case "${1:-start}" in
   start) start ;;
   stop) stop ;;
   status) if is_up; then say "up ($(node_state)); export SLURM_CONF=$CONF"; else say "not up"; exit 1; fi ;;
-  *) fail 2 "unknown command '$1'; usage: bash scripts/slurm_local.sh [start|stop|status]" ;;
+  *) fail 2 "unknown command '$1'; usage: bash lab/slurm_local.sh [start|stop|status]" ;;
 esac
