@@ -4,8 +4,8 @@ the time limit's signal, the stop and the requeue; the whole table through `run_
 one job stopped and requeued, equal to runs made without a cluster; two processes in one job; bad input not
 requeued and its dependents cancelled; --status from the run records.
 
-Checked here only against submitit's local executor: real SLURM (sbatch's reading of these scripts, --signal,
-scontrol requeue, dependencies on array tasks, --kill-on-invalid-dep), NCCL across nodes and real preemption."""
+A real one-node SLURM runs the table and a requeue in tests/test_real_slurm.py; not tested anywhere: several nodes,
+NCCL, GPUs, job arrays of several datasets, --kill-on-invalid-dep cancelling after a failure, real preemption."""
 import concurrent.futures
 import contextlib
 import json
