@@ -17,7 +17,8 @@ no history (one start), no inputs, no precision / device_type, no preprocessing 
 no job, no --cuda_graph in the arguments, a result without train_acc / train_loss.
 
 A change of shape (a new field, a new flag) raises SCHEMA_VERSION and adds one step to _UPGRADES that brings a
-record of the version before to it."""
+record of the version before to it; tests/test_record_schema.py fails on a start entry whose fields differ from
+START_FIELDS, so a new field cannot slip in without it."""
 import copy
 
 from errors import UserError

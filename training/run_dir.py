@@ -1,7 +1,7 @@
 """A run's directory: one writer at a time (an OS lock), its record (args.json, with one history entry per start;
-its schema and upgrade: record.py),
-whether it already finished or can resume (the same arguments, else refused naming them), --overwrite (what is
-there moves aside, nothing is deleted), the resumable training state, and leftovers of a killed run."""
+its schema and upgrade: record.py), whether it already finished or can resume (the same arguments, else refused
+naming them), --overwrite (what is there moves aside, nothing is deleted), the resumable training state, and
+leftovers of a killed run."""
 import dataclasses
 import datetime
 import errno
