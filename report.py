@@ -17,8 +17,8 @@ vgg_flower_102), then other datasets alphabetically. A cell is the test accuracy
 `—` where there are no results (never 0). If some results carry a validation accuracy
 (finetune.py --val_split), a second table shows it the same way, for those datasets. With --train, one more
 table shows the accuracy on the training images (train_acc: eval mode, after the last step, without the
---val_split part) the same way, without bold, for the results that have it (finetune.py writes it since
-2026-12), and the --init line adds it.
+--val_split part) the same way, without bold, for the results that have it (a result whose record does not hold
+it has None: training/record.py), and the --init line adds it.
 
 Only runs of the same settings are averaged. The settings are the run's arguments recorded in each
 seed<k>.json, except those that do not change the result (NOT_SETTINGS: the seed, paths, and
@@ -26,8 +26,9 @@ utils.RESULT_NEUTRAL_FLAGS -- workers, logging, saving, device, data cache), plu
 read, by content (the checkpoint's and the splits' fingerprints from the record, not their paths), and the
 precision and device type it ran with. A cell whose seeds were run with different settings (say, two --lr
 values, or two different checkpoints under one name) shows `mixed settings [k]` instead of a mean, and note
-[k] below the table gives each group's mean ± std with the settings that differ. Records from before inputs
-and numerics were kept are compared on their arguments alone.
+[k] below the table gives each group's mean ± std with the settings that differ. Records that do not hold
+their inputs or numerics (written before they were recorded: training/record.py) are compared on their arguments
+alone.
 
 Bold: the best mean of a column (ties: all of them) among its cells with at least 2 seeds, when there
 are at least two such cells; a single seed has no spread, so it is never bold and never beats a mean
@@ -52,6 +53,7 @@ import statistics
 import outputs
 import paper
 import utils
+from training.record import upgrade
 from training.run_dir import recorded_inputs
 from data.datasets import file_kind
 
@@ -98,7 +100,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- reading
 
 def read_result(path: str) -> dict:
-    """One seed<k>.json, checked: a clear error naming the file if it is not a finetune.py result."""
+    """One seed<k>.json, checked, in today's shape (training.record.upgrade): a clear error naming the file if it
+    is not a finetune.py result."""
     if not os.path.isfile(path):  # opening a FIFO would wait for ever
         raise utils.UserError(f"result file {path} is {file_kind(os.stat(path).st_mode)}, not a file")
     try:
@@ -106,6 +109,8 @@ def read_result(path: str) -> dict:
             result = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise utils.UserError(f"cannot read result file {path}: {e}") from None
+    if isinstance(result, dict):
+        result = upgrade(result, path)
     if not isinstance(result, dict) or "test_acc" not in result:
         raise utils.UserError(f"result file {path} has no test_acc (not written by finetune.py?)")
     for key in ["test_acc"] + [k for k in ("val_acc", "train_acc") if result.get(k) is not None]:
@@ -155,28 +160,25 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 def settings_of(result: dict) -> dict:
     """What a run's result depends on, from its record: the recorded arguments that change it, what it started
     from and read (`<label> content`: the first 12 hex digits of each input's fingerprint -- the checkpoint's,
-    the splits' -- instead of their paths), and the numerics it ran with (precision, device type)."""
-    args = result.get("args")
+    the splits' -- instead of their paths), and the numerics it ran with (precision, device type); None where the
+    record does not hold it. `result`: as read_result reads it."""
+    args = result["args"]
     if not isinstance(args, dict):
         return {}
-    args = {**utils.LATER_FLAG_DEFAULTS, **args}  # a record older than a flag ran as its default
     settings = {k: v for k, v in args.items() if k not in NOT_SETTINGS}
     for label, fingerprint in recorded_inputs(result).items():
-        if isinstance(fingerprint, dict):
-            settings[f"{label} content"] = str(fingerprint.get("sha256"))[:12]
-    last = (result.get("history") or [result])[-1]
-    for key in NUMERICS:
-        if last.get(key) is not None:
-            settings[key] = last[key]
+        settings[f"{label} content"] = str(fingerprint.get("sha256"))[:12] if isinstance(fingerprint, dict) else None
+    last = result["history"][-1]
+    settings.update({key: last[key] for key in NUMERICS})
     return settings
 
 
 def _comparable(all_settings: list[dict]) -> list[dict]:
-    """The settings without the keys a record from before they were kept lacks (inputs, numerics): such a run is
-    averaged with the others rather than shown as mixed."""
+    """The settings without the inputs and numerics that some run's record does not hold (None, or inputs not
+    recorded at all): the runs are compared on what they all hold, rather than shown as mixed."""
     late = {k for st in all_settings for k in st if k.endswith(" content") or k in NUMERICS}
-    missing = {k for k in late if any(k not in st for st in all_settings)}
-    return [{k: v for k, v in st.items() if k not in missing} for st in all_settings]
+    unknown = {k for k in late if any(st.get(k) is None for st in all_settings)}
+    return [{k: v for k, v in st.items() if k not in unknown} for st in all_settings]
 
 
 def _stats(by_seed: dict[int, dict]) -> dict:
@@ -184,8 +186,8 @@ def _stats(by_seed: dict[int, dict]) -> dict:
     acc = [100.0 * r["test_acc"] for r in results]
     losses = [r["test_loss"] for r in results if isinstance(r.get("test_loss"), (int, float))]
     val = [100.0 * r["val_acc"] for r in results if r.get("val_acc") is not None]
-    train = [100.0 * r["train_acc"] for r in results if r.get("train_acc") is not None]
-    train_losses = [r["train_loss"] for r in results if isinstance(r.get("train_loss"), (int, float))]
+    train = [100.0 * r["train_acc"] for r in results if r["train_acc"] is not None]
+    train_losses = [r["train_loss"] for r in results if isinstance(r["train_loss"], (int, float))]
     mean_acc, std_acc = _mean_std(acc)
     mean_val, std_val = _mean_std(val)
     mean_train, std_train = _mean_std(train)
@@ -413,7 +415,8 @@ def main(args):
                      markdown_table(summaries, inits, train_datasets, "mean_train_acc", "std_train_acc", "n_train",
                                     notes, bold=False)]
     elif args.train:
-        sections += ["", "No training accuracy in these results (finetune.py records train_acc since 2026-12)."]
+        sections += ["", "No training accuracy in these results (their records do not hold train_acc: run them "
+                         "again with today's finetune.py to have it)."]
     sections += ["", "Mean ± sample standard deviation over fine-tuning seeds (n = number of seeds); "
                      f"**bold**: best mean of the column among its cells of n >= {MIN_SEEDS_FOR_BEST} seeds; "
                      f"{MISSING}: no results."]

@@ -252,5 +252,3 @@ def generator(seed: int, stream: int, index: int) -> torch.Generator:
 RESULT_NEUTRAL_FLAGS = frozenset({"workers", "threads", "log_every", "save_every", "plot", "overwrite", "device",
                                   "teacher_device", "save_model", "compile", "precision", "data_cache", "report_to",
                                   "output_dir", "results_dir", "save_every_minutes"})
-# Flags added after runs were already being recorded: a record without one ran as its default does.
-LATER_FLAG_DEFAULTS = {"cuda_graph": False}

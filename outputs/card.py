@@ -30,6 +30,7 @@ from errors import UserError
 from mae_common import further_pretrain_dir
 from models.checkpoints import CARD_FILE
 from models.hub import TINY_NAME, looks_like_local_path
+from training.record import upgrade
 
 BIBTEX = """@inproceedings{lee2023selfdistillation,
   title={Self-Distillation for Further Pre-training of Transformers},
@@ -76,14 +77,20 @@ def _read_json(path: str):
         return None
 
 
+def _read_record(path: str) -> dict | None:
+    """The run record (or result file) at `path` in today's shape (training.record.upgrade); None if unreadable."""
+    record = _read_json(path)
+    return upgrade(record, path) if isinstance(record, dict) else None
+
+
 def run_of(model_dir: str) -> tuple[str, dict]:
     """(run directory, run record) of a model directory: a stage's checkpoint holds its record (args.json);
     a classifier saved by finetune.py --save_model sits in <run directory>/model/."""
     model_dir = os.path.normpath(model_dir)
     for run_dir, stages in ((model_dir, ("further-pretrain", "self-distill")),
                             (os.path.dirname(model_dir), ("finetune",))):
-        record = _read_json(os.path.join(run_dir, training.RECORD_FILE))
-        if isinstance(record, dict) and record.get("stage") in stages and isinstance(record.get("args"), dict):
+        record = _read_record(os.path.join(run_dir, training.RECORD_FILE))
+        if record is not None and record["stage"] in stages and isinstance(record["args"], dict):
             return run_dir, record
     raise UserError(f"{model_dir} has no run record ({training.RECORD_FILE} of pretrain.py / selftrain.py in it, or of "
                     f"finetune.py in its parent folder); a card is written from the run's records")
@@ -163,24 +170,23 @@ def _settings_table(record: dict) -> list[str]:
     lines = ["| setting | value |", "|---|---|"]
     lines += [f"| `{k}` | {_value(args[k])} |" for k in sorted(args) if k not in NOT_SHOWN]
     for key in ("precision", "world_size", "device"):
-        if key in record:
+        if record[key] is not None:
             lines.append(f"| {key} (recorded) | {_value(record[key])} |")
     return lines
 
 
 def _starts(record: dict) -> list[str]:
-    history = record.get("history") or [dict(record, start_step=0)]
     lines = []
-    for entry in history:
-        lines.append(f"# from step {entry.get('start_step', 0)}: started {entry.get('started', '?')} on "
-                     f"{entry.get('device', '?')}, git commit {entry.get('git_commit') or 'unknown'}")
+    for entry in record["history"]:
+        lines.append(f"# from step {entry['start_step']}: started {entry['started'] or '?'} on "
+                     f"{entry['device'] or '?'}, git commit {entry['git_commit'] or 'unknown'}")
         lines.append(_command(entry))
     return ["```bash", *lines, "```"]
 
 
 def _optimiser(args: dict, record: dict) -> str:
     """The optimizer as the run record has it (`optimizer`: betas, eps, the no-weight-decay rule)."""
-    opt = record.get("optimizer") or {}
+    opt = record["optimizer"] or {}
     betas = tuple(opt["betas"]) if opt.get("betas") else "(not recorded)"
     rule = opt.get("no_weight_decay") or "the stage's rule"
     return (f"{args['steps']} steps of batch {args['batch_size']} (global), AdamW β = {betas}, learning rate "
@@ -220,13 +226,13 @@ def _classifier_did(args: dict, this: dict) -> str:
         start = f"θ₀ = {_initial_model(args['model_name'])} itself"
     else:
         start = f"the checkpoint `{this.get('checkpoint')}`"
-        ckpt_record = _read_json(os.path.join(str(this.get("checkpoint")), training.RECORD_FILE))
-        if isinstance(ckpt_record, dict) and isinstance(ckpt_record.get("args"), dict):
+        ckpt_record = _read_record(os.path.join(str(this.get("checkpoint")), training.RECORD_FILE))
+        if ckpt_record is not None and isinstance(ckpt_record["args"], dict):
             c = ckpt_record["args"]
             kind = {"further-pretrain": "further pre-training", "self-distill": "self-distillation"}.get(
-                ckpt_record.get("stage"), ckpt_record.get("stage"))
+                ckpt_record["stage"], ckpt_record["stage"])
             start += (f" ({kind} of `{c.get('model_name', '?')}` for {c.get('steps')} steps, git "
-                      f"commit {ckpt_record.get('git_commit') or 'unknown'})")
+                      f"commit {ckpt_record['git_commit'] or 'unknown'})")
     val = f"; {args['val_split']} of the training images held out for validation" if args.get("val_split") else ""
     return (f"**Fine-tuning** (stage 3 of the paper): a linear classifier on the CLS token after the final LayerNorm, "
             f"its encoder taken from {start}, trained with the labels of `{args['dataset']}`'s training split: "
@@ -357,7 +363,7 @@ def model_card(model_dir: str, result: dict | None = None, repo_id: str | None =
     meta = dict(library_name="transformers", base_model=base if is_hub_id(base) else None,
                 datasets=list(datasets) if datasets else [dataset], **licence)
     if stage == "finetune":
-        this = result if result is not None else _read_json(os.path.normpath(run_dir) + ".json")
+        this = result if result is not None else _read_record(os.path.normpath(run_dir) + ".json")
         if not isinstance(this, dict) or "test_acc" not in this:
             raise UserError(f"{os.path.normpath(run_dir)}.json (the run's result) is missing or has no test_acc")
         this = {**this, **record}  # the result file is the result plus the record

@@ -15,6 +15,7 @@ import training
 from helpers import Cut, assert_one_line, cut_at, tool_output
 from models import TINY_NAME, Preprocessing, load_mae, save_model
 from models.hub import PROCESSOR_FILE
+from training.record import VERSION_KEY
 
 
 def cli(module, argv, monkeypatch, capsys):
@@ -138,7 +139,9 @@ def test_the_preprocessing_is_compared_as_applied_not_as_the_files_bytes(checkpo
 
 
 def _strip(record, *keys):
-    """`record` as an older main wrote it: without the preprocessing (keys None), or with its `keys` unresolved."""
+    """`record` as an older main wrote it: without the preprocessing (keys None), or with its `keys` unresolved;
+    without a schema version (training.record: version 1)."""
+    record.pop(VERSION_KEY)
     for entry in (record, *record.get("history", [])):
         if keys:
             entry["preprocessing"].update({k: None for k in keys})

@@ -29,6 +29,7 @@ import os
 import outputs
 import training
 import utils
+from training.record import upgrade
 from training.tensorboard_events import EventLog, is_number
 
 EVENT_FILE = "events.out.tfevents.from-metrics-jsonl"  # TensorBoard reads any file with "tfevents" in its name
@@ -70,13 +71,14 @@ def read_lines(path: str) -> list[dict]:
     return rows
 
 
-def read_json(path: str) -> dict | None:
+def read_record(path: str) -> dict | None:
+    """The run record (or result file) at `path` in today's shape (training.record.upgrade); None if unreadable."""
     try:
         with open(path) as f:
             value = json.load(f)
     except (OSError, ValueError):
         return None
-    return value if isinstance(value, dict) else None
+    return upgrade(value, path) if isinstance(value, dict) else None
 
 
 def _timestamp(text) -> float | None:
@@ -89,11 +91,9 @@ def _timestamp(text) -> float | None:
 def wall_times(rows: list[dict], record: dict | None) -> list[float | None]:
     """When each line was logged: its start's `started` time plus (steps since the previous line) x batch /
     images_per_s, summed since that start. None where the record does not say (TensorBoard then uses now)."""
-    record = record or {}
-    history = record.get("history") or [dict(record, start_step=0)]  # a record from before histories: one start
-    starts = sorted(((h.get("start_step", 0), _timestamp(h.get("started"))) for h in history if isinstance(h, dict)),
-                    key=lambda start: start[0])
-    batch = (record.get("args") or {}).get("batch_size")
+    history = record["history"] if record else []
+    starts = sorted(((h["start_step"], _timestamp(h["started"])) for h in history), key=lambda start: start[0])
+    batch = record["args"].get("batch_size") if record and isinstance(record["args"], dict) else None
     times, start, clock, last_step = [], -1, None, 0
     for row in rows:
         while start + 1 < len(starts) and starts[start + 1][0] < row["step"]:  # the start that logged this line
@@ -120,8 +120,8 @@ def convert(run_dir: str) -> int | None:
     if foreign_event_files(run_dir):
         return None
     rows = read_lines(os.path.join(run_dir, training.METRICS_FILE))
-    record = read_json(os.path.join(run_dir, training.RECORD_FILE))
-    result = read_json(os.path.normpath(run_dir) + ".json")  # fine-tuning's seed<k>.json beside its folder
+    record = read_record(os.path.join(run_dir, training.RECORD_FILE))
+    result = read_record(os.path.normpath(run_dir) + ".json")  # fine-tuning's seed<k>.json beside its folder
     suffix = f".tmp{os.getpid()}"
     for name in os.listdir(run_dir):  # our own leftover, should a killed conversion have had this pid
         if "tfevents" in name and name.endswith(suffix):

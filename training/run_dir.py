@@ -1,6 +1,7 @@
-"""A run's directory: one writer at a time (an OS lock), its record (args.json, with one history entry per start),
-whether it already finished or can resume (the same arguments, else refused naming them), --overwrite (what is
-there moves aside, nothing is deleted), the resumable training state, and leftovers of a killed run."""
+"""A run's directory: one writer at a time (an OS lock), its record (args.json, with one history entry per start;
+its schema and upgrade: record.py), whether it already finished or can resume (the same arguments, else refused
+naming them), --overwrite (what is there moves aside, nothing is deleted), the resumable training state, and
+leftovers of a killed run."""
 import dataclasses
 import datetime
 import errno
@@ -17,7 +18,8 @@ from PIL import Image
 from errors import RunFailed, UserError
 from outputs import TEMPORARY_NAME, atomic_file, reported, write_json
 from training import scheduler
-from utils import LATER_FLAG_DEFAULTS, RESULT_NEUTRAL_FLAGS, git_commit, library_versions, one_line
+from training.record import SCHEMA_VERSION, VERSION_KEY, upgrade
+from utils import RESULT_NEUTRAL_FLAGS, git_commit, library_versions, one_line
 
 STATE_FILE = "train_state.pt"
 RECORD_FILE = "args.json"
@@ -87,14 +89,16 @@ def unlock_run_dir(lock_path: str) -> None:
 
 
 def read_record(path: str) -> dict:
-    """A run record (args.json, or a result file that holds the record too)."""
+    """A run record (args.json, or a result file that holds the record too), in today's shape (record.upgrade)."""
     try:
         with open(path) as f:
             record = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"cannot read the run record {path} ({type(e).__name__}: {e}); nothing was changed; "
                         f"--overwrite moves this run aside and starts again") from None
-    if not isinstance(record, dict) or not isinstance(record.get("args"), dict):
+    if isinstance(record, dict):
+        record = upgrade(record, path)
+    if not isinstance(record, dict) or not isinstance(record["args"], dict):
         raise UserError(f"{path} is not a run record (no 'args'); nothing was changed; --overwrite moves this run "
                         f"aside and starts again")
     return record
@@ -116,9 +120,8 @@ def fingerprints(reads: dict, strict: bool = True) -> dict:
 
 
 def recorded_inputs(record: dict) -> dict:
-    """{label: fingerprint} of what the record's last start read ({} for a record from before inputs were kept)."""
-    history = record.get("history") or [record]
-    return history[-1].get("inputs") or {}
+    """{label: fingerprint} of what the record's last start read ({} where it is not recorded)."""
+    return record["history"][-1]["inputs"] or {}
 
 
 def changed_inputs(record: dict, now: dict, reads: dict) -> str:
@@ -148,32 +151,30 @@ def _shown(field: str, value) -> str:
 def changed_preprocessing(record: dict, preprocessing) -> str:
     """'image_mean changed from [...] to [...]' for each value of `preprocessing` (models.Preprocessing, as
     resolved: defaults and fallbacks applied) that differs from what the record's last start applied ('' if
-    none). A value the record does not hold is not compared: a record from before the preprocessing was kept,
-    or a size left to the model (null: its image_size, which the model's config.json, fingerprinted, fixes).
-    Deriving those from the files now would take an edited value for the one the run applied."""
-    last = (record.get("history") or [record])[-1]
-    before = last.get("preprocessing") or {}
+    none). A value the record does not hold (None) is not compared: a preprocessing not recorded, or a size left
+    to the model (its image_size, which the model's config.json, fingerprinted, fixes). Deriving those from the
+    files now would take an edited value for the one the run applied."""
+    before = record["history"][-1]["preprocessing"] or dict.fromkeys(COMPARED_PREPROCESSING)
     now = json.loads(json.dumps(dataclasses.asdict(preprocessing)))  # tuples as the record's lists
     return "; ".join(f"{name} changed from {_shown(field, before[field])} to {_shown(field, now[field])}"
                      for field, name in COMPARED_PREPROCESSING.items()
-                     if before.get(field) is not None and now[field] is not None and before[field] != now[field])
+                     if before[field] is not None and now[field] is not None and before[field] != now[field])
 
 
 def changed_numerics(record: dict, process, args) -> str:
     """What a resumed run would compute differently from the start it continues: the precision, the device type,
-    --compile ('' if none; a record from before they were kept compares as unknown, not as changed)."""
-    last = (record.get("history") or [record])[-1]
+    --compile ('' if none; one the record does not hold, None, is unknown, not changed)."""
+    last = record["history"][-1]
     now = {"precision": process.precision, "device_type": process.device.type, "compile": bool(args.compile)}
-    there = {"precision": last.get("precision"), "device_type": last.get("device_type"),
-             "compile": last.get("args", {}).get("compile")}
+    there = {"precision": last["precision"], "device_type": last["device_type"], "compile": last["args"].get("compile")}
     return "; ".join(f"{k}: {there[k]!r} there, {now[k]!r} now" for k in now
                      if there[k] is not None and there[k] != now[k])
 
 
 def differences(before: dict, args) -> str:
-    """'flag: value there, value now' for each argument that changes what the run computes ('' if none)."""
+    """'flag: value there, value now' for each argument that changes what the run computes ('' if none); `before`:
+    the record's arguments (read_record: flags added since a record's version hold the default they ran as)."""
     now = json.loads(json.dumps(vars(args), default=str))
-    before = {**LATER_FLAG_DEFAULTS, **before}
     return "; ".join(f"{k}: {before.get(k, '(not recorded)')!r} there, {now[k]!r} now" for k in now
                      if k not in RESULT_NEUTRAL_FLAGS and before.get(k, "(not recorded)") != now[k])
 
@@ -327,12 +328,10 @@ class RunDirectory:
         """args.json: a fresh run's record (the first start's entry at the top level, every start in "history"),
         or the resumed run's with this start appended to its history. Returns the record."""
         if entry["start_step"] > 0 and resumed is not None:
-            record = resumed
-            history = record.get("history") or [dict(record, start_step=0)]  # a record from before histories
-            record["history"] = [*history, entry]
+            record = {**resumed, "history": [*resumed["history"], entry]}
         else:
-            record = {k: v for k, v in entry.items() if k != "start_step"}
-            record["history"] = [entry]
+            record = {VERSION_KEY: SCHEMA_VERSION, **{k: v for k, v in entry.items() if k != "start_step"},
+                      "history": [entry]}
         record = json.loads(json.dumps(record, default=str))
         if self.process.is_main:
             with reported("the run record", self.record_path, RunFailed):
