@@ -213,8 +213,8 @@ def summarize(results_dir: str, datasets=None, seeds=None) -> dict[tuple[str, st
         groups = {}
         seeds = list(by_seed)
         for seed, settings in zip(seeds, _comparable([settings_of(by_seed[s]) for s in seeds])):
-            key = json.dumps(settings, sort_keys=True, default=str)
-            groups.setdefault(key, (settings, {}))[1][seed] = by_seed[seed]
+            same = json.dumps(settings, sort_keys=True, default=str)
+            groups.setdefault(same, (settings, {}))[1][seed] = by_seed[seed]
         if len(groups) == 1:
             summaries[key] = {**_stats(by_seed), "groups": []}
             continue
