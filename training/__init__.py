@@ -2,6 +2,7 @@
 
     process.py   who this process is in the job: rank, world size, device, precision, barriers, reductions
     run_dir.py   the run directory: its lock, record and history, finished / resumable checks, --overwrite, the state
+    record.py    the run record's schema version and its upgrade, which every reader calls
     draws.py     what step s draws at random: data order, masking noise, flips, dropout's seed
     batches.py   what step s trains on: its batch, from the decode-once copy of the split or the workers
     step.py      the optimizer step: AdamW and the schedule, backward, clipping, the non-finite flag
