@@ -10,7 +10,9 @@
   __keys__ and __len__), not the file's bytes, so an `mdb_copy` or a rebuild from the same images agrees
   and so do copies on other machines;
 - an image folder: train/'s class list, then per image its path below the split folder, its label and
-  the SHA-256 of its bytes.
+  the SHA-256 of its bytes;
+- a text split (<split>.jsonl, data/text.py): the label names, then each text and label in file order
+  {"format": "jsonl", ...}; the JSON spelling of the file does not enter.
 Paths, inodes and modification times do not enter: a dataset moved, copied with `cp -p`, `rsync -a` or an
 archive is the same; an image rewritten with its old size and times is not.
 
@@ -106,7 +108,16 @@ class SplitInput:
         self.dataset, self.split, self.data_dir = dataset, split, data_dir
 
     def fingerprint(self) -> dict:
-        from data.datasets import open_split  # data.datasets imports nothing of this module's users
+        from data.datasets import check_name, open_split  # data.datasets imports nothing of this module's users
+        from data import text
+        if text.is_text_dataset(os.path.join(self.data_dir, check_name(self.dataset))):
+            path = text.split_path(os.path.join(self.data_dir, self.dataset), self.split)
+            counts = os.path.join(self.data_dir, self.dataset, "counts.json")
+            key = ("jsonl", _stat_key(path) if os.path.exists(path) else path,
+                   _stat_key(counts) if os.path.exists(counts) else counts)
+            if key not in _MEMO:
+                _MEMO[key] = text.fingerprint(text.TextSplit(self.dataset, self.split, self.data_dir))
+            return dict(_MEMO[key])
         return reader_fingerprint(open_split(self.dataset, self.split, self.data_dir)[1])
 
     change = staticmethod(describe_change)

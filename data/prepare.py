@@ -24,6 +24,9 @@ Converters and the splits they write (train / test, the usual benchmark splits):
     fashion_mnist   Fashion-MNIST from its idx files (Debian's dataset-fashion-mnist, or --src DIR);
                     --shots N training images per class, all 10,000 test images
                     (these two: data/sources.py, which lists their options)
+    chemprot, citation_intent, sciie, twitter_emotion, fortunes, text_csv, text_jsonl
+                    text datasets, written as <out>/<name>/{train,test[,dev]}.jsonl + counts.json
+                    (data/text.py, data/text_sources.py, which list their options)
 The train split of each benchmark includes its validation part: the recipe has no validation.
 
 Images are stored byte-for-byte by default. `--resize N` instead stores JPEG (quality 95) shrunk
@@ -62,7 +65,7 @@ import lmdb
 import numpy as np
 import scipy.io
 
-from data import sources
+from data import sources, text, text_sources
 from data.build import (EXPECTED_COUNTS, Source, check_listed_once, check_space, check_target, count,
                         move_into_place, print_counts, records, remove, warn_expected)
 from data.check import check
@@ -384,8 +387,9 @@ def build(args) -> dict:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m data.prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", nargs="?", choices=sorted([*CONVERTERS, *sources.BUILDERS]), metavar="NAME",
-                        help=f"converter: one of {', '.join([*CONVERTERS, *sources.BUILDERS])}")
+    names = [*CONVERTERS, *sources.BUILDERS, *text_sources.BUILDERS]
+    parser.add_argument("dataset", nargs="?", choices=sorted(names), metavar="NAME",
+                        help=f"converter: one of {', '.join(names)}")
     parser.add_argument("--src", default=None, help="the dataset as downloaded and extracted")
     parser.add_argument("--out", default="data",
                         help="writes <out>/<name>/{train,test}.lmdb and counts.json (default: data)")
@@ -399,17 +403,18 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="replace an existing <out>/<name> once the new one is complete; the old one is moved "
                              "to <out>/<name>.old-<date>-<time>")
     parser.add_argument("--test_fraction", type=float, default=0.2,
-                        help="imagefolder without train/ and test/: fraction of each class that goes to test "
-                             "(default: 0.2)")
+                        help="imagefolder without train/ and test/, fortunes: fraction of each class that goes to "
+                             "test (default: 0.2)")
     parser.add_argument("--seed", type=int, default=0,
-                        help="imagefolder without train/ and test/: split seed; natural_crops: crops; fashion_mnist: "
-                             "the --shots images (default: 0)")
+                        help="imagefolder without train/ and test/, fortunes: split seed; natural_crops: crops; "
+                             "fashion_mnist: the --shots images (default: 0)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="threads decoding images (default: min(8, CPUs))")
     parser.add_argument("--check", default=None, metavar="NAME",
                         help="instead of building, decode every record of <out>/NAME (LMDB files or an image "
                              "folder) and check labels, counts, and that no test image is a copy of a training image")
     sources.add_arguments(parser)  # natural_crops, fashion_mnist
+    text_sources.add_arguments(parser)
     return parser
 
 
@@ -419,11 +424,13 @@ def main(args):
     if args.check is not None:
         if args.dataset is not None:
             raise UserError("give either a converter NAME to build or --check NAME, not both")
-        return check(args)
+        return text.check(args) if text.is_text_dataset(os.path.join(args.out, args.check)) else check(args)
     if args.dataset is None:
         raise UserError(f"give a converter NAME ({', '.join(CONVERTERS)}) or --check NAME")
     if args.dataset in sources.BUILDERS:  # built from Debian packages or other sources: data/sources.py
         return sources.build(args)
+    if args.dataset in text_sources.BUILDERS:  # data/text_sources.py
+        return text_sources.build(args)
     return build(args)
 
 

@@ -96,6 +96,8 @@ FLATNESS_SIDE = 256  # an image's flatness is measured on a copy no larger than 
 def _hint(name: str) -> str:
     if name == "natural_crops":
         return "or pass --src DIR, a folder of images of your own"
+    if name == "fortunes":  # data/text_sources.py
+        return "or pass --src DIR, the unpacked fortunes package"
     return "or pass --src DIR, a folder holding Fashion-MNIST's four idx files"
 
 
