@@ -24,6 +24,9 @@ Converters and the splits they write (train / test, the usual benchmark splits):
     fashion_mnist   Fashion-MNIST from its idx files (Debian's dataset-fashion-mnist, or --src DIR);
                     --shots N training images per class, all 10,000 test images
                     (these two: data/sources.py, which lists their options)
+    hf              a Hugging Face `datasets` source: a Hub id, a save_to_disk folder, parquet files or an
+                    image folder, --image_column / --label_column of --train_split / --test_split. Needs
+                    --name and the `datasets` package (data/hf.py, which lists its rules)
 The train split of each benchmark includes its validation part: the recipe has no validation.
 
 Images are stored byte-for-byte by default. `--resize N` instead stores JPEG (quality 95) shrunk
@@ -62,7 +65,7 @@ import lmdb
 import numpy as np
 import scipy.io
 
-from data import sources
+from data import hf, sources
 from data.build import (EXPECTED_COUNTS, Source, check_listed_once, check_space, check_target, count,
                         move_into_place, print_counts, records, remove, warn_expected)
 from data.check import check
@@ -384,9 +387,10 @@ def build(args) -> dict:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m data.prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", nargs="?", choices=sorted([*CONVERTERS, *sources.BUILDERS]), metavar="NAME",
-                        help=f"converter: one of {', '.join([*CONVERTERS, *sources.BUILDERS])}")
-    parser.add_argument("--src", default=None, help="the dataset as downloaded and extracted")
+    parser.add_argument("dataset", nargs="?", choices=sorted([*CONVERTERS, *sources.BUILDERS, "hf"]), metavar="NAME",
+                        help=f"converter: one of {', '.join([*CONVERTERS, *sources.BUILDERS, 'hf'])}")
+    parser.add_argument("--src", default=None,
+                        help="the dataset as downloaded and extracted (hf: also a Hub id or a parquet file)")
     parser.add_argument("--out", default="data",
                         help="writes <out>/<name>/{train,test}.lmdb and counts.json (default: data)")
     parser.add_argument("--name", default=None,
@@ -410,6 +414,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="instead of building, decode every record of <out>/NAME (LMDB files or an image "
                              "folder) and check labels, counts, and that no test image is a copy of a training image")
     sources.add_arguments(parser)  # natural_crops, fashion_mnist
+    hf.add_arguments(parser)
     return parser
 
 
@@ -421,9 +426,12 @@ def main(args):
             raise UserError("give either a converter NAME to build or --check NAME, not both")
         return check(args)
     if args.dataset is None:
-        raise UserError(f"give a converter NAME ({', '.join(CONVERTERS)}) or --check NAME")
+        raise UserError(f"give a converter NAME ({', '.join([*CONVERTERS, *sources.BUILDERS, 'hf'])}) or "
+                        f"--check NAME")
     if args.dataset in sources.BUILDERS:  # built from Debian packages or other sources: data/sources.py
         return sources.build(args)
+    if args.dataset == "hf":  # a Hugging Face `datasets` source: data/hf.py
+        return hf.build(args)
     return build(args)
 
 
