@@ -85,6 +85,8 @@ def load(src: str, kind: str, config, cache_dir: str) -> dict:
     """{split name: datasets.Dataset} of the source; a local source's files are cached under `cache_dir` (thrown
     away after the build), a Hub id's in the usual Hugging Face cache."""
     datasets = _datasets()
+    if kind != "hub":  # a local copy into the cache is quick; the build shows its own progress
+        datasets.disable_progress_bars()
     try:
         if kind == "save_to_disk":
             loaded = datasets.load_from_disk(src)
