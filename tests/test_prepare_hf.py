@@ -4,12 +4,13 @@ image in both splits, a Hub id that is not cached while offline, `datasets` not 
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from data import ImageDataset, LMDBReader
 from data import prepare
@@ -18,17 +19,20 @@ from helpers import assert_one_line, cli
 datasets = pytest.importorskip("datasets")  # requirements.txt installs it; the refusal without it is tested below
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLASSES = ["cat", "dog", "eel"]  # ClassLabel order, not what sorting other values would give for the names below
+CLASSES = ["dog", "cat", "eel"]  # the ClassLabel's order, not the sorted order other labels are numbered in
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]  # one per label
 PER_LABEL = {"train": [2, 3, 1], "test": [1, 1, 2]}
 
 
 def png(label: int, mark: int) -> bytes:
-    """An 8x8 PNG of the label's colour with one pixel set to `mark`: each image distinct, its class visible."""
+    """An 8x8 PNG of the label's colour with one pixel set to `mark`: each image distinct, its class visible. A text
+    chunk makes the file differ from what re-encoding its pixels would give, so only the bytes as stored match."""
     img = Image.new("RGB", (8, 8), COLOURS[label])
     img.putpixel((0, 0), (mark, mark, mark))
+    info = PngImagePlugin.PngInfo()
+    info.add_text("mark", str(mark))
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    img.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
 
 
@@ -110,14 +114,15 @@ def assert_built(out, name, classes):
 
 # ---------------------------------------------------------------- the three local forms
 
-@pytest.mark.parametrize("make", [save_to_disk, parquet_folder, image_folder])
-def test_a_datasets_source_is_written_as_the_projects_own_dataset(tmp_path, capsys, make):
+@pytest.mark.parametrize("make, classes", [(save_to_disk, CLASSES), (parquet_folder, CLASSES),
+                                           (image_folder, sorted(CLASSES))])  # `datasets` sorts the class folders
+def test_a_datasets_source_is_written_as_the_projects_own_dataset(tmp_path, capsys, make, classes):
     src = make(str(tmp_path))
     out = tmp_path / "data"
     run("hf", "--name", "pets", "--src", src, "--out", out, "--workers", 2)
     assert sorted(os.listdir(out)) == ["pets"]  # no hidden build or cache folder left behind
     assert sorted(os.listdir(out / "pets")) == ["counts.json", "test.lmdb", "train.lmdb"]
-    assert_built(out, "pets", CLASSES)  # a ClassLabel's names; an image folder's sorted folders are the same here
+    assert_built(out, "pets", classes)
     assert "ok, every record decodes" in capsys.readouterr().out
 
 
@@ -165,6 +170,28 @@ def test_an_image_in_both_splits_is_refused_before_anything_is_written(tmp_path,
     assert os.listdir(tmp_path / "data") == []
 
 
+def test_unlabelled_images_are_refused(tmp_path, monkeypatch, capsys):
+    dd = dataset_dict()
+    dd["test"] = dd["test"].map(lambda row: {"label": -1})  # as a challenge's hidden test set has them
+    src = os.path.join(tmp_path, "saved")
+    dd.save_to_disk(src)
+    code, err = cli(prepare, ["hf", "--name", "pets", "--src", src, "--out", tmp_path / "data"], monkeypatch, capsys)
+    assert code == 2
+    assert_one_line(err, "test: 4 images have label -1, outside 0..2", "unlabelled")
+    assert os.listdir(tmp_path / "data") == []
+
+
+def test_the_same_image_twice_within_a_split_is_a_warning(tmp_path, capsys):
+    dd = dataset_dict()
+    dd["train"] = datasets.concatenate_datasets([dd["train"], dd["train"].select([1])])
+    src = os.path.join(tmp_path, "saved")
+    dd.save_to_disk(src)
+    counts = run("hf", "--name", "pets", "--src", src, "--out", tmp_path / "data")
+    assert counts["splits"]["train"]["total"] == sum(PER_LABEL["train"]) + 1
+    assert "1 images repeat an image of their own split byte for byte (e.g. train row 6 = train row 1)" \
+        in capsys.readouterr().err
+
+
 def test_an_uncached_hub_id_offline_is_one_line(tmp_path, monkeypatch, capsys):
     import huggingface_hub.constants
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -187,10 +214,18 @@ def test_an_unreachable_hub_reads_the_cache_alone_at_once(tmp_path, monkeypatch,
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(models.hub, "_hub_offline_reason", lambda: "the Hub (example.invalid:443) cannot be reached")
+    looked_up = []
+
+    def getaddrinfo(host, *args, **kwargs):
+        looked_up.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "no network in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     code, err = cli(prepare, ["hf", "--name", "pets", "--src", "nobody-here/no-such-set", "--out",
                               tmp_path / "data"], monkeypatch, capsys)
     assert code == 2
     assert_one_line(err, "not in the local Hugging Face cache", "example.invalid:443) cannot be reached")
+    assert looked_up == []  # the cache alone was read
 
 
 def test_without_the_datasets_package_it_says_what_to_install(tmp_path):
