@@ -21,6 +21,7 @@ values becoming the class names. An image whose bytes are in both --train_split 
 anything is written (a test image that is also a training image inflates the accuracy); the same bytes twice within a
 split are a warning. `datasets` is needed only here: without it, one line says what to install.
 """
+import contextlib
 import hashlib
 import importlib
 import os
@@ -28,7 +29,7 @@ import sys
 import tempfile
 from typing import NamedTuple
 
-from data.build import check_target, encode, records, report, write_dataset
+from data.build import check_target, encode, records, remove, report, write_dataset
 from data.datasets import DATASETS, SPLITS
 import outputs
 from errors import UserError
@@ -123,8 +124,8 @@ def _load_hub(datasets, name: str, config) -> dict:
         fetch = (f"on a machine with access run `python -c \"import datasets; datasets.load_dataset('{name}')"
                  f".save_to_disk('DIR')\"`, then pass --src DIR")
         if offline is not None:
-            raise UserError(f"the Hub dataset '{name}' is not in the local Hugging Face cache, and {offline}; "
-                            f"{fetch}") from None
+            raise UserError(f"'{name}' is neither a local folder nor a Hub dataset in the local Hugging Face cache, "
+                            f"and {offline}; {fetch}") from None
         raise UserError(f"cannot load the Hub dataset '{name}' ({reason}); {fetch}") from None
 
 
@@ -153,7 +154,8 @@ class Row(NamedTuple):
 
 
 def _image_column(datasets, dataset, column: str, src: str):
-    """The dataset with `column` as undecoded images ({bytes, path}) or raw bytes: the file as stored, no re-encoding."""
+    """The dataset with `column` as undecoded images ({bytes, path}) or raw bytes: the files as stored, not
+    re-encoded."""
     feature = dataset.features[column]
     if isinstance(feature, datasets.Image):
         return dataset.cast_column(column, datasets.Image(decode=False))
@@ -250,37 +252,50 @@ def build(args) -> dict:
     datasets = _datasets()
     kind = source_kind(args.src)
     target = os.path.join(args.out, name)
-    check_target(target, args.src if kind != "hub" else args.out, args.overwrite)
+    check_target(target, args.src if kind != "hub" else args.out, args.overwrite)  # a Hub id is no folder to guard
     outputs.make_dir(args.out, "--out")
-    with tempfile.TemporaryDirectory(prefix=f".{name}.partial-cache-", dir=args.out) as cache_dir:
-        loaded = load(args.src, kind, args.config, cache_dir)
-        wanted = {"train": (args.train_split, "--train_split"), "test": (args.test_split, "--test_split")}
-        splits = {split: _split(loaded, *wanted[split], args.src, kind) for split in SPLITS}
-        for split, dataset in splits.items():
-            for column, flag in ((args.image_column, "--image_column"), (args.label_column, "--label_column")):
-                _check_column(dataset, column, flag, args.src, wanted[split][0])
-        splits = {split: _image_column(datasets, ds, args.image_column, args.src) for split, ds in splits.items()}
-        labels, classes = _labels(datasets, splits, args.label_column, args.src)
-        if name in DATASETS and len(classes) > DATASETS[name]:
-            raise UserError(f"{args.src} has {len(classes)} classes, but '{name}' models have {DATASETS[name]}; "
-                            f"choose another --name")
-        _check_each_image_once(splits, args.image_column, args.src)
-
-        images = {split: dataset.select_columns([args.image_column]) for split, dataset in splits.items()}
-
-        def load_row(row: Row):  # on data.build's threads: arrow tables are read-only, so safe to share
-            try:
-                return encode(_image_bytes(images[row.split][row.index][args.image_column]), args.resize), None
-            except Exception as e:  # OSError, PIL's UnidentifiedImageError / DecompressionBombError, ...
-                return None, f"{type(e).__name__}: {e}"
-
-        written, skipped = {}, {split: [] for split in SPLITS}
-        for split in SPLITS:
-            items = [(Row(split, i), label) for i, label in enumerate(labels[split])]
-            written[split] = (records(items, args, skipped[split], f"{name} {split}", load_row), skipped[split])
-        summary = {"name": name, "dataset": "hf", "src": args.src if kind == "hub" else os.path.abspath(args.src),
-                   "source_kind": kind, "config": args.config, "splits_used": [args.train_split, args.test_split],
-                   "resize": args.resize, "expected": None}
-        summary = write_dataset(args, name, target, written, classes, summary)
-    report(name, target, summary["splits"], classes)
+    try:
+        cache_dir = tempfile.mkdtemp(prefix=f".{name}.partial-cache-", dir=args.out)
+    except OSError as e:
+        raise UserError(f"cannot write into --out {args.out}: {outputs.failure(e, args.out)}") from None
+    try:
+        summary = _convert(datasets, args, kind, target, cache_dir)
+    finally:
+        with contextlib.suppress(OSError):
+            remove(cache_dir)
+    report(name, target, summary["splits"], summary["classes"])
     return summary
+
+
+def _convert(datasets, args, kind: str, target: str, cache_dir: str) -> dict:
+    """The source's two splits checked and written to `target`; returns counts.json's content."""
+    name = args.name
+    loaded = load(args.src, kind, args.config, cache_dir)
+    wanted = {"train": (args.train_split, "--train_split"), "test": (args.test_split, "--test_split")}
+    splits = {split: _split(loaded, *wanted[split], args.src, kind) for split in SPLITS}
+    for split, dataset in splits.items():
+        for column, flag in ((args.image_column, "--image_column"), (args.label_column, "--label_column")):
+            _check_column(dataset, column, flag, args.src, wanted[split][0])
+    splits = {split: _image_column(datasets, ds, args.image_column, args.src) for split, ds in splits.items()}
+    labels, classes = _labels(datasets, splits, args.label_column, args.src)
+    if name in DATASETS and len(classes) > DATASETS[name]:
+        raise UserError(f"{args.src} has {len(classes)} classes, but '{name}' models have {DATASETS[name]}; "
+                        f"choose another --name")
+    _check_each_image_once(splits, args.image_column, args.src)
+
+    images = {split: dataset.select_columns([args.image_column]) for split, dataset in splits.items()}
+
+    def load_row(row: Row):  # on data.build's threads: arrow tables are read-only, so safe to share
+        try:
+            return encode(_image_bytes(images[row.split][row.index][args.image_column]), args.resize), None
+        except Exception as e:  # OSError, PIL's UnidentifiedImageError / DecompressionBombError, ...
+            return None, f"{type(e).__name__}: {e}"
+
+    written = {}
+    for split in SPLITS:
+        items, skipped = [(Row(split, i), label) for i, label in enumerate(labels[split])], []
+        written[split] = (records(items, args, skipped, f"{name} {split}", load_row), skipped)
+    summary = {"name": name, "dataset": "hf", "src": args.src if kind == "hub" else os.path.abspath(args.src),
+               "source_kind": kind, "config": args.config, "splits_used": [args.train_split, args.test_split],
+               "resize": args.resize, "expected": None}
+    return write_dataset(args, name, target, written, classes, summary)

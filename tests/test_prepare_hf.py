@@ -201,7 +201,8 @@ def test_an_uncached_hub_id_offline_is_one_line(tmp_path, monkeypatch, capsys):
     code, err = cli(prepare, ["hf", "--name", "pets", "--src", "nobody-here/no-such-set", "--out",
                               tmp_path / "data"], monkeypatch, capsys)
     assert code == 2
-    assert_one_line(err, "'nobody-here/no-such-set' is not in the local Hugging Face cache", "offline",
+    assert_one_line(err, "'nobody-here/no-such-set' is neither a local folder nor a Hub dataset in the local Hugging "
+                         "Face cache", "offline",
                     "save_to_disk", "--src DIR")
 
 
@@ -224,7 +225,7 @@ def test_an_unreachable_hub_reads_the_cache_alone_at_once(tmp_path, monkeypatch,
     code, err = cli(prepare, ["hf", "--name", "pets", "--src", "nobody-here/no-such-set", "--out",
                               tmp_path / "data"], monkeypatch, capsys)
     assert code == 2
-    assert_one_line(err, "not in the local Hugging Face cache", "example.invalid:443) cannot be reached")
+    assert_one_line(err, "nor a Hub dataset in the local Hugging Face cache", "example.invalid:443) cannot be reached")
     assert looked_up == []  # the cache alone was read
 
 
