@@ -182,7 +182,7 @@ def _image_bytes(value) -> bytes:
 def _labels(datasets, splits: dict, column: str, src: str) -> tuple[dict, list]:
     """({split: labels}, class names): a ClassLabel's numbers and names, or other values numbered in sorted order."""
     features = {split: ds.features[column] for split, ds in splits.items()}
-    values = {split: ds[column] for split, ds in splits.items()}
+    values = {split: list(ds[column]) for split, ds in splits.items()}
     if all(isinstance(f, datasets.ClassLabel) for f in features.values()):
         classes = [str(n) for n in features["train"].names]
         if features["test"].names != features["train"].names:

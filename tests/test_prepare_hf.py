@@ -143,6 +143,25 @@ def test_named_splits_become_train_and_test(tmp_path):
     assert_built(out, "pets", CLASSES)
 
 
+def test_an_undecodable_image_stops_the_build_or_is_skipped_and_listed(tmp_path, monkeypatch, capsys):
+    dd = dataset_dict()
+    cells = list(dd["test"].cast_column("image", datasets.Image(decode=False))["image"])
+    cells[2] = {"bytes": cells[2]["bytes"][:40], "path": None}  # a truncated PNG
+    dd["test"] = datasets.Dataset.from_dict({"image": cells, "label": list(dd["test"]["label"])},
+                                            features=dd["test"].features)
+    src = os.path.join(tmp_path, "saved")
+    dd.save_to_disk(src)
+    out = tmp_path / "data"
+    code, err = cli(prepare, ["hf", "--name", "pets", "--src", src, "--out", out], monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: cannot read image test row 2: UnidentifiedImageError")
+    assert "--skip_bad" in err  # after the progress bars of the build
+    assert os.listdir(out) == []
+    counts = run("hf", "--name", "pets", "--src", src, "--out", out, "--skip_bad")
+    assert counts["splits"]["test"]["skipped"] == ["test row 2"]
+    assert counts["splits"]["test"]["total"] == sum(PER_LABEL["test"]) - 1
+
+
 # ---------------------------------------------------------------- refusals: one line, nothing written
 
 def test_a_missing_column_names_the_columns_there_are(tmp_path, monkeypatch, capsys):
