@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import datasets  # requirements.txt installs it; the refusal without it is tested below
 import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
@@ -15,8 +16,6 @@ from PIL import Image, PngImagePlugin
 from data import ImageDataset, LMDBReader
 from data import prepare
 from helpers import assert_one_line, cli
-
-datasets = pytest.importorskip("datasets")  # requirements.txt installs it; the refusal without it is tested below
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["dog", "cat", "eel"]  # the ClassLabel's order, not the sorted order other labels are numbered in
