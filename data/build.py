@@ -3,19 +3,25 @@ data.prepare's converters and data/sources.py's builders: the images decoded and
 refusals before anything is written (an image listed twice, a build that would not fit, a target that exists or
 holds the source), the counts read back and printed, and the move into place that keeps an old dataset aside.
 """
+import contextlib
 import datetime
 import io
+import json
 import os
 import shutil
 import sys
+import uuid
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
+import lmdb
 from PIL import Image
 from tqdm import tqdm
 
+import outputs
 from data.datasets import SPLITS, to_8bit, unusable_file
+from data.lmdb_format import LMDBReader, write_lmdb
 from errors import UserError
 
 # Sizes of the standard splits (train includes validation where the dataset has one).
@@ -49,6 +55,22 @@ def decode(image_bytes: bytes) -> Image.Image:
     return img
 
 
+def encode(image_bytes: bytes, resize) -> bytes:
+    """The bytes to store for an image: its own (decoded once here, so a broken one fails now), or with `resize`
+    a JPEG whose shorter side is `resize` (never enlarged). Raises what decoding raises."""
+    img = decode(image_bytes)
+    if resize is None:
+        return image_bytes
+    # No EXIF transpose: decode_image ignores orientation too, so both options give the same pixels.
+    img = img.convert("L" if img.mode == "L" else "RGB")
+    scale = resize / min(img.size)
+    if scale < 1:
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()
+
+
 def _load(path: str, resize):
     """(image bytes to store, None), or (None, why it cannot be used)."""
     why = unusable_file(path)
@@ -56,18 +78,7 @@ def _load(path: str, resize):
         return None, why
     try:
         with open(path, "rb") as f:
-            data = f.read()
-        img = decode(data)
-        if resize is None:
-            return data, None
-        # No EXIF transpose: decode_image ignores orientation too, so both options give the same pixels.
-        img = img.convert("L" if img.mode == "L" else "RGB")
-        scale = resize / min(img.size)
-        if scale < 1:
-            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=JPEG_QUALITY)
-        return buf.getvalue(), None
+            return encode(f.read(), resize), None
     except Exception as e:  # OSError, PIL's UnidentifiedImageError / DecompressionBombError, ...
         return None, f"{type(e).__name__}: {e}"
 
@@ -90,16 +101,18 @@ def ordered_map(fn, items, workers: int):
 
 # ---------------------------------------------------------------- build
 
-def records(items, args, skipped: list, desc: str):
+def records(items, args, skipped: list, desc: str, load=None):
     """(image bytes, label) of each usable image; an unreadable one stops the build, or with
-    --skip_bad is left out and appended to `skipped`."""
-    loaded = ordered_map(lambda path: _load(path, args.resize), (path for path, _ in items), args.workers)
+    --skip_bad is left out and appended to `skipped`. `items` are (image, label): image files, or what
+    `load` takes and turns into (bytes to store, None) or (None, why not), its str() naming the image."""
+    load = load or (lambda path: _load(path, args.resize))
+    loaded = ordered_map(load, (path for path, _ in items), args.workers)
     for (path, label), (data, error) in tqdm(zip(items, loaded), total=len(items), desc=desc, unit="img"):
         if error is not None:
             if not args.skip_bad:
                 raise UserError(f"cannot read image {path}: {error} (fix or remove it, or pass --skip_bad)")
             tqdm.write(f"skipped unreadable image {path}: {error}", file=sys.stderr)
-            skipped.append(path)
+            skipped.append(str(path))
             continue
         yield data, label
 
@@ -205,6 +218,46 @@ def move_into_place(partial: str, target: str, overwrite: bool) -> None:
         os.rename(old, target)
         raise
     print(f"--overwrite: moved the previous {target} to {old} (delete it once the new one is checked)")
+
+
+def write_dataset(args, name: str, target: str, splits: dict, classes: list, summary: dict) -> dict:
+    """Writes `splits` {split: (records, skipped: the list its records fill)} as <split>.lmdb with counts.json
+    (`summary` plus the classes and the counts read back) into a hidden folder <out>/.<name>.partial-*, moved to
+    `target` only once complete (an existing one kept aside, with --overwrite); returns counts.json's content."""
+    partial = os.path.join(args.out, f".{name}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        os.mkdir(partial)
+    except OSError as e:
+        raise UserError(f"cannot write into --out {args.out}: {outputs.failure(e, args.out)}") from None
+    try:
+        counts = {}
+        for split, (split_records, skipped) in splits.items():
+            path = os.path.join(partial, f"{split}.lmdb")
+            write_lmdb(path, split_records)
+            counts[split] = count(LMDBReader(path).labels(), classes)  # what was written, read back
+            counts[split]["skipped"] = skipped
+        summary = {**summary, "num_classes": len(classes), "classes": classes, "splits": counts}
+        with open(os.path.join(partial, "counts.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        move_into_place(partial, target, args.overwrite)
+    except (OSError, lmdb.Error) as e:  # a full disk (lmdb: DiskError), a folder made read-only meanwhile
+        raise UserError(f"cannot write {target}: {outputs.failure(e, args.out)}; nothing was changed there") from None
+    finally:
+        with contextlib.suppress(OSError):
+            remove(partial)
+    return summary
+
+
+def report(name: str, target: str, counts: dict, classes: list) -> None:
+    """The lines a build prints: what was written, the table of counts, where they are stored, what was skipped."""
+    print(f"{name}: wrote {target}/train.lmdb ({counts['train']['total']} images) and "
+          f"{target}/test.lmdb ({counts['test']['total']} images), {len(classes)} classes")
+    print_counts(counts, classes)
+    print(f"counts stored in {os.path.join(target, 'counts.json')}")
+    for split in SPLITS:
+        if counts[split]["skipped"]:
+            print(f"warning: {name} {split}: skipped {len(counts[split]['skipped'])} unreadable images "
+                  f"(listed in counts.json)", file=sys.stderr)
 
 
 def check_space(args, source: Source, target: str) -> None:

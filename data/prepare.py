@@ -27,6 +27,9 @@ Converters and the splits they write (train / test, the usual benchmark splits):
     chemprot, citation_intent, sciie, twitter_emotion, fortunes, text_csv, text_jsonl
                     text datasets, written as <out>/<name>/{train,test[,dev]}.jsonl + counts.json
                     (data/text.py, data/text_sources.py, which list their options)
+    hf              a Hugging Face `datasets` source: a Hub id, a save_to_disk folder, parquet files or an
+                    image folder, --image_column / --label_column of --train_split / --test_split. Needs
+                    --name and the `datasets` package (data/hf.py, which lists its rules)
 The train split of each benchmark includes its validation part: the recipe has no validation.
 
 Images are stored byte-for-byte by default. `--resize N` instead stores JPEG (quality 95) shrunk
@@ -65,7 +68,7 @@ import lmdb
 import numpy as np
 import scipy.io
 
-from data import sources, text, text_sources
+from data import hf, sources, text, text_sources
 from data.build import (EXPECTED_COUNTS, Source, check_listed_once, check_space, check_target, count,
                         move_into_place, print_counts, records, remove, warn_expected)
 from data.check import check
@@ -387,10 +390,11 @@ def build(args) -> dict:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m data.prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    names = [*CONVERTERS, *sources.BUILDERS, *text_sources.BUILDERS]
+    names = [*CONVERTERS, *sources.BUILDERS, *text_sources.BUILDERS, "hf"]
     parser.add_argument("dataset", nargs="?", choices=sorted(names), metavar="NAME",
                         help=f"converter: one of {', '.join(names)}")
-    parser.add_argument("--src", default=None, help="the dataset as downloaded and extracted")
+    parser.add_argument("--src", default=None,
+                        help="the dataset as downloaded and extracted (hf: also a Hub id or a parquet file)")
     parser.add_argument("--out", default="data",
                         help="writes <out>/<name>/{train,test}.lmdb and counts.json (default: data)")
     parser.add_argument("--name", default=None,
@@ -415,6 +419,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "folder) and check labels, counts, and that no test image is a copy of a training image")
     sources.add_arguments(parser)  # natural_crops, fashion_mnist
     text_sources.add_arguments(parser)
+    hf.add_arguments(parser)
     return parser
 
 
@@ -426,11 +431,14 @@ def main(args):
             raise UserError("give either a converter NAME to build or --check NAME, not both")
         return text.check(args) if text.is_text_dataset(os.path.join(args.out, args.check)) else check(args)
     if args.dataset is None:
-        raise UserError(f"give a converter NAME ({', '.join(CONVERTERS)}) or --check NAME")
+        names = [*CONVERTERS, *sources.BUILDERS, *text_sources.BUILDERS, "hf"]
+        raise UserError(f"give a converter NAME ({', '.join(names)}) or --check NAME")
     if args.dataset in sources.BUILDERS:  # built from Debian packages or other sources: data/sources.py
         return sources.build(args)
     if args.dataset in text_sources.BUILDERS:  # data/text_sources.py
         return text_sources.build(args)
+    if args.dataset == "hf":  # a Hugging Face `datasets` source: data/hf.py
+        return hf.build(args)
     return build(args)
 
 
