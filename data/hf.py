@@ -41,7 +41,6 @@ MAX_LISTED = 5  # names in a line that lists the columns, splits or copies found
 def add_arguments(parser) -> None:
     g = parser.add_argument_group("hf: a Hugging Face `datasets` source (data/hf.py)")
     g.add_argument("--image_column", default="image", help="hf: the column of images (default: image)")
-    g.add_argument("--label_column", default="label", help="hf: the column of labels (default: label)")
     g.add_argument("--train_split", default="train", help="hf: the split written as train (default: train)")
     g.add_argument("--test_split", default="test", help="hf: the split written as test (default: test)")
     g.add_argument("--config", default=None, help="hf: a Hub dataset's configuration (subset) name")

@@ -417,6 +417,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--check", default=None, metavar="NAME",
                         help="instead of building, decode every record of <out>/NAME (LMDB files or an image "
                              "folder) and check labels, counts, and that no test image is a copy of a training image")
+    parser.add_argument("--label_column", default="label",
+                        help="hf, text_csv, text_jsonl: the column (a CSV header name, a JSON key) of the labels")
     sources.add_arguments(parser)  # natural_crops, fashion_mnist
     text_sources.add_arguments(parser)
     hf.add_arguments(parser)

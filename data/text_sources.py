@@ -228,8 +228,6 @@ def add_arguments(parser) -> None:
     g.add_argument("--test", default=None, metavar="FILE", help="text_csv, text_jsonl: the test file")
     g.add_argument("--text_column", default="text",
                    help="text_csv, text_jsonl: the CSV column (header name) or JSON key of the text (default: text)")
-    g.add_argument("--label_column", default="label",
-                   help="text_csv, text_jsonl: the CSV column or JSON key of the label (default: label)")
 
 
 def build(args) -> dict:
