@@ -16,6 +16,7 @@ counterpart of models/vit_mae.py.
 Where a model name leads is models.hub, which this module imports.
 """
 import hashlib
+import json
 import os
 
 import torch
@@ -221,12 +222,20 @@ def token_cache_key(tokenizer, texts: list[str], max_length: int) -> str:
     """A digest of what the ids depend on: every text, the whole tokenizer (its tokenizers JSON: vocabulary,
     merges, normaliser, pre-tokeniser, post-processor, specials) and the truncation length."""
     h = hashlib.sha256()
-    h.update(tokenizer.backend_tokenizer.to_str().encode())
+    h.update(_tokenizer_json(tokenizer).encode())
     h.update(f"max_length {max_length}\n{len(texts)} texts\n".encode())
     for text in texts:
         encoded = text.encode()
         h.update(len(encoded).to_bytes(8, "little") + encoded)  # length-prefixed: no two splits collide
     return h.hexdigest()[:16]
+
+
+def _tokenizer_json(tokenizer) -> str:
+    """The tokenizer's definition, without the truncation and padding state the last call left in it."""
+    definition = json.loads(tokenizer.backend_tokenizer.to_str())
+    definition.pop("truncation", None)
+    definition.pop("padding", None)
+    return json.dumps(definition, sort_keys=True)
 
 
 _in_memory: dict[str, list[list[int]]] = {}
