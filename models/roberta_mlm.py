@@ -92,7 +92,9 @@ def _tokenizer_from(name: str, local_files_only: bool):
         return AutoTokenizer.from_pretrained(name, local_files_only=local_files_only)
     except Exception as e:  # missing files, a corrupt tokenizer.json: errors with no common base
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load the tokenizer of '{name}' ({message})") from None
+        fix = ("" if os.path.isdir(name) else f"; on a machine with access run `hf download {name} --local-dir DIR`, "
+               f"then pass --model_name DIR")
+        raise UserError(f"cannot load the tokenizer of '{name}' ({message}){fix}") from None
 
 
 def check_tokenizer(tokenizer, model_name: str) -> None:

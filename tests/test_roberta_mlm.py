@@ -99,6 +99,9 @@ def test_model_names_resolve_to_their_modality_and_refuse_the_other_one(tmp_path
         load_tokenizer(str(tmp_path / "text"))
     with pytest.raises(UserError, match="is not a model directory"):
         load_tokenizer(str(tmp_path / "missing/"))
+    for load in (load_mlm, load_tokenizer, hub.modality):  # the Hub is offline in the tests (conftest)
+        with pytest.raises(UserError, match="hf download owner/roberta-x --local-dir DIR"):
+            load("owner/roberta-x")
 
 
 # ----------------------------------------------------------------------------- MLM masks
