@@ -40,7 +40,8 @@ TEXT_TINY_CONFIG = dict(vocab_size=261, hidden_size=64, num_hidden_layers=2, num
 
 # The model types each half of the method reads, by modality; the name each is called in messages.
 MODALITIES = {"vit_mae": "image", "vit": "image", "roberta": "text"}
-MODEL_TYPE_NAMES = {"vit_mae": "a ViT-MAE model (model_type vit_mae)", "roberta": "a RoBERTa model (model_type roberta)"}
+MODEL_TYPE_NAMES = {"vit_mae": "a ViT-MAE model (model_type vit_mae)",
+                    "roberta": "a RoBERTa model (model_type roberta)"}
 TINY_OF_MODEL_TYPE = {"vit_mae": TINY_NAME, "roberta": TEXT_TINY_NAME}
 
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")

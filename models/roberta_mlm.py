@@ -2,7 +2,7 @@
 counterpart of models/vit_mae.py.
 
     load_mlm(name)                  the initial model θ₀ (encoder + LM head): hub id, local dir, or `roberta-tiny`
-    load_tokenizer(name)            the model's own tokenizer (AutoTokenizer of the same name; built in for the tiny one)
+    load_tokenizer(name)            the model's own tokenizer (AutoTokenizer of the same name; the tiny one built in)
     mlm_masks(ids, special, noise)  MLM's masked input and labels from per-token uniform noise drawn per
                                     (seed, step, sample), as DataCollatorForLanguageModeling masks
     mlm_loss(mlm, ids, mask, labels)  cross-entropy on the masked tokens

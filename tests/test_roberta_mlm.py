@@ -1,12 +1,14 @@
 """The text half's model pieces (models/roberta_mlm.py): the built-in roberta-tiny and its tokenizer, MLM masks
 drawn per (seed, step, sample) as DataCollatorForLanguageModeling draws them, the MLM loss, h(x) = `<s>` on the
 unmasked text, the student, the classifier built from an MLM checkpoint, and tokenising a split once."""
+import json
 import os
 
 import pytest
+import tokenizers
 import torch
 from transformers import (AutoTokenizer, DataCollatorForLanguageModeling, RobertaConfig, RobertaForMaskedLM,
-                          RobertaTokenizer, ViTMAEForPreTraining)
+                          RobertaTokenizer, ViTMAEConfig, ViTMAEForPreTraining)
 
 import utils
 from errors import UserError
@@ -57,7 +59,7 @@ def test_v4_tokenizer_keywords_encode_a_sentence_as_specials_only_and_are_refuse
     """transformers 5 ignores `vocab_file=` / `merges_file=`: such a tokenizer trains on `<s></s>` only."""
     tokenizer.save_pretrained(tmp_path / "real")
     vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", "a", "b", "Ġ", "Ġb", "<mask>"])}
-    (tmp_path / "vocab.json").write_text(__import__("json").dumps(vocab))
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     (tmp_path / "merges.txt").write_text("#version: 0.2\nĠ b\n")
     v4 = RobertaTokenizer(vocab_file=str(tmp_path / "vocab.json"), merges_file=str(tmp_path / "merges.txt"))
     ids = v4("a b")["input_ids"]
@@ -90,7 +92,7 @@ def test_model_names_resolve_to_their_modality_and_refuse_the_other_one(tmp_path
     assert hub.modality("roberta-tiny") == "text" and hub.modality("vit-mae-tiny") == "image"
     load_mlm("roberta-tiny").save_pretrained(tmp_path / "text")
     torch.manual_seed(0)
-    ViTMAEForPreTraining(hub.ViTMAEConfig(**hub.TINY_CONFIG)).save_pretrained(tmp_path / "image")
+    ViTMAEForPreTraining(ViTMAEConfig(**hub.TINY_CONFIG)).save_pretrained(tmp_path / "image")
     assert hub.modality(str(tmp_path / "text")) == "text" and hub.modality(str(tmp_path / "image")) == "image"
     assert isinstance(load_mlm(str(tmp_path / "text")), RobertaForMaskedLM)
     with pytest.raises(UserError, match="holds a 'vit_mae' model; a RoBERTa model"):
@@ -137,7 +139,8 @@ def test_mlm_masks_select_15_percent_of_real_tokens_never_specials_or_padding_an
         masked, labels = _masks(input_ids, attention_mask, tokenizer, _noise(input_ids.shape, seed))
         selected = labels != -100
         assert not (selected & special).any() and torch.equal(masked[special], input_ids[special])
-        assert torch.equal(labels[selected], input_ids[selected]) and torch.equal(masked[~selected], input_ids[~selected])
+        assert torch.equal(labels[selected], input_ids[selected])
+        assert torch.equal(masked[~selected], input_ids[~selected])
         is_mask = masked == tokenizer.mask_token_id
         counts += torch.tensor([selected.sum(), (selected & is_mask).sum(),
                                 (selected & ~is_mask & (masked != input_ids)).sum(),
@@ -166,7 +169,8 @@ def test_mlm_masks_are_a_function_of_seed_step_and_sample_not_of_processes_or_pa
     for i in (0, 1):
         assert torch.equal(torch.cat([halves[0][i], halves[1][i]]), whole[i])
     padded = masks(0, 1, slice(None), extra_padding=9)
-    assert torch.equal(padded[1][:, :input_ids.shape[1]], whole[1]) and (padded[1][:, input_ids.shape[1]:] == -100).all()
+    length = input_ids.shape[1]
+    assert torch.equal(padded[1][:, :length], whole[1]) and (padded[1][:, length:] == -100).all()
     assert not torch.equal(masks(0, 1, slice(None))[1], _masks(input_ids, attention_mask, tokenizer,
                                                               _noise(input_ids.shape, 0))[1])
 
@@ -217,7 +221,7 @@ def test_distillation_gradient_reaches_the_encoder_and_not_the_lm_head(tokenizer
     encoder_params = {id(p) for p in model.roberta.parameters()}
     head_only = [(n, p) for n, p in model.lm_head.named_parameters() if id(p) not in encoder_params]
     assert {n for n, _ in head_only} == {"bias", "dense.weight", "dense.bias", "layer_norm.weight", "layer_norm.bias"}
-    assert all(p.grad is None or not p.grad.any() for _, p in head_only), [n for n, p in head_only if p.grad is not None]
+    assert all(p.grad is None or not p.grad.any() for _, p in head_only)
     assert all(p.grad is not None and p.grad.any() for p in model.roberta.encoder.layer[-1].parameters())
 
 
@@ -268,7 +272,7 @@ def test_tokenised_split_is_cached_by_texts_tokenizer_and_length(tokenizer, tmp_
     assert len({key, token_cache_key(tokenizer, TEXTS[:3], 16), token_cache_key(tokenizer, TEXTS, 17),
                 token_cache_key(tokenizer, [TEXTS[0] + "!", *TEXTS[1:]], 16),
                 token_cache_key(tokenizer, [TEXTS[0] + TEXTS[1][:2], TEXTS[1][2:], *TEXTS[2:]], 16)}) == 5
-    changed = RobertaTokenizer(tokenizer_object=__import__("tokenizers").Tokenizer.from_str(other))
+    changed = RobertaTokenizer(tokenizer_object=tokenizers.Tokenizer.from_str(other))
     assert token_cache_key(changed, TEXTS, 16) != key
 
     expected = tokenize_texts(tokenizer, TEXTS, 16)
