@@ -190,6 +190,8 @@ def test_mlm_loss_is_the_library_loss_and_sums_over_processes_with_the_global_co
     parts = [mlm_loss(model, masked[rows], attention_mask[rows], labels[rows], num_masked=count)
              for rows in (slice(0, 1), slice(1, None))]
     assert torch.allclose(parts[0] + parts[1], loss, atol=1e-6)
+    none = mlm_loss(model, masked, attention_mask, torch.full_like(labels, -100))
+    assert none.item() == 0.0  # a process whose rows drew no token adds nothing, and no NaN
 
 
 def test_first_token_feature_is_unchanged_by_extra_padding(batch):
