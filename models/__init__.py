@@ -1,11 +1,18 @@
-"""The ViT / ViT-MAE model pieces used by the three stages: the method in models/vit_mae.py, where a model name
-leads in models/hub.py, checkpoint and preprocessing I/O in models/checkpoints.py."""
+"""The model pieces used by the three stages: the method on images in models/vit_mae.py (ViT-MAE, MAE) and on
+text in models/roberta_mlm.py (RoBERTa, MLM), where a model name leads in models/hub.py, checkpoint and
+preprocessing I/O in models/checkpoints.py."""
 from models.checkpoints import (Preprocessing, has_checkpoint, load_encoder, load_encoder_state, preprocessing_of,
                                 read_release_checkpoint, rename_v4_keys, save_model)
-from models.hub import TINY_NAME
+from models.hub import TEXT_TINY_NAME, TINY_NAME, modality
+from models.roberta_mlm import (MAX_LENGTH, MLMWithFeature, build_text_classifier, first_token_feature, load_mlm,
+                                load_or_tokenize, load_tokenizer, mlm_loss, mlm_masks, pad_batch, special_tokens_mask,
+                                text_encoder_state, tokenize_texts)
 from models.vit_mae import (SINCOS_TABLES, MAEWithFeature, build_classifier, cls_feature, load_mae, mae_loss,
                             sincos_2d_table)
 
-__all__ = ["SINCOS_TABLES", "TINY_NAME", "MAEWithFeature", "Preprocessing", "build_classifier", "cls_feature",
-           "has_checkpoint", "load_encoder", "load_encoder_state", "load_mae", "mae_loss", "preprocessing_of",
-           "read_release_checkpoint", "rename_v4_keys", "save_model", "sincos_2d_table"]
+__all__ = ["MAX_LENGTH", "SINCOS_TABLES", "TEXT_TINY_NAME", "TINY_NAME", "MAEWithFeature", "MLMWithFeature",
+           "Preprocessing", "build_classifier", "build_text_classifier", "cls_feature", "first_token_feature",
+           "has_checkpoint", "load_encoder", "load_encoder_state", "load_mae", "load_mlm", "load_or_tokenize",
+           "load_tokenizer", "mae_loss", "mlm_loss", "mlm_masks", "modality", "pad_batch", "preprocessing_of",
+           "read_release_checkpoint", "rename_v4_keys", "save_model", "sincos_2d_table", "special_tokens_mask",
+           "text_encoder_state", "tokenize_texts"]

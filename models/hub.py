@@ -1,12 +1,14 @@
-"""Where a model name leads: `vit-mae-tiny` (built here), a local model directory, or a Hugging Face Hub id
-(the local cache alone when the Hub is offline or cannot be reached), every failure one line.
+"""Where a model name leads: `vit-mae-tiny` or `roberta-tiny` (built in code), a local model directory, or a
+Hugging Face Hub id (the local cache alone when the Hub is offline or cannot be reached), every failure one line.
 
-    initial_config(name)        θ₀'s architecture without loading its weights
-    _from_pretrained(cls, name) cls.from_pretrained of a model directory or a hub id
+    initial_config(name)        θ₀'s architecture without loading its weights (ViT-MAE)
+    modality(name)              "image" (ViT-MAE, MAE) or "text" (RoBERTa, MLM): which half of the method a model is for
+    _from_pretrained(cls, name, model_type) cls.from_pretrained of a model directory or a hub id
     looks_like_local_path(name) whether `name` is written as a path rather than as a hub id
     _processor_file(name)       the image-processor file of a model directory or a cached hub id, if any
 
-Imports nothing from models/: models.checkpoints (checkpoint I/O) and models.vit_mae (the method) import it.
+Imports nothing from models/: models.checkpoints (checkpoint I/O), models.vit_mae and models.roberta_mlm (the
+method) import it.
 """
 import functools
 import json
@@ -27,6 +29,21 @@ TINY_CONFIG = dict(image_size=32, patch_size=4, hidden_size=64, num_hidden_layer
                    intermediate_size=128, decoder_hidden_size=32, decoder_num_hidden_layers=2,
                    decoder_num_attention_heads=4, decoder_intermediate_size=64)
 
+TEXT_TINY_NAME = "roberta-tiny"
+# A small RoBERTa for CPU tests and the text demo, over a byte vocabulary (4 specials + 256 bytes + <mask>).
+# 514 positions as roberta-base (512 tokens after the padding offset of 2), so the default max length fits.
+# Attention dropout 0: transformers 5 passes it to the attention function (SDPA's dropout_p), not to an
+# nn.Dropout module, so it cannot be drawn per (seed, step, sample) as the other dropout is.
+TEXT_TINY_CONFIG = dict(vocab_size=261, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=514, type_vocab_size=1,
+                        attention_probs_dropout_prob=0.0)
+
+# The model types each half of the method reads, by modality; the name each is called in messages.
+MODALITIES = {"vit_mae": "image", "vit": "image", "roberta": "text"}
+MODEL_TYPE_NAMES = {"vit_mae": "a ViT-MAE model (model_type vit_mae)",
+                    "roberta": "a RoBERTa model (model_type roberta)"}
+TINY_OF_MODEL_TYPE = {"vit_mae": TINY_NAME, "roberta": TEXT_TINY_NAME}
+
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
 PROCESSOR_FILE = "preprocessor_config.json"
 
@@ -38,15 +55,32 @@ def initial_config(model_name: str) -> ViTMAEConfig:
     return _from_pretrained(ViTMAEConfig, model_name)
 
 
-def _from_pretrained(cls, name: str):
-    """cls.from_pretrained of a local model directory or a hub id, every failure one line."""
+def modality(model_name: str) -> str:
+    """"image" or "text": the half of the method a model name or directory is for (read from its config.json)."""
+    if model_name in (TINY_NAME, TEXT_TINY_NAME):
+        return "image" if model_name == TINY_NAME else "text"
+    if os.path.isdir(model_name):
+        model_type = _model_dir_type(model_name)
+    else:
+        from transformers import AutoConfig
+        model_type = _from_pretrained(AutoConfig, model_name, model_type=None).model_type
+    if model_type not in MODALITIES:
+        raise UserError(f"'{model_name}' is a '{model_type}' model; the method runs on "
+                        f"{' or '.join(MODEL_TYPE_NAMES.values())}")
+    return MODALITIES[model_type]
+
+
+def _from_pretrained(cls, name: str, model_type: str | None = "vit_mae"):
+    """cls.from_pretrained of a local model directory or a hub id, every failure one line. A directory must
+    hold a `model_type` model (None: any)."""
     if os.path.isdir(name):
-        model_type = _model_dir_type(name)
-        if model_type != "vit_mae":
-            raise UserError(f"'{name}' holds a '{model_type}' model; a ViT-MAE model (model_type vit_mae) is needed")
+        found = _model_dir_type(name)
+        if model_type is not None and found != model_type:
+            raise UserError(f"'{name}' holds a '{found}' model; {MODEL_TYPE_NAMES[model_type]} is needed")
         return _load_dir(cls, name)
     if os.path.exists(name):
-        raise UserError(f"'{name}' is a file; pass a model directory, a hub id or {TINY_NAME}")
+        tiny = TINY_OF_MODEL_TYPE.get(model_type, f"{TINY_NAME} / {TEXT_TINY_NAME}")
+        raise UserError(f"'{name}' is a file; pass a model directory, a hub id or {tiny}")
     if looks_like_local_path(name):
         raise UserError(f"'{name}' does not exist (a local model directory was expected; a hub id has the form "
                         f"owner/name)")
