@@ -13,7 +13,7 @@ computed once per split with the encoder in eval mode and kept in memory.
             similar vote for their class with weight exp(similarity / --knn_temperature), the heaviest class wins.
             Nothing is trained: one run, no seed.
 
-    python probe.py --dataset cub --probe linear --seed 1                 # from the self-distilled model
+    python probe.py --dataset cub --seed 1                                # linear, from the self-distilled model
     python probe.py --dataset cub --probe knn --ckpt_name further-pretrain-20000
     python probe.py --dataset digits --probe knn --scratch True --model_name vit-mae-tiny --device cpu
 
@@ -55,9 +55,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 parents=[utils.shared_parser()], allow_abbrev=False)
     g = p.add_argument_group("probe")
-    g.add_argument("--probe", required=True, choices=["linear", "knn"],
-                   help="linear: BatchNorm (no affine) + linear layer trained on the features (seeded); "
-                        "knn: weighted k-NN on the L2-normalised features (nothing trained, no seed)")
+    g.add_argument("--probe", default="linear", choices=["linear", "knn"],
+                   help="linear: BatchNorm (no affine) + linear layer trained on the features (MAE's protocol, "
+                        "seeded); knn: weighted k-NN on the L2-normalised features (DINO's; nothing trained, no seed)")
     g.add_argument("--scratch", type=utils.str2bool, default=False,
                    help="True: probe --model_name (θ₀); False: <checkpoint_dir>/<ckpt_name>/<dataset>")
     g.add_argument("--ckpt_name", default="self-further-pretrain-20000",
