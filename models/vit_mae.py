@@ -7,7 +7,7 @@
                                 the representation h(x) that self-distillation matches
     MAEWithFeature(mae)         the self-distillation student: both terms from one forward
     build_classifier(...)       ViTForImageClassification whose encoder comes from θ₀ or a checkpoint
-    build_encoder(...)          the encoder alone (ViTMAEModel) from θ₀ or a checkpoint: what the probes read h(x) from
+    build_encoder(...)          the encoder alone (ViTMAEModel), from θ₀ or a checkpoint: the probes' frozen encoder
 
 Where a model name leads (hub id, local directory) is models.hub; reading and writing checkpoints and the image
 preprocessing is models.checkpoints. This module imports both; neither imports it.

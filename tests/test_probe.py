@@ -184,7 +184,8 @@ def test_report_shows_probe_tables_beside_fine_tuning(tmp_path, capsys):
     linear, knn = linear.split("## k-NN: test accuracy (%)")
     assert "Further pre-training" not in fine_tuning and "dtd" not in fine_tuning  # no probe result read there
     assert _rows(fine_tuning) == {"Fine-tuning (initial model)": ["50.00 (n=1)"]}
-    assert _rows(linear) == {"Initial model (θ₀)": ["30.00 (n=1)"], "Further pre-training (100)": ["65.00 ± 7.07 (n=2)"]}
+    assert _rows(linear) == {"Initial model (θ₀)": ["30.00 (n=1)"],
+                             "Further pre-training (100)": ["65.00 ± 7.07 (n=2)"]}
     assert _rows(knn) == {"Initial model (θ₀)": ["25.00 (n=1)"]} and "k=20, T=0.07" in knn
     with open(res / "report.csv") as f:
         assert len(f.readlines()) == 2  # the header and the one fine-tuning cell
