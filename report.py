@@ -40,6 +40,14 @@ accuracies in percent, mean_loss the mean test cross-entropy, best / best_val 1 
 (else 0), std empty for a single seed, the val columns empty without validation results, settings the
 group's differing settings (`lr=0.001 steps=5000`) for a mixed cell, else empty. With --train, four more
 columns: n_train,mean_train_acc,std_train_acc,mean_train_loss (empty without training results).
+
+Probes (probe.py), only when there are any: `<results_dir>/<dataset>/<init>/probe-linear-seed<k>.json` and
+`probe-knn.json`, which the fine-tuning table never reads (its files are seed<k>.json). Below the fine-tuning tables,
+a "Linear probe" table (mean ± std over seeds, as above, --seeds applies) and a "k-NN" table (one run per cell, no
+seed, never bold), with the same rows (the initial model's row named "Initial model (θ₀)") and columns, --steps
+applied, settings compared as above. Their numbers go to probe.csv beside report.csv, columns
+protocol,init,row_name,dataset,n,mean_acc,std_acc,mean_loss,best,settings (protocol: linear or knn). With only
+probe results, report.md holds the probe tables alone and report.csv is not written. --init shows fine-tuning only.
 """
 import argparse
 import csv
@@ -62,6 +70,10 @@ INITIAL = paper.INITIAL
 FURTHER_PRETRAIN = re.compile("^" + paper.teacher(r"(\d+)") + "$")  # the checkpoints' names, with their steps
 SELF_DISTILL = re.compile("^" + paper.student(r"(\d+)") + "$")
 RESULT_FILE = re.compile(r"^seed(\d+)\.json$")
+PROBE_FILES = {"linear": re.compile(r"^probe-linear-seed(\d+)\.json$"), "knn": re.compile(r"^probe-knn\.json$")}
+PROBE_TITLES = {"linear": "Linear probe", "knn": "k-NN"}
+PROBE_CSV_COLUMNS = ("protocol", "init", "row_name", "dataset", "n", "mean_acc", "std_acc", "mean_loss", "best",
+                     "settings")
 MISSING = "—"
 CSV_COLUMNS = ("init", "row_name", "dataset", "n", "mean_acc", "std_acc", "mean_loss", "best",
                "n_val", "mean_val_acc", "std_val_acc", "best_val", "settings")
@@ -120,8 +132,10 @@ def read_result(path: str) -> dict:
     return result
 
 
-def find_results(results_dir: str, datasets=None, seeds=None) -> dict[tuple[str, str], dict[int, dict]]:
-    """{(dataset, init): {seed: result}} for every <results_dir>/<dataset>/<init>/seed<k>.json.
+def find_results(results_dir: str, datasets=None, seeds=None, pattern=RESULT_FILE
+                 ) -> dict[tuple[str, str], dict[int, dict]]:
+    """{(dataset, init): {seed: result}} for every <results_dir>/<dataset>/<init>/seed<k>.json (or other file names:
+    `pattern`, its group 1 the seed; a pattern without a group, the k-NN probe's, counts as seed 0).
 
     <init> is the path below the dataset folder, so a --ckpt_name with a slash is one init too."""
     if not os.path.isdir(results_dir):
@@ -141,7 +155,8 @@ def find_results(results_dir: str, datasets=None, seeds=None) -> dict[tuple[str,
             continue
         for root, dirs, files in os.walk(dataset_root, onerror=unreadable):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            paths = {int(m.group(1)): os.path.join(root, f) for f in files if (m := RESULT_FILE.match(f))}
+            paths = {int(m.group(1)) if m.lastindex else 0: os.path.join(root, f)
+                     for f in files if (m := pattern.match(f))}
             paths = {seed: path for seed, path in sorted(paths.items()) if seeds is None or seed in seeds}
             if paths and root != dataset_root:
                 init = os.path.relpath(root, dataset_root).replace(os.sep, "/")
@@ -199,7 +214,7 @@ def _stats(by_seed: dict[int, dict]) -> dict:
             "mean_train_loss": statistics.fmean(train_losses) if train_losses else None}
 
 
-def summarize(results_dir: str, datasets=None, seeds=None) -> dict[tuple[str, str], dict]:
+def summarize(results_dir: str, datasets=None, seeds=None, pattern=RESULT_FILE) -> dict[tuple[str, str], dict]:
     """{(dataset, init): summary} over the seeds of each (or those of `seeds` only); accuracies in percent.
 
     summary: seeds (sorted list), n, mean_acc, std_acc (sample std; None for one seed), mean_loss,
@@ -209,7 +224,7 @@ def summarize(results_dir: str, datasets=None, seeds=None) -> dict[tuple[str, st
     settings, nothing is averaged (the means are None) and groups holds one such summary per settings,
     each with `settings`, {name: value} of the settings that differ between the groups."""
     summaries = {}
-    for key, by_seed in find_results(results_dir, datasets, seeds).items():
+    for key, by_seed in find_results(results_dir, datasets, seeds, pattern).items():
         groups = {}
         seeds = list(by_seed)
         for seed, settings in zip(seeds, _comparable([settings_of(by_seed[s]) for s in seeds])):
@@ -296,12 +311,12 @@ def mixed_notes(summaries: dict, inits: list[str], datasets: list[str]) -> dict[
 
 
 def markdown_table(summaries: dict, inits: list[str], datasets: list[str], mean_key: str, std_key: str,
-                   n_key: str, notes: dict, bold: bool = True) -> str:
+                   n_key: str, notes: dict, bold: bool = True, name=row_name) -> str:
     header = [""] + datasets
     rows = []
     best = {d: _best(summaries, inits, d, mean_key, n_key) if bold else set() for d in datasets}
     for init in inits:
-        cells = [row_name(init)]
+        cells = [name(init)]
         for d in datasets:
             text = cell(summaries.get((d, init)), mean_key, std_key, n_key, notes.get((d, init)))
             cells.append(f"**{text}**" if init in best[d] else text)
@@ -368,6 +383,85 @@ def one_line(dataset: str, init: str, s: dict, train: bool = False) -> str:
     return line
 
 
+# ----------------------------------------------------------------------------- probes
+
+def probe_summaries(results_dir: str, datasets=None, seeds=None, steps=None) -> dict[str, dict]:
+    """{protocol: {(dataset, init): summary}} of probe.py's results, as summarize() makes them: linear over the
+    seeds (`seeds` only, if given), k-NN one run each; only the further pre-training / self-distillation inits of
+    `steps` steps if given. Protocols without results are left out."""
+    found = {}
+    for protocol, pattern in PROBE_FILES.items():
+        summaries = summarize(results_dir, datasets, seeds if protocol == "linear" else None, pattern)
+        summaries = {(d, i): s for (d, i), s in summaries.items() if steps is None or _step_count(i) in (None, steps)}
+        if summaries:
+            found[protocol] = summaries
+    return found
+
+
+def probe_row_name(init: str) -> str:
+    return "Initial model (θ₀)" if init == INITIAL else row_name(init)
+
+
+def _knn_settings(results_dir: str, summaries: dict) -> str:
+    """`k=20, T=0.07` (each value found) from the k-NN results of the table."""
+    ks, temperatures = set(), set()
+    for dataset, init in summaries:
+        with open(os.path.join(results_dir, dataset, init, "probe-knn.json")) as f:
+            result = json.load(f)
+        ks.add(result.get("knn_k"))
+        temperatures.add(result.get("knn_temperature"))
+    shown = [", ".join(map(str, sorted(v for v in values if v is not None))) or "?" for values in (ks, temperatures)]
+    return f"k={shown[0]}, T={shown[1]}"
+
+
+def probe_sections(results_dir: str, probes: dict, datasets_asked, first_note: int) -> list[str]:
+    """The markdown of the probe tables (a section per protocol with results) and their notes; mixed-settings
+    notes are numbered from `first_note`."""
+    sections = []
+    for protocol, summaries in probes.items():
+        datasets = sorted(set(datasets_asked or []) | {d for d, _ in summaries}, key=_column_order)
+        inits = sorted({i for _, i in summaries}, key=_row_order)
+        notes = {key: k + first_note - 1 for key, k in mixed_notes(summaries, inits, datasets).items()}
+        first_note += len(notes)
+        linear = protocol == "linear"
+        sections += ["", f"## {PROBE_TITLES[protocol]}: test accuracy (%)", "",
+                     markdown_table(summaries, inits, datasets, "mean_acc", "std_acc", "n", notes, bold=linear,
+                                    name=probe_row_name), ""]
+        if linear:
+            sections.append("Frozen encoder, unmasked CLS features; BatchNorm without affine parameters and a linear "
+                            "layer trained on them. Mean ± sample standard deviation over seeds (n); **bold**: best "
+                            f"mean of the column among its cells of n >= {MIN_SEEDS_FOR_BEST} seeds.")
+        else:
+            sections.append(f"Weighted k-NN ({_knn_settings(results_dir, summaries)}) on the L2-normalised unmasked "
+                            f"CLS features of the frozen encoder: one run per cell, no seed.")
+        for (d, init), k in notes.items():
+            groups = "; ".join(
+                f"{settings_text(g['settings'])}: {cell({**g, 'groups': []}, 'mean_acc', 'std_acc', 'n')}"
+                f", seeds {' '.join(map(str, g['seeds']))}" for g in summaries[(d, init)]["groups"])
+            sections.append(f"[{k}] {d}, {probe_row_name(init)}: {groups}")
+    return sections
+
+
+def probe_csv_text(probes: dict) -> str:
+    """probe.csv's content: one row per (protocol, init, dataset) with results (per settings group when mixed)."""
+    with io.StringIO(newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(PROBE_CSV_COLUMNS)
+        for protocol, summaries in probes.items():
+            datasets = sorted({d for d, _ in summaries}, key=_column_order)
+            inits = sorted({i for _, i in summaries}, key=_row_order)
+            best = {d: _best(summaries, inits, d, "mean_acc", "n") if protocol == "linear" else set()
+                    for d in datasets}
+            for init in inits:
+                for d in datasets:
+                    s = summaries.get((d, init))
+                    for g in (s["groups"] or [s]) if s is not None else []:
+                        writer.writerow([protocol, init, probe_row_name(init), d, g["n"], _number(g["mean_acc"]),
+                                         _number(g["std_acc"]), _number(g["mean_loss"]),
+                                         int(init in best[d] and g is s), settings_text(g.get("settings", {}))])
+        return f.getvalue()
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(args):
@@ -396,6 +490,14 @@ def main(args):
 
     if args.steps is not None:
         summaries = {(d, i): s for (d, i), s in summaries.items() if _step_count(i) in (None, args.steps)}
+    probes = probe_summaries(args.results_dir, args.datasets, args.seeds, args.steps)
+    if not summaries and probes:  # probes only: their tables alone
+        text = "\n".join(probe_sections(args.results_dir, probes, args.datasets, 1)[1:]) + "\n"
+        out_dir = outputs.make_dir(args.out_dir or args.results_dir, "--out_dir")
+        outputs.write_together({os.path.join(out_dir, "report.md"): text,
+                                os.path.join(out_dir, "probe.csv"): probe_csv_text(probes)}, "the report")
+        print(text, end="")
+        return
     if not summaries:
         steps = f" with {args.steps} steps" if args.steps is not None else ""
         raise utils.UserError(f"no fine-tuning results{steps} in {where} (run finetune.py first)")
@@ -430,13 +532,16 @@ def main(args):
                 f"{settings_text(g['settings'])}: {cell({**g, 'groups': []}, 'mean_acc', 'std_acc', 'n')}"
                 f", seeds {' '.join(map(str, g['seeds']))}" for g in summaries[(d, init)]["groups"])
             sections.append(f"[{k}] {d}, {row_name(init)}: {groups}")
+    sections += probe_sections(args.results_dir, probes, args.datasets, len(notes) + 1)
     text = "\n".join(sections) + "\n"
 
     out_dir = outputs.make_dir(args.out_dir or args.results_dir, "--out_dir")
-    # both complete before either replaces an older report: a full disk leaves the old pair as it was
-    outputs.write_together({os.path.join(out_dir, "report.md"): text,
-                            os.path.join(out_dir, "report.csv"): csv_text(summaries, inits, datasets, args.train)},
-                           "the report")
+    # all complete before any replaces an older report: a full disk leaves the old ones as they were
+    files = {os.path.join(out_dir, "report.md"): text,
+             os.path.join(out_dir, "report.csv"): csv_text(summaries, inits, datasets, args.train)}
+    if probes:
+        files[os.path.join(out_dir, "probe.csv")] = probe_csv_text(probes)
+    outputs.write_together(files, "the report")
     print(text, end="")
 
 

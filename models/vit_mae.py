@@ -7,6 +7,7 @@
                                 the representation h(x) that self-distillation matches
     MAEWithFeature(mae)         the self-distillation student: both terms from one forward
     build_classifier(...)       ViTForImageClassification whose encoder comes from θ₀ or a checkpoint
+    build_encoder(...)          the encoder alone (ViTMAEModel), from θ₀ or a checkpoint: the probes' frozen encoder
 
 Where a model name leads (hub id, local directory) is models.hub; reading and writing checkpoints and the image
 preprocessing is models.checkpoints. This module imports both; neither imports it.
@@ -162,3 +163,10 @@ def build_classifier(config: ViTMAEConfig, encoder_state: dict, num_classes: int
     _load_exact(model, {"vit." + k: v for k, v in encoder_state.items()}, "the encoder checkpoint",
                 allowed_missing=("classifier.weight", "classifier.bias"))
     return model
+
+
+def build_encoder(config: ViTMAEConfig, encoder_state: dict) -> ViTMAEModel:
+    """The encoder alone, every tensor from `encoder_state` (nothing new): the frozen encoder of the probes."""
+    encoder = ViTMAEModel(config)
+    _load_exact(encoder, encoder_state, "the encoder checkpoint")
+    return encoder

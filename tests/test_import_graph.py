@@ -83,8 +83,8 @@ def assert_no_import_circle(packages: list[str], root: str = REPO) -> None:
 # Folders by audience (STYLE.md "Where things live"): the product -- the stages and what a run needs, including
 # what it writes (outputs/) -- imports none of launch/ (running the table), tools/ (utilities on saved runs) or
 # lab/ (checks, benchmarks, experiments about the project); launch/ and tools/ do not import lab/.
-PRODUCT = ["pretrain.py", "selftrain.py", "finetune.py", "report.py", "utils.py", "errors.py", "mae_common.py",
-           "paper.py", "data", "models", "training", "outputs"]
+PRODUCT = ["pretrain.py", "selftrain.py", "finetune.py", "probe.py", "report.py", "utils.py", "errors.py",
+           "mae_common.py", "paper.py", "data", "models", "training", "outputs"]
 
 
 def _top_level_modules(root: str = REPO) -> list[str]:

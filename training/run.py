@@ -104,6 +104,15 @@ class Run:
         use_global_batch_dropout(model, self.process.rank, self.process.world)
         return self.process.wrap(model, self.args.compile)
 
+    def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """prepare() for a run that trains nothing (probe.py's k-NN): `model` moved to the device, the run directory
+        locked and its record written; no optimizer, no saved state, no DDP. finish() releases the directory."""
+        self.model, self.optimizer, self.scheduler = model.to(self.device), None, None
+        if self.directory is not None:
+            self._control = StepControl(self.process, self.args.save_every_minutes)
+            self._take_directory()
+        return self.model
+
     def _take_directory(self) -> None:
         """Lock, check again under the lock, resume from the saved state, record this start, open the metrics."""
         directory = self.directory
