@@ -1,22 +1,23 @@
 """Shared fixtures. Makes the repository root importable (`import data`, `import utils`) however pytest
-is started, and keeps the tests off the network (the Hub is never reachable here)."""
+is started, and keeps the tests off the network (the Hub is never reachable here). Shared functions and constants
+are in helpers.py: test files import from there, never from here or from each other."""
 import json
 import os
 import sys
 
 import pytest
-import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP threads spinning
 # against each other (and against DataLoader workers) slow steps down many times. Subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+import torch  # noqa: E402  (after OMP_NUM_THREADS is set)
 
-TINY = ["--model_name", "vit-mae-tiny", "--device", "cpu", "--workers", "0", "--log_every", "1"]
+from helpers import GOLDEN, REPORTED, TINY  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
@@ -35,9 +36,6 @@ def stage_args(data_dir, tmp_path):
         return [*TINY, "--dataset", "digits", "--data_dir", data_dir, "--checkpoint_dir", str(tmp_path / "ckpt"),
                 "--steps", str(steps), "--batch_size", str(batch_size), *map(str, extra)]
     return build
-
-
-GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 
 
 @pytest.fixture(scope="session")
@@ -68,17 +66,8 @@ def theta0_dir(golden, tmp_path_factory):
     return path
 
 
-_REPORT: list[str] = []
-
-
-def report_line(text: str) -> None:
-    """A line for the end of the session's output (what a fidelity test measured, e.g. how many elements used
-    a tolerance's allowance), shown whatever the verbosity."""
-    _REPORT.append(text)
-
-
 def pytest_terminal_summary(terminalreporter):
-    if _REPORT:
+    if REPORTED:
         terminalreporter.section("measured by the tests")
-        for line in _REPORT:
+        for line in REPORTED:
             terminalreporter.write_line(line)

@@ -1,12 +1,54 @@
-"""Helpers shared by the test files: an entry point run as the shell runs it, the one-line error check, and
-main() observed from outside: cut at a step (a kill between saves), what it hands to the run, what a step gets."""
-import sys
+"""Helpers shared by the test files, in one place (a test file never imports another test file):
 
+- the repository and the tiny settings every stage test uses (REPO, TINY, GOLDEN), and the lines a fidelity test
+  reports at the end of the session (report_line);
+- an entry point run as the shell runs it, a launcher run through bash, the one-line error check;
+- main() observed from outside: cut at a step (a kill between saves), what it hands to the run, what a step gets;
+- what a run leaves behind, read back (metrics, losses, weights, JSON files), and the small inputs tests write
+  (a result file, an image-folder dataset);
+- filesystems that fail as real ones do, for the tests of unreadable inputs and unwritable outputs:
+  `unprivileged(code, argv)` runs Python code in a subprocess whose permissions are checked (root reads and
+  writes through any mode bits, so as root the child imports what it needs, the interpreter's own files sitting
+  under a private home, and then drops to the `nobody` user; other users run it as they are); `open_tmp()` is a
+  temporary folder that user can reach (pytest's tmp_path is private to its owner); `small_filesystem(size)` mounts
+  a tmpfs of `size` bytes, to be filled up (needs root and CAP_SYS_ADMIN; the test is skipped elsewhere, and each
+  such case also has a simulated twin that always runs).
+"""
+import contextlib
+import gzip
+import json
+import os
+import re
+import shutil
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import numpy as np
 import pytest
+from PIL import Image
 
 import training
 import utils
+from data import sources
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOLDEN = os.path.join(REPO, "tests", "golden")
+TINY = ["--model_name", "vit-mae-tiny", "--device", "cpu", "--workers", "0", "--log_every", "1"]
+
+REPORTED: list[str] = []
+
+
+def report_line(text: str) -> None:
+    """A line for the end of the session's output (what a fidelity test measured, e.g. how many elements used
+    a tolerance's allowance), shown whatever the verbosity (conftest prints them)."""
+    REPORTED.append(text)
+
+
+# ----------------------------------------------------------------------------- entry points and launchers
 
 def cli_output(module, argv, monkeypatch, capsys):
     """Run a script's entry point as the shell would; returns (exit code, stdout, stderr)."""
@@ -53,6 +95,20 @@ def assert_parse_error(err: str, flag: str, *words: str) -> str:
     for w in words:
         assert w in last, (w, last)
     return last
+
+
+def launch(cmd: str, cwd, env_extra=None, timeout=600) -> subprocess.CompletedProcess:
+    """A shell command line (a launcher as users type it) run by bash in `cwd`, with this interpreter as $PYTHON."""
+    env = {**os.environ, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run(["bash", "-c", cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(nproc: int, script, argv, cwd, timeout=300) -> subprocess.CompletedProcess:
+    """`script` (a path) run as `nproc` processes by torch.distributed.run on this machine."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
+           *map(str, argv)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 # ----------------------------------------------------------------------------- observing main() from outside
@@ -128,3 +184,199 @@ def spy(monkeypatch, module, name, record, replace=None):
         return (replace or real)(*a, **kw)
     monkeypatch.setattr(module, name, wrapper)
     return real
+
+
+# ----------------------------------------------------------------------------- what a run leaves, read back
+
+TIMING = ("images_per_s", "peak_mem_mb")
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def metrics(run_dir, timing=True) -> list[dict]:
+    """The lines of a run's metrics.jsonl; timing=False leaves out the measured speed and memory, which differ
+    between runs that are otherwise the same."""
+    with open(os.path.join(run_dir, training.METRICS_FILE)) as f:
+        rows = [json.loads(line) for line in f]
+    return rows if timing else [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+def losses(run_dir) -> list[float]:
+    """The logged loss of every step in a run's metrics.jsonl."""
+    return [row["loss"] for row in metrics(run_dir)]
+
+
+def mae_weights(path) -> dict:
+    """A saved MAE checkpoint's tensors with transformers-5 names (files hold the library's legacy names)."""
+    from transformers import ViTMAEForPreTraining
+    return ViTMAEForPreTraining.from_pretrained(str(path)).state_dict()
+
+
+# ----------------------------------------------------------------------------- small inputs
+
+def result_file(results_dir, dataset, init, seed, acc, **extra) -> None:
+    """A finished fine-tuning run's <results_dir>/<dataset>/<init>/seed<seed>.json (test loss 1.0)."""
+    folder = os.path.join(results_dir, dataset, init)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"seed{seed}.json"), "w") as f:
+        json.dump({"test_acc": acc, "test_loss": 1.0, "args": {"seed": seed}, **extra}, f)
+
+
+def folder_dataset(root, train: dict, test: dict | None = None, colour=lambda cls, i: (90, 20, 20), size=8):
+    """An image-folder dataset: <root>/{train,test}/<class>/<i>.png, `train` and `test` each {class: number of
+    images} (test: as train when None); image i of class `cls` is a solid `colour(cls, i)`, `size` pixels square."""
+    for split, classes in (("train", train), ("test", train if test is None else test)):
+        os.makedirs(os.path.join(root, split), exist_ok=True)
+        for cls, n in classes.items():
+            os.makedirs(os.path.join(root, split, cls), exist_ok=True)
+            for i in range(n):
+                Image.new("RGB", (size, size), colour(cls, i)).save(os.path.join(root, split, cls, f"{i}.png"))
+
+
+# ----------------------------------------------------------------------------- filesystems that fail
+
+NOBODY = 65534
+# imported before the child drops root: a module imported later could not be read by `nobody`
+_PRELUDE = """
+import io, json, os, sys
+import numpy, torch, PIL.Image
+PIL.Image.init()  # the format plugins, imported lazily otherwise
+import data, data.cache, data.datasets, data.prepare, errors, report
+import importlib.readers, sklearn.datasets, sklearn.model_selection  # digits, built on first use, reads its file
+from tools import visualize
+if os.geteuid() == 0:
+    os.setgroups([]); os.setgid({nobody}); os.setuid({nobody})
+""".format(nobody=NOBODY)
+
+
+def unprivileged(code: str, *argv, timeout=120) -> subprocess.CompletedProcess:
+    """`code` run in a fresh interpreter, in the repository, as a user whom mode bits bind; sys.argv[1:] = argv."""
+    env = {**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HOME": "/tmp"}
+    script = _PRELUDE + textwrap.dedent(code)
+    return subprocess.run([sys.executable, "-c", script, *map(str, argv)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def open_tmp():
+    """A temporary folder under /tmp that every user can enter and write (sticky, as /tmp itself)."""
+    path = tempfile.mkdtemp(prefix="sdfp-test-", dir="/tmp")
+    os.chmod(path, 0o1777)
+    try:
+        yield path
+    finally:
+        for root, dirs, _ in os.walk(path):  # folders a test made unreadable, so they can be removed
+            for d in dirs:
+                with contextlib.suppress(OSError):
+                    os.chmod(os.path.join(root, d), 0o755)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def world_readable(path) -> None:
+    """Everything under `path` readable (and folders enterable) by every user."""
+    for root, dirs, files in os.walk(path):
+        os.chmod(root, os.stat(root).st_mode | 0o755)
+        for f in files:
+            p = os.path.join(root, f)
+            if stat.S_ISREG(os.lstat(p).st_mode):
+                os.chmod(p, os.stat(p).st_mode | 0o644)
+
+
+@contextlib.contextmanager
+def small_filesystem(path, size: int):
+    """A tmpfs of `size` bytes mounted on `path` (created), unmounted afterwards; skips the test where mounting
+    is not allowed."""
+    os.makedirs(path, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small filesystem needs root")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(path) -> None:
+    """Fills the filesystem holding folder `path` to the last byte."""
+    fd = os.open(os.path.join(path, "filler"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        for block in (65536, 1):
+            with contextlib.suppress(OSError):
+                while os.write(fd, b"\0" * block):
+                    pass
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- images, idx files, the release's names
+
+def striped(colour, size, angle, amplitude=60.0, seed=0):
+    """(H, W, 3) uint8: `colour` plus stripes at `angle` (distinct per image, so their hashes differ), a little
+    noise."""
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    stripes = amplitude * np.sin((x * np.cos(angle) + y * np.sin(angle)) * 2 * np.pi / 11)
+    noise = np.random.default_rng(seed).uniform(-3, 3, (h, w, 1))
+    return np.clip(np.array(colour)[None, None] + stripes[..., None] + noise, 0, 255).astype(np.uint8)
+
+
+def save_image(path, array, fmt=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(array).save(path, format=fmt)
+
+
+def idx_file(array, gz):
+    data = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data += array.astype(np.uint8).tobytes()
+    return gzip.compress(data) if gz else data
+
+
+def fake_fashion(folder, per_class=4, num_test=15):
+    """Fashion-MNIST's four idx files with 7x5 images (rows x columns): train gzipped, test not, as both occur.
+    Returns {split: (images, labels)}."""
+    rng = np.random.default_rng(0)
+    labels = {"train": rng.permutation(np.repeat(np.arange(10), per_class)), "test": rng.integers(0, 10, num_test)}
+    arrays = {split: (rng.integers(0, 256, (len(l), 7, 5)).astype(np.uint8), l) for split, l in labels.items()}
+    os.makedirs(folder, exist_ok=True)
+    for split, (images_stem, labels_stem) in sources.FASHION_MNIST_FILES.items():
+        gz = split == "train"
+        suffix = ".gz" if gz else ""
+        with open(os.path.join(folder, images_stem + suffix), "wb") as f:
+            f.write(idx_file(arrays[split][0], gz))
+        with open(os.path.join(folder, labels_stem + suffix), "wb") as f:
+            f.write(idx_file(arrays[split][1], gz))
+    return arrays
+
+
+# transformers 5 parameter names -> the release's (4.17) names
+_TO_V4 = [(r"\.attention\.q_proj\.", ".attention.attention.query."),
+          (r"\.attention\.k_proj\.", ".attention.attention.key."),
+          (r"\.attention\.v_proj\.", ".attention.attention.value."),
+          (r"\.attention\.o_proj\.", ".attention.output.dense."),
+          (r"\.mlp\.fc1\.", ".intermediate.dense."),
+          (r"\.mlp\.fc2\.", ".output.dense."),
+          (r"^vit\.layers\.", "vit.encoder.layer.")]
+
+
+def v4_name(name: str) -> str:
+    name = name[len("mae."):] if name.startswith("mae.") else name  # the student wrapper (MAEWithFeature)
+    for pattern, old in _TO_V4:
+        name = re.sub(pattern, old, name)
+    return name
+
+
+def group_names(model, no_weight_decay, weight_decay=0.01) -> dict:
+    """{weight decay: sorted 4.17 names} of the two groups training.param_groups makes with a stage's rule."""
+    ids = {id(p): v4_name(n) for n, p in model.named_parameters()}
+    return {g["weight_decay"]: sorted(ids[id(p)] for p in g["params"])
+            for g in training.param_groups(model, weight_decay, no_weight_decay)}
+
+
+def release_groups(expected_stage: dict) -> dict:
+    return {g["weight_decay"]: sorted(g["params"]) for g in expected_stage["param_groups"]}

@@ -17,10 +17,10 @@ import pretrain
 import report
 import training
 import utils
-from conftest import TINY
 from data import ImageDataset, cache
-from helpers import Cut, cut_at, spy, spy_prepare
 from models import Preprocessing, load_mae, save_model
+
+from helpers import Cut, TINY, cut_at, losses, spy, spy_prepare
 
 
 def _weights(run_dir) -> dict:
@@ -29,11 +29,6 @@ def _weights(run_dir) -> dict:
 
 def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _losses(run_dir) -> list[float]:
-    with open(os.path.join(run_dir, training.METRICS_FILE)) as f:
-        return [json.loads(line)["loss"] for line in f]
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +123,7 @@ def test_streamed_runs_equal_the_decoded_run_and_resume_bit_identically(streamed
     assert torch.load(tmp_path / "resumed" / training.STATE_FILE, weights_only=True)["step"] == 2
     _finetune_run(argv("resumed", *extra), resumed)
 
-    assert _losses(tmp_path / "whole") == _losses(tmp_path / "decoded") == _losses(tmp_path / "resumed")
+    assert losses(tmp_path / "whole") == losses(tmp_path / "decoded") == losses(tmp_path / "resumed")
     assert _same(whole["state"], decoded["state"]) and _same(resumed["state"], whole["state"])
     assert result("whole") == result("decoded") == result("resumed")
 

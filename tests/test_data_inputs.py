@@ -12,12 +12,12 @@ import pytest
 from PIL import Image
 
 import finetune
-from conftest import REPO, TINY
 from data import ImageDataset, LMDBReader, decode_image, write_lmdb
 from data.prepare import get_args_parser as prepare_parser
 from data.prepare import main as prepare_main
 from errors import UserError
-from helpers import assert_one_line as _one_error_line, cli as _cli
+
+from helpers import REPO, TINY, assert_one_line as _one_error_line, cli as _cli
 
 COLOURS = {"a": (230, 20, 20), "b": (20, 220, 20), "c": (20, 20, 230)}
 

@@ -9,10 +9,10 @@ import subprocess
 import torch
 
 import training
-from conftest import REPO
-from helpers import assert_one_line, tool_output
 from lab import gpu_check
 from lab import gpu_check_rules as rules
+
+from helpers import REPO, assert_one_line, metrics, tool_output
 
 CORRECTNESS = ["setup", "further-pretrain/data_cache_off", "further-pretrain/cuda_graph",
                "self-distill/teacher_features", "self-distill/data_cache_off", "self-distill/cuda_graph",
@@ -32,11 +32,6 @@ def _check(tmp_path, monkeypatch, capsys, *argv):
 
 def _statuses(report):
     return {c["id"]: c["status"] for c in report["checks"]}
-
-
-def _metrics(path):
-    with open(os.path.join(path, training.METRICS_FILE)) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_the_cpu_check_passes_and_writes_its_report(tmp_path, monkeypatch, capsys):
@@ -69,7 +64,7 @@ def test_the_cpu_check_passes_and_writes_its_report(tmp_path, monkeypatch, capsy
             ("auto", False, 12, str(tmp_path / "check" / "setup" / "theta0")),
             ("off", False, 12, str(tmp_path / "check" / "setup" / "theta0")),
             ("auto", True, 12, str(tmp_path / "check" / "setup" / "theta0"))]
-        lines = {mode: _metrics(out / stage / mode) for mode in records}
+        lines = {mode: metrics(out / stage / mode) for mode in records}
         drop = lambda ms: [{k: v for k, v in m.items() if k not in ("images_per_s", "peak_mem_mb")} for m in ms]
         assert drop(lines["default"]) == drop(lines["data_cache_off"]) == drop(lines["cuda_graph"])
         for mode in ("data_cache_off", "cuda_graph"):

@@ -12,13 +12,12 @@ import pytest
 
 import finetune
 import report
-from conftest import REPO, TINY
 from data import ImageDataset
 from data.prepare import get_args_parser as prepare_parser
 from data.prepare import main as prepare_main
 from errors import UserError
-from fs_helpers import open_tmp, unprivileged, world_readable
-from helpers import assert_one_line, cli
+
+from helpers import REPO, TINY, assert_one_line, cli, open_tmp, unprivileged, world_readable
 
 
 def _result(root, dataset, init, seed, acc):

@@ -16,14 +16,13 @@ from PIL import Image
 
 import finetune
 import pretrain
-from conftest import REPO, TINY
 from data import ImageDataset, decode_image
 from data.prepare import get_args_parser as prepare_parser
 from data.prepare import main as prepare_main
 from errors import UserError
-from fs_helpers import open_tmp, unprivileged, world_readable
-from helpers import assert_one_line, assert_parse_error, cli
 from tools import visualize
+
+from helpers import REPO, TINY, assert_one_line, assert_parse_error, cli, open_tmp, unprivileged, world_readable
 
 
 def _images(folder, n, colour=(90, 20, 20)):

@@ -18,17 +18,10 @@ import training
 import utils
 from data import ImageDataset, LMDBReader
 from models import (build_classifier, cls_feature, load_encoder, load_encoder_state, load_mae, mae_loss,
+
                     save_model)
 
-
-def _weights(path):
-    """A saved MAE checkpoint's tensors with transformers-5 names (files hold the library's legacy names)."""
-    return ViTMAEForPreTraining.from_pretrained(str(path)).state_dict()
-
-
-def _metrics(path):
-    with open(os.path.join(path, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+from helpers import mae_weights, metrics
 
 
 # ----------------------------------------------------------------------------- the two representations
@@ -80,14 +73,14 @@ def test_distill_loss_is_mean_over_batch_of_squared_distance_summed_over_dims():
 def test_pretrain_writes_a_checkpoint_that_stock_from_pretrained_opens(stage_args, tmp_path):
     pretrain.main(pretrain.get_args_parser().parse_args(stage_args("--plot")))
     out = tmp_path / "ckpt" / "further-pretrain-4" / "digits"
-    saved = _weights(out)  # stock from_pretrained
+    saved = mae_weights(out)  # stock from_pretrained
     initial = load_mae("vit-mae-tiny")
     assert set(saved) == set(initial.state_dict())  # decoder included
     assert len(load_file(os.path.join(out, "model.safetensors"))) == len(saved)
     assert not torch.equal(saved["vit.layers.0.mlp.fc1.weight"], initial.state_dict()["vit.layers.0.mlp.fc1.weight"])
     record = json.load(open(out / "args.json"))
     assert record["args"]["steps"] == 4 and record["versions"]["torch"] == torch.__version__
-    assert [m["step"] for m in _metrics(out)] == [1, 2, 3, 4]
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
     assert not (out / training.STATE_FILE).exists()
     # every file we write loads without pickled objects
     for name in os.listdir(out):
@@ -102,7 +95,7 @@ def test_same_seed_same_numbers_other_seed_other_numbers(stage_args, tmp_path):
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         pretrain.main(pretrain.get_args_parser().parse_args(
             stage_args("--seed", seed, "--output_dir", tmp_path / name)))
-        runs[name] = [m["loss"] for m in _metrics(tmp_path / name)]
+        runs[name] = [m["loss"] for m in metrics(tmp_path / name)]
     assert runs["a"] == runs["b"]
     assert runs["a"] != runs["c"]
 
@@ -128,14 +121,14 @@ def test_selftrain_student_starts_from_initial_weights_and_never_touches_the_tea
 
     initial = load_mae("vit-mae-tiny").state_dict()
     assert all(torch.equal(v, initial[k]) for k, v in seen["student_start"].items())  # θ₀, decoder included
-    teacher_saved = _weights(teacher_dir)
+    teacher_saved = mae_weights(teacher_dir)
     teacher = seen["teacher"]
     assert not teacher.training
     for name, param in teacher.named_parameters():
         assert param.grad is None and not param.requires_grad
         assert torch.equal(param.detach(), teacher_saved["vit." + name])  # unchanged by the 4 steps
     assert not torch.equal(teacher_saved["vit.layers.0.mlp.fc1.weight"], initial["vit.layers.0.mlp.fc1.weight"])
-    rows = _metrics(tmp_path / "ckpt" / "self-further-pretrain-4" / "digits")
+    rows = metrics(tmp_path / "ckpt" / "self-further-pretrain-4" / "digits")
     for r in rows:
         assert r["loss"] == pytest.approx(r["mae_loss"] + r["distill_loss"], rel=1e-5)
         assert r["distill_loss"] > 0
@@ -146,8 +139,8 @@ def test_distill_weight_zero_reproduces_further_pretraining_exactly(stage_args, 
     selftrain.main(selftrain.get_args_parser().parse_args(stage_args("--distill_weight", 0, steps=5)))
     a = tmp_path / "ckpt" / "further-pretrain-5" / "digits"
     b = tmp_path / "ckpt" / "self-further-pretrain-5" / "digits"
-    assert [m["mae_loss"] for m in _metrics(a)] == [m["mae_loss"] for m in _metrics(b)]
-    wa, wb = _weights(a), _weights(b)
+    assert [m["mae_loss"] for m in metrics(a)] == [m["mae_loss"] for m in metrics(b)]
+    wa, wb = mae_weights(a), mae_weights(b)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -183,7 +176,7 @@ def test_finetune_loads_every_encoder_tensor_and_only_the_head_is_new(stage_args
     ckpt = tmp_path / "ckpt" / "further-pretrain-4" / "digits"
     config, state = load_encoder_state(str(ckpt), "vit-mae-tiny")
     model = build_classifier(config, state, num_classes=10, dropout=0.1)
-    saved = _weights(ckpt)
+    saved = mae_weights(ckpt)
     own = model.state_dict()
     new = {k for k in own if not k.startswith("vit.")}
     assert new == {"classifier.weight", "classifier.bias"}

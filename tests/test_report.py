@@ -10,10 +10,11 @@ import sys
 
 import pytest
 
-from report import get_args_parser, main, summarize
 from errors import UserError
+from report import get_args_parser, main, summarize
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO
+
 SEEDS = (1, 2, 3, 4, 5)
 
 

@@ -16,18 +16,14 @@ import pretrain
 import report
 import selftrain
 import training
-from helpers import Cut, assert_one_line, cut_at, tool_output
+
+from helpers import Cut, assert_one_line, cut_at, read_json, tool_output
 
 
 def cli(module, argv, monkeypatch, capsys):
     """(exit code, stderr) of the entry point run as the shell runs it (0: it returned)."""
     code, _, err = tool_output(module, argv, monkeypatch, capsys)
     return code, err
-
-
-def _json(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 def _folder_dataset(root, n_per_class=6):
@@ -43,7 +39,7 @@ def test_each_start_records_what_it_read(stage_args, tmp_path):
     pretrain.main(pretrain.get_args_parser().parse_args(stage_args(steps=2)))
     teacher = tmp_path / "ckpt" / "further-pretrain-2" / "digits"
     selftrain.main(selftrain.get_args_parser().parse_args(stage_args("--teacher", teacher, steps=2)))
-    record = _json(tmp_path / "ckpt" / "self-further-pretrain-2" / "digits" / training.RECORD_FILE)
+    record = read_json(tmp_path / "ckpt" / "self-further-pretrain-2" / "digits" / training.RECORD_FILE)
     inputs = record["history"][0]["inputs"]
     assert sorted(inputs) == ["teacher", "train split", "θ₀"]
     assert inputs["teacher"]["kind"] == "model directory" and set(inputs["teacher"]["files"]) == {

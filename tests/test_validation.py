@@ -13,13 +13,13 @@ import finetune
 import pretrain
 import selftrain
 import utils
-from conftest import REPO
 from data import ImageDataset
 from models import load_mae, save_model
 from models import checkpoints, hub
 from lab import bench, gpu_check
 from tools import publish, tensorboard_logs, visualize
-from helpers import assert_one_line as _assert_one_line, assert_parse_error, cli as _cli
+
+from helpers import REPO, assert_one_line as _assert_one_line, assert_parse_error, cli as _cli
 
 SCRIPTS = {"pretrain": pretrain, "selftrain": selftrain, "finetune": finetune, "visualize": visualize,
            "bench": bench, "gpu_check": gpu_check, "publish": publish, "tensorboard_logs": tensorboard_logs}
