@@ -15,7 +15,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402  (after OMP_NUM_THREADS is set)
 
-from helpers import GOLDEN, REPORTED, TINY  # noqa: E402
+from helpers import GOLDEN, REPORTED, TINY, uncollected  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
@@ -71,3 +71,23 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("measured by the tests")
         for line in REPORTED:
             terminalreporter.write_line(line)
+
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def pytest_collection_finish(session):
+    """`pytest tests` (make test, CI) runs every test file under tests/: a file on disk that yields no test (a name
+    pytest does not collect, an ignore added somewhere, an import that turned it into a non-test) stops the session,
+    so the suite never shrinks in silence. A selection (a path below tests/, -k, -m, --deselect, --lf) is left as
+    asked."""
+    config = session.config
+    whole = [os.path.abspath(a) for a in config.args] == [TESTS]
+    selected = (config.option.keyword or config.option.markexpr or config.getoption("deselect")
+                or config.getoption("lf", False) or config.getoption("stepwise", False))
+    if not whole or selected:
+        return
+    missing = uncollected(TESTS, {str(item.path) for item in session.items})
+    if missing:
+        raise pytest.UsageError(f"test files that `make test` did not collect: {', '.join(missing)} (name a test "
+                                f"file test_*.py; shared code goes to tests/helpers.py)")

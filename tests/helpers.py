@@ -29,6 +29,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import scipy.io
 from PIL import Image
 
 import training
@@ -46,6 +47,17 @@ def report_line(text: str) -> None:
     """A line for the end of the session's output (what a fidelity test measured, e.g. how many elements used
     a tolerance's allowance), shown whatever the verbosity (conftest prints them)."""
     REPORTED.append(text)
+
+
+NOT_TEST_FILES = ("conftest.py", "helpers.py", "stop_driver.py")  # the only .py files under tests/ without tests
+
+
+def uncollected(tests_dir, collected: set) -> list[str]:
+    """The .py files under `tests_dir` (but NOT_TEST_FILES) that are not among the `collected` paths, relative to
+    the folder above `tests_dir` (tests/unit/test_x.py), sorted."""
+    on_disk = {os.path.join(root, f) for root, _, files in os.walk(tests_dir) for f in files
+               if f.endswith(".py") and f not in NOT_TEST_FILES}
+    return sorted(os.path.relpath(p, os.path.dirname(tests_dir)) for p in on_disk - set(collected))
 
 
 # ----------------------------------------------------------------------------- entry points and launchers
@@ -380,3 +392,154 @@ def group_names(model, no_weight_decay, weight_decay=0.01) -> dict:
 
 def release_groups(expected_stage: dict) -> dict:
     return {g["weight_decay"]: sorted(g["params"]) for g in expected_stage["param_groups"]}
+
+
+# ----------------------------------------------------------------------------- tiny copies of the published datasets
+
+COLOURS = [(220, 30, 30), (30, 200, 40), (40, 40, 220), (210, 200, 30)]  # one per label
+GRAYS = [(60, 60, 60), (190, 190, 190)]
+
+
+def save_jpeg(path, colour, size=(12, 8)):
+    """A flat `colour`, its path as the JPEG comment: each fake image is a distinct file, as the photos of a real
+    dataset are (bytes that repeat across splits are a leak to --check), with the same pixels."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    mode = "L" if colour[0] == colour[1] == colour[2] else "RGB"
+    Image.new(mode, size, colour[0] if mode == "L" else colour).save(path, format="JPEG", quality=95,
+                                                                     comment=path.encode())
+
+
+def write_text(path, lines):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("".join(line + "\n" for line in lines))
+
+
+def cell(strings):
+    """A MATLAB N x 1 cell array of strings, as in Stanford Dogs' lists."""
+    array = np.empty((len(strings), 1), dtype=object)
+    array[:, 0] = strings
+    return array
+
+
+# Fake sources in the real layouts, for data.prepare: each returns (--src, class names by label, {split: images per
+# label}, colour per label).
+
+def fake_aircraft(root):
+    data = os.path.join(root, "fgvc-aircraft-2013b", "data")
+    variants = ["Cessna 172", "A340-300", "F/A-18"]  # file order, not alphabetical: it defines the labels
+    per_label = {"train": [3, 2, 2], "test": [1, 2, 1]}
+    write_text(os.path.join(data, "variants.txt"), variants)
+    next_id = 1034300
+    for split, index in (("train", "images_variant_trainval.txt"), ("test", "images_variant_test.txt")):
+        lines = []
+        for label, n in enumerate(per_label[split]):
+            for _ in range(n):
+                image_id = f"{next_id:07d}"
+                next_id += 7
+                save_jpeg(os.path.join(data, "images", f"{image_id}.jpg"), COLOURS[label])
+                lines.append(f"{image_id} {variants[label]}")
+        write_text(os.path.join(data, index), lines[::-1])
+    write_text(os.path.join(data, "images_variant_train.txt"), [])  # present in the release, unused here
+    return os.path.join(root, "fgvc-aircraft-2013b"), variants, per_label, COLOURS
+
+
+def fake_cub(root):
+    base = os.path.join(root, "CUB_200_2011")
+    classes = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross"]
+    per_label = {"train": [2, 3, 1], "test": [2, 1, 2]}
+    images, class_labels, split_lines = [], [], []
+    image_id = 0
+    for label, cls in enumerate(classes):
+        for split in ("test", "train"):
+            for _ in range(per_label[split][label]):
+                image_id += 1
+                rel = f"{cls}/{cls[4:]}_{image_id:04d}_{image_id * 13}.jpg"
+                save_jpeg(os.path.join(base, "images", rel), COLOURS[label])
+                images.append(f"{image_id} {rel}")
+                class_labels.append(f"{image_id} {label + 1}")
+                split_lines.append(f"{image_id} {int(split == 'train')}")
+    write_text(os.path.join(base, "classes.txt"), [f"{i + 1} {c}" for i, c in enumerate(classes)])
+    write_text(os.path.join(base, "images.txt"), images)
+    write_text(os.path.join(base, "image_class_labels.txt"), class_labels)
+    write_text(os.path.join(base, "train_test_split.txt"), split_lines)
+    return base, classes, per_label, COLOURS
+
+
+def fake_dtd(root):
+    base = os.path.join(root, "dtd")
+    classes = ["banded", "dotted", "zigzagged"]  # sorted names are the labels
+    per_file = {"train1.txt": [1, 2, 1], "val1.txt": [1, 0, 2], "test1.txt": [2, 1, 1], "train2.txt": [3, 3, 3]}
+    count = 0
+    for index, counts in per_file.items():
+        lines = []
+        for label, n in enumerate(counts):
+            for _ in range(n):
+                count += 1
+                rel = f"{classes[label]}/{classes[label]}_{count:04d}.jpg"
+                save_jpeg(os.path.join(base, "images", rel), COLOURS[label])
+                lines.append(rel)
+        write_text(os.path.join(base, "labels", index), lines[::-1])
+    per_label = {"train": [2, 2, 3], "test": [2, 1, 1]}
+    return base, classes, per_label, COLOURS
+
+
+def fake_stanford_dogs(root):
+    classes = ["n02085620-Chihuahua", "n02085782-Japanese_spaniel", "n02085936-Maltese_dog"]
+    per_label = {"train": [2, 1, 3], "test": [1, 2, 1]}
+    count = 0
+    for split in ("train", "test"):
+        files, labels = [], []
+        for label, n in enumerate(per_label[split]):
+            for _ in range(n):
+                count += 1
+                rel = f"{classes[label]}/{classes[label].split('-')[0]}_{1000 + count}.jpg"
+                save_jpeg(os.path.join(root, "Images", rel), COLOURS[label])
+                files.append(rel)
+                labels.append(label + 1)
+        scipy.io.savemat(os.path.join(root, f"{split}_list.mat"), {
+            "file_list": cell(files), "annotation_list": cell([f[:-4] for f in files]),
+            "labels": np.array(labels, dtype=np.float64).reshape(-1, 1)})
+    return root, classes, per_label, COLOURS
+
+
+def fake_vgg_flower_102(root):
+    numbers = [2, 1, 3, 1, 2, 2, 3, 1, 3, 2, 1]  # 1-based label of image_00001.jpg, ...
+    for i, number in enumerate(numbers, 1):
+        save_jpeg(os.path.join(root, "jpg", f"image_{i:05d}.jpg"), COLOURS[number - 1])
+    scipy.io.savemat(os.path.join(root, "imagelabels.mat"),
+                     {"labels": np.array([numbers], dtype=np.float64)})  # 1 x N, as shipped
+    ids = {"trnid": [3, 1, 5], "valid": [2, 9], "tstid": [4, 6, 7, 8, 10, 11]}
+    scipy.io.savemat(os.path.join(root, "setid.mat"),
+                     {k: np.array([v], dtype=np.float64) for k, v in ids.items()})
+    per_label = {"train": [1, 2, 2], "test": [3, 2, 1]}
+    return root, ["1", "2", "3"], per_label, COLOURS
+
+
+def fake_chest_xray(root):
+    base = os.path.join(root, "chest_xray")
+    classes = ["NORMAL", "PNEUMONIA"]
+    per_label = {"train": [2, 3], "test": [2, 1], "val": [1, 1]}
+    for split, counts in per_label.items():
+        for label, n in enumerate(counts):
+            for i in range(n):
+                name = f"IM-{i:04d}-0001.jpeg" if label == 0 else f"person{i}_bacteria_{i}.jpeg"
+                save_jpeg(os.path.join(base, split, classes[label], name), GRAYS[label])
+    with open(os.path.join(base, "train", "NORMAL", ".DS_Store"), "wb") as f:
+        f.write(b"\0" * 16)
+    del per_label["val"]  # shipped, not used
+    return root, classes, per_label, GRAYS
+
+
+def fake_imagefolder(root):
+    classes = ["cat", "dog"]
+    per_label = {"train": [3, 2], "test": [1, 2]}
+    for split, counts in per_label.items():
+        for label, n in enumerate(counts):
+            for i in range(n):
+                save_jpeg(os.path.join(root, split, classes[label], f"{i}.png"), COLOURS[label])
+    return root, classes, per_label, COLOURS
+
+
+FAKES = {"aircraft": fake_aircraft, "cub": fake_cub, "dtd": fake_dtd, "stanford_dogs": fake_stanford_dogs,
+         "vgg_flower_102": fake_vgg_flower_102, "chest_xray": fake_chest_xray, "imagefolder": fake_imagefolder}

@@ -22,7 +22,8 @@ from data.prepare import main as prepare_main
 from errors import UserError
 from tools import visualize
 
-from helpers import REPO, TINY, assert_one_line, assert_parse_error, cli, open_tmp, unprivileged, world_readable
+from helpers import (REPO, TINY, assert_one_line, assert_parse_error, cli, fake_cub, fake_vgg_flower_102, open_tmp,
+                     unprivileged, world_readable)
 
 
 def _images(folder, n, colour=(90, 20, 20)):
@@ -174,7 +175,6 @@ def test_special_files_elsewhere_are_refused_without_hanging(kind, tmp_path):
                 "--checkpoint_dir", tmp_path / "ckpt"]
         named = str(tmp_path / "data" / "mine" / "train.lmdb")
     else:
-        from test_prepare import fake_cub
         src = fake_cub(str(tmp_path / "src"))[0]
         os.remove(os.path.join(src, "images.txt"))
         os.mkfifo(os.path.join(src, "images.txt"))
@@ -234,7 +234,6 @@ def test_float_images_are_scaled_from_0_1_not_clipped_to_black_and_white():
 
 def test_prepare_skip_bad_skips_a_listed_fifo_without_hanging(tmp_path):
     """--skip_bad opened every listed image, a FIFO among them too, and waited for ever."""
-    from test_prepare import fake_vgg_flower_102
     src = fake_vgg_flower_102(str(tmp_path / "src"))[0]
     fifo = os.path.join(src, "jpg", "image_00007.jpg")
     os.remove(fifo)

@@ -185,7 +185,7 @@ def test_two_processes_stop_at_the_same_step_when_one_is_signalled(data_dir, tmp
     pretrain.main(pretrain.get_args_parser().parse_args(list(map(str, [*common[:-1], one]))))
     a = ViTMAEForPreTraining.from_pretrained(str(one)).state_dict()
     b = ViTMAEForPreTraining.from_pretrained(str(tmp_path / "two")).state_dict()
-    for k in a:  # as in test_runs.py: the key bias's true gradient is 0, its rounding noise differs
+    for k in a:  # as in test_resume_and_processes.py: the key bias's true gradient is 0, its rounding noise differs
         if not k.endswith("k_proj.bias"):
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
