@@ -186,6 +186,20 @@ def spy_prepare(monkeypatch) -> dict:
     return seen
 
 
+def nan_loss_at(monkeypatch, call: int) -> list:
+    """pretrain.mae_loss returns NaN at its `call`-th call (1-based) and the real loss otherwise; -> the list that
+    gets an entry per call."""
+    import pretrain
+    real, calls = pretrain.mae_loss, []
+
+    def mae_loss(*a):
+        calls.append(1)
+        loss = real(*a)
+        return loss * float("nan") if len(calls) == call else loss
+    monkeypatch.setattr(pretrain, "mae_loss", mae_loss)
+    return calls
+
+
 def spy(monkeypatch, module, name, record, replace=None):
     """Wraps module.<name> (which main() looks up when it runs): record(*args, **kwargs) sees every call, then the
     real function runs -- or `replace`, for tests that only look at the inputs."""

@@ -20,7 +20,7 @@ import utils
 from data import ImageDataset, cache
 from models import Preprocessing, load_mae, save_model
 
-from helpers import Cut, TINY, cut_at, losses, spy, spy_prepare
+from helpers import Cut, TINY, cut_at, losses, nan_loss_at, spy, spy_prepare
 
 
 def _weights(run_dir) -> dict:
@@ -59,13 +59,7 @@ def test_clipping_acts_at_every_step_when_logging_every_third(stage_args, tmp_pa
 
 
 def test_a_non_finite_loss_is_caught_at_a_save_that_is_not_a_logging_step(stage_args, tmp_path, monkeypatch):
-    real, calls = pretrain.mae_loss, []
-
-    def mae_loss(*a):
-        calls.append(1)
-        loss = real(*a)
-        return loss * float("nan") if len(calls) == 3 else loss
-    monkeypatch.setattr(pretrain, "mae_loss", mae_loss)
+    calls = nan_loss_at(monkeypatch, 3)
     argv = stage_args("--log_every", 5, "--save_every", 2, "--output_dir", tmp_path / "r", steps=8)
     with pytest.raises(utils.RunFailed, match="not finite at step 3 .*the last good state is .*train_state.pt"):
         pretrain.main(pretrain.get_args_parser().parse_args(argv))

@@ -10,7 +10,7 @@ import stat
 
 import pytest
 
-from helpers import REPO, TINY, launch
+from helpers import REPO, TINY, launch, result_file
 
 
 TINY_FLAGS = "--model_name vit-mae-tiny --batch_size 8 --workers 0 --log_every 1"
@@ -91,20 +91,13 @@ def test_no_parser_accepts_an_abbreviated_flag(module_name, capsys):
 
 # ----------------------------------------------------------------------------- launchers vs finetune.py
 
-def _old_result(results_dir, init, seed, acc):
-    """A finished run of another init, as an earlier launcher call left it."""
-    folder = results_dir / "digits" / init
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"seed{seed}.json").write_text(json.dumps({"test_acc": acc, "test_loss": 1.0, "args": {"seed": seed}}))
-
-
 @pytest.mark.parametrize("flag", ["--scratch True", "--scratch=true", "--ckpt_name further-pretrain-9",
                                   "--seed 7", "--output_dir elsewhere", "--dataset cub"])
 def test_run_finetune_refuses_the_flags_it_sets_itself(flag, data_dir, tmp_path):
     """Passed after the positional arguments, these won in finetune.py while the summary still read the
     positional ones' result file: `--scratch True` trained from θ₀ and then printed an older run's
     accuracy of the self-distilled model, exit 0."""
-    _old_result(tmp_path / "results", "self-further-pretrain-20000", 1, 0.123)
+    result_file(tmp_path / "results", "digits", "self-further-pretrain-20000", 1, 0.123)
     proc = launch(f"bash {REPO}/run_finetune.sh cpu digits {flag} {TINY_FLAGS} --data_dir {data_dir} --steps 2",
                    tmp_path, {"SEEDS": "1"})
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -119,7 +112,7 @@ def test_run_finetune_refuses_the_flags_it_sets_itself(flag, data_dir, tmp_path)
 def test_run_finetune_summary_is_the_run_that_ran(data_dir, tmp_path):
     """The positional form and --results_dir (read by the launcher as argparse reads it, last one wins) give
     the summary of the runs just made; an abbreviation is refused by finetune.py itself."""
-    _old_result(tmp_path / "res", "initial", 1, 0.123)  # another results folder's older run
+    result_file(tmp_path / "res", "digits", "initial", 1, 0.123)  # another results folder's older run
     flags = f"{TINY_FLAGS} --data_dir {data_dir} --steps 2"
     proc = launch(f"bash {REPO}/run_finetune.sh cpu digits True {flags} --results_dir res --results_dir=res2",
                    tmp_path, {"SEEDS": "1"})

@@ -16,7 +16,7 @@ import utils
 from data import ImageDataset, cache
 from models import Preprocessing, cls_feature, load_mae
 
-from helpers import Cut, TINY, cut_at, metrics
+from helpers import Cut, TINY, cut_at, metrics, nan_loss_at
 
 
 def _run(tmp_path, *extra, batch_size=8, steps=6, process=None):
@@ -182,13 +182,7 @@ def test_static_step_run_killed_and_resumed_is_bit_identical(stage_args, tmp_pat
 
 
 def test_static_step_flags_a_non_finite_loss(stage_args, tmp_path, monkeypatch):
-    real, calls = pretrain.mae_loss, []
-
-    def mae_loss(*a):
-        calls.append(1)
-        loss = real(*a)
-        return loss * float("nan") if len(calls) == 3 else loss
-    monkeypatch.setattr(pretrain, "mae_loss", mae_loss)
+    nan_loss_at(monkeypatch, 3)
     argv = pretrain.get_args_parser().parse_args(
         stage_args("--cuda_graph", "--log_every", 4, "--output_dir", tmp_path / "r", steps=6))
     with pytest.raises(utils.UserError, match="not finite at step 3"):
@@ -236,13 +230,7 @@ def test_non_finite_loss_in_a_resumed_run_names_the_runs_step(stage_args, tmp_pa
         stage_args(graph, "--save_every", 2, "--log_every", 1, "--output_dir", tmp_path / "r", steps=6))
     with training.supplied_draws(cut_at(stop=3)), pytest.raises(Cut):
         pretrain.main(argv)
-    real, calls = pretrain.mae_loss, []
-
-    def mae_loss(*a):
-        calls.append(1)
-        loss = real(*a)
-        return loss * float("nan") if len(calls) == 2 else loss  # the resumed run's second step: step 4
-    monkeypatch.setattr(pretrain, "mae_loss", mae_loss)
+    nan_loss_at(monkeypatch, 2)  # the resumed run's second step: step 4
     with pytest.raises(utils.RunFailed, match="not finite at step 4"):
         pretrain.main(argv)
 
