@@ -89,7 +89,7 @@ def test_crash_between_write_and_rename_keeps_the_previous_state(stage_args, tmp
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_state(stage_args, tmp_path, monkeypatch):
-    nan_loss_at(monkeypatch, 5)
+    calls = nan_loss_at(monkeypatch, 5)
     argv = pretrain.get_args_parser().parse_args(stage_args("--save_every", 2, "--output_dir", tmp_path / "r", steps=8))
     with pytest.raises(utils.RunFailed, match="not finite at step 5.*train_state.pt") as failed:
         pretrain.main(argv)
