@@ -17,7 +17,8 @@ from data import ImageDataset, LMDBReader, write_lmdb
 from data.prepare import get_args_parser, main
 from errors import UserError
 
-from helpers import COLOURS, FAKES, REPO, fake_cub, fake_dtd, fake_imagefolder, fake_vgg_flower_102, save_jpeg, write_text
+from helpers import (COLOURS, FAKES, REPO, fake_cub, fake_dtd, fake_imagefolder, fake_vgg_flower_102, save_jpeg,
+                     write_text)
 
 
 def run(*argv):
