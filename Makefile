@@ -1,5 +1,6 @@
 # make demo   the whole method on CPU in minutes: digits + vit-mae-tiny, three routes, mean ± std
-# make test   the test suite (CPU, tiny models)
+# make test   the whole test suite (CPU, tiny models): tests/, tests/unit/ included; what CI runs
+# make test-fast   the unit tests of the rooms alone (tests/unit/, about a minute on 2 cores): while you work
 # make reproduce-small   the paper's claims at small scale on CPU, protocol 2 of SMALL_REPRODUCTION.md (~50-90 min on
 #                        2 cores; downloads 1.4 GB of Debian packages into data/.downloads/ on its first run)
 PYTHON := .venv/bin/python
@@ -16,7 +17,7 @@ DEMO_ENV := STEPS=200 FINETUNE_STEPS=400 SEEDS="1 2 3" JOBS=2 MAE_FLAGS="--lr 1e
 DEMO_FLAGS := --model_name vit-mae-tiny --checkpoint_dir $(DEMO_DIR)/checkpoints --results_dir $(DEMO_DIR)/results \
 	--workers 1 --log_every 100
 
-.PHONY: demo test clean-demo
+.PHONY: demo test test-fast clean-demo
 
 $(VENV): requirements.txt
 	python3 -m venv .venv
@@ -26,8 +27,13 @@ $(VENV): requirements.txt
 demo: $(VENV)
 	$(DEMO_ENV) bash run_all.sh cpu digits $(DEMO_FLAGS)
 
+# Every test file under tests/ runs in `make test` (tests/conftest.py stops the session when one is not collected);
+# tests/unit/ holds the fast tier, the rest of tests/ runs the stages, launchers and tools end to end.
 test: $(VENV)
 	$(PYTHON) -m pytest -q tests
+
+test-fast: $(VENV)
+	$(PYTHON) -m pytest -q tests/unit
 
 # make gpu-check   the speed paths against the eager step, then the bench, on this machine's GPU (~8 min on an
 # H100/H200): runs/gpu-check/report.md, see BENCHMARKS.md. Where torch sees no GPU it stops and says so; the CPU

@@ -20,8 +20,9 @@ import time
 from typing import NamedTuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIDELITY_TESTS = ["tests/test_golden.py", "tests/test_recipe.py", "tests/test_randomness.py", "tests/test_wiring.py",
-                  "tests/test_pipeline.py", "tests/test_invariants.py"]
+FIDELITY_TESTS = ["tests/test_golden.py", "tests/test_recipe.py", "tests/test_randomness.py",
+                  "tests/test_stage_wiring.py", "tests/test_pipeline.py", "tests/unit/test_method.py",
+                  "tests/unit/test_invariants.py"]
 
 
 class Edit(NamedTuple):

@@ -1,22 +1,23 @@
 """Shared fixtures. Makes the repository root importable (`import data`, `import utils`) however pytest
-is started, and keeps the tests off the network (the Hub is never reachable here)."""
+is started, and keeps the tests off the network (the Hub is never reachable here). Shared functions and constants
+are in helpers.py: test files import from there, never from here or from each other."""
 import json
 import os
 import sys
 
 import pytest
-import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP threads spinning
 # against each other (and against DataLoader workers) slow steps down many times. Subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+import torch  # noqa: E402  (after OMP_NUM_THREADS is set)
 
-TINY = ["--model_name", "vit-mae-tiny", "--device", "cpu", "--workers", "0", "--log_every", "1"]
+from helpers import GOLDEN, REPORTED, TINY, uncollected  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
@@ -35,9 +36,6 @@ def stage_args(data_dir, tmp_path):
         return [*TINY, "--dataset", "digits", "--data_dir", data_dir, "--checkpoint_dir", str(tmp_path / "ckpt"),
                 "--steps", str(steps), "--batch_size", str(batch_size), *map(str, extra)]
     return build
-
-
-GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 
 
 @pytest.fixture(scope="session")
@@ -68,22 +66,33 @@ def theta0_dir(golden, tmp_path_factory):
     return path
 
 
-_REPORT: list[str] = []
-
-
-def report_line(text: str) -> None:
-    """A line for the end of the session's output (what a fidelity test measured, e.g. how many elements used
-    a tolerance's allowance), shown whatever the verbosity."""
-    _REPORT.append(text)
-
-
 def pytest_terminal_summary(terminalreporter):
-    if _REPORT:
+    if REPORTED:
         terminalreporter.section("measured by the tests")
-        for line in _REPORT:
+        for line in REPORTED:
             terminalreporter.write_line(line)
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slurm: runs jobs on a real one-node SLURM on this machine "
                                        "(lab/slurm_local.sh; REAL_SLURM=0 skips, REAL_SLURM=1 must run)")
+
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def pytest_collection_finish(session):
+    """`pytest tests` (make test, CI) runs every test file under tests/: a file on disk that yields no test (a name
+    pytest does not collect, an ignore added somewhere, an import that turned it into a non-test) stops the session,
+    so the suite never shrinks in silence. A selection (a path below tests/, -k, -m, --deselect, --lf) is left as
+    asked."""
+    config = session.config
+    whole = [os.path.abspath(a) for a in config.args] == [TESTS]
+    selected = (config.option.keyword or config.option.markexpr or config.getoption("deselect")
+                or config.getoption("lf", False) or config.getoption("stepwise", False))
+    if not whole or selected:
+        return
+    missing = uncollected(TESTS, {str(item.path) for item in session.items})
+    if missing:
+        raise pytest.UsageError(f"test files that `make test` did not collect: {', '.join(missing)} (name a test "
+                                f"file test_*.py; shared code goes to tests/helpers.py)")

@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 import finetune
-from conftest import TINY
 from data import ImageDataset, cache, write_lmdb
-from fs_helpers import fill, small_filesystem
+
+from helpers import TINY, fill, small_filesystem
 
 RED, BLUE = (200, 10, 10), (10, 10, 200)
 
@@ -182,7 +182,7 @@ def test_an_unwritable_cache_folder_is_one_notice(tmp_path):
 
 
 def test_a_read_only_cache_folder_is_one_notice(tmp_path):
-    from fs_helpers import open_tmp, unprivileged, world_readable
+    from helpers import open_tmp, unprivileged, world_readable
     with open_tmp() as shared:
         root = tmp_path.__class__(shared)
         _folder(root)

@@ -17,10 +17,10 @@ import pretrain
 import report
 import training
 import utils
-from conftest import TINY
 from data import ImageDataset, cache
-from helpers import Cut, cut_at, spy, spy_prepare
 from models import Preprocessing, load_mae, save_model
+
+from helpers import Cut, TINY, cut_at, losses, nan_loss_at, spy, spy_prepare
 
 
 def _weights(run_dir) -> dict:
@@ -29,11 +29,6 @@ def _weights(run_dir) -> dict:
 
 def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _losses(run_dir) -> list[float]:
-    with open(os.path.join(run_dir, training.METRICS_FILE)) as f:
-        return [json.loads(line)["loss"] for line in f]
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +59,7 @@ def test_clipping_acts_at_every_step_when_logging_every_third(stage_args, tmp_pa
 
 
 def test_a_non_finite_loss_is_caught_at_a_save_that_is_not_a_logging_step(stage_args, tmp_path, monkeypatch):
-    real, calls = pretrain.mae_loss, []
-
-    def mae_loss(*a):
-        calls.append(1)
-        loss = real(*a)
-        return loss * float("nan") if len(calls) == 3 else loss
-    monkeypatch.setattr(pretrain, "mae_loss", mae_loss)
+    calls = nan_loss_at(monkeypatch, 3)
     argv = stage_args("--log_every", 5, "--save_every", 2, "--output_dir", tmp_path / "r", steps=8)
     with pytest.raises(utils.RunFailed, match="not finite at step 3 .*the last good state is .*train_state.pt"):
         pretrain.main(pretrain.get_args_parser().parse_args(argv))
@@ -128,7 +117,7 @@ def test_streamed_runs_equal_the_decoded_run_and_resume_bit_identically(streamed
     assert torch.load(tmp_path / "resumed" / training.STATE_FILE, weights_only=True)["step"] == 2
     _finetune_run(argv("resumed", *extra), resumed)
 
-    assert _losses(tmp_path / "whole") == _losses(tmp_path / "decoded") == _losses(tmp_path / "resumed")
+    assert losses(tmp_path / "whole") == losses(tmp_path / "decoded") == losses(tmp_path / "resumed")
     assert _same(whole["state"], decoded["state"]) and _same(resumed["state"], whole["state"])
     assert result("whole") == result("decoded") == result("resumed")
 

@@ -12,29 +12,23 @@ import pytest
 from PIL import Image
 
 import finetune
-from conftest import REPO, TINY
 from data import ImageDataset, LMDBReader, decode_image, write_lmdb
 from data.prepare import get_args_parser as prepare_parser
 from data.prepare import main as prepare_main
 from errors import UserError
-from helpers import assert_one_line as _one_error_line, cli as _cli
+
+from helpers import REPO, TINY, assert_one_line as _one_error_line, cli as _cli, folder_dataset
 
 COLOURS = {"a": (230, 20, 20), "b": (20, 220, 20), "c": (20, 20, 230)}
+
+
+def _colour(cls, i):
+    return COLOURS.get(cls, (128, 128, 128))
 
 
 def _save(path, colour, size=8):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.new("RGB", (size, size), colour).save(path)
-
-
-def _folder_dataset(root, train: dict, test: dict):
-    """<root>/{train,test}/<class>/<i>.png, solid colour per class; {class: number of images}."""
-    for split, classes in (("train", train), ("test", test)):
-        os.makedirs(os.path.join(root, split), exist_ok=True)
-        for cls, n in classes.items():
-            os.makedirs(os.path.join(root, split, cls), exist_ok=True)
-            for i in range(n):
-                _save(os.path.join(root, split, cls, f"{i}.png"), COLOURS.get(cls, (128, 128, 128)))
 
 
 def _finetune_argv(data_dir, tmp_path, dataset, *extra, steps=1):
@@ -46,7 +40,7 @@ def _finetune_argv(data_dir, tmp_path, dataset, *extra, steps=1):
 
 def test_folder_splits_share_train_class_list_and_hidden_folders_are_not_classes(tmp_path):
     root = tmp_path / "data" / "mine"
-    _folder_dataset(str(root), {"a": 2, "b": 2, "c": 2}, {"a": 1, "c": 1})
+    folder_dataset(str(root), {"a": 2, "b": 2, "c": 2}, {"a": 1, "c": 1}, colour=_colour)
     _save(str(root / "train" / ".ipynb_checkpoints" / "0.png"), (0, 0, 0))  # Jupyter's, not a class
     _save(str(root / "test" / ".ipynb_checkpoints" / "0.png"), (0, 0, 0))
     train = ImageDataset("mine", "train", str(tmp_path / "data"), 8)
@@ -63,7 +57,7 @@ def test_folder_splits_share_train_class_list_and_hidden_folders_are_not_classes
 
 def test_test_class_unknown_to_train_is_one_line(tmp_path, monkeypatch, capsys):
     root = tmp_path / "data" / "mine"
-    _folder_dataset(str(root), {"a": 2, "b": 2}, {"a": 1, "zebra": 1})
+    folder_dataset(str(root), {"a": 2, "b": 2}, {"a": 1, "zebra": 1}, colour=_colour)
     with pytest.raises(UserError, match="zebra"):
         ImageDataset("mine", "test", str(tmp_path / "data"), 8)
     code, err = _cli(finetune, _finetune_argv(tmp_path / "data", tmp_path, "mine"), monkeypatch, capsys)
@@ -74,7 +68,7 @@ def test_test_class_unknown_to_train_is_one_line(tmp_path, monkeypatch, capsys):
 
 def test_empty_and_single_image_training_classes_get_one_warning_line(tmp_path, capsys):
     root = tmp_path / "data" / "mine"
-    _folder_dataset(str(root), {"a": 3, "b": 1, "c": 0}, {"a": 1})
+    folder_dataset(str(root), {"a": 3, "b": 1, "c": 0}, {"a": 1}, colour=_colour)
     dataset = ImageDataset("mine", "train", str(tmp_path / "data"), 8)
     assert dataset.num_classes() == 3  # the empty class keeps its label
     lines = capsys.readouterr().err.strip().splitlines()
@@ -88,7 +82,7 @@ def test_finetune_on_a_folder_with_a_missing_test_class_scores_right(tmp_path):
     """train/{a,b,c} and test/{a,c} plus a hidden folder: a model that learns the colours must score 100 %,
     where test labels numbered apart from train's scored 50 % and the hidden folder shifted every label."""
     root = tmp_path / "data" / "mine"
-    _folder_dataset(str(root), {"a": 4, "b": 4, "c": 4}, {"a": 2, "c": 2})
+    folder_dataset(str(root), {"a": 4, "b": 4, "c": 4}, {"a": 2, "c": 2}, colour=_colour)
     _save(str(root / "train" / ".ipynb_checkpoints" / "0.png"), (0, 0, 0))
     argv = _finetune_argv(tmp_path / "data", tmp_path, "mine", "--lr", 1e-3, "--dropout", 0, "--weight_decay", 0,
                           steps=30)

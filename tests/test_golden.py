@@ -52,8 +52,8 @@ from data import write_lmdb
 from models import cls_feature, load_mae
 from transformers import ViTForImageClassification
 
-from conftest import GOLDEN, report_line
-from helpers import Cut, WatchedSteps, cut_at, spy, spy_prepare
+from helpers import Cut, GOLDEN, WatchedSteps, cut_at, report_line, spy, spy_prepare, v4_name
+
 
 LOSS_RTOL = 1e-5  # measured: the losses agree to 3e-7 relative
 # Parameters after each MAE step, every element: |ours − release| <= PARAM_ATOL. An AdamW step moves a weight by
@@ -75,23 +75,6 @@ ORDER = torch.tensor([5, 2, 7, 0, 3, 6, 1, 4])  # our data order of the 8 images
 
 
 # ----------------------------------------------------------------------------- names
-
-# transformers 5 parameter names -> the release's (4.17) names
-_TO_V4 = [(r"\.attention\.q_proj\.", ".attention.attention.query."),
-          (r"\.attention\.k_proj\.", ".attention.attention.key."),
-          (r"\.attention\.v_proj\.", ".attention.attention.value."),
-          (r"\.attention\.o_proj\.", ".attention.output.dense."),
-          (r"\.mlp\.fc1\.", ".intermediate.dense."),
-          (r"\.mlp\.fc2\.", ".output.dense."),
-          (r"^vit\.layers\.", "vit.encoder.layer.")]
-
-
-def v4_name(name: str) -> str:
-    name = name[len("mae."):] if name.startswith("mae.") else name  # the student wrapper (MAEWithFeature)
-    for pattern, old in _TO_V4:
-        name = re.sub(pattern, old, name)
-    return name
-
 
 def v4_state(state: dict) -> dict:
     return {v4_name(n): t.detach().clone() for n, t in state.items()}
@@ -242,17 +225,6 @@ def assert_optimizer(seen: dict, stage: dict, lrs: list[list[float]], what: str)
     wanted = [lr for lr in stage["lr"] for _ in release]
     assert [lr for step in lrs for lr in step] == pytest.approx(wanted, rel=1e-12, abs=1e-20), \
         f"{what}: learning rates per step and group {lrs}, the release's {stage['lr']}"
-
-
-def group_names(model, no_weight_decay, weight_decay=0.01) -> dict:
-    """{weight decay: sorted 4.17 names} of the two groups training.param_groups makes with a stage's rule."""
-    ids = {id(p): v4_name(n) for n, p in model.named_parameters()}
-    return {g["weight_decay"]: sorted(ids[id(p)] for p in g["params"])
-            for g in training.param_groups(model, weight_decay, no_weight_decay)}
-
-
-def release_groups(expected_stage: dict) -> dict:
-    return {g["weight_decay"]: sorted(g["params"]) for g in expected_stage["param_groups"]}
 
 
 def observe_steps(seen: dict, lrs: list, out=None, states=None):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from launch import graph, launchers
 from launch.pool import Job, Pool
 

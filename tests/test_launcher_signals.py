@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
+
 
 SLEEP = 60  # seconds a fake run lasts: far longer than a prompt stop may take
 

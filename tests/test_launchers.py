@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
+
 
 TINY_FLAGS = "--model_name vit-mae-tiny --batch_size 8 --workers 0 --log_every 1"
 
@@ -199,7 +200,7 @@ def test_finetune_save_model_opens_with_from_pretrained(data_dir, tmp_path):
 
     import finetune
     from data import ImageDataset
-    from conftest import TINY
+    from helpers import TINY
 
     local = tmp_path / "data"
     _image_folder_dataset(local)

@@ -16,26 +16,20 @@ from PIL import Image
 
 import finetune
 import pretrain
-from conftest import REPO, TINY
 from data import ImageDataset, decode_image
 from data.prepare import get_args_parser as prepare_parser
 from data.prepare import main as prepare_main
 from errors import UserError
-from fs_helpers import open_tmp, unprivileged, world_readable
-from helpers import assert_one_line, assert_parse_error, cli
 from tools import visualize
+
+from helpers import (REPO, TINY, assert_one_line, assert_parse_error, cli, fake_cub, fake_vgg_flower_102,
+                     folder_dataset, open_tmp, unprivileged, world_readable)
 
 
 def _images(folder, n, colour=(90, 20, 20)):
     os.makedirs(folder, exist_ok=True)
     for i in range(n):
         Image.new("RGB", (8, 8), colour).save(os.path.join(folder, f"{i}.png"))
-
-
-def _folder_dataset(root, classes="ab", n=2):
-    for split in ("train", "test"):
-        for cls in classes:
-            _images(os.path.join(root, split, cls), n)
 
 
 def _tree(path) -> dict:
@@ -48,7 +42,7 @@ def _tree(path) -> dict:
 @pytest.mark.parametrize("name", ["ABS", "./mine", "data/mine", "mine/", "..", ".", "", ".hidden"])
 def test_a_dataset_given_as_a_path_is_refused_pointing_to_data_dir(name, tmp_path, monkeypatch, capsys):
     data = tmp_path / "data"
-    _folder_dataset(str(data / "mine"))
+    folder_dataset(str(data / "mine"), {"a": 2, "b": 2})
     before = _tree(data)
     name = str(data / "mine") if name == "ABS" else name
     monkeypatch.chdir(tmp_path)
@@ -62,7 +56,7 @@ def test_a_dataset_given_as_a_path_is_refused_pointing_to_data_dir(name, tmp_pat
 
 
 def test_visualize_and_prepare_check_refuse_a_path_too(tmp_path, monkeypatch, capsys):
-    _folder_dataset(str(tmp_path / "data" / "mine"))
+    folder_dataset(str(tmp_path / "data" / "mine"), {"a": 2, "b": 2})
     code, err = cli(visualize, ["--checkpoint", "vit-mae-tiny", "--dataset", str(tmp_path / "data" / "mine"),
                                 "--out", tmp_path / "r.png"], monkeypatch, capsys)
     assert code == 2
@@ -73,7 +67,7 @@ def test_visualize_and_prepare_check_refuse_a_path_too(tmp_path, monkeypatch, ca
 
 def test_prepare_overwrite_moves_the_old_dataset_aside(tmp_path, capsys):
     src = tmp_path / "src"
-    _folder_dataset(str(src), n=2)
+    folder_dataset(str(src), {"a": 2, "b": 2})
     out = tmp_path / "data"
     args = ["imagefolder", "--src", str(src), "--name", "mine", "--out", str(out)]
     prepare_main(prepare_parser().parse_args(args))
@@ -134,7 +128,7 @@ def test_an_unreadable_folder_or_image_is_an_error_naming_it(what):
 
 def _special_files_case(tmp_path, kind):
     root = tmp_path / "data" / "mine"
-    _folder_dataset(str(root))
+    folder_dataset(str(root), {"a": 2, "b": 2})
     path = str(root / "train" / "a" / "x.png")
     if kind == "fifo":
         os.mkfifo(path)
@@ -175,7 +169,6 @@ def test_special_files_elsewhere_are_refused_without_hanging(kind, tmp_path):
                 "--checkpoint_dir", tmp_path / "ckpt"]
         named = str(tmp_path / "data" / "mine" / "train.lmdb")
     else:
-        from test_prepare import fake_cub
         src = fake_cub(str(tmp_path / "src"))[0]
         os.remove(os.path.join(src, "images.txt"))
         os.mkfifo(os.path.join(src, "images.txt"))
@@ -235,7 +228,6 @@ def test_float_images_are_scaled_from_0_1_not_clipped_to_black_and_white():
 
 def test_prepare_skip_bad_skips_a_listed_fifo_without_hanging(tmp_path):
     """--skip_bad opened every listed image, a FIFO among them too, and waited for ever."""
-    from test_prepare import fake_vgg_flower_102
     src = fake_vgg_flower_102(str(tmp_path / "src"))[0]
     fifo = os.path.join(src, "jpg", "image_00007.jpg")
     os.remove(fifo)

@@ -17,10 +17,12 @@ import finetune
 import pretrain
 import training
 import utils
-from conftest import REPO, TINY
-from helpers import Cut, assert_one_line, cli_output, cut_at, spy
 from training import preemption, run_dir, scheduler
 from transformers import ViTMAEForPreTraining
+
+from helpers import Cut, REPO, TINY, assert_one_line, cli_output, cut_at, metrics, spy, torchrun
+
+STOP_DRIVER = os.path.join(REPO, "tests", "stop_driver.py")  # a stage as torchrun runs it, told to stop
 
 SLURM_VARIABLES = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT")
 
@@ -38,11 +40,6 @@ def _signal_at(step):
         if s == step:
             os.kill(os.getpid(), signal.SIGUSR2)
     return cut_at(on_step=on_step)
-
-
-def _metrics(path):
-    with open(os.path.join(path, training.METRICS_FILE)) as f:
-        return [{k: v for k, v in json.loads(line).items() if k not in ("images_per_s", "peak_mem_mb")} for line in f]
 
 
 def _record(path):
@@ -88,12 +85,12 @@ def test_a_stop_signal_saves_at_the_step_boundary_and_the_same_command_continues
                     "the same command continues")
     # the step in progress when the signal came was finished and saved; nothing after it ran
     assert torch.load(run / training.STATE_FILE, weights_only=True)["step"] == 3
-    assert [line["step"] for line in _metrics(run)] == [1, 2, 3]
+    assert [line["step"] for line in metrics(run, timing=False)] == [1, 2, 3]
     assert signal.getsignal(signal.SIGUSR2) == handler  # the handler is put back
     with monkeypatch.context() as m:
         resumed = _final_state(module, argv, m)
     assert resumed.keys() == expected.keys() and all(torch.equal(resumed[k], expected[k]) for k in expected)
-    assert _metrics(run) == _metrics(whole)
+    assert metrics(run, timing=False) == metrics(whole, timing=False)
     record = _json_record(module, run)
     assert [h["start_step"] for h in record["history"]] == [0, 3]
     assert not (run / training.STATE_FILE).exists()
@@ -166,27 +163,21 @@ def test_stop_signals_come_from_the_environment(monkeypatch, capsys):
         preemption.stop_signals()
 
 
-def _torchrun(argv, cwd, timeout=240):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(REPO, "tests", "stop_driver.py"), *map(str, argv)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 def test_two_processes_stop_at_the_same_step_when_one_is_signalled(data_dir, tmp_path, monkeypatch):
     """Only process 0 gets the signal (at step 2); both stop after the same step (rank 1 alone would wait for
     rank 0 in the next collective for ever: the timeout fails the test), the state is saved once, and the same
     command then finishes the run like one uninterrupted process."""
     common = [*TINY, "--dataset", "digits", "--data_dir", data_dir, "--steps", 8, "--batch_size", 8,
               "--output_dir", tmp_path / "two"]
-    proc = _torchrun(["pretrain.py", 0, 2, 0.0, *common], tmp_path)  # AGREE_EVERY_S 0: agree after every step
+    # AGREE_EVERY_S 0: agree after every step
+    proc = torchrun(2, STOP_DRIVER, ["pretrain.py", 0, 2, 0.0, *common], tmp_path)
     assert proc.returncode != 0
     output = proc.stdout + proc.stderr
     # each process says where it stopped (two lines may interleave, and torchrun may end one before it says so)
     stopped_at = re.findall(r"error: stopped after step (\d+) of 8", output)
     assert stopped_at and set(stopped_at) == {"3"}, output[-3000:]
     assert torch.load(tmp_path / "two" / training.STATE_FILE, weights_only=True)["step"] == 3
-    proc = _torchrun(["pretrain.py", 0, -1, 0.0, *common], tmp_path)
+    proc = torchrun(2, STOP_DRIVER, ["pretrain.py", 0, -1, 0.0, *common], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = _record(tmp_path / "two")
     assert [(h["start_step"], h["world_size"]) for h in record["history"]] == [(0, 2), (3, 2)]
@@ -194,7 +185,7 @@ def test_two_processes_stop_at_the_same_step_when_one_is_signalled(data_dir, tmp
     pretrain.main(pretrain.get_args_parser().parse_args(list(map(str, [*common[:-1], one]))))
     a = ViTMAEForPreTraining.from_pretrained(str(one)).state_dict()
     b = ViTMAEForPreTraining.from_pretrained(str(tmp_path / "two")).state_dict()
-    for k in a:  # as in test_runs.py: the key bias's true gradient is 0, its rounding noise differs
+    for k in a:  # as in test_resume_and_processes.py: the key bias's true gradient is 0, its rounding noise differs
         if not k.endswith("k_proj.bias"):
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 

@@ -12,10 +12,11 @@ import finetune
 import pretrain
 import selftrain
 import training
-from helpers import Cut, assert_one_line, cut_at, tool_output
 from models import TINY_NAME, Preprocessing, load_mae, save_model
 from models.hub import PROCESSOR_FILE
 from training.record import VERSION_KEY
+
+from helpers import Cut, assert_one_line, cut_at, read_json, tool_output
 
 
 def cli(module, argv, monkeypatch, capsys):
@@ -23,14 +24,9 @@ def cli(module, argv, monkeypatch, capsys):
     return tool_output(module, argv, monkeypatch, capsys)
 
 
-def _json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
 def _edit(path, **values):
     """Rewrites the image-processor file `path` with `values` replaced (or removed, for None)."""
-    config = _json(path)
+    config = read_json(path)
     config.update(values)
     config = {k: v for k, v in config.items() if v is not None}
     with open(path, "w") as f:
@@ -72,7 +68,7 @@ def test_a_resumed_fine_tuning_run_refuses_an_edited_preprocessing(checkpoint, s
         finetune.main(finetune.get_args_parser().parse_args(argv))
     run_dir = tmp_path / "res" / "digits" / "further-pretrain-2" / "seed0"
     processor = checkpoint / PROCESSOR_FILE
-    original, before = _json(processor), _contents(run_dir)
+    original, before = read_json(processor), _contents(run_dir)
     for values, change in EDITS:
         _edit(processor, **values)
         code, out, err = cli(finetune, argv, monkeypatch, capsys)
@@ -85,7 +81,7 @@ def test_a_resumed_fine_tuning_run_refuses_an_edited_preprocessing(checkpoint, s
     code, out, err = cli(finetune, argv, monkeypatch, capsys)  # unchanged: it resumes
     assert code == 0, err
     assert "resuming from step 2" in out
-    history = _json(str(run_dir) + ".json")["history"]
+    history = read_json(str(run_dir) + ".json")["history"]
     assert [h["start_step"] for h in history] == [0, 2]
     assert history[0]["preprocessing"] == history[1]["preprocessing"]
     assert (history[1]["preprocessing"]["size"], history[1]["preprocessing"]["resample"]) == (32, 2)
@@ -102,7 +98,7 @@ def test_a_finished_fine_tuning_run_is_not_already_complete_after_its_preprocess
     assert code == 0 and "already complete" in out, err  # unchanged
     finished = result.read_bytes()
     processor = checkpoint / PROCESSOR_FILE
-    original = _json(processor)
+    original = read_json(processor)
     for values, change in EDITS:
         _edit(processor, **values)
         code, out, err = cli(finetune, argv, monkeypatch, capsys)
@@ -121,12 +117,12 @@ def test_the_preprocessing_is_compared_as_applied_not_as_the_files_bytes(checkpo
     with training.supplied_draws(cut_at(stop=2)), pytest.raises(Cut):
         finetune.main(finetune.get_args_parser().parse_args(argv))
     processor = checkpoint / PROCESSOR_FILE
-    config = _json(processor)
+    config = read_json(processor)
     with open(processor, "w") as f:
         json.dump({k: config[k] for k in sorted(config, reverse=True) if k not in ("size", "resample")}, f, indent=7)
     code, out, err = cli(finetune, argv, monkeypatch, capsys)
     assert code == 0 and "resuming from step 2" in out, err
-    applied = _json(tmp_path / "res" / "digits" / "further-pretrain-2" / "seed0.json")["history"][-1]["preprocessing"]
+    applied = read_json(tmp_path / "res" / "digits" / "further-pretrain-2" / "seed0.json")["history"][-1]["preprocessing"]
     assert (applied["size"], applied["resample"]) == (32, 2)  # as applied: the model's size, the default filter
     os.remove(processor)
     argv = _finetune_argv(stage_args, tmp_path, "--save_every", 1, "--seed", 1)
@@ -160,13 +156,13 @@ def test_a_record_from_before_the_preprocessing_was_compared_resumes_and_stays_c
         finetune.main(finetune.get_args_parser().parse_args(argv))
     run_dir = tmp_path / "res" / "digits" / "further-pretrain-2" / "seed0"
     record = run_dir / training.RECORD_FILE
-    record.write_text(json.dumps(_strip(_json(record), *keys)))
+    record.write_text(json.dumps(_strip(read_json(record), *keys)))
     if keys:  # the size left to the model: its file's size edited to the model's is the same preprocessing
         _edit(checkpoint / PROCESSOR_FILE, size={"height": 32, "width": 32})
     code, out, err = cli(finetune, argv, monkeypatch, capsys)
     assert code == 0 and "resuming from step 2" in out, err
     result = tmp_path / "res" / "digits" / "further-pretrain-2" / "seed0.json"
-    result.write_text(json.dumps(_strip(_json(result), *keys)))
+    result.write_text(json.dumps(_strip(read_json(result), *keys)))
     code, out, err = cli(finetune, argv, monkeypatch, capsys)
     assert code == 0 and "already complete" in out, err
 

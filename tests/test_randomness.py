@@ -15,8 +15,8 @@ import finetune
 import pretrain
 import training
 import utils
-from conftest import TINY
-from helpers import Cut, cut_at, spy, spy_prepare
+
+from helpers import Cut, TINY, cut_at, spy, spy_prepare
 
 
 def _no_training(model, *inputs):

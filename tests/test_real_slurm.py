@@ -22,7 +22,7 @@ import torch
 from transformers import ViTMAEForPreTraining
 
 import training
-from conftest import REPO
+from helpers import REPO
 
 pytestmark = pytest.mark.slurm
 

@@ -19,9 +19,9 @@ import pretrain
 import selftrain
 import training
 import utils
-from conftest import REPO
-from helpers import Cut, cut_at, spy, spy_prepare
 from models import load_mae, save_model
+
+from helpers import Cut, REPO, cut_at, spy, spy_prepare
 
 MAE_STAGE = dict(steps=20000, batch_size=64, lr=1.5e-4, warmup_steps=0, weight_decay=0.01, clip_grad=None,
                  mask_ratio=0.75, norm_pix_loss=True, model_name="facebook/vit-mae-base", seed=0)

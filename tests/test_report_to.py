@@ -9,12 +9,9 @@ import pytest
 
 import pretrain
 import training
-from helpers import Cut, assert_one_line, cli, cut_at
 from training.tensorboard_events import read_scalars
 
-
-def _lines(run_dir):
-    return [json.loads(line) for line in open(run_dir / training.METRICS_FILE)]
+from helpers import Cut, assert_one_line, cli, cut_at, metrics
 
 
 def _argv(stage_args, tmp_path, *extra):
@@ -33,7 +30,7 @@ def _killed_and_resumed(stage_args, tmp_path, *extra):
 
 def test_tensorboard_events_equal_metrics_jsonl_after_a_kill_and_resume(stage_args, tmp_path):
     run_dir = _killed_and_resumed(stage_args, tmp_path, "--report_to", "tensorboard")
-    lines = _lines(run_dir)
+    lines = metrics(run_dir)
     assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
     scalars = read_scalars(str(run_dir))
     for key in ("loss", "mae_loss", "lr", "grad_norm"):
@@ -78,7 +75,7 @@ def test_wandb_gets_every_line_and_a_resumed_run_continues_the_same_wandb_run(st
     # the killed start sent steps 1-5 (5 was logged before the cut), the resumed one 5 and 6, the same values
     assert [step for _, step, _ in fake.logged] == [1, 2, 3, 4, 5, 5, 6]
     by_step = {step: values for _, step, values in fake.logged}
-    assert [{"step": s, **by_step[s]} for s in range(1, 7)] == _lines(run_dir)
+    assert [{"step": s, **by_step[s]} for s in range(1, 7)] == metrics(run_dir)
     speed = ("images_per_s", "peak_mem_mb")
     again = [{k: v for k, v in fake.logged[i][2].items() if k not in speed} for i in (4, 5)]
     assert again[0] == again[1]  # step 5 again: the same numbers (a resumed run is bit-identical)

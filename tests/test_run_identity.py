@@ -16,7 +16,15 @@ import pretrain
 import report
 import selftrain
 import training
-from helpers import Cut, assert_one_line, cut_at, tool_output
+
+from helpers import Cut, assert_one_line, cut_at, folder_dataset, read_json, tool_output
+
+MINE = {"c0": 6, "c1": 6}  # an image folder `mine`: 6 images a class in each split
+
+
+def _grey(cls, i):
+    """Image i of class c0 or c1: grey, a value of its own."""
+    return (20 * i + 100 * int(cls[1]),) * 3
 
 
 def cli(module, argv, monkeypatch, capsys):
@@ -25,25 +33,11 @@ def cli(module, argv, monkeypatch, capsys):
     return code, err
 
 
-def _json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def _folder_dataset(root, n_per_class=6):
-    for split in ("train", "test"):
-        for c in range(2):
-            os.makedirs(root / "mine" / split / f"c{c}", exist_ok=True)
-            for i in range(n_per_class):
-                Image.fromarray(np.full((8, 8, 3), 20 * i + 100 * c, np.uint8)).save(
-                    root / "mine" / split / f"c{c}" / f"{i}.png")
-
-
 def test_each_start_records_what_it_read(stage_args, tmp_path):
     pretrain.main(pretrain.get_args_parser().parse_args(stage_args(steps=2)))
     teacher = tmp_path / "ckpt" / "further-pretrain-2" / "digits"
     selftrain.main(selftrain.get_args_parser().parse_args(stage_args("--teacher", teacher, steps=2)))
-    record = _json(tmp_path / "ckpt" / "self-further-pretrain-2" / "digits" / training.RECORD_FILE)
+    record = read_json(tmp_path / "ckpt" / "self-further-pretrain-2" / "digits" / training.RECORD_FILE)
     inputs = record["history"][0]["inputs"]
     assert sorted(inputs) == ["teacher", "train split", "θ₀"]
     assert inputs["teacher"]["kind"] == "model directory" and set(inputs["teacher"]["files"]) == {
@@ -71,7 +65,7 @@ def test_a_resumed_self_distillation_refuses_a_teacher_trained_again(stage_args,
 
 
 def test_a_resumed_run_refuses_images_added_to_its_training_folder(tmp_path, stage_args, monkeypatch, capsys):
-    _folder_dataset(tmp_path / "data")
+    folder_dataset(tmp_path / "data" / "mine", MINE, colour=_grey)
     argv = [a if a != stage_args()[stage_args().index("--data_dir") + 1] else str(tmp_path / "data")
             for a in stage_args("--save_every", 1, "--output_dir", tmp_path / "run", steps=4)]
     argv[argv.index("--dataset") + 1] = "mine"
@@ -94,7 +88,7 @@ def test_a_resumed_run_refuses_images_added_to_its_training_folder(tmp_path, sta
 
 def test_a_finished_fine_tuning_run_whose_test_images_changed_is_not_already_complete(tmp_path, stage_args,
                                                                                       monkeypatch, capsys):
-    _folder_dataset(tmp_path / "data")
+    folder_dataset(tmp_path / "data" / "mine", MINE, colour=_grey)
     argv = stage_args("--scratch", "True", "--results_dir", tmp_path / "res", steps=2)
     argv[argv.index("--data_dir") + 1], argv[argv.index("--dataset") + 1] = str(tmp_path / "data"), "mine"
     assert cli(finetune, argv, monkeypatch, capsys)[0] == 0

@@ -19,8 +19,8 @@ import report
 import selftrain
 import training
 import utils
-from conftest import REPO
-from helpers import Cut, assert_one_line as _one_line, cli_output as _cli, cut_at
+
+from helpers import Cut, REPO, assert_one_line as _one_line, cli_output as _cli, cut_at
 
 # ----------------------------------------------------------------------------- helpers
 

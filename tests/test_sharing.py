@@ -18,12 +18,12 @@ import pretrain
 import report
 import selftrain
 import training
-from conftest import REPO, TINY
 from data import LMDBReader, decode_image
-from helpers import Cut, assert_one_line, cut_at, tool_output
 from outputs import card as cards
 from models import checkpoints, cls_feature, load_encoder, load_mae, save_model
 from tools import publish
+
+from helpers import Cut, REPO, TINY, assert_one_line, cut_at, tool_output
 
 FINETUNE = ["--ckpt_name", "self-further-pretrain-4", "--steps", 40, "--batch_size", 32, "--lr", 3e-3,
             "--warmup_steps", 0, "--save_model"]

@@ -17,7 +17,8 @@ from lab import small_reproduction as sr
 from data import LMDBReader
 from models import load_mae
 from errors import UserError
-from test_sources import fake_fashion, save, striped  # the data builders' fixtures
+
+from helpers import fake_fashion, save_image, striped
 
 SEED, FIG1_STEPS, TARGET = 1, (2, 3), sr.TARGET_DATASET
 INITS = [sr.RANDOM_INIT, "initial"] + [f"{prefix}further-pretrain-{k}" for k in FIG1_STEPS for prefix in ("", "self-")]
@@ -30,7 +31,7 @@ def inputs(tmp_path_factory):
     rng = np.random.default_rng(0)
     for i in range(12):
         colour = tuple(int(v) for v in rng.integers(40, 220, 3))
-        save(str(root / "images" / f"img{i}.png"), striped(colour, (64, 56), angle=0.5 * i, seed=i))
+        save_image(str(root / "images" / f"img{i}.png"), striped(colour, (64, 56), angle=0.5 * i, seed=i))
     fake_fashion(str(root / "idx"), per_class=3, num_test=20)
     return root / "images", root / "idx"
 

@@ -2,12 +2,10 @@
 packages, fashion_mnist from tiny idx files; what is dropped and why, the crops, the seeded choices, counts.json,
 and the one-line errors for a missing tool, a failed download or a missing path. No network: `apt-get` and
 `dpkg-deb` are small fakes on PATH that serve packages made from folders here."""
-import gzip
 import io
 import json
 import os
 import stat
-import struct
 import subprocess
 import sys
 import zipfile
@@ -21,7 +19,9 @@ from data import sources
 from data.prepare import get_args_parser, main
 from errors import UserError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO, fake_fashion, idx_file, save_image, striped
+
+
 PALETTE = [(200, 50, 50), (50, 200, 50), (50, 50, 200), (200, 200, 50), (200, 50, 200), (50, 200, 200),
            (130, 130, 130), (230, 140, 40), (90, 40, 160)]  # one per kept image: a crop's mean names its image
 LEAK = (10, 10, 10)  # the colour of images that must be dropped: a crop near it is a leak
@@ -29,21 +29,6 @@ LEAK = (10, 10, 10)  # the colour of images that must be dropped: a crop near it
 
 def run(*argv):
     return main(get_args_parser().parse_args([str(a) for a in argv]))
-
-
-def striped(colour, size, angle, amplitude=60.0, seed=0):
-    """(H, W, 3) uint8: `colour` plus stripes at `angle` (distinct per image, so their hashes differ), a little
-    noise."""
-    w, h = size
-    y, x = np.mgrid[0:h, 0:w]
-    stripes = amplitude * np.sin((x * np.cos(angle) + y * np.sin(angle)) * 2 * np.pi / 11)
-    noise = np.random.default_rng(seed).uniform(-3, 3, (h, w, 1))
-    return np.clip(np.array(colour)[None, None] + stripes[..., None] + noise, 0, 255).astype(np.uint8)
-
-
-def save(path, array, fmt=None):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(array).save(path, format=fmt)
 
 
 def encoded(array, fmt):
@@ -57,21 +42,21 @@ def image_tree(root):
     Returns the expected drop counts."""
     sizes = [(64, 48), (80, 80), (96, 64), (48, 72), (64, 64), (56, 90)]
     for i, (colour, size) in enumerate(zip(PALETTE[:6], sizes)):
-        save(os.path.join(root, "usr", "share", f"img{i}.png"), striped(colour, size, angle=0.4 * i, seed=i))
+        save_image(os.path.join(root, "usr", "share", f"img{i}.png"), striped(colour, size, angle=0.4 * i, seed=i))
     half_flat = striped(PALETTE[6], (200, 48), angle=2.2)
     half_flat[:, 100:] = PALETTE[6]  # about 40 % of its crops would be flat: they are drawn again
-    save(os.path.join(root, "usr", "share", "img6.png"), half_flat)
+    save_image(os.path.join(root, "usr", "share", "img6.png"), half_flat)
     with zipfile.ZipFile(os.path.join(root, "usr", "share", "textures.pk3"), "w") as pk3:
         pk3.writestr("textures/a.tga", encoded(striped(PALETTE[7], (64, 64), angle=3.0), "TGA"))
         pk3.writestr("textures/b.png", encoded(striped(PALETTE[8], (72, 64), angle=2.5), "PNG"))
         pk3.writestr("textures/a_gloss.tga", encoded(striped(LEAK, (64, 64), angle=1.0), "TGA"))  # material map
         pk3.writestr("readme.txt", "not an image")
     share = os.path.join(root, "usr", "share")
-    save(os.path.join(share, "walls", "brick_norm.png"), striped(LEAK, (64, 64), angle=1.3))  # material map
-    save(os.path.join(share, "copy", "img0.bmp"), np.asarray(Image.open(os.path.join(share, "img0.png"))),
+    save_image(os.path.join(share, "walls", "brick_norm.png"), striped(LEAK, (64, 64), angle=1.3))  # material map
+    save_image(os.path.join(share, "copy", "img0.bmp"), np.asarray(Image.open(os.path.join(share, "img0.png"))),
          "BMP")  # the same pixels in another file: a duplicate
-    save(os.path.join(share, "flat.png"), striped(LEAK, (64, 64), angle=0, amplitude=1.0))  # near-flat
-    save(os.path.join(share, "tiny.png"), striped(LEAK, (20, 20), angle=2.0))  # shorter side < 32
+    save_image(os.path.join(share, "flat.png"), striped(LEAK, (64, 64), angle=0, amplitude=1.0))  # near-flat
+    save_image(os.path.join(share, "tiny.png"), striped(LEAK, (20, 20), angle=2.0))  # shorter side < 32
     with open(os.path.join(share, "broken.jpg"), "wb") as f:
         f.write(b"\xff\xd8\xff\xe0 not really a JPEG")
     os.symlink("img1.png", os.path.join(share, "link.png"))  # not a second image
@@ -172,7 +157,7 @@ def test_natural_crops_refusals(tmp_path, folder_build):
     with pytest.raises(UserError, match="is not a folder"):
         run("natural_crops", "--src", tmp_path / "nowhere", "--out", tmp_path / "data")
     empty = tmp_path / "empty"
-    save(str(empty / "only.png"), striped(PALETTE[0], (64, 64), angle=0))
+    save_image(str(empty / "only.png"), striped(PALETTE[0], (64, 64), angle=0))
     with pytest.raises(UserError, match="1 usable images of 1 found"):
         run("natural_crops", "--src", empty, "--out", tmp_path / "data")
     with pytest.raises(UserError, match="--packages names Debian packages"):
@@ -259,7 +244,7 @@ def test_natural_crops_from_debian_packages(fake_debian, tmp_path):
     registry, add, calls = fake_debian
     image_tree(str(add("texture-pack", "1:2.5-1")))
     other = add("wallpapers", "43.1-1")
-    save(str(other / "usr" / "share" / "backgrounds" / "sky.jpg"), striped((120, 160, 220), (96, 64), angle=1.9),
+    save_image(str(other / "usr" / "share" / "backgrounds" / "sky.jpg"), striped((120, 160, 220), (96, 64), angle=1.9),
          "JPEG")
     out, downloads = tmp_path / "data", tmp_path / "downloads"
     argv = ["natural_crops", "--packages", "texture-pack", "wallpapers", "--out", out, "--download_dir", downloads,
@@ -316,29 +301,6 @@ def test_failed_download_is_one_line_exit_2(fake_debian, tmp_path):
 
 
 # ---------------------------------------------------------------- fashion_mnist
-
-def idx(array, gz):
-    data = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    data += array.astype(np.uint8).tobytes()
-    return gzip.compress(data) if gz else data
-
-
-def fake_fashion(folder, per_class=4, num_test=15):
-    """Fashion-MNIST's four idx files with 7x5 images (rows x columns): train gzipped, test not, as both occur.
-    Returns {split: (images, labels)}."""
-    rng = np.random.default_rng(0)
-    labels = {"train": rng.permutation(np.repeat(np.arange(10), per_class)), "test": rng.integers(0, 10, num_test)}
-    arrays = {split: (rng.integers(0, 256, (len(l), 7, 5)).astype(np.uint8), l) for split, l in labels.items()}
-    os.makedirs(folder, exist_ok=True)
-    for split, (images_stem, labels_stem) in sources.FASHION_MNIST_FILES.items():
-        gz = split == "train"
-        suffix = ".gz" if gz else ""
-        with open(os.path.join(folder, images_stem + suffix), "wb") as f:
-            f.write(idx(arrays[split][0], gz))
-        with open(os.path.join(folder, labels_stem + suffix), "wb") as f:
-            f.write(idx(arrays[split][1], gz))
-    return arrays
-
 
 def pixels(record):
     with Image.open(io.BytesIO(record[0])) as img:
@@ -406,10 +368,10 @@ def test_fashion_mnist_bad_input_is_named(tmp_path, damage, message):
         (src / "t10k-images-idx3-ubyte").write_bytes(b"PK\x03\x04 a zip file")
     elif damage == "copied":  # the t10k files copies of the training files: the 20 chosen are test images too
         for stem, array in zip(sources.FASHION_MNIST_FILES["test"], arrays["train"]):
-            (src / stem).write_bytes(idx(array, gz=False))
+            (src / stem).write_bytes(idx_file(array, gz=False))
     elif damage == "repeated":  # the last test image repeats the fourth
         images = arrays["test"][0]
-        (src / "t10k-images-idx3-ubyte").write_bytes(idx(np.concatenate([images[:14], images[3:4]]), gz=False))
+        (src / "t10k-images-idx3-ubyte").write_bytes(idx_file(np.concatenate([images[:14], images[3:4]]), gz=False))
     with pytest.raises(UserError, match=message):
         run("fashion_mnist", "--src", src, "--out", tmp_path / "data", "--shots", 5 if damage == "shots" else 2)
     assert not (tmp_path / "data").exists() or os.listdir(tmp_path / "data") == []

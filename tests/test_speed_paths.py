@@ -13,10 +13,10 @@ import pretrain
 import selftrain
 import training
 import utils
-from conftest import TINY
-from helpers import Cut, cut_at
 from data import ImageDataset, cache
 from models import Preprocessing, cls_feature, load_mae
+
+from helpers import Cut, TINY, cut_at, metrics, nan_loss_at
 
 
 def _run(tmp_path, *extra, batch_size=8, steps=6, process=None):
@@ -145,11 +145,6 @@ def test_teacher_features_looked_up_equal_the_online_ones(data_dir, tmp_path):
         torch.testing.assert_close(table[-1:], last, rtol=1e-5, atol=1e-6)  # the right image at the end
 
 
-def _metrics(path):
-    with open(os.path.join(path, training.METRICS_FILE)) as f:
-        return [json.loads(line) for line in f]
-
-
 def test_static_buffer_step_equals_the_eager_step(stage_args, tmp_path):
     """--cuda_graph on CPU: static input buffers, the learning rate as a tensor, the non-finite flag in place,
     clipping always, gradients zeroed in place; the same parameters and logged numbers as the eager step."""
@@ -160,9 +155,9 @@ def test_static_buffer_step_equals_the_eager_step(stage_args, tmp_path):
             graph, "--scratch", "True", "--warmup_steps", 2, "--output_dir", tmp_path / f"ft-{name}",
             "--results_dir", tmp_path / "res", steps=5)))
     for stage in ("pt", "ft"):
-        assert _metrics(tmp_path / f"{stage}-eager") == [
+        assert metrics(tmp_path / f"{stage}-eager") == [
             {**m, "images_per_s": e["images_per_s"], "peak_mem_mb": e["peak_mem_mb"]}
-            for m, e in zip(_metrics(tmp_path / f"{stage}-static"), _metrics(tmp_path / f"{stage}-eager"))]
+            for m, e in zip(metrics(tmp_path / f"{stage}-static"), metrics(tmp_path / f"{stage}-eager"))]
     a, b = (load_mae(str(tmp_path / f"pt-{name}")).state_dict() for name in ("eager", "static"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = (json.load(open(tmp_path / f"ft-{name}.json")) for name in ("eager", "static"))
@@ -179,21 +174,15 @@ def test_static_step_run_killed_and_resumed_is_bit_identical(stage_args, tmp_pat
         pretrain.main(argv("resumed"))
     assert torch.load(tmp_path / "resumed" / training.STATE_FILE, weights_only=True)["step"] == 2
     pretrain.main(argv("resumed"))
-    assert _metrics(tmp_path / "whole") == [
+    assert metrics(tmp_path / "whole") == [
         {**m, "images_per_s": w["images_per_s"], "peak_mem_mb": w["peak_mem_mb"]}
-        for m, w in zip(_metrics(tmp_path / "resumed"), _metrics(tmp_path / "whole"))]
+        for m, w in zip(metrics(tmp_path / "resumed"), metrics(tmp_path / "whole"))]
     a, b = (load_mae(str(tmp_path / name)).state_dict() for name in ("whole", "resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_static_step_flags_a_non_finite_loss(stage_args, tmp_path, monkeypatch):
-    real, calls = pretrain.mae_loss, []
-
-    def mae_loss(*a):
-        calls.append(1)
-        loss = real(*a)
-        return loss * float("nan") if len(calls) == 3 else loss
-    monkeypatch.setattr(pretrain, "mae_loss", mae_loss)
+    nan_loss_at(monkeypatch, 3)
     argv = pretrain.get_args_parser().parse_args(
         stage_args("--cuda_graph", "--log_every", 4, "--output_dir", tmp_path / "r", steps=6))
     with pytest.raises(utils.UserError, match="not finite at step 3"):
@@ -241,13 +230,7 @@ def test_non_finite_loss_in_a_resumed_run_names_the_runs_step(stage_args, tmp_pa
         stage_args(graph, "--save_every", 2, "--log_every", 1, "--output_dir", tmp_path / "r", steps=6))
     with training.supplied_draws(cut_at(stop=3)), pytest.raises(Cut):
         pretrain.main(argv)
-    real, calls = pretrain.mae_loss, []
-
-    def mae_loss(*a):
-        calls.append(1)
-        loss = real(*a)
-        return loss * float("nan") if len(calls) == 2 else loss  # the resumed run's second step: step 4
-    monkeypatch.setattr(pretrain, "mae_loss", mae_loss)
+    nan_loss_at(monkeypatch, 2)  # the resumed run's second step: step 4
     with pytest.raises(utils.RunFailed, match="not finite at step 4"):
         pretrain.main(argv)
 

@@ -25,10 +25,10 @@ import pretrain
 import report
 import selftrain
 import training
-from conftest import REPO, TINY
-from helpers import assert_one_line, cli_output, tool_output
 from launch import job as job_module, submit
 from training import preemption
+
+from helpers import REPO, TINY, assert_one_line, cli_output, tool_output
 
 TINY_FLAGS = ["--model_name", "vit-mae-tiny", "--batch_size", "8", "--workers", "0", "--log_every", "1"]
 CLUSTER_VARIABLES = ("STEPS", "FINETUNE_STEPS", "SEEDS", "JOBS", "MAE_FLAGS", "FINETUNE_FLAGS", "PARTITION", "GPUS_PER_JOB", "NODES",

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from helpers import assert_one_line, cli_output, tool_output
 from launch import job as job_module, submit
 

@@ -14,14 +14,10 @@ import pytest
 import finetune
 import training
 import pretrain
-from helpers import Cut, assert_one_line, cut_at, tool_output
 from tools import tensorboard_logs
 from training.tensorboard_events import EventLog, read_scalars, read_text
 
-
-def _lines(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+from helpers import Cut, assert_one_line, cut_at, metrics, tool_output
 
 
 def _expected(rows) -> dict:
@@ -51,9 +47,9 @@ def test_event_files_hold_metrics_jsonl_and_the_result_and_a_rerun_repeats_nothi
         assert f"{mae_dir}: 4 metrics lines" in out and f"{clf_dir}: 3 metrics lines" in out
         for run_dir in (mae_dir, clf_dir):
             assert [n for n in os.listdir(run_dir) if "tfevents" in n] == [tensorboard_logs.EVENT_FILE]
-        assert _scalars(mae_dir) == _expected(_lines(mae_dir))
+        assert _scalars(mae_dir) == _expected(metrics(mae_dir))
         result = json.load(open(str(clf_dir) + ".json"))
-        expected = _expected(_lines(clf_dir))
+        expected = _expected(metrics(clf_dir))
         expected.update({f"result/{k}": [(3, float(np.float32(result[k])))] for k in ("test_acc", "test_loss")})
         assert _scalars(clf_dir) == expected
     assert set(expected) >= {"train/loss", "train/cls_loss", "train/lr", "train/grad_norm", "train/images_per_s"}
@@ -67,15 +63,15 @@ def test_a_killed_and_resumed_run_has_each_step_once_with_the_times_it_ran(stage
     run_dir = tmp_path / "ckpt" / "further-pretrain-5" / "digits"
     with training.supplied_draws(cut_at(stop=3)), pytest.raises(Cut):  # steps 1-3 logged, the state saved after step 2
         pretrain.main(pretrain.get_args_parser().parse_args(argv))
-    assert [r["step"] for r in _lines(run_dir)] == [1, 2, 3]
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3]
     assert tool_output(tensorboard_logs, [run_dir], monkeypatch, capsys)[0] == 0  # converted while stopped
     assert [s for s, _ in _scalars(run_dir)["train/loss"]] == [1, 2, 3]
     pretrain.main(pretrain.get_args_parser().parse_args(argv))  # resumes from step 2
     assert tool_output(tensorboard_logs, [tmp_path / "ckpt"], monkeypatch, capsys)[0] == 0
-    assert _scalars(run_dir) == _expected(_lines(run_dir))
+    assert _scalars(run_dir) == _expected(metrics(run_dir))
     assert [s for s, _ in _scalars(run_dir)["train/loss"]] == [1, 2, 3, 4, 5]
     # wall times: each start's `started` plus the time images_per_s implies
-    record, rows = json.load(open(run_dir / "args.json")), _lines(run_dir)
+    record, rows = json.load(open(run_dir / "args.json")), metrics(run_dir)
     started = [datetime.datetime.fromisoformat(h["started"]).timestamp() for h in record["history"]]
     assert [h["start_step"] for h in record["history"]] == [0, 2]
     times = [t for _, _, t in read_scalars(str(run_dir))["train/loss"]]

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from data import prepare
 from data.identity import SplitInput
 from data.text import TextSplit

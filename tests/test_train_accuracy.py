@@ -15,6 +15,8 @@ import finetune
 import report
 from data import LMDBReader, decode_image
 
+from helpers import result_file
+
 
 def _classify(model_dir: str, records: list) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of the saved classifier on (image bytes, label) records, computed from the
@@ -52,14 +54,6 @@ def test_recorded_training_accuracy_is_the_saved_classifiers_on_the_images_train
     assert result["val_loss"] == pytest.approx(_classify(result["model"], [train[i] for i in held_out])[1], rel=1e-4)
 
 
-def _write(results_dir, init, seed, test_acc, train_acc=None, train_loss=None):
-    folder = os.path.join(results_dir, "cub", init)
-    os.makedirs(folder, exist_ok=True)
-    extra = {} if train_acc is None else {"train_acc": train_acc, "train_loss": train_loss}
-    with open(os.path.join(folder, f"seed{seed}.json"), "w") as f:
-        json.dump({"test_acc": test_acc, "test_loss": 1.0, "args": {"seed": seed}, **extra}, f)
-
-
 def _run(*argv):
     report.main(report.get_args_parser().parse_args([str(a) for a in argv]))
 
@@ -69,8 +63,8 @@ def test_report_shows_training_accuracy_only_with_train(tmp_path, capsys):
     train = {"initial": [0.90, 1.00, 0.96], "self-further-pretrain-20000": [0.99, 0.97, 1.00]}
     for init, accs in train.items():
         for seed, acc in enumerate(accs, start=1):
-            _write(results, init, seed, 0.5 + 0.1 * seed, acc, 1.0 - acc)
-    _write(results, "further-pretrain-20000", 1, 0.7)  # a result written before train_acc existed
+            result_file(results, "cub", init, seed, 0.5 + 0.1 * seed, train_acc=acc, train_loss=1.0 - acc)
+    result_file(results, "cub", "further-pretrain-20000", 1, 0.7)  # a result written before train_acc existed
 
     _run("--results_dir", results)
     plain = capsys.readouterr().out
@@ -97,6 +91,6 @@ def test_report_shows_training_accuracy_only_with_train(tmp_path, capsys):
 
 
 def test_report_refuses_a_training_accuracy_that_is_no_fraction(tmp_path):
-    _write(tmp_path, "initial", 1, 0.5, train_acc=97.0, train_loss=0.1)
+    result_file(tmp_path, "cub", "initial", 1, 0.5, train_acc=97.0, train_loss=0.1)
     with pytest.raises(report.utils.UserError, match="train_acc is 97.0"):
         _run("--results_dir", tmp_path)

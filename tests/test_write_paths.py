@@ -11,9 +11,9 @@ import report
 from data.prepare import get_args_parser as prepare_parser
 from data.prepare import main as prepare_main
 from errors import UserError
-from fs_helpers import fill, open_tmp, small_filesystem, unprivileged, world_readable
-from helpers import assert_one_line, cli
 from tools import visualize
+
+from helpers import assert_one_line, cli, fill, open_tmp, small_filesystem, unprivileged, world_readable
 
 CASES = ("a file", "read-only", "full")
 

@@ -5,8 +5,9 @@ import os
 
 import pytest
 
-from conftest import REPO
 from lab import mutants
+
+from helpers import REPO
 
 
 @pytest.mark.parametrize("edit", mutants.EDITS, ids=lambda e: e.name)

@@ -1,8 +1,6 @@
 """Runs that survive interruption, stop on a non-finite loss, and give the same steps on 1 or 2 processes."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,18 +10,8 @@ import pretrain
 import selftrain
 import training
 import utils
-from conftest import REPO, TINY
-from transformers import ViTMAEForPreTraining
-from helpers import Cut, cut_at
 
-
-def _weights(path):
-    return ViTMAEForPreTraining.from_pretrained(str(path)).state_dict()
-
-
-def _losses(path):
-    with open(os.path.join(path, training.METRICS_FILE)) as f:
-        return [json.loads(line)["loss"] for line in f]
+from helpers import Cut, REPO, TINY, cut_at, losses, mae_weights, nan_loss_at, torchrun
 
 
 def _finetune_final_state(monkeypatch, store):
@@ -58,14 +46,14 @@ def test_killed_and_resumed_run_is_bit_identical(stage, stage_args, tmp_path, mo
         _finetune_final_state(m, finals.setdefault("resumed", {}))
         module.main(argv("resumed"))  # the same command again continues
 
-    assert _losses(tmp_path / "whole") == _losses(tmp_path / "resumed")  # metrics: no gap, no duplicate
+    assert losses(tmp_path / "whole") == losses(tmp_path / "resumed")  # metrics: no gap, no duplicate
     assert not (tmp_path / "resumed" / training.STATE_FILE).exists()
     if stage == "finetune":
         a, b = finals["whole"]["state"], finals["resumed"]["state"]
         ra, rb = (json.load(open(f"{tmp_path / name}.json")) for name in ("whole", "resumed"))
         assert (ra["test_acc"], ra["test_loss"]) == (rb["test_acc"], rb["test_loss"])
     else:
-        a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "resumed")
+        a, b = mae_weights(tmp_path / "whole"), mae_weights(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -101,13 +89,7 @@ def test_crash_between_write_and_rename_keeps_the_previous_state(stage_args, tmp
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_state(stage_args, tmp_path, monkeypatch):
-    real, calls = pretrain.mae_loss, []
-
-    def mae_loss(*a):
-        calls.append(1)
-        loss = real(*a)
-        return loss * float("nan") if len(calls) == 5 else loss
-    monkeypatch.setattr(pretrain, "mae_loss", mae_loss)
+    calls = nan_loss_at(monkeypatch, 5)
     argv = pretrain.get_args_parser().parse_args(stage_args("--save_every", 2, "--output_dir", tmp_path / "r", steps=8))
     with pytest.raises(utils.RunFailed, match="not finite at step 5.*train_state.pt") as failed:
         pretrain.main(argv)
@@ -125,10 +107,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_state(stage
 
 
 def _torchrun(nproc, script, argv, cwd):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           os.path.join(REPO, script), *map(str, argv)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun(nproc, os.path.join(REPO, script), argv, cwd)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -141,7 +120,7 @@ def test_two_processes_take_the_same_steps_as_one(script, data_dir, tmp_path):
         pretrain.main(pretrain.get_args_parser().parse_args(list(map(str, common))))
     _torchrun(1, script, [*common, "--output_dir", tmp_path / "one"], tmp_path)
     _torchrun(2, script, [*common, "--output_dir", tmp_path / "two"], tmp_path)
-    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    one, two = mae_weights(tmp_path / "one"), mae_weights(tmp_path / "two")
     for k in one:
         # The key bias cancels in softmax: its true gradient is 0 and AdamW turns the rounding noise left
         # in it into ±lr steps, which differ with the summation order. Every other tensor must agree.
@@ -149,7 +128,7 @@ def test_two_processes_take_the_same_steps_as_one(script, data_dir, tmp_path):
             torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=1e-5, msg=k)
     record = json.load(open(tmp_path / "two" / training.RECORD_FILE))
     assert record["world_size"] == 2
-    assert _losses(tmp_path / "one") == pytest.approx(_losses(tmp_path / "two"), rel=1e-4)
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-4)
 
 
 def test_two_processes_fine_tune_like_one(data_dir, tmp_path):
@@ -159,7 +138,7 @@ def test_two_processes_fine_tune_like_one(data_dir, tmp_path):
               "--scratch", "True", "--warmup_steps", 1]
     _torchrun(1, "finetune.py", [*common, "--output_dir", tmp_path / "one"], tmp_path)
     _torchrun(2, "finetune.py", [*common, "--output_dir", tmp_path / "two"], tmp_path)
-    assert _losses(tmp_path / "one") == pytest.approx(_losses(tmp_path / "two"), rel=1e-4)
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-4)
     one, two = (json.load(open(tmp_path / f"{name}.json")) for name in ("one", "two"))
     assert one["args"]["dropout"] == 0.1 and two["world_size"] == 2
     assert one["test_loss"] == pytest.approx(two["test_loss"], rel=1e-4)

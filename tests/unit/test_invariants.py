@@ -24,8 +24,7 @@ from models import (SINCOS_TABLES, TINY_NAME, MAEWithFeature, Preprocessing, bui
                     mae_loss, preprocessing_of, save_model, sincos_2d_table)
 from models.hub import TINY_CONFIG
 
-from conftest import GOLDEN
-from test_golden import group_names, release_groups
+from helpers import GOLDEN, group_names, release_groups
 
 
 def frozen(model) -> list[str]:

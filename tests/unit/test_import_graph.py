@@ -4,7 +4,7 @@ live"). The graph is read from the source with `ast`, nothing is imported."""
 import ast
 import os
 
-from conftest import REPO
+from helpers import REPO
 
 
 def _module_names(root: str, package: str) -> dict[str, str]:

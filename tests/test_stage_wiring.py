@@ -15,8 +15,9 @@ import selftrain
 import training
 import utils
 from data import ImageDataset
-from helpers import cut_at, spy, spy_prepare
 from models import cls_feature, load_mae
+
+from helpers import cut_at, spy, spy_prepare
 
 
 def _pretrain(stage_args, tmp_path, steps=4):

@@ -7,12 +7,11 @@ import json
 import os
 import pkgutil
 import stat
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, TINY
+from helpers import REPO, TINY, launch, result_file
+
 
 TINY_FLAGS = "--model_name vit-mae-tiny --batch_size 8 --workers 0 --log_every 1"
 
@@ -92,26 +91,14 @@ def test_no_parser_accepts_an_abbreviated_flag(module_name, capsys):
 
 # ----------------------------------------------------------------------------- launchers vs finetune.py
 
-def _launch(cmd: str, cwd, env_extra=None, timeout=600):
-    env = {**os.environ, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    return subprocess.run(["bash", "-c", cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _old_result(results_dir, init, seed, acc):
-    """A finished run of another init, as an earlier launcher call left it."""
-    folder = results_dir / "digits" / init
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"seed{seed}.json").write_text(json.dumps({"test_acc": acc, "test_loss": 1.0, "args": {"seed": seed}}))
-
-
 @pytest.mark.parametrize("flag", ["--scratch True", "--scratch=true", "--ckpt_name further-pretrain-9",
                                   "--seed 7", "--output_dir elsewhere", "--dataset cub"])
 def test_run_finetune_refuses_the_flags_it_sets_itself(flag, data_dir, tmp_path):
     """Passed after the positional arguments, these won in finetune.py while the summary still read the
     positional ones' result file: `--scratch True` trained from θ₀ and then printed an older run's
     accuracy of the self-distilled model, exit 0."""
-    _old_result(tmp_path / "results", "self-further-pretrain-20000", 1, 0.123)
-    proc = _launch(f"bash {REPO}/run_finetune.sh cpu digits {flag} {TINY_FLAGS} --data_dir {data_dir} --steps 2",
+    result_file(tmp_path / "results", "digits", "self-further-pretrain-20000", 1, 0.123)
+    proc = launch(f"bash {REPO}/run_finetune.sh cpu digits {flag} {TINY_FLAGS} --data_dir {data_dir} --steps 2",
                    tmp_path, {"SEEDS": "1"})
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     name = flag.split()[0].split("=")[0]
@@ -125,15 +112,15 @@ def test_run_finetune_refuses_the_flags_it_sets_itself(flag, data_dir, tmp_path)
 def test_run_finetune_summary_is_the_run_that_ran(data_dir, tmp_path):
     """The positional form and --results_dir (read by the launcher as argparse reads it, last one wins) give
     the summary of the runs just made; an abbreviation is refused by finetune.py itself."""
-    _old_result(tmp_path / "res", "initial", 1, 0.123)  # another results folder's older run
+    result_file(tmp_path / "res", "digits", "initial", 1, 0.123)  # another results folder's older run
     flags = f"{TINY_FLAGS} --data_dir {data_dir} --steps 2"
-    proc = _launch(f"bash {REPO}/run_finetune.sh cpu digits True {flags} --results_dir res --results_dir=res2",
+    proc = launch(f"bash {REPO}/run_finetune.sh cpu digits True {flags} --results_dir res --results_dir=res2",
                    tmp_path, {"SEEDS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.load(open(tmp_path / "res2" / "digits" / "initial" / "seed1.json"))
     assert proc.stdout.strip().splitlines()[-1] == (f"digits initial: test accuracy {100 * result['test_acc']:.2f} % "
                                                     f"over 1 seed (1)")
-    proc = _launch(f"bash {REPO}/run_finetune.sh cpu digits True {flags} --results res", tmp_path, {"SEEDS": "2"})
+    proc = launch(f"bash {REPO}/run_finetune.sh cpu digits True {flags} --results res", tmp_path, {"SEEDS": "2"})
     assert proc.returncode == 2 and "unrecognized arguments: --results res" in proc.stderr
     assert "12.30" not in proc.stdout and not (tmp_path / "res" / "digits" / "initial" / "seed2.json").exists()
 
@@ -141,7 +128,7 @@ def test_run_finetune_summary_is_the_run_that_ran(data_dir, tmp_path):
 @pytest.mark.parametrize("flag", ["--seed 3", "--dataset=cub", "--output_dir o", "--scratch True",
                                   "--ckpt_name x"])
 def test_run_all_refuses_the_flags_it_sets_itself(flag, tmp_path):
-    proc = _launch(f"bash {REPO}/run_all.sh cpu digits --model_name vit-mae-tiny {flag}", tmp_path)
+    proc = launch(f"bash {REPO}/run_all.sh cpu digits --model_name vit-mae-tiny {flag}", tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     name = flag.split()[0].split("=")[0]

@@ -1,7 +1,5 @@
 """What users type: every bad input answered with one line (the launchers: tests/test_launchers.py)."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -9,14 +7,9 @@ import torch
 import finetune
 import pretrain
 import selftrain
-from conftest import REPO, TINY
 from models import load_mae, save_model
-from helpers import assert_one_line as _assert_one_line, cli as _cli
 
-
-def _launch(cmd: str, cwd, env_extra=None, timeout=300):
-    env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1", **(env_extra or {}))
-    return subprocess.run(["bash", "-c", cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+from helpers import REPO, TINY, assert_one_line as _assert_one_line, cli as _cli, launch
 
 
 def test_unknown_dataset_lists_the_valid_ones(monkeypatch, capsys, tmp_path):
@@ -80,7 +73,7 @@ def test_cuda_asked_where_there_is_none(monkeypatch, capsys, data_dir, tmp_path)
     code, err = _cli(pretrain, argv, monkeypatch, capsys)
     assert code == 2
     _assert_one_line(err, "no CUDA device", "--device cpu")
-    proc = _launch(f"bash {REPO}/run_pretrain.sh 0 digits 2 --model_name vit-mae-tiny --data_dir {data_dir}", tmp_path)
+    proc = launch(f"bash {REPO}/run_pretrain.sh 0 digits 2 --model_name vit-mae-tiny --data_dir {data_dir}", tmp_path)
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr and "Traceback" not in proc.stderr
 
 

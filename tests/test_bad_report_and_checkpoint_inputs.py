@@ -1,4 +1,5 @@
-"""More of the same kinds, found beyond the issue's examples: result folders walked by report.py (an unreadable
+"""Bad inputs of report.py and of the checkpoints and datasets a stage reads, each one line: report.py as the shell
+runs it (no results, a broken result file: exit code 2); result folders it walks (an unreadable
 one dropped its seeds from a cell; a FIFO named seed1.json hung it), --init as the launcher spells a checkpoint
 name, a damaged counts.json (a traceback in three places), a --ckpt_name given as a path (fine-tuning wrote its
 results into the checkpoint tree), and an unreadable config.json of a model directory (a traceback)."""
@@ -12,28 +13,20 @@ import pytest
 
 import finetune
 import report
-from conftest import REPO, TINY
 from data import ImageDataset
 from data.prepare import get_args_parser as prepare_parser
 from data.prepare import main as prepare_main
 from errors import UserError
-from fs_helpers import open_tmp, unprivileged, world_readable
-from helpers import assert_one_line, cli
 
-
-def _result(root, dataset, init, seed, acc):
-    folder = os.path.join(root, dataset, init)
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f"seed{seed}.json"), "w") as f:
-        json.dump({"test_acc": acc, "test_loss": 1.0, "args": {"seed": seed}}, f)
+from helpers import REPO, TINY, assert_one_line, cli, open_tmp, result_file, unprivileged, world_readable
 
 
 def test_report_names_an_unreadable_results_folder():
     with open_tmp() as tmp:
         results = os.path.join(tmp, "results")
         for seed in (1, 2, 3):
-            _result(results, "cub", "initial", seed, 0.5 + seed / 100)
-        _result(results, "cub", os.path.join("runs", "further-pretrain-9"), 1, 0.6)
+            result_file(results, "cub", "initial", seed, 0.5 + seed / 100)
+        result_file(results, "cub", os.path.join("runs", "further-pretrain-9"), 1, 0.6)
         world_readable(tmp)
         os.chmod(os.path.join(results, "cub", "runs"), 0o000)
         proc = unprivileged("""
@@ -50,7 +43,7 @@ def test_report_names_an_unreadable_results_folder():
 
 
 def test_report_refuses_a_result_file_that_is_a_fifo_without_hanging(tmp_path):
-    _result(tmp_path, "cub", "initial", 1, 0.5)
+    result_file(tmp_path, "cub", "initial", 1, 0.5)
     os.mkfifo(tmp_path / "cub" / "initial" / "seed2.json")
     proc = subprocess.run([sys.executable, "report.py", "--results_dir", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
@@ -58,10 +51,28 @@ def test_report_refuses_a_result_file_that_is_a_fifo_without_hanging(tmp_path):
     assert_one_line(proc.stderr, str(tmp_path / "cub" / "initial" / "seed2.json"), "FIFO")
 
 
+def test_report_command_errors_exit_2(tmp_path):
+    """report.py as the shell runs it: no results, or a broken result file, is one line and exit code 2."""
+    def cli(results_dir):
+        return subprocess.run([sys.executable, "report.py", "--results_dir", str(results_dir)], cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+
+    (tmp_path / "empty" / "cub" / "initial" / "seed1").mkdir(parents=True)
+    proc = cli(tmp_path / "empty")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: no fine-tuning results") and proc.stderr.count("\n") == 1
+
+    result_file(tmp_path / "bad", "cub", "initial", 1, 0.5)
+    (tmp_path / "bad" / "cub" / "initial" / "seed1.json").write_text("{")
+    proc = cli(tmp_path / "bad")
+    assert proc.returncode == 2
+    assert "seed1.json" in proc.stderr and proc.stderr.count("\n") == 1
+
+
 def test_report_init_as_the_launcher_spells_a_checkpoint_name(tmp_path, capsys):
     """run_finetune.sh passes CKPT as given; `further-pretrain-9/` wrote results/<d>/further-pretrain-9/, and the
     summary's --init further-pretrain-9/ found nothing (exit 2 after every run had succeeded)."""
-    _result(tmp_path, "cub", "further-pretrain-9", 1, 0.5)
+    result_file(tmp_path, "cub", "further-pretrain-9", 1, 0.5)
     report.main(report.get_args_parser().parse_args(["--results_dir", str(tmp_path), "--init",
                                                      "further-pretrain-9/"]))
     assert capsys.readouterr().out.startswith("cub further-pretrain-9: test accuracy 50.00 %")
