@@ -235,6 +235,7 @@ def mix_seed(*parts: int) -> int:
 
 
 STREAM_ORDER, STREAM_NOISE, STREAM_FLIP, STREAM_DROPOUT, STREAM_SPLIT = range(5)
+STREAM_MIX, STREAM_ERASE, STREAM_RANDAUG = range(5, 8)  # fine-tuning's MAE recipe (training/mae_recipe.py)
 
 
 def generator(seed: int, stream: int, index: int) -> torch.Generator:
@@ -252,4 +253,5 @@ RESULT_NEUTRAL_FLAGS = frozenset({"workers", "threads", "log_every", "save_every
                                   "teacher_device", "save_model", "compile", "precision", "data_cache", "report_to",
                                   "output_dir", "results_dir", "save_every_minutes"})
 # Flags added after runs were already being recorded: a record without one ran as its default does.
-LATER_FLAG_DEFAULTS = {"cuda_graph": False}
+LATER_FLAG_DEFAULTS = {"cuda_graph": False, "recipe": "release", "layer_decay": 1.0, "drop_path": 0.0, "mixup": 0.0,
+                       "cutmix": 0.0, "label_smoothing": 0.0, "reprob": 0.0, "randaug": "none", "schedule": "linear"}
