@@ -84,10 +84,13 @@ def mae_no_weight_decay(name: str, param) -> bool:
 
 
 def layer_id(name: str, num_layers: int) -> int:
-    """timm's layer of a transformers ViT parameter: the embeddings 0, block N N + 1, everything after the blocks
-    (the final LayerNorm, the head) num_layers + 1."""
+    """timm's layer of a transformers ViT parameter (its ViT's group_matcher): the embeddings 0, block N N + 1, the
+    final LayerNorm with the last block (num_layers; MAE's own lr_decay.py puts it with the head, a factor
+    layer_decay apart on its two vectors), the head num_layers + 1."""
     if name.startswith("vit.embeddings."):
         return 0
+    if name.startswith("vit.layernorm."):
+        return num_layers
     m = re.match(r"vit\.(?:encoder\.)?layers?\.(\d+)\.", name)
     return int(m.group(1)) + 1 if m else num_layers + 1
 
@@ -223,7 +226,7 @@ class Augment:
         return (augmented.float().div_(255) - self.mean) / self.std
 
     def random_erase(self, step: int, images: torch.Tensor, first: int) -> torch.Tensor:
-        out = images.cpu()  # timm draws the noise on the CPU, as in MAE's data loader
+        out = images.to("cpu", copy=True)  # erased in place; timm draws the noise on the CPU, as MAE's loader
         with seeded(0, images.device):
             for row in range(out.shape[0]):
                 reseed(mix_seed(self.seed, STREAM_ERASE, step, first + row))
