@@ -124,13 +124,16 @@ def train_val_split(n: int, val_split: float) -> tuple[list[int], list[int]]:
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
-def training_loss(classifier, images, labels, flip, criterion=F.cross_entropy):
+def training_loss(classifier, images, labels, flip):
     """Cross-entropy on one batch, each image horizontally flipped where `flip` (B,) is True (the paper's only
-    augmentation). images (B, 3, H, W) normalised, labels (B,), or (B, classes) soft targets with the MAE recipe's
-    mixup (its `criterion`, training/mae_recipe.py). -> (loss, the terms to log)."""
+    augmentation). images (B, 3, H, W) normalised, labels (B,), or (B, classes) soft targets: the mixed or
+    smoothed labels of the MAE recipe's mixup / label smoothing (training/mae_recipe.py). -> (loss, terms to log)."""
     images = torch.where(flip[:, None, None, None], images.flip(-1), images)
     logits = classifier(images).logits  # (B, classes)
-    loss = criterion(logits.float(), labels)
+    if labels.is_floating_point():
+        loss = mae_recipe.soft_target_loss(logits.float(), labels)
+    else:
+        loss = F.cross_entropy(logits.float(), labels)
     return loss, {"cls_loss": loss}
 
 
@@ -212,19 +215,18 @@ def main(args):
     mae_recipe.check_mix_batch(args, run.process.local_batch(args.batch_size))
     augment = mae_recipe.Augment(args, run.data.mean, run.data.std, run.process.rank, full_train.num_classes(),
                                  config.image_size)
-    criterion = mae_recipe.criterion(args)
     classifier.train()
 
     @run.graphed  # --cuda_graph: this step captured whole in one CUDA graph (training/cuda_graph.py)
     def train_step(step, images, labels, flip):
         with run.forward(step):  # autocast; dropout seeded from (seed, step)
-            loss, terms = training_loss(classifier, images, labels, flip, criterion)
+            loss, terms = training_loss(classifier, images, labels, flip)
         run.step(step, loss, terms)  # backward, clip, AdamW, schedule, non-finite check; log, save
 
     for step, (images, labels, _) in run.batches(train_set):
         flip = run.global_rand(step, utils.STREAM_FLIP) < 0.5  # (B,), a function of (seed, step, sample)
-        images, targets = augment(step, images, labels)  # RandAugment, erasing, mixup / cutmix; else unchanged
-        train_step(step, images, targets, flip)
+        images, labels = augment(step, images, labels)  # RandAugment, erasing, mixup / cutmix, smoothing; else as is
+        train_step(step, images, labels, flip)
 
     # ---- evaluation, once, after the last step: the test split, and (eval mode, no flip) the images trained on,
     # to tell a classifier that does not fit its training set from one that fits and does not generalise

@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from timm.data import Mixup
 from timm.data.random_erasing import RandomErasing
@@ -237,14 +238,21 @@ def test_randaugment_is_timms_per_image_on_the_uint8_pixels_with_its_draws():
 
 
 def test_the_loss_is_timms_for_each_piece():
+    """Cross-entropy on the labels (the paper's); with smoothing alone timm's smoothed one-hot targets, whose
+    soft-target loss is timm's LabelSmoothingCrossEntropy (MAE's loss without mixup); with mixup
+    SoftTargetCrossEntropy on the mixed targets."""
     logits = torch.randn(4, NUM_CLASSES, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 1, 2, 3])
-    soft = torch.softmax(torch.randn(4, NUM_CLASSES), -1)
-    assert mae_recipe.criterion(recipe_args()) is torch.nn.functional.cross_entropy
-    smoothing = mae_recipe.criterion(recipe_args("--label_smoothing", "0.1"))
-    assert torch.equal(smoothing(logits, labels), LabelSmoothingCrossEntropy(0.1)(logits, labels))
-    mixing = mae_recipe.criterion(recipe_args("--recipe", "mae"))
-    assert torch.equal(mixing(logits, soft), SoftTargetCrossEntropy()(logits, soft))
+    _, images = normalised_batch(4)
+    model = lambda x: type("Out", (), {"logits": logits})()  # noqa: E731  (the logits whatever the images)
+    no_flip = torch.zeros(4, dtype=torch.bool)
+    assert augment_of()(0, images, labels)[1] is labels
+    assert torch.equal(finetune.training_loss(model, images, labels, no_flip)[0], F.cross_entropy(logits, labels))
+    _, smoothed = augment_of("--label_smoothing", "0.1")(0, images, labels)
+    torch.testing.assert_close(finetune.training_loss(model, images, smoothed, no_flip)[0],
+                               LabelSmoothingCrossEntropy(0.1)(logits, labels), rtol=1e-6, atol=0)
+    _, mixed = augment_of("--recipe", "mae")(0, images, labels)
+    assert torch.equal(finetune.training_loss(model, images, mixed, no_flip)[0], SoftTargetCrossEntropy()(logits, mixed))
 
 
 # ----------------------------------------------------------------------------- flags

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import Mixup, create_transform
+from timm.data.mixup import mixup_target
 from timm.data.auto_augment import RandAugment
 from timm.data.random_erasing import RandomErasing
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.loss import SoftTargetCrossEntropy
 
 from errors import UserError
 from training.step import linear_schedule
@@ -128,15 +129,10 @@ SCHEDULES = {"linear": linear_schedule, "cosine": cosine_schedule}
 
 # ----------------------------------------------------------------------------- the loss
 
-def criterion(args):
-    """The training loss on (logits, targets): with mixup or cutmix, timm's SoftTargetCrossEntropy on the mixed,
-    smoothed targets; else with label smoothing timm's LabelSmoothingCrossEntropy; else cross-entropy (MAE's
-    choice of the three)."""
-    if args.mixup > 0 or args.cutmix > 0:
-        return SoftTargetCrossEntropy()
-    if args.label_smoothing > 0:
-        return LabelSmoothingCrossEntropy(args.label_smoothing)
-    return torch.nn.functional.cross_entropy
+def soft_target_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """timm's SoftTargetCrossEntropy: the loss on the mixed or smoothed targets (B, classes) Augment gives. On
+    smoothed one-hot targets it is timm's LabelSmoothingCrossEntropy (MAE's loss without mixup), up to rounding."""
+    return SoftTargetCrossEntropy()(logits, targets)
 
 
 # ----------------------------------------------------------------------------- augmentation of a step's batch
@@ -181,8 +177,9 @@ class Augment:
     """What the recipe does to a step's batch before the forward, in MAE's order: RandAugment (per image, on its
     uint8 pixels), random erasing (per image, normalised), mixup / cutmix (on the batch, with the smoothed
     targets). augment(step, images, labels) -> (images, targets): images (B_local, 3, H, W) normalised, labels
-    (B_local,); targets are the labels unless mixing, else (B_local, classes) soft targets. With every piece off
-    it returns its inputs.
+    (B_local,); targets are the labels unless mixing or smoothing, else (B_local, classes) soft targets (timm's
+    mixup_target: with mixing the mixed, smoothed ones; without, the smoothed one-hot). With every piece off it
+    returns its inputs.
 
     The images of a step are this process's rows of the global batch; row r is global row rank · B_local + r.
     Per-image draws are seeded from (seed, stream, step, global row). Mixup pairs global rows 2k and 2k+1 (timm's
@@ -192,6 +189,7 @@ class Augment:
 
     def __init__(self, args, mean: torch.Tensor, std: torch.Tensor, rank: int, num_classes: int, image_size: int):
         self.seed, self.rank, self.mean, self.std = args.seed, rank, mean, std
+        self.num_classes, self.label_smoothing = num_classes, args.label_smoothing
         self.randaug = (None if args.randaug == "none"
                         else randaug_transform(args.randaug, image_size, mean.flatten().tolist()))
         # MAE's: one erased rectangle filled with per-pixel normal noise
@@ -209,6 +207,8 @@ class Augment:
             images = self.random_erase(step, images, first)
         if self.mixup is not None:
             return self.mix(step, images, labels)
+        if self.label_smoothing > 0:
+            return images, mixup_target(labels, self.num_classes, smoothing=self.label_smoothing)
         return images, labels
 
     def to_uint8(self, images: torch.Tensor) -> torch.Tensor:
