@@ -22,6 +22,7 @@ import finetune
 import report
 import utils
 from conftest import TINY
+from helpers import spy, spy_prepare
 from models import build_classifier, load_mae
 from models.hub import TINY_CONFIG
 from models.vit_mae import DropPathGlobalBatch
@@ -284,14 +285,24 @@ def test_odd_per_process_batch_with_mixup_is_refused():
 
 # ----------------------------------------------------------------------------- the results table
 
-def test_another_recipe_is_another_row_and_old_records_average_with_the_paper_s(data_dir, tmp_path):
-    """A --recipe mae run lands in <init>/recipe-mae/: its own row, never averaged with the release's runs; a piece
-    given under the release's recipe shows as mixed settings; a record from before these flags averages with a
-    release run of today. (One real run; the others are its record with the arguments they would have.)"""
+def test_main_runs_the_mae_recipe_and_it_is_another_row_in_the_report(data_dir, tmp_path, monkeypatch):
+    """finetune.main --recipe mae trains with every piece: layer-decay groups, the cosine schedule, drop path, the
+    augmented batch and its soft targets reach the loss. Its result lands in <init>/recipe-mae/: its own row, never
+    averaged with the release's runs; a piece given under the release's recipe shows as mixed settings; a record
+    from before these flags averages with a release run of today. (One real run; the others are its record with
+    the arguments they would have.)"""
     results = str(tmp_path / "results")
+    seen, losses = spy_prepare(monkeypatch), []
+    spy(monkeypatch, finetune, "training_loss", lambda model, images, labels, flip: losses.append((images, labels)))
     finetune.main(finetune.get_args_parser().parse_args(
         [*TINY, "--dataset", "digits", "--data_dir", data_dir, "--results_dir", results, "--scratch", "True",
-         "--steps", "1", "--batch_size", "4", "--seed", "1", "--recipe", "mae"]))
+         "--steps", "1", "--batch_size", "4", "--seed", "1", "--recipe", "mae", "--warmup_steps", "2"]))
+    scales = sorted({g["lr_scale"] for g in seen["optimizer"].param_groups})
+    assert scales == pytest.approx([0.65 ** k for k in range(TINY_CONFIG["num_hidden_layers"] + 2)][::-1])
+    assert seen["scheduler"].lr_lambdas[0].__qualname__.startswith("cosine_schedule")
+    assert any(isinstance(m, DropPathGlobalBatch) for m in seen["model"].modules())
+    (images, labels), = losses
+    assert labels.shape == (4, 10) and labels.is_floating_point()  # mixed, smoothed
     with open(os.path.join(results, "digits", "initial", "recipe-mae", "seed1.json")) as f:
         mae_run = json.load(f)
 
