@@ -73,7 +73,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"stochastic depth on each block's residual branches, rising linearly to this rate in the last "
                         f"block (mae: {mae['drop_path']})")
     g.add_argument("--mixup", type=utils.finite_float(0), default=mae_recipe.not_given(release["mixup"]),
-                   help=f"mixup's Beta(α, α) α; 0: off (mae: {mae['mixup']}); with --cutmix, one of the two per step")
+                   help=f"mixup's Beta(α, α) α; 0: off (mae: {mae['mixup']}); with --cutmix, one of the two a "
+                        f"step")
     g.add_argument("--cutmix", type=utils.finite_float(0), default=mae_recipe.not_given(release["cutmix"]),
                    help=f"cutmix's Beta(α, α) α; 0: off (mae: {mae['cutmix']})")
     g.add_argument("--label_smoothing", type=utils.finite_float(0, 1, high_open=True),

@@ -129,7 +129,8 @@ def test_cosine_schedule_matches_timm_cosine_scheduler():
                                       warmup_prefix=True)
     for step in range(total + 3):
         assert lr * factor(step) == pytest.approx(timm_schedule._get_lr(step)[0], abs=1e-15), step
-    assert factor(warmup) == 1.0 and factor(total) == 0.0 and factor(warmup + (total - warmup) // 2) == pytest.approx(0.5)
+    assert factor(warmup) == 1.0 and factor(total) == 0.0
+    assert factor(warmup + (total - warmup) // 2) == pytest.approx(0.5)
 
 
 # ----------------------------------------------------------------------------- drop path
@@ -253,7 +254,8 @@ def test_the_loss_is_timms_for_each_piece():
     torch.testing.assert_close(finetune.training_loss(model, images, smoothed, no_flip)[0],
                                LabelSmoothingCrossEntropy(0.1)(logits, labels), rtol=1e-6, atol=0)
     _, mixed = augment_of("--recipe", "mae")(0, images, labels)
-    assert torch.equal(finetune.training_loss(model, images, mixed, no_flip)[0], SoftTargetCrossEntropy()(logits, mixed))
+    assert torch.equal(finetune.training_loss(model, images, mixed, no_flip)[0],
+                       SoftTargetCrossEntropy()(logits, mixed))
 
 
 # ----------------------------------------------------------------------------- flags
