@@ -9,10 +9,13 @@ held-out --val_split part), are printed and written to a results file.
     python finetune.py --dataset cub --ckpt_name further-pretrain-20000
     python finetune.py --dataset cub --scratch True                   # from θ₀
     bash run_finetune.sh 0 cub                                        # 5 seeds, then mean ± std
+    python finetune.py --dataset cub --recipe mae                     # MAE's fine-tuning recipe instead
 
 Writes results/<dataset>/<init>/seed<k>.json (test_acc, test_loss, train_acc, train_loss and the run's arguments)
 and the run's record and metrics in results/<dataset>/<init>/seed<k>/; <init> is `initial` or NAME. With
---save_model also the classifier, in results/<dataset>/<init>/seed<k>/model/ (stock from_pretrained).
+--save_model also the classifier, in results/<dataset>/<init>/seed<k>/model/ (stock from_pretrained). A recipe other
+than the paper's (--recipe mae: layer decay, drop path, RandAugment, random erasing, mixup / cutmix, label smoothing,
+a cosine schedule; training/mae_recipe.py) writes to results/<dataset>/<init>/recipe-<name>/ instead: another row.
 """
 import argparse
 import os
@@ -31,6 +34,7 @@ from models import (build_classifier, has_checkpoint, load_encoder_state, load_m
 from models.identity import WeightsInput
 from outputs.card import model_card
 from outputs.plots import plot_metrics
+from training import mae_recipe
 
 FINETUNE_BETAS = (0.9, 0.999)
 NO_DECAY_NAMES = ("bias", "position_embeddings", "cls_token")  # the release's rule; LayerNorm weights decay
@@ -55,7 +59,36 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="also save the trained classifier (ViTForImageClassification, with its label names, "
                         "preprocessing and model card) in the run's folder, <results_dir>/<dataset>/<init>/seed<k>/model/; "
                         "off by default: a ViT-Base classifier is about 330 MB per run")
-    p.set_defaults(steps=10000, batch_size=32, lr=1e-4, warmup_steps=500, clip_grad=1.0)
+    g = p.add_argument_group("MAE's fine-tuning recipe (each piece off in the paper's; training/mae_recipe.py)")
+    release, mae = mae_recipe.RECIPES["release"], mae_recipe.RECIPES["mae"]
+    g.add_argument("--recipe", default="release", choices=sorted(mae_recipe.RECIPES),
+                   help="release: the paper's fine-tuning; mae: MAE's (ViT-B, FINETUNE.md): the defaults of the flags "
+                        "below and --weight_decay become MAE's values (a flag given wins), no weight decay on 1-D "
+                        "tensors, position embeddings and cls token, results in <init>/recipe-mae/")
+    fraction = utils.finite_float(0, 1)
+    g.add_argument("--layer_decay", type=utils.finite_float(0, 1, low_open=True), default=mae_recipe.not_given(
+        release["layer_decay"]), help=f"layer-wise lr decay: block i of L trains at lr · layer_decay^(L+1-i), the "
+                                      f"embeddings at i=0 (1: off; mae: {mae['layer_decay']})")
+    g.add_argument("--drop_path", type=fraction, default=mae_recipe.not_given(release["drop_path"]),
+                   help=f"stochastic depth on each block's residual branches, rising linearly to this rate in the last "
+                        f"block (mae: {mae['drop_path']})")
+    g.add_argument("--mixup", type=utils.finite_float(0), default=mae_recipe.not_given(release["mixup"]),
+                   help=f"mixup's Beta(α, α) α; 0: off (mae: {mae['mixup']}); with --cutmix, one of the two a "
+                        f"step")
+    g.add_argument("--cutmix", type=utils.finite_float(0), default=mae_recipe.not_given(release["cutmix"]),
+                   help=f"cutmix's Beta(α, α) α; 0: off (mae: {mae['cutmix']})")
+    g.add_argument("--label_smoothing", type=utils.finite_float(0, 1, high_open=True),
+                   default=mae_recipe.not_given(release["label_smoothing"]),
+                   help=f"label smoothing of the targets (mae: {mae['label_smoothing']})")
+    g.add_argument("--reprob", type=fraction, default=mae_recipe.not_given(release["reprob"]),
+                   help=f"random erasing: probability of erasing one rectangle of an image, filled with noise "
+                        f"(mae: {mae['reprob']})")
+    g.add_argument("--randaug", default=mae_recipe.not_given(release["randaug"]),
+                   help=f"RandAugment, a timm rand-augment string, or none (mae: {mae['randaug']})")
+    g.add_argument("--schedule", default=mae_recipe.not_given(release["schedule"]), choices=["linear", "cosine"],
+                   help=f"after the linear warmup: linear or half-cosine decay to 0 (mae: {mae['schedule']})")
+    p.set_defaults(steps=10000, batch_size=32, lr=1e-4, warmup_steps=500, clip_grad=1.0,
+                   weight_decay=mae_recipe.not_given(release["weight_decay"]))
     return p
 
 
@@ -93,11 +126,15 @@ def train_val_split(n: int, val_split: float) -> tuple[list[int], list[int]]:
 
 
 def training_loss(classifier, images, labels, flip):
-    """Cross-entropy on one batch, each image horizontally flipped where `flip` (B,) is True (the only
-    augmentation). images (B, 3, H, W) normalised, labels (B,). -> (loss, the terms to log)."""
+    """Cross-entropy on one batch, each image horizontally flipped where `flip` (B,) is True (the paper's only
+    augmentation). images (B, 3, H, W) normalised, labels (B,), or (B, classes) soft targets: the mixed or
+    smoothed labels of the MAE recipe's mixup / label smoothing (training/mae_recipe.py). -> (loss, terms to log)."""
     images = torch.where(flip[:, None, None, None], images.flip(-1), images)
     logits = classifier(images).logits  # (B, classes)
-    loss = F.cross_entropy(logits.float(), labels)
+    if labels.is_floating_point():
+        loss = mae_recipe.soft_target_loss(logits.float(), labels)
+    else:
+        loss = F.cross_entropy(logits.float(), labels)
     return loss, {"cls_loss": loss}
 
 
@@ -130,13 +167,15 @@ def check_ckpt_name(name: str) -> None:
 
 
 def main(args):
+    mae_recipe.resolve_recipe(args)  # the recipe's values for the pieces not given, before anything is recorded
     if not args.scratch:
         check_ckpt_name(args.ckpt_name)
     if args.scratch:  # no checkpoint is read; recorded as the defaults, so launchers passing other values agree
         defaults = get_args_parser()
         args.ckpt_name, args.checkpoint_dir = defaults.get_default("ckpt_name"), defaults.get_default("checkpoint_dir")
     init = "initial" if args.scratch else args.ckpt_name
-    out_dir = args.output_dir or os.path.join(args.results_dir, args.dataset, init, f"seed{args.seed}")
+    out_dir = args.output_dir or os.path.join(args.results_dir, args.dataset, init, mae_recipe.recipe_dir(args.recipe),
+                                              f"seed{args.seed}")
     result_path = os.path.normpath(out_dir) + ".json"
     checkpoint = args.model_name if args.scratch else os.path.join(args.checkpoint_dir, args.ckpt_name, args.dataset)
     preprocessing = preprocessing_of(checkpoint, args.model_name)  # what the checkpoint was trained with
@@ -164,12 +203,19 @@ def main(args):
     train_idx, val_idx = train_val_split(len(full_train), args.val_split)
     train_set = torch.utils.data.Subset(full_train, train_idx)
 
-    # ---- model: the checkpoint's encoder + a new linear head
-    model = build_classifier(config, encoder_state, full_train.num_classes(), args.dropout)
-    optimizer, scheduler = run.adamw(model, no_weight_decay, FINETUNE_BETAS)
+    # ---- model: the checkpoint's encoder + a new linear head; AdamW, layer-wise lr decay with --layer_decay
+    model = build_classifier(config, encoder_state, full_train.num_classes(), args.dropout, args.drop_path,
+                             run.process.rank, run.process.world)
+    no_decay = mae_recipe.mae_no_weight_decay if args.recipe == "mae" else no_weight_decay
+    groups = (mae_recipe.layer_decay_groups(model, args.lr, args.weight_decay, no_decay, args.layer_decay)
+              if args.layer_decay != 1 else None)
+    optimizer, scheduler = run.adamw(model, no_decay, FINETUNE_BETAS, groups, mae_recipe.SCHEDULES[args.schedule])
     classifier = run.prepare(model, optimizer, scheduler)
 
-    # ---- supervised training, horizontal flip as the only augmentation
+    # ---- supervised training: horizontal flip (the paper's only augmentation); the MAE recipe's pieces if asked
+    mae_recipe.check_mix_batch(args, run.process.local_batch(args.batch_size))
+    augment = mae_recipe.Augment(args, run.data.mean, run.data.std, run.process.rank, full_train.num_classes(),
+                                 config.image_size)
     classifier.train()
 
     @run.graphed  # --cuda_graph: this step captured whole in one CUDA graph (training/cuda_graph.py)
@@ -180,6 +226,7 @@ def main(args):
 
     for step, (images, labels, _) in run.batches(train_set):
         flip = run.global_rand(step, utils.STREAM_FLIP) < 0.5  # (B,), a function of (seed, step, sample)
+        images, labels = augment(step, images, labels)  # RandAugment, erasing, mixup / cutmix, smoothing; else as is
         train_step(step, images, labels, flip)
 
     # ---- evaluation, once, after the last step: the test split, and (eval mode, no flip) the images trained on,

@@ -236,6 +236,7 @@ def mix_seed(*parts: int) -> int:
 
 
 STREAM_ORDER, STREAM_NOISE, STREAM_FLIP, STREAM_DROPOUT, STREAM_SPLIT = range(5)
+STREAM_MIX, STREAM_ERASE, STREAM_RANDAUG = range(5, 8)  # fine-tuning's MAE recipe (training/mae_recipe.py)
 
 
 def generator(seed: int, stream: int, index: int) -> torch.Generator:

@@ -16,6 +16,7 @@ import contextlib
 
 import numpy as np
 import torch
+from timm.layers import drop_path
 from torch import nn
 from transformers import ViTConfig, ViTForImageClassification, ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel
 
@@ -152,16 +153,23 @@ class MAEWithFeature(nn.Module):
 
 # ----------------------------------------------------------------------------- the fine-tuning classifier
 
-def build_classifier(config: ViTMAEConfig, encoder_state: dict, num_classes: int, dropout: float
-                     ) -> ViTForImageClassification:
+def build_classifier(config: ViTMAEConfig, encoder_state: dict, num_classes: int, dropout: float,
+                     drop_path: float = 0.0, rank: int = 0, world: int = 1) -> ViTForImageClassification:
     """A ViT classifier (linear head on the final-LayerNorm CLS token) whose encoder is `encoder_state`.
 
-    Every encoder tensor comes from `encoder_state`; only `classifier.weight/bias` are new."""
+    Every encoder tensor comes from `encoder_state`; only `classifier.weight/bias` are new. drop_path > 0: stochastic
+    depth on both residual branches of every block (DropPathGlobalBatch, for process `rank` of `world`), at rates
+    rising linearly from 0 in the first block to drop_path in the last, as timm's ViT."""
     vit_config = ViTConfig(**{k: getattr(config, k) for k in _SHARED_ARCH}, num_labels=num_classes,
                            hidden_dropout_prob=dropout, attention_probs_dropout_prob=0.0)
     model = ViTForImageClassification(vit_config)
     _load_exact(model, {"vit." + k: v for k, v in encoder_state.items()}, "the encoder checkpoint",
                 allowed_missing=("classifier.weight", "classifier.bias"))
+    if drop_path > 0:
+        rates = torch.linspace(0, drop_path, len(model.vit.layers)).tolist()
+        for layer, rate in zip(model.vit.layers, rates):
+            # the block's dropout ends both branches, before each residual sum: drop path goes right after it
+            layer.dropout = nn.Sequential(layer.dropout, DropPathGlobalBatch(rate, rank, world))
     return model
 
 
@@ -170,3 +178,24 @@ def build_encoder(config: ViTMAEConfig, encoder_state: dict) -> ViTMAEModel:
     encoder = ViTMAEModel(config)
     _load_exact(encoder, encoder_state, "the encoder checkpoint")
     return encoder
+
+
+class DropPathGlobalBatch(nn.Module):
+    """timm's drop_path (a whole branch zeroed per sample, the rest scaled by 1 / keep), its per-sample draws made
+    for the whole global batch and sliced to this process's rows, like training.draws.GlobalBatchDropout: a sample's
+    draw depends on (seed, step, its place in the global batch), not on the number of processes. Draws from the default
+    generator, which the step seeds before the forward (training.Run.forward). x: (B_local, ...)."""
+
+    def __init__(self, p: float, rank: int, world: int):
+        super().__init__()
+        self.p, self.rank, self.world = p, rank, world
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        b = x.shape[0]
+        keep = drop_path(x.new_ones(b * self.world, *(1,) * (x.ndim - 1)), self.p, training=True)
+        return x * keep[self.rank * b:(self.rank + 1) * b]
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, rank={self.rank}, world={self.world}"

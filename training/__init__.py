@@ -6,6 +6,7 @@
     draws.py     what step s draws at random: data order, masking noise, flips, dropout's seed
     batches.py   what step s trains on: its batch, from the decode-once copy of the split or the workers
     step.py      the optimizer step: AdamW and the schedule, backward, clipping, the non-finite flag
+    mae_recipe.py fine-tuning's --recipe mae pieces on timm: layer decay, the cosine schedule, augmentation, the loss
     cuda_graph.py --cuda_graph: the stage's step function, the eager one, captured in one CUDA graph and replayed
     metrics.py   metrics.jsonl, the progress bar or plain lines; report_to.py and tensorboard_events.py: the same
                  lines live to TensorBoard or W&B (--report_to)

@@ -52,15 +52,20 @@ def upgrade(record: dict, path: str) -> dict:
     return {VERSION_KEY: SCHEMA_VERSION, **{k: v for k, v in record.items() if k != VERSION_KEY}}
 
 
-# Flags added while version 1 was written: a record without one ran as its default does.
+# Flags added while version 1 was written (every stage's, then fine-tuning's own): a record without one ran as its
+# default does.
 _FLAGS_ADDED_IN_VERSION_1 = {"cuda_graph": False}
+_FINETUNE_FLAGS_ADDED_IN_VERSION_1 = {"recipe": "release", "layer_decay": 1.0, "drop_path": 0.0, "mixup": 0.0,
+                                      "cutmix": 0.0, "label_smoothing": 0.0, "reprob": 0.0, "randaug": "none",
+                                      "schedule": "linear"}
 
 
 def _filled_start(entry: dict) -> dict:
     """One start's entry with every START_FIELDS key: None where version 1 did not record it."""
     entry = {**dict.fromkeys(START_FIELDS), **entry}
     if isinstance(entry["args"], dict):
-        entry["args"] = {**_FLAGS_ADDED_IN_VERSION_1, **entry["args"]}
+        own = _FINETUNE_FLAGS_ADDED_IN_VERSION_1 if entry["stage"] == "finetune" else {}
+        entry["args"] = {**_FLAGS_ADDED_IN_VERSION_1, **own, **entry["args"]}
     if isinstance(entry["preprocessing"], dict):
         entry["preprocessing"] = {**dict.fromkeys(PREPROCESSING_FIELDS), **entry["preprocessing"]}
     return entry

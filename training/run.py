@@ -15,7 +15,7 @@ from training.process import Process
 from training.report_to import new_wandb_id, reporter
 from training.run_dir import RunDirectory, fingerprints
 from training.cuda_graph import GraphedStep
-from training.step import TrainStep, optimizer_and_schedule, step_lr
+from training.step import TrainStep, linear_schedule, optimizer_and_schedule, step_lr
 from utils import STREAM_NOISE, RunFailed, mix_seed
 
 
@@ -83,10 +83,12 @@ class Run:
         """A run with no directory: no lock, record, metrics or saved state; steps as a stage's run takes them."""
         return cls(args, None, stage, None, preprocessing, process=process)
 
-    def adamw(self, model, no_decay, betas):
-        """The stage's AdamW (no weight decay where `no_decay(name, param)`) and its linear schedule. The record
-        keeps what the arguments do not say: betas, eps and the rule (the first paragraph of its docstring)."""
-        optimizer, scheduler = optimizer_and_schedule(model, self.args, self.process, no_decay, betas)
+    def adamw(self, model, no_decay, betas, groups=None, schedule=linear_schedule):
+        """The stage's AdamW (no weight decay where `no_decay(name, param)`; `groups`: the parameter groups built by
+        the stage, following that rule) and its schedule (training/step.py). The record keeps what the arguments do
+        not say: betas, eps and the rule (the first paragraph of its docstring)."""
+        optimizer, scheduler = optimizer_and_schedule(model, self.args, self.process, no_decay, betas, groups,
+                                                      schedule)
         rule = " ".join((no_decay.__doc__ or "").strip().split("\n\n")[0].split())
         self.optimizer_record = {"betas": list(betas), "eps": optimizer.defaults["eps"], "no_weight_decay": rule}
         return optimizer, scheduler

@@ -27,6 +27,8 @@ def adamw(groups: list[dict], lr: float, betas: tuple[float, float], device: tor
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
     cuda = device.type == "cuda"
     lr_tensor = torch.tensor(lr, dtype=torch.float32 if cuda else torch.float64, device=device)
+    # a group's own rate (layer decay) is a tensor too: a captured graph reads each group's current rate
+    groups = [{**g, "lr": lr_tensor.new_tensor(g["lr"])} if "lr" in g else g for g in groups]
     return torch.optim.AdamW(groups, lr=lr_tensor, betas=betas, fused=cuda, capturable=cuda)
 
 
@@ -40,17 +42,18 @@ def linear_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.opt
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def optimizer_and_schedule(model, args, process, no_decay, betas):
-    """A stage's AdamW (args.lr, args.weight_decay except where `no_decay(name, param)`) and its linear
-    schedule over args.steps after args.warmup_steps."""
+def optimizer_and_schedule(model, args, process, no_decay, betas, groups=None, schedule=linear_schedule):
+    """A stage's AdamW (args.lr, args.weight_decay except where `no_decay(name, param)`, or the given `groups`) and
+    its schedule (linear_schedule, or another of the same signature) over args.steps after args.warmup_steps."""
     if args.cuda_graph and process.world > 1:
         raise UserError("--cuda_graph runs in one process only; a torchrun job takes the eager step "
                         "(drop --cuda_graph)")
     if args.cuda_graph and args.compile:
         raise UserError("--cuda_graph and --compile do not combine; pass one of them")
-    optimizer = adamw(param_groups(model, args.weight_decay, no_decay), args.lr, betas, process.device,
-                      static=args.cuda_graph)
-    return optimizer, linear_schedule(optimizer, args.warmup_steps, args.steps)
+    if groups is None:
+        groups = param_groups(model, args.weight_decay, no_decay)
+    optimizer = adamw(groups, args.lr, betas, process.device, static=args.cuda_graph)
+    return optimizer, schedule(optimizer, args.warmup_steps, args.steps)
 
 
 def step_lr(lr: float, scheduler, step: int) -> float:
