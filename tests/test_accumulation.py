@@ -194,13 +194,13 @@ def test_refused_combinations_say_why_in_one_line(extra, words, data_dir, tmp_pa
 
 def _gradients(model, checkpointing: bool) -> tuple[dict, int]:
     """One forward and backward of the classifier in training mode with dropout seeded as a step seeds it;
-    -> (the gradients, how many times the first encoder layer ran)."""
+    -> (the gradients, how many times the first encoder layer's MLP ran)."""
     model = copy.deepcopy(model).train()
     training.draws.use_global_batch_dropout(model, rank=0, world=1)
     if checkpointing:
         checkpoint_activations(model)
     calls = []
-    model.vit.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    model.vit.layers[0].mlp.register_forward_hook(lambda *a: calls.append(1))
     g = torch.Generator().manual_seed(0)
     images, labels = torch.randn(6, 3, 32, 32, generator=g), torch.randint(0, 10, (6,), generator=g)
     torch.manual_seed(123)
