@@ -137,7 +137,8 @@ _DDP_STEPS = textwrap.dedent("""
         reduces.append(bucket.index())
         return torch.distributed.algorithms.ddp_comm_hooks.default_hooks.allreduce_hook(None, bucket)
 
-    classifier.register_comm_hook(None, hook)
+    if isinstance(classifier, torch.nn.parallel.DistributedDataParallel):
+        classifier.register_comm_hook(None, hook)
     g = torch.Generator().manual_seed(0)
     images, labels = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
     rows = slice(run.process.rank * 4, (run.process.rank + 1) * 4)
