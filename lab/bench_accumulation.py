@@ -128,7 +128,8 @@ def main(args) -> list[dict]:
                 continue
             cmd = [sys.executable, "-m", "lab.bench_accumulation", "--model", args.model, "--batch_size",
                    str(args.batch_size), "--warmup_steps", str(args.warmup_steps), "--steps", str(args.steps),
-                   "--device", args.device, "--threads", str(args.threads), "--one", f"{stage},{k},{int(checkpointing)}"]
+                   "--device", args.device, "--threads", str(args.threads),
+                   "--one", f"{stage},{k},{int(checkpointing)}"]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             row = {"stage": stage, "accum_steps": k, "grad_checkpointing": checkpointing,
                    **json.loads(out.strip().splitlines()[-1])}
