@@ -17,7 +17,7 @@ import pretrain
 import selftrain
 import training
 from conftest import REPO, TINY, report_line
-from helpers import assert_one_line, spy_prepare
+from helpers import Cut, assert_one_line, cut_at, spy_prepare
 from models import build_classifier, load_mae
 from models.vit_mae import checkpoint_activations
 
@@ -239,3 +239,18 @@ def test_gradient_checkpointing_run_takes_the_same_steps(stage_args, tmp_path, m
                      "--accum_steps", 2)
     assert _largest_difference(kept, recomputed) == 0
     assert _largest_difference(kept, both) <= PARAM_ATOL
+
+
+def test_a_run_resumes_with_another_accum_steps(stage_args, tmp_path, monkeypatch):
+    """--accum_steps changes the memory, not the steps (utils.RESULT_NEUTRAL_FLAGS): a run killed after step 2 of 4
+    with K = 1 continues with K = 2, each start recorded with its own K, and ends where an unbroken run ends."""
+    whole, _ = _train("pretrain", stage_args, tmp_path, monkeypatch, "whole", steps=4)
+    argv = stage_args("--output_dir", tmp_path / "resumed", "--seed", 1, "--save_every", 2, steps=4)
+    with training.supplied_draws(cut_at(stop=3)), pytest.raises(Cut):
+        pretrain.main(pretrain.get_args_parser().parse_args(argv))
+    resumed, _ = _train("pretrain", stage_args, tmp_path, monkeypatch, "resumed", "--save_every", 2,
+                        "--accum_steps", 2, steps=4)
+    with open(tmp_path / "resumed" / training.RECORD_FILE) as f:
+        history = json.load(f)["history"]
+    assert [(entry["start_step"], entry["args"]["accum_steps"]) for entry in history] == [(0, 1), (2, 2)]
+    assert _largest_difference(whole, resumed) <= PARAM_ATOL
