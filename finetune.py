@@ -220,9 +220,11 @@ def main(args):
 
     @run.graphed  # --cuda_graph: this step captured whole in one CUDA graph (training/cuda_graph.py)
     def train_step(step, images, labels, flip):
-        with run.forward(step):  # autocast; dropout seeded from (seed, step)
-            loss, terms = training_loss(classifier, images, labels, flip)
-        run.step(step, loss, terms)  # backward, clip, AdamW, schedule, non-finite check; log, save
+        for micro in run.micro_batches(images, labels, flip):  # --accum_steps K: K slices of the batch and its flips
+            with run.forward(step):  # autocast; dropout: these rows' masks, from (seed, step); DDP syncs at the last
+                loss, terms = training_loss(classifier, *micro)
+            run.backward(loss, terms)  # scaled by 1/K: the K gradients sum to the batch's
+        run.step(step)  # clip, AdamW, schedule, non-finite check; log, save
 
     for step, (images, labels, _) in run.batches(train_set):
         flip = run.global_rand(step, utils.STREAM_FLIP) < 0.5  # (B,), a function of (seed, step, sample)

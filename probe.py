@@ -136,6 +136,10 @@ def evaluate(head, features, labels, batch: int) -> dict:
 
 
 def main(args):
+    if args.accum_steps > 1:  # micro-batches would each normalise with their own statistics
+        raise utils.UserError("the linear probe's BatchNorm normalises with the statistics of the whole batch: "
+                              "--accum_steps does not apply to probe.py (its features are cached; lower "
+                              "--batch_size instead)")
     if not args.scratch:
         check_ckpt_name(args.ckpt_name)
     defaults = get_args_parser()
@@ -200,7 +204,8 @@ def main(args):
         def train_step(step, x, y):
             with run.forward(step):
                 loss, terms = training_loss(probe, x, y)
-            run.step(step, loss, terms)  # backward, clip, AdamW, schedule, non-finite check; log, save
+            run.backward(loss, terms)
+            run.step(step)  # clip, AdamW, schedule, non-finite check; log, save
 
         for step in range(run.start_step, args.steps):
             index = run.draws.indices(len(train_set), step)  # (B,) the run's seeded data order

@@ -114,9 +114,11 @@ def main(args):
 
     @run.graphed  # --cuda_graph: this step captured whole in one CUDA graph (training/cuda_graph.py)
     def train_step(step, images, noise, teacher_cls):
-        with run.forward(step):  # autocast; dropout seeded from (seed, step)
-            loss, terms = training_loss(student, images, noise, teacher_cls, distill_weight=args.distill_weight)
-        run.step(step, loss, terms)  # backward, clip, AdamW, schedule, non-finite check; log, save
+        for micro in run.micro_batches(images, noise, teacher_cls):  # --accum_steps K: K slices of the batch
+            with run.forward(step):  # autocast; dropout seeded from (seed, step); DDP syncs after the last slice
+                loss, terms = training_loss(student, *micro, distill_weight=args.distill_weight)
+            run.backward(loss, terms)  # scaled by 1/K: the K gradients sum to the batch's
+        run.step(step)  # clip, AdamW, schedule, non-finite check; log, save
 
     for step, (images, _, index) in run.batches(dataset):
         noise = run.masking_noise(step, num_patches)  # (B, N), the same masks as stage 1 would draw

@@ -140,6 +140,15 @@ def shared_parser() -> argparse.ArgumentParser:
                    help="linear warmup steps, then linear decay to 0")
     g.add_argument("--clip_grad", type=finite_float(0, low_open=True, none=True), default=None,
                    help="clip the gradient norm to this value ('none': no clipping)")
+    g.add_argument("--accum_steps", type=int_at_least(1), default=1,
+                   help="gradient accumulation: each optimizer step runs K micro-batches of batch_size/K (per "
+                        "process) with the batch's own draws (masks, flips, dropout), so the steps equal those of "
+                        "the whole batch within float rounding, with less memory; batch_size must divide by K x "
+                        "processes. --steps counts optimizer steps")
+    g.add_argument("--grad_checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute each transformer layer's activations in the backward pass instead of keeping "
+                        "them (transformers' activation checkpointing): the same gradients, less memory, a slower "
+                        "step")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int_at_least(0), default=0,
                    help="seeds data order, masking noise, flips, dropout, new heads")
@@ -250,6 +259,9 @@ def generator(seed: int, stream: int, index: int) -> torch.Generator:
 # the run directory is (we are in it). The one list: a run resumes, and counts as "already complete", with other
 # values of these (every start is in the record's history, with the precision and device it ran on), and
 # report.py averages runs that differ only in them.
+# accum_steps and grad_checkpointing change the memory a step takes, and the float rounding of its sums (as compile
+# and precision do), not the steps it takes: tests/test_accumulation.py holds them to the unaccumulated steps.
 RESULT_NEUTRAL_FLAGS = frozenset({"workers", "threads", "log_every", "save_every", "plot", "overwrite", "device",
                                   "teacher_device", "save_model", "compile", "precision", "data_cache", "report_to",
-                                  "output_dir", "results_dir", "save_every_minutes"})
+                                  "output_dir", "results_dir", "save_every_minutes", "accum_steps",
+                                  "grad_checkpointing"})

@@ -3,8 +3,8 @@
 For each stage (further pre-training, self-distillation, fine-tuning) two steps run on the same model,
 batch and device, one after the other in the same process:
   ours       the scripts' own step: the stage's optimizer from Run.adamw, then per step the stage's
-             training_loss (pretrain / selftrain / finetune) under Run.forward and Run.step, through Run.graphed
-             (bf16 autocast and fused AdamW on CUDA, fp32 on CPU; one backward pass; the teacher's
+             training_loss (pretrain / selftrain / finetune) under Run.forward, Run.backward and Run.step, through
+             Run.graphed (bf16 autocast and fused AdamW on CUDA, fp32 on CPU; one backward pass; the teacher's
              features computed once before the steps and looked up; --compile or --cuda_graph optional)
   reference  the release's computation (trainer.py of the 2023 code) on the current libraries: fp32 with
              TF32 matmuls and convolutions (torch 1.8's CUDA defaults), eager attention, for-loop AdamW
@@ -292,9 +292,11 @@ def ours_further_pretrain(s: Setting, theta0) -> dict:
 
     @run.graphed
     def train_step(step, images, noise):
-        with run.forward(step):
-            loss, terms = pretrain.training_loss(model, images, noise)
-        run.step(step, loss, terms)
+        for micro in run.micro_batches(images, noise):
+            with run.forward(step):
+                loss, terms = pretrain.training_loss(model, *micro)
+            run.backward(loss, terms)
+        run.step(step)
 
     def step(i):
         train_step(i, run.normalize(batch), run.masking_noise(i, num_patches))
@@ -350,9 +352,11 @@ def ours_self_distill(s: Setting, theta0) -> dict:
 
     @run.graphed
     def train_step(step, images, noise, teacher_batch):
-        with run.forward(step):
-            loss, terms = selftrain.training_loss(student, images, noise, teacher_batch, run.args.distill_weight)
-        run.step(step, loss, terms)
+        for micro in run.micro_batches(images, noise, teacher_batch):
+            with run.forward(step):
+                loss, terms = selftrain.training_loss(student, *micro, run.args.distill_weight)
+            run.backward(loss, terms)
+        run.step(step)
 
     def step(i):
         train_step(i, run.normalize(batch), run.masking_noise(i, num_patches), teacher_cls[index])
@@ -402,9 +406,11 @@ def ours_finetune(s: Setting, theta0) -> dict:
 
     @run.graphed
     def train_step(step, images, labels, flip):
-        with run.forward(step):
-            loss, terms = finetune.training_loss(classifier, images, labels, flip)
-        run.step(step, loss, terms)
+        for micro in run.micro_batches(images, labels, flip):
+            with run.forward(step):
+                loss, terms = finetune.training_loss(classifier, *micro)
+            run.backward(loss, terms)
+        run.step(step)
 
     def step(i):
         flip = run.global_rand(i, utils.STREAM_FLIP) < 0.5  # (B,)

@@ -8,6 +8,7 @@
     MAEWithFeature(mae)         the self-distillation student: both terms from one forward
     build_classifier(...)       ViTForImageClassification whose encoder comes from θ₀ or a checkpoint
     build_encoder(...)          the encoder alone (ViTMAEModel), from θ₀ or a checkpoint: the probes' frozen encoder
+    checkpoint_activations(m)   --grad_checkpointing: recompute the layers in the backward pass
 
 Where a model name leads (hub id, local directory) is models.hub; reading and writing checkpoints and the image
 preprocessing is models.checkpoints. This module imports both; neither imports it.
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 from timm.layers import drop_path
 from torch import nn
-from transformers import ViTConfig, ViTForImageClassification, ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel
+from transformers import (PreTrainedModel, ViTConfig, ViTForImageClassification, ViTMAEConfig, ViTMAEForPreTraining,
+                          ViTMAEModel)
 
 from errors import UserError
 from models.checkpoints import _SHARED_ARCH, _load_exact
@@ -149,6 +151,16 @@ class MAEWithFeature(nn.Module):
 
     def forward(self, pixel_values, noise):
         return mae_loss(self.mae, pixel_values, noise), cls_feature(self.mae.vit, pixel_values)
+
+
+def checkpoint_activations(model: nn.Module) -> None:
+    """--grad_checkpointing: every transformers model inside `model` (the MAE's encoder and decoder layers, the
+    classifier's encoder layers) recomputes each layer's forward in the backward pass instead of keeping its
+    activations. torch.utils.checkpoint restores the random-number state before recomputing, so dropout draws
+    the masks of the forward again and the gradients are the same."""
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and module.supports_gradient_checkpointing:
+            module.activation_checkpointing_enable()  # non-reentrant checkpoints (transformers' default)
 
 
 # ----------------------------------------------------------------------------- the fine-tuning classifier

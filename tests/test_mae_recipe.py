@@ -21,7 +21,7 @@ from timm.scheduler import CosineLRScheduler
 import finetune
 import report
 import utils
-from conftest import TINY
+from helpers import TINY
 from helpers import spy, spy_prepare
 from models import build_classifier, load_mae
 from models.hub import TINY_CONFIG

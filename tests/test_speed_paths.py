@@ -205,9 +205,11 @@ def test_graphed_step_runs_the_stage_step_function_on_static_buffers(tmp_path):
     def train_step(step, images, noise):
         seen.append({"images": images, "noise": noise.clone(), "draw": torch.rand(()),
                      "schedule": run.scheduler.last_epoch})
-        with run.forward(step):
-            loss, terms = pretrain.training_loss(model, images, noise)
-        run.step(step, loss, terms)
+        for micro in run.micro_batches(images, noise):
+            with run.forward(step):
+                loss, terms = pretrain.training_loss(model, *micro)
+            run.backward(loss, terms)
+        run.step(step)
         assert run.scheduler.last_epoch == step  # the schedule steps after the function, outside any graph
 
     noises = []

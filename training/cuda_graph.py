@@ -3,9 +3,11 @@
 
     @run.graphed                                 # without --cuda_graph: the function itself
     def train_step(step, images, noise):
-        with run.forward(step):                  # autocast; dropout seeded from (seed, step)
-            loss, terms = training_loss(model, images, noise)
-        run.step(step, loss, terms)              # backward, clip, AdamW, non-finite flag; schedule, log, save
+        for micro in run.micro_batches(images, noise):  # one micro-batch: --cuda_graph refuses --accum_steps > 1
+            with run.forward(step):              # autocast; dropout seeded from (seed, step)
+                loss, terms = training_loss(model, *micro)
+            run.backward(loss, terms)
+        run.step(step)                           # clip, AdamW, non-finite flag; schedule, log, save
 
 A graph must hold forward, backward and AdamW together, so what is captured is that whole function; what runs on
 the host -- dropout's seed, the schedule, the non-finite check, logging, saving, stop signals -- stays outside it:
@@ -14,9 +16,9 @@ device work only and hands its outputs here (`hold`), for `after(step, loss, gra
 
 Every call copies its inputs into static buffers, which the function reads. On CUDA the first WARMUP_STEPS calls
 run it on a side stream, the next one captures it and replays, and every later call only replays: the Python of
-the function runs no more, so nothing in it may depend on `step` but run.forward's and run.step's bookkeeping,
-which live outside the graph. On CPU every call runs it on the static buffers without capture, so CPU tests
-cover the same logic.
+the function runs no more, so nothing in it may depend on `step` but run.forward's, run.backward's and run.step's
+bookkeeping, which live outside the graph. On CPU every call runs it on the static buffers without capture, so CPU
+tests cover the same logic.
 
 What a capture needs (found by probes of a whole-step capture of plain transformers models on torch 2.11 on an
 H200, BENCHMARKS.md): capturable fused AdamW and the learning rate as a tensor the schedule fills in place
@@ -48,7 +50,7 @@ class GraphedStep:
         finally:
             self.running = False
         if self.outputs is None:
-            raise RuntimeError("a --cuda_graph step function must call run.step(step, loss, terms)")
+            raise RuntimeError("a --cuda_graph step function must call run.step(step)")
 
     def __call__(self, step: int, *inputs: torch.Tensor) -> None:
         if self.inputs is None:

@@ -128,29 +128,36 @@ def make_draws(args, rank: int, world: int, device: torch.device):
 
 
 class GlobalBatchDropout(torch.nn.Module):
-    """nn.Dropout whose mask is drawn for the whole global batch and sliced to this process's rows, so the
-    mask of a sample depends on (seed, step, its place in the global batch), not on the number of processes.
-    Draws from the default generator, which the step seeds with Draws.dropout_seed(step) before the forward;
-    every process makes the same draws in the same order. x: (B_local, ...)."""
+    """nn.Dropout whose mask is drawn for the whole global batch and sliced to the rows running here, so the
+    mask of a sample depends on (seed, step, its place in the global batch), not on the number of processes or
+    of micro-batches. Draws from the default generator, which the step seeds with Draws.dropout_seed(step) before
+    each forward; every process makes the same draws in the same order. x: (b, ...), micro-batch `micro` of the
+    `accum_steps` micro-batches of this process's rows (Run.forward sets `micro`); b = B / (world · accum_steps)."""
 
-    def __init__(self, p: float, rank: int, world: int):
+    def __init__(self, p: float, rank: int, world: int, accum_steps: int = 1):
         super().__init__()
-        self.p, self.rank, self.world = p, rank, world
+        self.p, self.rank, self.world, self.accum_steps = p, rank, world, accum_steps
+        self.micro = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        b = x.shape[0]
-        noise = torch.rand(b * self.world, *x.shape[1:], device=x.device)[self.rank * b:(self.rank + 1) * b]
+        b, part = x.shape[0], self.rank * self.accum_steps + self.micro  # rows part·b .. (part+1)·b of the batch
+        noise = torch.rand(b * self.world * self.accum_steps, *x.shape[1:], device=x.device)[part * b:(part + 1) * b]
         return x * (noise >= self.p) / (1 - self.p)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, rank={self.rank}, world={self.world}"
+        return f"p={self.p}, rank={self.rank}, world={self.world}, accum_steps={self.accum_steps}"
 
 
-def use_global_batch_dropout(model: torch.nn.Module, rank: int, world: int) -> None:
-    """Replace every active nn.Dropout of `model` by GlobalBatchDropout (no parameters: the state dict is unchanged)."""
+def use_global_batch_dropout(model: torch.nn.Module, rank: int, world: int,
+                             accum_steps: int = 1) -> list[GlobalBatchDropout]:
+    """Replace every active nn.Dropout of `model` by GlobalBatchDropout (no parameters: the state dict is unchanged);
+    -> the replacements, whose `micro` the run sets before each micro-batch's forward."""
+    replaced = []
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if type(child) is torch.nn.Dropout and child.p > 0:
-                setattr(parent, name, GlobalBatchDropout(child.p, rank, world))
+                replaced.append(GlobalBatchDropout(child.p, rank, world, accum_steps))
+                setattr(parent, name, replaced[-1])
+    return replaced

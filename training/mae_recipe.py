@@ -244,7 +244,11 @@ class Augment:
 
 
 def check_mix_batch(args, local_batch: int) -> None:
-    """Mixup pairs rows 2k, 2k+1 of the global batch: each process must hold whole pairs."""
+    """Mixup pairs rows 2k, 2k+1 of the global batch: each process must hold whole pairs. Drop path draws for the
+    rows of the whole batch a forward sees, which --accum_steps would cut into micro-batches."""
+    if args.drop_path > 0 and args.accum_steps > 1:
+        raise UserError("--drop_path draws its masks for the batch a forward sees, so it does not yet combine with "
+                        "--accum_steps > 1: pass one of them")
     if (args.mixup > 0 or args.cutmix > 0) and local_batch % 2:
         raise UserError(f"--mixup / --cutmix mix pairs of images, but each process gets {local_batch} images a step "
                         f"(--batch_size {args.batch_size}); use a batch size that gives each process an even number")

@@ -54,7 +54,7 @@ def upgrade(record: dict, path: str) -> dict:
 
 # Flags added while version 1 was written (every stage's, then fine-tuning's own): a record without one ran as its
 # default does.
-_FLAGS_ADDED_IN_VERSION_1 = {"cuda_graph": False}
+_FLAGS_ADDED_IN_VERSION_1 = {"cuda_graph": False, "accum_steps": 1, "grad_checkpointing": False}
 _FINETUNE_FLAGS_ADDED_IN_VERSION_1 = {"recipe": "release", "layer_decay": 1.0, "drop_path": 0.0, "mixup": 0.0,
                                       "cutmix": 0.0, "label_smoothing": 0.0, "reprob": 0.0, "randaug": "none",
                                       "schedule": "linear"}

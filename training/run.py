@@ -16,7 +16,8 @@ from training.report_to import new_wandb_id, reporter
 from training.run_dir import RunDirectory, fingerprints
 from training.cuda_graph import GraphedStep
 from training.step import TrainStep, linear_schedule, optimizer_and_schedule, step_lr
-from utils import STREAM_NOISE, RunFailed, mix_seed
+from models.vit_mae import checkpoint_activations
+from utils import STREAM_NOISE, RunFailed, UserError, mix_seed
 
 
 class Run:
@@ -29,9 +30,11 @@ class Run:
 
         @run.graphed                                             # --cuda_graph: captured whole (training/cuda_graph.py)
         def train_step(step, images, ...):
-            with run.forward(step):                              # autocast; dropout seeded from (seed, step)
-                loss, terms = training_loss(model, images, ...)
-            run.step(step, loss, terms)                          # backward, clip, AdamW, schedule; log, save, stop
+            for micro in run.micro_batches(images, ...):         # --accum_steps K: K slices of the batch and its draws
+                with run.forward(step):                          # autocast; dropout from (seed, step), its rows
+                    loss, terms = training_loss(model, *micro)
+                run.backward(loss, terms)                        # scaled 1/K; DDP all-reduces after the last only
+            run.step(step)                                       # clip, AdamW, schedule; log, save, stop
 
         for step, (images, labels, indices) in run.batches(dataset):
             train_step(step, images, ...)
@@ -45,6 +48,9 @@ class Run:
     `preprocessing` (models.Preprocessing): how images become the model's input; each start records it as applied
     (the size resolved in prepare), and a finished or unfinished run that applied another is refused too.
     `process`: this process's place in the job (default: from torchrun's environment).
+    --accum_steps K: the step's batch runs as K micro-batches, each with its rows of the batch's draws (masking noise,
+    flips, dropout masks) and its loss scaled by 1/K (the stages' losses are means over the batch), so the K
+    gradients sum to the batch's and the optimizer step equals the unaccumulated one within float rounding.
     Run.without_directory(...): the same run writing nothing (lab/bench.py times the scripts' step with it)."""
 
     def __init__(self, args, out_dir: str | None, stage: str, done_file: str | None, preprocessing, *,
@@ -60,10 +66,18 @@ class Run:
         self.metrics_path = self.directory and self.directory.metrics_path
         self.draws = make_draws(args, self.process.rank, self.process.world, self.device)
         self.data = Batches(args, self.process, self.draws, preprocessing, stage)
+        self.accum_steps = args.accum_steps
+        if self.data.local_batch % self.accum_steps:
+            raise UserError(f"--batch_size {args.batch_size} must divide evenly into --accum_steps {self.accum_steps} "
+                            f"micro-batches on each of {self.process.world} process(es); pass a batch size that "
+                            f"is a multiple of {self.accum_steps * self.process.world}")
+        self.micro_batch = self.data.local_batch // self.accum_steps
         self.normalize, self.eval_batches, self.ordered_batches = (self.data.normalize, self.data.evaluation,
                                                                    self.data.ordered)
         self.start_step, self.model, self.metrics, self._update, self._record = 0, None, None, None, None
         self._graph = None  # the GraphedStep of --cuda_graph, made by graphed()
+        self._micro, self._loss, self._terms = 0, None, None  # the micro-batch running; the step's sums so far
+        self._dropouts, self._ddp = [], None  # set by prepare
         self._observers = list(_observers)
         self.optimizer_record = None  # set by adamw
         self._control = None  # stop signals and the time-based save (training/preemption.py), set by prepare
@@ -103,8 +117,13 @@ class Run:
             self._take_directory()
         self._update = TrainStep(self.process, model, optimizer, self.args.clip_grad, self.start_step,
                                  static=self.args.cuda_graph)
-        use_global_batch_dropout(model, self.process.rank, self.process.world)
-        return self.process.wrap(model, self.args.compile)
+        self._dropouts = use_global_batch_dropout(model, self.process.rank, self.process.world, self.accum_steps)
+        if self.args.grad_checkpointing:
+            checkpoint_activations(model)
+        wrapped = self.process.wrap(model, self.args.compile)
+        self._ddp = next((m for m in (wrapped, getattr(wrapped, "_orig_mod", None))
+                          if isinstance(m, torch.nn.parallel.DistributedDataParallel)), None)
+        return wrapped
 
     def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
         """prepare() for a run that trains nothing (probe.py's k-NN): `model` moved to the device, the run directory
@@ -165,24 +184,53 @@ class Run:
     def _seed_dropout(self, step: int) -> None:
         torch.manual_seed(self.draws.dropout_seed(step))  # GlobalBatchDropout's masks: a function of (seed, step)
 
+    def micro_batches(self, *batch: torch.Tensor):
+        """The step's inputs, each (B_local, ...), as K = --accum_steps tuples of consecutive (B_local / K, ...)
+        slices, in order: micro-batch k holds rows k·B_local/K .. of each, and forward() and backward() act for it.
+        K = 1: the inputs themselves."""
+        for micro, inputs in enumerate(zip(*(x.split(self.micro_batch) for x in batch), strict=True)):
+            self._micro = micro
+            yield inputs
+
     @contextlib.contextmanager
     def forward(self, step: int):
-        """The context of step `step`'s forward: the process's autocast, dropout seeded from (seed, step). Under
-        --cuda_graph the graph seeds before each call and replay (a capture cannot take a new seed), and autocast
-        keeps no cache of cast weights (a replay must cast the weights the last step left)."""
+        """The context of the forward of step `step`'s current micro-batch: the process's autocast; dropout seeded
+        from (seed, step) again for each micro-batch, drawing the masks of the whole global batch and keeping this
+        micro-batch's rows (GlobalBatchDropout); under DDP, no gradient all-reduce but after the last micro-batch
+        (no_sync: DDP decides at the forward). Under --cuda_graph the graph seeds before each call and replay (a
+        capture cannot take a new seed), and autocast keeps no cache of cast weights (a replay must cast the
+        weights the last step left)."""
         graphed = self._graph is not None
         if not graphed:
             self._seed_dropout(step)
-        with self.autocast(cache_enabled=not graphed):
+        for dropout in self._dropouts:
+            dropout.micro = self._micro
+        inner = self._ddp is not None and self._micro < self.accum_steps - 1
+        with self._ddp.no_sync() if inner else contextlib.nullcontext(), self.autocast(cache_enabled=not graphed):
             yield
 
-    def step(self, step: int, loss: torch.Tensor, terms: dict) -> None:
-        """Step `step` after its forward (training/step.py): backward; gradient clipping (--clip_grad); AdamW; the
-        schedule. Then, at logging and saving steps only (the check reads the device back): the non-finite check,
-        a metrics.jsonl line (--log_every) with `terms` ({name: term}) and the resumable state (--save_every,
-        --save_every_minutes, and before stopping). A stop signal (training/preemption.py) ends the run here, after
-        the state is saved: Stopped, exit code 75. Inside a --cuda_graph step only the device work runs here; the
-        graph does the rest after the step (training/cuda_graph.py)."""
+    def backward(self, loss: torch.Tensor, terms: dict) -> None:
+        """The backward pass of the current micro-batch's loss scaled by 1/K: the stages' losses are means over
+        their batch, so the K gradients add up to the gradient of the batch's mean. The step's loss and `terms`
+        ({name: term}) are summed the same way, to log the batch's values."""
+        scale = 1 / self.accum_steps
+        (loss * scale).backward()
+        scaled = {"loss": loss.detach() * scale, **{k: v.detach() * scale for k, v in terms.items()}}
+        if self._micro == 0:
+            self._loss, self._terms = scaled.pop("loss"), scaled
+        else:
+            self._loss = self._loss + scaled.pop("loss")
+            self._terms = {k: self._terms[k] + v for k, v in scaled.items()}
+
+    def step(self, step: int) -> None:
+        """Step `step` after the backward passes of its micro-batches (training/step.py): gradient clipping
+        (--clip_grad); AdamW; the schedule. Then, at logging and saving steps only (the check reads the device
+        back): the non-finite check, a metrics.jsonl line (--log_every) with the batch's loss and terms, and the
+        resumable state (--save_every, --save_every_minutes, and before stopping). A stop signal
+        (training/preemption.py) ends the run here, after the state is saved: Stopped, exit code 75. Inside a
+        --cuda_graph step only the device work runs here; the graph does the rest after the step
+        (training/cuda_graph.py)."""
+        loss, terms = self._loss, self._terms
         grad_norm = self._update.update(loss, need_norm=self._logging(step + 1))
         if self._graph is not None and self._graph.running:
             self._graph.hold(loss.detach(), grad_norm, {k: v.detach() for k, v in terms.items()})

@@ -50,6 +50,11 @@ def optimizer_and_schedule(model, args, process, no_decay, betas, groups=None, s
                         "(drop --cuda_graph)")
     if args.cuda_graph and args.compile:
         raise UserError("--cuda_graph and --compile do not combine; pass one of them")
+    if args.cuda_graph and (args.accum_steps > 1 or args.grad_checkpointing):
+        # a captured step cannot seed dropout again for each micro-batch, and checkpointing's recomputation
+        # reads and restores the random-number state, which a capture does not allow
+        raise UserError(f"--cuda_graph does not combine with "
+                        f"{'--accum_steps > 1' if args.accum_steps > 1 else '--grad_checkpointing'}; pass one of them")
     if groups is None:
         groups = param_groups(model, args.weight_decay, no_decay)
     optimizer = adamw(groups, args.lr, betas, process.device, static=args.cuda_graph)
@@ -65,9 +70,10 @@ def step_lr(lr: float, scheduler, step: int) -> float:
 # ----------------------------------------------------------------------------- one update
 
 class TrainStep:
-    """update(loss, need_norm) -> grad_norm: the device work of a step after its forward -- the non-finite flag,
-    backward, gradient clipping, AdamW, the gradients cleared -- written once for the eager step and the captured
-    one. The schedule steps on the host after it (Run.step), outside any graph.
+    """update(loss, need_norm) -> grad_norm: the device work of a step after the backward passes of its
+    micro-batches (Run.backward) -- the non-finite flag, gradient clipping, AdamW, the gradients cleared -- written
+    once for the eager step and the captured one. The schedule steps on the host after it (Run.step), outside any
+    graph.
 
     The loss is checked for NaN/inf on the device every step: `bad` keeps step + 1 of the first non-finite loss,
     counted by `done` on the device (a captured graph replays the count), and `first_bad()` reads it back (a
@@ -88,7 +94,6 @@ class TrainStep:
     def update(self, loss: torch.Tensor, need_norm: bool) -> torch.Tensor | None:
         self.done.add_(1)  # in place: a captured graph counts its replays
         self.bad.copy_(torch.where(torch.isfinite(loss.detach()) | (self.bad > 0), self.bad, self.done))
-        loss.backward()
         grad_norm = None
         if self.clipping or need_norm or self.static:  # the norm costs a pass over the gradients
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
