@@ -69,7 +69,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--layer_decay", type=utils.finite_float(0, 1, low_open=True), default=mae_recipe.not_given(
         release["layer_decay"]), help=f"layer-wise lr decay: block i of L trains at lr · layer_decay^(L+1-i), the "
                                       f"embeddings at i=0 (1: off; mae: {mae['layer_decay']})")
-    g.add_argument("--drop_path", type=fraction, default=mae_recipe.not_given(release["drop_path"]),
+    g.add_argument("--drop_path", type=utils.finite_float(0, 1, high_open=True),
+                   default=mae_recipe.not_given(release["drop_path"]),
                    help=f"stochastic depth on each block's residual branches, rising linearly to this rate in the last "
                         f"block (mae: {mae['drop_path']})")
     g.add_argument("--mixup", type=utils.finite_float(0), default=mae_recipe.not_given(release["mixup"]),

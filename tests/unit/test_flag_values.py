@@ -8,16 +8,18 @@ import pytest
 
 import finetune
 import pretrain
+import probe
 import selftrain
 from lab import bench, gpu_check
 from tools import publish, tensorboard_logs, visualize
 
 from helpers import assert_parse_error, cli
 
-SCRIPTS = {"pretrain": pretrain, "selftrain": selftrain, "finetune": finetune, "visualize": visualize,
+SCRIPTS = {"pretrain": pretrain, "selftrain": selftrain, "finetune": finetune, "probe": probe, "visualize": visualize,
            "bench": bench, "gpu_check": gpu_check, "publish": publish, "tensorboard_logs": tensorboard_logs}
 REQUIRED = {"pretrain": ["--dataset", "digits"], "selftrain": ["--dataset", "digits"],
-            "finetune": ["--dataset", "digits"], "visualize": ["--checkpoint", "vit-mae-tiny", "--dataset", "digits"],
+            "finetune": ["--dataset", "digits"], "probe": ["--dataset", "digits"],
+            "visualize": ["--checkpoint", "vit-mae-tiny", "--dataset", "digits"],
             "bench": [], "gpu_check": [], "publish": ["dir", "me/repo"], "tensorboard_logs": ["dir"]}
 SHARED = [("--steps", "0", "must be at least 1, got 0"), ("--steps", "-5", "must be at least 1, got -5"),
           ("--steps", "2.5", "expected a whole number, got '2.5'"),
@@ -32,7 +34,8 @@ SHARED = [("--steps", "0", "must be at least 1, got 0"), ("--steps", "-5", "must
           ("--save_every_minutes", "-1", "must be at least 0, got -1"), ("--save_every_minutes", "nan", "finite number"),
           ("--workers", "-1", "must be at least 0, got -1"), ("--seed", "-1", "must be at least 0, got -1"),
           ("--device", "cuda:x", "expected auto, cpu, cuda or cuda:N, got 'cuda:x'"),
-          ("--device", "cudafoo", "expected auto, cpu, cuda or cuda:N"), ("--device", "cuda:-1", "cuda:N")]
+          ("--device", "cudafoo", "expected auto, cpu, cuda or cuda:N"), ("--device", "cuda:-1", "cuda:N"),
+          ("--accum_steps", "0", "must be at least 1, got 0"), ("--accum_steps", "1.5", "expected a whole number")]
 NOT_NUMERIC = {"--out", "--device", "--teacher_device"}  # checked at parse time too, but not numbers
 MASK_RATIO = [("--mask_ratio", "1.5", "must be in (0, 1), got 1.5"), ("--mask_ratio", "1.0", "must be in (0, 1)"),
               ("--mask_ratio", "0", "must be in (0, 1), got 0"), ("--mask_ratio", "nan", "finite number")]
@@ -43,7 +46,16 @@ BAD = {
                                         ("--teacher_device", "gpu1", "expected auto, cpu, cuda or cuda:N")],
     "finetune": SHARED + [("--dropout", "1", "must be in [0, 1), got 1"), ("--dropout", "-0.1", "in [0, 1)"),
                           ("--val_split", "1", "must be in [0, 1), got 1"), ("--val_split", "-0.5", "in [0, 1)"),
-                          ("--val_split", "nan", "finite number")],
+                          ("--val_split", "nan", "finite number"),
+                          ("--layer_decay", "0", "must be in (0, 1], got 0"), ("--layer_decay", "1.5", "(0, 1]"),
+                          ("--drop_path", "1", "must be in [0, 1), got 1"), ("--drop_path", "-0.1", "[0, 1)"),
+                          ("--mixup", "-1", "must be at least 0, got -1"), ("--mixup", "nan", "finite number"),
+                          ("--cutmix", "-1", "must be at least 0, got -1"),
+                          ("--label_smoothing", "1", "must be in [0, 1), got 1"),
+                          ("--reprob", "1.5", "must be in [0, 1], got 1.5"), ("--reprob", "-1", "[0, 1]")],
+    "probe": SHARED + [("--knn_k", "0", "must be at least 1, got 0"),
+                       ("--knn_temperature", "0", "must be greater than 0, got 0"),
+                       ("--knn_temperature", "nan", "finite number")],
     "visualize": MASK_RATIO + [("--num_images", "0", "must be at least 1, got 0"),
                                ("--seed", "-3", "must be at least 0, got -3"),
                                ("--out", "figs/", "names a directory; give a file name ending in .png"),
