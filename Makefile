@@ -19,10 +19,21 @@ DEMO_FLAGS := --model_name vit-mae-tiny --checkpoint_dir $(DEMO_DIR)/checkpoints
 
 .PHONY: demo test test-fast clean-demo
 
-$(VENV): requirements.txt
+# The environment: requirements.txt (lower bounds) under constraints.txt (the exact versions a green `make test`
+# used), so a new clone installs what CI tested. CONSTRAINTS= (empty) resolves the newest allowed versions instead:
+# make CONSTRAINTS= test. After a green make test on newer versions: make constraints (rewrites constraints.txt).
+CONSTRAINTS ?= constraints.txt
+$(VENV): requirements.txt $(CONSTRAINTS)
 	python3 -m venv .venv
-	$(PYTHON) -m pip install --quiet -r requirements.txt
+	$(PYTHON) -m pip install --quiet -r requirements.txt $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	touch $@
+
+.PHONY: constraints
+constraints: $(VENV)
+	{ echo "# The exact versions a green \`make test\` used ($$(date +%F): Python $$($(PYTHON) -c 'import platform; print(platform.python_version())'))."; \
+	  echo "# \`make\` installs requirements.txt under these; \`make CONSTRAINTS= test\` resolves the newest versions"; \
+	  echo "# requirements.txt allows instead. Regenerate after a green make test: make constraints"; \
+	  $(PYTHON) -m pip freeze --exclude-editable; } > constraints.txt.tmp && mv constraints.txt.tmp constraints.txt
 
 demo: $(VENV)
 	$(DEMO_ENV) bash run_all.sh cpu digits $(DEMO_FLAGS)
