@@ -22,7 +22,7 @@ from typing import NamedTuple
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIDELITY_TESTS = ["tests/test_golden.py", "tests/test_recipe.py", "tests/test_randomness.py",
                   "tests/test_stage_wiring.py", "tests/test_pipeline.py", "tests/unit/test_method.py",
-                  "tests/unit/test_invariants.py"]
+                  "tests/unit/test_invariants.py", "tests/test_conditions_the_suite_varies.py"]
 
 
 class Edit(NamedTuple):
@@ -143,6 +143,31 @@ EDITS = [
          "return mix_seed(self.seed, STREAM_DROPOUT, step)", "return mix_seed(self.seed, STREAM_DROPOUT, 0)"),
     Edit("dropout not seeded per step", "training/run.py",
          "        torch.manual_seed(self.draws.dropout_seed(step))  # GlobalBatchDropout", "        # GlobalBatchDropout"),
+    # ---- what the suite used to hold fixed: logging every step, the decoded data, one seed, one precision
+    Edit("clipping only at logging steps", "training/step.py",
+         "if self.clipping or need_norm or self.static:", "if need_norm or self.static:"),
+    Edit("non-finite check at logging steps only", "training/run.py",
+         "        if logging or saving:\n", "        if logging:\n"),
+    Edit("non-finite flag never set", "training/step.py",
+         "        self.bad.copy_(torch.where(torch.isfinite(loss.detach()) | (self.bad > 0), self.bad, self.done))\n", ""),
+    Edit("streamed evaluation drops the last batch", "training/batches.py",
+         "indices.tolist()), batch_size=self.local_batch)", "indices.tolist()), batch_size=self.local_batch, drop_last=True)"),
+    Edit("streamed training restarts the data order on resume", "training/batches.py",
+         "len(dataset), start_step,", "len(dataset), 0,"),
+    Edit("new head seeded with a constant", "training/run.py",
+         "torch.manual_seed(mix_seed(args.seed, self.process.rank))", "torch.manual_seed(mix_seed(0, self.process.rank))"),
+    Edit("dropout seed ignores --seed", "training/draws.py",
+         "return mix_seed(self.seed, STREAM_DROPOUT, step)", "return mix_seed(0, STREAM_DROPOUT, step)"),
+    Edit("flips and masking noise ignore --seed", "training/draws.py",
+         "generator=generator(self.seed, stream, s)", "generator=generator(0, stream, s)"),
+    Edit("data order ignores --seed", "training/draws.py",
+         "generator=generator(self.seed, STREAM_ORDER, epoch)", "generator=generator(0, STREAM_ORDER, epoch)"),
+    Edit("pixels not normalised (only /255)", "training/batches.py",
+         "return (images - self.mean) / self.std", "return images"),
+    Edit("ImageNet mean applied, not the model's", "training/batches.py",
+         "torch.tensor(preprocessing.mean,", "torch.tensor((0.485, 0.456, 0.406),"),
+    Edit("report averages precisions together", "report.py",
+         'NUMERICS = ("precision", "device_type")', 'NUMERICS = ("device_type",)'),
     # ---- launchers
     Edit("launchers: 3 seeds", "paper.py", 'SEEDS = ("1", "2", "3", "4", "5")', 'SEEDS = ("1", "2", "3")'),
     Edit("the table: self-distillation route fine-tunes the teacher", "launch/graph.py",
