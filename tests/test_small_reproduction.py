@@ -17,6 +17,7 @@ from lab import small_reproduction as sr
 from data import LMDBReader
 from models import load_mae
 from errors import UserError
+from conftest import REPO
 from test_sources import fake_fashion, save, striped  # the data builders' fixtures
 
 SEED, FIG1_STEPS, TARGET = 1, (2, 3), sr.TARGET_DATASET
@@ -92,6 +93,7 @@ def test_every_stage_starts_from_the_right_model(out):
         for run_dir in (teacher, student):
             args = _json(run_dir / "args.json")["args"]
             assert args["model_name"] == initial and args["steps"] == k and args["dataset"] == TARGET
+            assert args["threads"] == 1  # --threads reaches every run
         assert os.path.samefile(_json(student / "args.json")["args"]["teacher"], teacher)  # same step count
     for init in INITS:
         result = _result(out, init)
@@ -242,6 +244,10 @@ def test_without_apt_get_the_error_names_the_flag_to_pass(inputs, tmp_path, monk
 
 FAKE_STAGE = """
 import argparse
+import os
+import time
+
+import utils
 from errors import UserError
 
 
@@ -249,32 +255,44 @@ def get_args_parser():
     p = argparse.ArgumentParser()
     p.add_argument("--out")
     p.add_argument("--fail", action="store_true")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--wait_for", help="end a second after this file exists")
     return p
 
 
 def main(args):
     print("fake stage ran")
     if args.fail:
+        open(args.out + ".failing", "w").close()
         raise UserError("this run was told to fail")
+    while args.wait_for and not os.path.exists(args.wait_for):
+        time.sleep(0.05)
+    time.sleep(1 if args.wait_for else 0)
     with open(args.out, "w") as f:
         f.write("done")
+
+
+if __name__ == "__main__":
+    utils.run_cli(get_args_parser, main)
 """
 
 
 def test_a_failed_run_is_named_with_its_log_and_starts_no_more(tmp_path, monkeypatch):
     (tmp_path / "fake_stage.py").write_text(FAKE_STAGE)
-    monkeypatch.syspath_prepend(str(tmp_path))  # the worker processes start with this process's sys.path
+    monkeypatch.setenv("PYTHONPATH", REPO)  # its imports, as the stages' own folder gives them theirs
 
     def stage(key, *flags):
         done = tmp_path / f"{key}.done"
-        return sr.Stage(key, "finetune", f"run {key}", 1, str(done), "fake_stage", ["--out", str(done), *flags])
-    stages = [stage("bad", "--fail"), stage("good"), stage("later")]
+        return sr.Stage(key, "finetune", f"run {key}", 1, str(done), str(tmp_path / "fake_stage.py"),
+                        ["--out", str(done), *map(str, flags)])
+    # the run beside it ends after the failure: its slot would be free for the next
+    stages = [stage("bad", "--fail"), stage("good", "--wait_for", tmp_path / "bad.done.failing"), stage("later")]
     args = sr.get_args_parser().parse_args(["--jobs", "2"])
     with pytest.raises(UserError, match=r"run bad failed: this run was told to fail \(its log: .*bad\.log\)"):
         sr.execute(stages, args, str(tmp_path), record=lambda entry: None)
     assert (tmp_path / "good.done").exists()  # the run going on beside it finished ...
     assert not (tmp_path / "later.done").exists()  # ... but none started after the failure
-    assert _read(tmp_path / "logs" / "bad.log") == "fake stage ran\nerror: this run was told to fail\n"
+    assert _read(tmp_path / "logs" / "bad.log").splitlines()[1:] == ["fake stage ran", "error: this run was told to fail"]
 
 
 # ---------------------------------------------------------------- the reading rules, on made-up numbers
@@ -340,6 +358,28 @@ def test_claim_rules_use_the_larger_std():
 
 
 # ---------------------------------------------------------------- the schedule
+
+def test_the_plan_is_the_graph_s_fig1_table(tmp_path):
+    """Each node of launch.graph.fig1_table one run (fine-tuning: one per seed), waiting for what it reads."""
+    args = sr.get_args_parser().parse_args(["--further_steps", "4", "--fig1_steps", "8", "4", "--seeds", "1", "2"])
+    paths = {name: str(tmp_path / name) for name in ("data", "initial", "checkpoints", "results")}
+    stages = sr.plan(args, paths, eval_images=10)
+    needs = {s.key: s.needs for s in stages}
+    finetunes = [f"finetune-{init}-seed{seed}" for init in sr.inits(args) for seed in (1, 2)]
+    assert sorted(needs) == sorted(["source", "further-pretrain-4", "self-further-pretrain-4", "further-pretrain-8",
+                                    "self-further-pretrain-8"] + finetunes)
+    assert [s.key for s in stages][:7] == ["source", "finetune-random-init-seed1", "finetune-random-init-seed2",
+                                           "finetune-initial-seed1", "finetune-initial-seed2", "further-pretrain-4",
+                                           "finetune-further-pretrain-4-seed1"]  # the table's step count first
+    assert needs["source"] == needs["finetune-random-init-seed2"] == []
+    assert needs["finetune-initial-seed1"] == needs["further-pretrain-8"] == ["source"]
+    assert needs["self-further-pretrain-8"] == needs["finetune-further-pretrain-8-seed2"] == ["further-pretrain-8"]
+    assert needs["finetune-self-further-pretrain-4-seed1"] == ["self-further-pretrain-4"]
+    student = next(s for s in stages if s.key == "self-further-pretrain-8")
+    assert student.script == "selftrain.py"
+    assert student.argv[student.argv.index("--teacher") + 1].endswith(os.path.join("further-pretrain-8", TARGET))
+
+
 
 def test_the_schedule_starts_long_chains_first_and_waits_for_what_runs_read():
     def stage(key, steps, needs=()):
