@@ -60,6 +60,7 @@ from errors import RunFailed
 from launch import graph, pool
 from launch.pool import Job
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the stages' scripts
 SOURCE_DATASET = "natural_crops"
 TARGET_DATASET = "fashion_mnist_low"
 MODEL = "vit-mae-tiny"
@@ -89,13 +90,12 @@ RUN_CONTROL_FLAGS = {"out_dir", "jobs", "threads", "workers", "log_every", "devi
 # What each dataset is built from (build_datasets); every other setting reaches the runs only.
 DATASET_SETTINGS = {SOURCE_DATASET: ("source_crops", "source_src", "data_seed"),
                     TARGET_DATASET: ("shots", "target_src", "data_seed")}
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_OUTPUTS = ("initial_model", "checkpoints", "results", "diagnostics.json")  # under --out_dir, once a run started
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(allow_abbrev=False, description="The paper's claims at small scale, on CPU (SMALL_REPRODUCTION.md, "
-                                            "protocol 2).")
+    p = argparse.ArgumentParser(allow_abbrev=False, description="The paper's claims at small scale, on CPU "
+                                                                "(SMALL_REPRODUCTION.md, protocol 2).")
     g = p.add_argument_group("source domain (θ₀)")
     g.add_argument("--source_crops", type=int, default=60000,
                    help="32x32 crops of natural images (data.prepare natural_crops --crops)")
@@ -212,10 +212,10 @@ def plan(args, paths: dict, eval_images: int) -> list[Stage]:
     mae_flags = stage_flags + ["--model_name", paths["initial"], "--dataset", TARGET_DATASET, "--lr", args.mae_lr,
                                "--save_every", SAVE_EVERY_STEPS]
     source = Stage("source", "source", f"θ₀: MAE on {SOURCE_DATASET} from {MODEL}'s random init", args.source_steps,
-                    os.path.join(paths["initial"], "model.safetensors"), "pretrain.py",
-                    stage_flags + ["--model_name", MODEL, "--dataset", SOURCE_DATASET, "--output_dir", paths["initial"],
-                                   "--steps", args.source_steps, "--lr", args.source_lr,
-                                   "--warmup_steps", args.source_warmup_steps, "--save_every", SAVE_EVERY_STEPS])
+                   os.path.join(paths["initial"], "model.safetensors"), "pretrain.py",
+                   stage_flags + ["--model_name", MODEL, "--dataset", SOURCE_DATASET, "--output_dir", paths["initial"],
+                                  "--steps", args.source_steps, "--lr", args.source_lr,
+                                  "--warmup_steps", args.source_warmup_steps, "--save_every", SAVE_EVERY_STEPS])
 
     def finetunes(init: str, init_flags: list, needs: list[str]) -> list[Stage]:
         runs = []
