@@ -6,6 +6,10 @@ rules (gates, then claims) and the schedule on made-up numbers."""
 import io
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -294,6 +298,31 @@ def test_a_failed_run_is_named_with_its_log_and_starts_no_more(tmp_path, monkeyp
     assert not (tmp_path / "later.done").exists()  # ... but none started after the failure
     header, *output = _read(tmp_path / "logs" / "bad.log").splitlines()  # the pool's line naming the start
     assert header.startswith("==== ") and output == ["fake stage ran", "error: this run was told to fail"]
+
+
+STOP_DRIVER = """
+import sys
+from lab import small_reproduction as sr
+stage = sr.Stage("slow", "finetune", "run slow", 1, sys.argv[1] + "/slow.done", sys.argv[1] + "/fake_stage.py",
+                 ["--out", sys.argv[1] + "/slow.done", "--wait_for", sys.argv[1] + "/never"])
+sr.execute([stage], sr.get_args_parser().parse_args(["--jobs", "2"]), sys.argv[1], record=print)
+"""
+
+
+def test_sigterm_stops_the_runs_and_exits_143(tmp_path):
+    (tmp_path / "fake_stage.py").write_text(FAKE_STAGE)
+    proc = subprocess.Popen([sys.executable, "-c", STOP_DRIVER, str(tmp_path)], cwd=REPO, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": REPO})
+    log = tmp_path / "logs" / "slow.log"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and "fake stage ran" not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.1)
+    with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+        (run_pid,) = map(int, f.read().split())  # the run, going
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=40)
+    assert proc.returncode == 143 and "interrupted: the runs were stopped" in err
+    assert not os.path.exists(f"/proc/{run_pid}"), "the run outlived its launcher"
 
 
 # ---------------------------------------------------------------- the reading rules, on made-up numbers
