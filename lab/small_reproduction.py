@@ -17,10 +17,11 @@ The protocol (and why each number is what it is) is in SMALL_REPRODUCTION.md. In
     python -m lab.small_reproduction --source_src IMAGES --target_src IDX_DIR --source_crops 64 \\
         --source_steps 4 --further_steps 2 --fig1_steps 2 4 --finetune_steps 3 --seeds 1 --out_dir /tmp/smoke
 
-Runs are the stages' own `main` (pretrain.main, selftrain.main, finetune.main) with the arguments their command
-lines would get. Independent runs go side by side in --jobs worker processes (started once, torch threads =
---threads each; their output goes to <out_dir>/logs/); --jobs 1 runs them one after the other in this process.
-Every run is deterministic from its seed, so both give the same numbers. Everything goes under --out_dir:
+The runs are the nodes of launch.graph.fig1_table (θ₀'s pre-training, the random-init route, the table at each
+step count), each a process `python pretrain.py|selftrain.py|finetune.py ...` run by launch.pool: independent runs
+side by side, --jobs at a time (--threads torch threads each; their output goes to <out_dir>/logs/); --jobs 1 runs
+them one after the other, their output on the terminal. Every run is deterministic from its seed, so both give
+the same numbers. Everything goes under --out_dir:
     data/natural_crops/, data/fashion_mnist_low/   the source crops and the target (data.prepare's layout)
     initial_model/                                 θ₀, a model directory (what --model_name takes)
     checkpoints/{further,self-further}-pretrain-<steps>/fashion_mnist_low/          the MAE stages
@@ -36,17 +37,14 @@ The time estimate printed up front comes from per-step costs measured on the mac
 running, the remaining time is rescaled by how fast the finished runs went.
 """
 import argparse
-import contextlib
 import datetime
-import importlib
 import io
 import json
-import multiprocessing
 import os
 import platform
+import signal
+import sys
 import time
-import traceback
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,7 +57,10 @@ import utils
 from data import ImageDataset, LMDBReader
 from data import prepare, sources
 from errors import RunFailed
+from launch import graph, pool
+from launch.pool import Job
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the stages' scripts
 SOURCE_DATASET = "natural_crops"
 TARGET_DATASET = "fashion_mnist_low"
 MODEL = "vit-mae-tiny"
@@ -93,8 +94,8 @@ RUN_OUTPUTS = ("initial_model", "checkpoints", "results", "diagnostics.json")  #
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(allow_abbrev=False, description="The paper's claims at small scale, on CPU (SMALL_REPRODUCTION.md, "
-                                            "protocol 2).")
+    p = argparse.ArgumentParser(allow_abbrev=False, description="The paper's claims at small scale, on CPU "
+                                                                "(SMALL_REPRODUCTION.md, protocol 2).")
     g = p.add_argument_group("source domain (θ₀)")
     g.add_argument("--source_crops", type=int, default=60000,
                    help="32x32 crops of natural images (data.prepare natural_crops --crops)")
@@ -125,8 +126,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--out_dir", default="runs/small_reproduction_protocol2",
                    help="everything goes here (see the docstring; protocol 1's runs used runs/small_reproduction)")
     g.add_argument("--jobs", type=utils.int_at_least(1), default=2,
-                   help="independent runs side by side, each in its own worker process; 1: one after the other, in "
-                        "this process. The numbers are the same either way")
+                   help="independent runs side by side, each a process of its own; 1: one after the other, their "
+                        "output on the terminal. The numbers are the same either way")
     g.add_argument("--threads", type=utils.int_at_least(1), default=1,
                    help="torch threads of each run (on a shared 2-core machine one process with 2 threads ran "
                         "10-20x slower than with 1; two 1-thread processes side by side beat it)")
@@ -180,7 +181,7 @@ class Stage:
     label: str
     steps: int
     done_file: str  # exists once the run is complete
-    module: str  # pretrain, selftrain or finetune: its main() runs
+    script: str  # pretrain.py, selftrain.py or finetune.py: run with argv
     argv: list[str]
     needs: list[str] = field(default_factory=list)  # keys of the runs whose output it reads
     eval_images: int = 0  # images fine-tuning evaluates after its last step
@@ -204,17 +205,17 @@ def inits(args) -> list[str]:
 
 
 def plan(args, paths: dict, eval_images: int) -> list[Stage]:
-    """θ₀; fine-tuning from the random init and from θ₀; then per step count of Fig. 1 (the table's first) the
-    teacher, the student and the fine-tuning of each."""
+    """The runs of graph.fig1_table, in its order: θ₀; fine-tuning from the random init and from θ₀; then per step
+    count of Fig. 1 (the table's first) the teacher, the student and the fine-tuning of each (one run per seed)."""
     stage_flags = ["--data_dir", paths["data"], "--checkpoint_dir", paths["checkpoints"], "--workers", args.workers,
                    "--log_every", args.log_every, "--device", args.device]
     mae_flags = stage_flags + ["--model_name", paths["initial"], "--dataset", TARGET_DATASET, "--lr", args.mae_lr,
                                "--save_every", SAVE_EVERY_STEPS]
-    stages = [Stage("source", "source", f"θ₀: MAE on {SOURCE_DATASET} from {MODEL}'s random init", args.source_steps,
-                    os.path.join(paths["initial"], "model.safetensors"), "pretrain",
-                    stage_flags + ["--model_name", MODEL, "--dataset", SOURCE_DATASET, "--output_dir", paths["initial"],
-                                   "--steps", args.source_steps, "--lr", args.source_lr,
-                                   "--warmup_steps", args.source_warmup_steps, "--save_every", SAVE_EVERY_STEPS])]
+    source = Stage("source", "source", f"θ₀: MAE on {SOURCE_DATASET} from {MODEL}'s random init", args.source_steps,
+                   os.path.join(paths["initial"], "model.safetensors"), "pretrain.py",
+                   stage_flags + ["--model_name", MODEL, "--dataset", SOURCE_DATASET, "--output_dir", paths["initial"],
+                                  "--steps", args.source_steps, "--lr", args.source_lr,
+                                  "--warmup_steps", args.source_warmup_steps, "--save_every", SAVE_EVERY_STEPS])
 
     def finetunes(init: str, init_flags: list, needs: list[str]) -> list[Stage]:
         runs = []
@@ -222,7 +223,7 @@ def plan(args, paths: dict, eval_images: int) -> list[Stage]:
             result = os.path.join(paths["results"], TARGET_DATASET, init, f"seed{seed}")
             what = {RANDOM_INIT: f"{MODEL}'s random init", INITIAL: "θ₀"}.get(init, init)
             runs.append(Stage(f"finetune-{init}-seed{seed}", "finetune", f"fine-tuning from {what}, seed {seed}",
-                              args.finetune_steps, result + ".json", "finetune",
+                              args.finetune_steps, result + ".json", "finetune.py",
                               stage_flags + init_flags + [
                                   "--dataset", TARGET_DATASET, "--results_dir", paths["results"], "--output_dir",
                                   result, "--seed", seed, "--steps", args.finetune_steps,
@@ -230,20 +231,31 @@ def plan(args, paths: dict, eval_images: int) -> list[Stage]:
                               needs, eval_images))
         return runs
 
-    stages += finetunes(RANDOM_INIT, ["--model_name", MODEL, "--scratch", "True"], [])
-    stages += finetunes(INITIAL, ["--model_name", paths["initial"], "--scratch", "True"], ["source"])
-    for steps in [args.further_steps] + sorted(set(args.fig1_steps) - {args.further_steps}):
-        teacher = mae_common.further_pretrain_dir(paths["checkpoints"], steps, TARGET_DATASET)
-        student = mae_common.self_distill_dir(paths["checkpoints"], steps, TARGET_DATASET)
-        further, self_ = init_name("further", steps), init_name("self", steps)
-        stages.append(Stage(further, "further", f"further pre-training, {steps} steps", steps,
-                            os.path.join(teacher, "model.safetensors"), "pretrain",
-                            mae_flags + ["--steps", steps], ["source"]))
-        stages += finetunes(further, ["--model_name", paths["initial"], "--ckpt_name", further], [further])
-        stages.append(Stage(self_, "self", f"self-distillation, {steps} steps (teacher: {further})", steps,
-                            os.path.join(student, "model.safetensors"), "selftrain",
-                            mae_flags + ["--steps", steps, "--teacher", teacher], ["source", further]))
-        stages += finetunes(self_, ["--model_name", paths["initial"], "--ckpt_name", self_], [self_])
+    stages, keys = [], {}  # keys: node -> the keys of its runs
+    steps = [args.further_steps] + sorted(set(args.fig1_steps) - {args.further_steps})
+    for node in graph.fig1_table(TARGET_DATASET, steps, SOURCE_DATASET, RANDOM_INIT):
+        needs = [key for name in node.after_ok for key in keys[name]]
+        k = node.steps
+        if node.stage == "report":  # read in this process once the runs are done (main)
+            continue
+        if node.dataset == SOURCE_DATASET:
+            runs = [source]
+        elif node.stage == "pretrain":
+            teacher = mae_common.further_pretrain_dir(paths["checkpoints"], k, TARGET_DATASET)
+            runs = [Stage(init_name("further", k), "further", f"further pre-training, {k} steps", k,
+                          os.path.join(teacher, "model.safetensors"), "pretrain.py", mae_flags + ["--steps", k], needs)]
+        elif node.stage == "selftrain":
+            teacher = mae_common.further_pretrain_dir(paths["checkpoints"], k, TARGET_DATASET)
+            student = mae_common.self_distill_dir(paths["checkpoints"], k, TARGET_DATASET)
+            runs = [Stage(init_name("self", k), "self", f"self-distillation, {k} steps (teacher: "
+                          f"{init_name('further', k)})", k, os.path.join(student, "model.safetensors"), "selftrain.py",
+                          mae_flags + ["--steps", k, "--teacher", teacher], needs)]
+        else:
+            model = MODEL if node.init == RANDOM_INIT else paths["initial"]
+            init_flags = ["--scratch", "True"] if node.init in (RANDOM_INIT, INITIAL) else ["--ckpt_name", node.init]
+            runs = finetunes(node.init, ["--model_name", model] + init_flags, needs)
+        keys[node.name] = [run.key for run in runs]
+        stages += runs
     for stage in stages:
         stage.argv = [str(a) for a in stage.argv]
     return stages
@@ -325,100 +337,69 @@ class Progress:
         return speed * simulate(todo, finished, self.jobs, self.priority, running)
 
 
-def _run_logged(module_name: str, argv: list[str], log_path: str | None) -> float:
-    """One run: the stage's main with `argv`; its output into `log_path` (None: this process's own). Seconds."""
-    module = importlib.import_module(module_name)
-    start = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        if log_path is not None:
-            log = stack.enter_context(open(log_path, "a"))
-            stack.enter_context(contextlib.redirect_stdout(log))
-            stack.enter_context(contextlib.redirect_stderr(log))
-        try:
-            module.main(module.get_args_parser().parse_args(argv))
-        except utils.UserError as e:
-            if log_path is not None:
-                print(f"error: {e}", flush=True)
-            raise
-        except BaseException:
-            if log_path is not None:
-                traceback.print_exc()
-            raise
-    return time.perf_counter() - start
-
-
-def _start_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
-
-
 def execute(stages: list[Stage], args, out: str, record) -> None:
-    """Runs the stages not yet complete, each when the runs it reads are; --jobs at a time."""
+    """Runs the stages not yet complete in launch.pool, --jobs at a time, each once the runs it reads have succeeded,
+    the longest chains first; each a process `python SCRIPT ARGV --threads THREADS`. With --jobs 1 a run's output
+    is on the terminal, else in <out>/logs/<key>.log. A failed run starts nothing that reads it, one that failed
+    on bad input (exit code 2) nothing more; then the first failure is raised."""
     priority = priorities(stages)
-    todo = [s for s in stages if not s.done()]
+    todo = sorted((s for s in stages if not s.done()), key=lambda s: -priority[s.key])  # stable: plan order on ties
     finished = {s.key for s in stages if s.done()}
-    progress = Progress(stages, args.jobs, priority)
-    started = time.perf_counter()
+    by_key = {s.key: s for s in stages}
     number = {s.key: i for i, s in enumerate(stages, start=1)}
+    logs = os.path.join(out, "logs")
+    progress = Progress(stages, args.jobs, priority)
+    started, running, failures = time.perf_counter(), {}, []  # running: key -> its start time
 
-    def status(running):
-        left = progress.left(todo, finished, running)
-        return f"elapsed {clock(time.perf_counter() - started)}, about {clock(left)} left"
+    def status():
+        left = {key: max(0.0, run_seconds(by_key[key], args.jobs) - (time.perf_counter() - t0))
+                for key, t0 in running.items()}
+        return (f"elapsed {clock(time.perf_counter() - started)}, "
+                f"about {clock(progress.left(todo, finished, left))} left")
 
-    def done(stage, seconds):
+    def on_start(job, device):
+        stage = by_key[job.name]
+        todo.remove(stage)
+        running[stage.key] = time.perf_counter()
+        print(f"[reproduce-small {number[stage.key]}/{len(stages)}] started {stage.label} | {status()}", flush=True)
+
+    def on_end(job, code, seconds):
+        stage = by_key[job.name]
+        del running[stage.key]
+        if code != 0:
+            failures.append((stage, code))
+            return
         finished.add(stage.key)
         progress.finished(stage, seconds)
         record({"run": stage.label, "kind": stage.kind, "steps": stage.steps, "seconds": round(seconds, 2),
                 "estimated_seconds": round(run_seconds(stage, args.jobs), 2), "jobs": args.jobs})
+        print(f"[reproduce-small {number[stage.key]}/{len(stages)}] finished {stage.label} in {clock(seconds)} | "
+              f"{status()}", flush=True)
 
-    if args.jobs == 1:
-        while (stage := next_ready(todo, finished, priority)) is not None:
-            todo.remove(stage)
-            print(f"\n[reproduce-small {number[stage.key]}/{len(stages)}] {stage.label} | "
-                  f"{status({stage.key: run_seconds(stage, 1)})}", flush=True)
-            done(stage, _run_logged(stage.module, stage.argv, None))
-        return
+    def job(stage):
+        argv = [sys.executable, os.path.join(REPO, stage.script), *stage.argv, "--threads", str(args.threads)]
+        return Job(stage.key, os.path.join(logs, f"{stage.key}.log"),
+                   lambda device: [(argv, {"OMP_NUM_THREADS": str(args.threads)})],
+                   after=tuple(key for key in stage.needs if key not in finished))
 
-    logs = os.path.join(out, "logs")
-    os.makedirs(logs, exist_ok=True)
-    failure = None
-    running = {}  # future -> (stage, start time)
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked OpenMP or lock state
-    with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_start_worker,
-                             initargs=(args.threads,)) as pool:
-        while todo or running:
-            while failure is None and len(running) < args.jobs and (
-                    stage := next_ready(todo, finished, priority)) is not None:
-                todo.remove(stage)
-                log = os.path.join(logs, f"{stage.key}.log")
-                running[pool.submit(_run_logged, stage.module, stage.argv, log)] = stage, time.perf_counter()
-                print(f"[reproduce-small {number[stage.key]}/{len(stages)}] started {stage.label} (log: {log})",
-                      flush=True)
-            if not running:
-                break
-            for future in wait(running, return_when=FIRST_COMPLETED)[0]:
-                stage, _ = running.pop(future)
-                try:
-                    seconds = future.result()
-                except Exception as e:  # the run's error, or a worker that died (BrokenProcessPool)
-                    failure = failure or (stage, e)
-                    print(f"[reproduce-small] FAILED {stage.label}: {_one_line(e)} "
-                          f"(log: {os.path.join(logs, stage.key + '.log')})", flush=True)
-                    continue
-                done(stage, seconds)
-                left = {s.key: max(0.0, run_seconds(s, args.jobs) - (time.perf_counter() - t0))
-                        for s, t0 in running.values()}
-                print(f"[reproduce-small {number[stage.key]}/{len(stages)}] finished {stage.label} in "
-                      f"{clock(seconds)} | {status(left)}", flush=True)
-    if failure is not None:
-        stage, e = failure
-        cls = type(e) if isinstance(e, utils.UserError) else RunFailed
-        raise cls(f"{stage.label} failed: {_one_line(e)} (its log: {os.path.join(logs, stage.key + '.log')}); "
-                  f"the runs that finished are kept: run the command again to continue")
-
-
-def _one_line(e: Exception) -> str:
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    return lines[-1] if lines else type(e).__name__
+    handlers = {sig: signal.getsignal(sig) for sig in pool.STOP_CODES}
+    try:  # the stages choose their device from their own --device: the pool's is a name in its lines
+        runs = pool.Pool(["cpu"], args.jobs, on_start, on_end)
+        runs.run([job(stage) for stage in todo])
+    except pool.Stopped as e:  # the pool has stopped every run and said so
+        raise SystemExit(e.code) from None
+    finally:  # Ctrl-C during the reading is this process's again
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if failures:
+        stage, code = failures[0]
+        log = os.path.join(logs, f"{stage.key}.log")
+        why = (pool.last_line(log).removeprefix("error: ") + f" (its log: {log})" if args.jobs > 1
+               else f"exit code {code} (its output is above)")
+        others = f"; {len(failures) - 1} other run(s) failed too" if len(failures) > 1 else ""
+        cls = utils.UserError if code == pool.BAD_INPUT else RunFailed
+        raise cls(f"{stage.label} failed: {why}{others}; the runs that finished are kept: run the command again to "
+                  f"continue")
 
 
 # ----------------------------------------------------------------------------- reading the results
@@ -752,7 +733,7 @@ def main(args):
 
     saved_threads, saved_env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(args.threads)
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # what the worker processes start with
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # what the runs' processes start with
     try:
         # ---- the plan and its time estimate (the data builds first, if they are still to do)
         to_build = [k for k, name in (("source", SOURCE_DATASET), ("target", TARGET_DATASET))

@@ -31,6 +31,7 @@ class Node:
     init: str | None = None  # fine-tuning's starting point: initial or a checkpoint name
     after_ok: tuple = ()
     after_any: tuple = ()
+    steps: int | None = None  # the MAE stages' step count where a table has several (fig1_table)
 
 
 def table(datasets, mae_steps) -> list[Node]:
@@ -44,6 +45,31 @@ def table(datasets, mae_steps) -> list[Node]:
                        after_ok=(f"{d} pretrain",)),
                   Node(f"{d} finetune {student(mae_steps)}", "finetune", d, student(mae_steps),
                        after_ok=(f"{d} selftrain",))]
+    return nodes + [Node("report", "report", after_any=tuple(n.name for n in nodes))]
+
+
+def fig1_table(dataset, mae_steps: list, source: str | None = None, random_init: str | None = None) -> list[Node]:
+    """One dataset's table at several MAE step counts (the points of Fig. 1), in the order to start them in.
+    source: θ₀ is first pre-trained (MAE) on this dataset, and every run that starts from θ₀ waits for it;
+    random_init: an extra fine-tuning route from the model's random init, which needs nothing.
+
+        fig1_table("fm", [2, 3], "crops", "random-init") -> crops pretrain, fm finetune random-init,
+            fm finetune initial (after crops pretrain), fm pretrain 2 (after crops pretrain),
+            fm finetune further-pretrain-2 (after fm pretrain 2), fm selftrain 2 (after fm pretrain 2),
+            fm finetune self-further-pretrain-2 (after fm selftrain 2), the same at 3 steps, report (after all)"""
+    theta0 = (f"{source} pretrain",) if source else ()
+    nodes = [Node(f"{source} pretrain", "pretrain", source)] if source else []
+    if random_init:
+        nodes.append(Node(f"{dataset} finetune {random_init}", "finetune", dataset, random_init))
+    nodes.append(Node(f"{dataset} finetune initial", "finetune", dataset, "initial", after_ok=theta0))
+    for k in mae_steps:
+        nodes += [Node(f"{dataset} pretrain {k}", "pretrain", dataset, after_ok=theta0, steps=k),
+                  Node(f"{dataset} finetune {teacher(k)}", "finetune", dataset, teacher(k),
+                       after_ok=(f"{dataset} pretrain {k}",), steps=k),
+                  Node(f"{dataset} selftrain {k}", "selftrain", dataset, after_ok=(f"{dataset} pretrain {k}",),
+                       steps=k),
+                  Node(f"{dataset} finetune {student(k)}", "finetune", dataset, student(k),
+                       after_ok=(f"{dataset} selftrain {k}",), steps=k)]
     return nodes + [Node("report", "report", after_any=tuple(n.name for n in nodes))]
 
 

@@ -57,6 +57,7 @@ class _Running:
     commands: list
     log: object  # the open log file, None when attached
     process: subprocess.Popen | None = None
+    started: float = dataclasses.field(default_factory=time.perf_counter)
 
 
 def where(device: str) -> str:
@@ -64,8 +65,12 @@ def where(device: str) -> str:
 
 
 class Pool:
-    def __init__(self, devices: list[str], jobs_per_device: int):
+    def __init__(self, devices: list[str], jobs_per_device: int, on_start: Callable[[Job, str], None] | None = None,
+                 on_end: Callable[[Job, int, float], None] | None = None):
+        """on_start(job, device) once a job has started; on_end(job, exit code, seconds) once it has ended: for a
+        caller's own progress lines and records, after the pool's."""
         self.devices = devices
+        self.on_start, self.on_end = on_start, on_end
         self.slots = [d for _ in range(jobs_per_device) for d in devices]  # round-robin over the devices
         self.results: dict[str, int | None] = {}  # job -> exit code; None: never started
         self.failures: list[str] = []
@@ -147,6 +152,8 @@ class Pool:
         running = _Running(job, device, list(job.commands(device)), log)
         self._running[slot] = running
         self._next_command(running)
+        if self.on_start:
+            self.on_start(job, device)
 
     def _next_command(self, running: _Running) -> None:
         argv, env = running.commands.pop(0)
@@ -181,8 +188,14 @@ class Pool:
         if log is not None:
             log.close()
         self.results[job.name] = code
+        self._report(running, code)
+        if self.on_end:
+            self.on_end(job, code, time.perf_counter() - running.started)
+
+    def _report(self, running: _Running, code: int) -> None:
+        job, log = running.job, running.log
         if code == 0:
-            last = _last_line(job.log) if log is not None else ""
+            last = last_line(job.log) if log is not None else ""
             print(f"[{job.name}] done{': ' + last if last else ''}", flush=True)
             return
         self.failures.append(f"{job.name}: exit code {code}" + (f", log {job.log}" if log is not None else ""))
@@ -244,7 +257,7 @@ class _Ended:
         return self.code
 
 
-def _last_line(path: str) -> str:
+def last_line(path: str) -> str:
     """The log's last line that is not blank (a progress bar's \\r starts a line too)."""
     with open(path, "rb") as f:
         f.seek(max(0, os.path.getsize(path) - 65536))

@@ -31,6 +31,26 @@ def test_the_table_of_two_datasets():
         ("dtd", init) for init in graph.routes(50)]
 
 
+def test_the_fig1_table_of_one_dataset():
+    """The small reproduction's table: θ₀'s pre-training first, a route from the random init, and the table at each
+    step count; every run from θ₀ waits for it, each fine-tuning for the checkpoint it starts from."""
+    nodes = {n.name: n for n in graph.fig1_table("fm", [3, 2], "crops", "random-init")}
+    per_steps = [f"fm {run}" for k in (3, 2) for run in (f"pretrain {k}", f"finetune further-pretrain-{k}",
+                                                         f"selftrain {k}", f"finetune self-further-pretrain-{k}")]
+    assert list(nodes) == ["crops pretrain", "fm finetune random-init", "fm finetune initial"] + per_steps + ["report"]
+    needs = {name: n.after_ok for name, n in nodes.items()}
+    assert needs["crops pretrain"] == needs["fm finetune random-init"] == ()
+    assert needs["fm finetune initial"] == needs["fm pretrain 2"] == ("crops pretrain",)
+    assert needs["fm selftrain 2"] == needs["fm finetune further-pretrain-2"] == ("fm pretrain 2",)
+    assert needs["fm finetune self-further-pretrain-3"] == ("fm selftrain 3",)
+    assert [(n.init, n.steps) for n in nodes.values() if n.stage == "finetune"] == [
+        ("random-init", None), ("initial", None)] + [(init, k) for k in (3, 2) for init in graph.routes(k)[1:]]
+    assert nodes["report"].after_any == tuple(list(nodes)[:-1])
+    assert [n.name for n in graph.fig1_table("fm", [5])] == [  # without a source or an extra route
+        "fm finetune initial", "fm pretrain 5", "fm finetune further-pretrain-5", "fm selftrain 5",
+        "fm finetune self-further-pretrain-5", "report"]
+
+
 def test_run_all_pool_follows_the_table():
     """run_all.sh's jobs: a dataset's MAE stages (teacher, then student) one job; each route one job per seed, the
     routes from a checkpoint after that dataset's MAE stages; the flags of each kind where they belong."""
@@ -101,6 +121,19 @@ def test_a_failed_run_does_not_stop_the_others(tmp_path, capsys):
     header, output = (tmp_path / "bad.log").read_text().splitlines()
     assert header.startswith("==== ") and header.endswith(f"bad on cpu, launcher pid {os.getpid()}")
     assert output == "boom" and not (tmp_path / "needs bad.log").exists()
+
+
+def test_the_pool_tells_a_caller_each_start_and_end(tmp_path):
+    events = []
+    pool = Pool(["cpu"], 2, on_start=lambda job, device: events.append(("start", job.name, device)),
+                on_end=lambda job, code, seconds: events.append(("end", job.name, code, seconds)))
+    pool.run([_job("slow", "import time; time.sleep(0.5)", tmp_path), _job("bad", "raise SystemExit(3)", tmp_path),
+              _job("after bad", "pass", tmp_path, after=("bad",))])
+    assert sorted(e[:2] for e in events if e[0] == "start") == [("start", "bad"), ("start", "slow")]
+    ends = {e[1]: e[2:] for e in events if e[0] == "end"}
+    assert set(ends) == {"slow", "bad"} and ends["bad"][0] == 3 and ends["slow"][0] == 0
+    assert 0.5 <= ends["slow"][1] < 10  # its seconds, from its start
+    assert all(e[2] == "cpu" for e in events if e[0] == "start")
 
 
 @pytest.mark.parametrize("slots", [1, 2])

@@ -6,6 +6,10 @@ rules (gates, then claims) and the schedule on made-up numbers."""
 import io
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -18,7 +22,7 @@ from data import LMDBReader
 from models import load_mae
 from errors import UserError
 
-from helpers import fake_fashion, save_image, striped
+from helpers import REPO, fake_fashion, save_image, striped
 
 SEED, FIG1_STEPS, TARGET = 1, (2, 3), sr.TARGET_DATASET
 INITS = [sr.RANDOM_INIT, "initial"] + [f"{prefix}further-pretrain-{k}" for k in FIG1_STEPS for prefix in ("", "self-")]
@@ -93,6 +97,7 @@ def test_every_stage_starts_from_the_right_model(out):
         for run_dir in (teacher, student):
             args = _json(run_dir / "args.json")["args"]
             assert args["model_name"] == initial and args["steps"] == k and args["dataset"] == TARGET
+            assert args["threads"] == 1  # --threads reaches every run
         assert os.path.samefile(_json(student / "args.json")["args"]["teacher"], teacher)  # same step count
     for init in INITS:
         result = _result(out, init)
@@ -243,6 +248,10 @@ def test_without_apt_get_the_error_names_the_flag_to_pass(inputs, tmp_path, monk
 
 FAKE_STAGE = """
 import argparse
+import os
+import time
+
+import utils
 from errors import UserError
 
 
@@ -250,32 +259,70 @@ def get_args_parser():
     p = argparse.ArgumentParser()
     p.add_argument("--out")
     p.add_argument("--fail", action="store_true")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--wait_for", help="end a second after this file exists")
     return p
 
 
 def main(args):
     print("fake stage ran")
     if args.fail:
+        open(args.out + ".failing", "w").close()
         raise UserError("this run was told to fail")
+    while args.wait_for and not os.path.exists(args.wait_for):
+        time.sleep(0.05)
+    time.sleep(1 if args.wait_for else 0)
     with open(args.out, "w") as f:
         f.write("done")
+
+
+if __name__ == "__main__":
+    utils.run_cli(get_args_parser, main)
 """
 
 
 def test_a_failed_run_is_named_with_its_log_and_starts_no_more(tmp_path, monkeypatch):
     (tmp_path / "fake_stage.py").write_text(FAKE_STAGE)
-    monkeypatch.syspath_prepend(str(tmp_path))  # the worker processes start with this process's sys.path
+    monkeypatch.setenv("PYTHONPATH", REPO)  # its imports, as the stages' own folder gives them theirs
 
     def stage(key, *flags):
         done = tmp_path / f"{key}.done"
-        return sr.Stage(key, "finetune", f"run {key}", 1, str(done), "fake_stage", ["--out", str(done), *flags])
-    stages = [stage("bad", "--fail"), stage("good"), stage("later")]
+        return sr.Stage(key, "finetune", f"run {key}", 1, str(done), str(tmp_path / "fake_stage.py"),
+                        ["--out", str(done), *map(str, flags)])
+    # the run beside it ends after the failure: its slot would be free for the next
+    stages = [stage("bad", "--fail"), stage("good", "--wait_for", tmp_path / "bad.done.failing"), stage("later")]
     args = sr.get_args_parser().parse_args(["--jobs", "2"])
     with pytest.raises(UserError, match=r"run bad failed: this run was told to fail \(its log: .*bad\.log\)"):
         sr.execute(stages, args, str(tmp_path), record=lambda entry: None)
     assert (tmp_path / "good.done").exists()  # the run going on beside it finished ...
     assert not (tmp_path / "later.done").exists()  # ... but none started after the failure
-    assert _read(tmp_path / "logs" / "bad.log") == "fake stage ran\nerror: this run was told to fail\n"
+    header, *output = _read(tmp_path / "logs" / "bad.log").splitlines()  # the pool's line naming the start
+    assert header.startswith("==== ") and output == ["fake stage ran", "error: this run was told to fail"]
+
+
+STOP_DRIVER = """
+import sys
+from lab import small_reproduction as sr
+stage = sr.Stage("slow", "finetune", "run slow", 1, sys.argv[1] + "/slow.done", sys.argv[1] + "/fake_stage.py",
+                 ["--out", sys.argv[1] + "/slow.done", "--wait_for", sys.argv[1] + "/never"])
+sr.execute([stage], sr.get_args_parser().parse_args(["--jobs", "2"]), sys.argv[1], record=print)
+"""
+
+
+def test_sigterm_stops_the_runs_and_exits_143(tmp_path):
+    (tmp_path / "fake_stage.py").write_text(FAKE_STAGE)
+    proc = subprocess.Popen([sys.executable, "-c", STOP_DRIVER, str(tmp_path)], cwd=REPO, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": REPO})
+    log = tmp_path / "logs" / "slow.log"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and "fake stage ran" not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.1)
+    with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+        (run_pid,) = map(int, f.read().split())  # the run, going
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=40)
+    assert proc.returncode == 143 and "interrupted: the runs were stopped" in err
+    assert not os.path.exists(f"/proc/{run_pid}"), "the run outlived its launcher"
 
 
 # ---------------------------------------------------------------- the reading rules, on made-up numbers
@@ -341,6 +388,28 @@ def test_claim_rules_use_the_larger_std():
 
 
 # ---------------------------------------------------------------- the schedule
+
+def test_the_plan_is_the_graph_s_fig1_table(tmp_path):
+    """Each node of launch.graph.fig1_table one run (fine-tuning: one per seed), waiting for what it reads."""
+    args = sr.get_args_parser().parse_args(["--further_steps", "4", "--fig1_steps", "8", "4", "--seeds", "1", "2"])
+    paths = {name: str(tmp_path / name) for name in ("data", "initial", "checkpoints", "results")}
+    stages = sr.plan(args, paths, eval_images=10)
+    needs = {s.key: s.needs for s in stages}
+    finetunes = [f"finetune-{init}-seed{seed}" for init in sr.inits(args) for seed in (1, 2)]
+    assert sorted(needs) == sorted(["source", "further-pretrain-4", "self-further-pretrain-4", "further-pretrain-8",
+                                    "self-further-pretrain-8"] + finetunes)
+    assert [s.key for s in stages][:7] == ["source", "finetune-random-init-seed1", "finetune-random-init-seed2",
+                                           "finetune-initial-seed1", "finetune-initial-seed2", "further-pretrain-4",
+                                           "finetune-further-pretrain-4-seed1"]  # the table's step count first
+    assert needs["source"] == needs["finetune-random-init-seed2"] == []
+    assert needs["finetune-initial-seed1"] == needs["further-pretrain-8"] == ["source"]
+    assert needs["self-further-pretrain-8"] == needs["finetune-further-pretrain-8-seed2"] == ["further-pretrain-8"]
+    assert needs["finetune-self-further-pretrain-4-seed1"] == ["self-further-pretrain-4"]
+    student = next(s for s in stages if s.key == "self-further-pretrain-8")
+    assert student.script == "selftrain.py"
+    assert student.argv[student.argv.index("--teacher") + 1].endswith(os.path.join("further-pretrain-8", TARGET))
+
+
 
 def test_the_schedule_starts_long_chains_first_and_waits_for_what_runs_read():
     def stage(key, steps, needs=()):
