@@ -15,7 +15,11 @@ over a GPU list; it runs alone and nothing after it starts before it ended), it 
 on the terminal. One line per started and finished job. A failed job never stops the others; one that exits 2 (bad
 input, which the next runs share) stops new ones from starting. SIGTERM or Ctrl-C stops every running job, whole
 process trees (torchrun and its workers), waits until they have ended (SIGKILL after 30 s), and raises Stopped
-(exit 143 / 130)."""
+(exit 143 / 130). USR1 and USR2, the signals a scheduler sends to ask runs to stop at a step boundary and save
+($STOP_SIGNALS, training/preemption.py), are passed on to every running job's process group as they came (a run
+sits in a group of its own, which a signal to the launcher's group does not reach); no new job starts, the pool
+waits for the running ones to end and raises Stopped with exit code 75 (STOPPED), the code of a stopped run, so
+that a job around the launcher requeues (launch/job.py)."""
 import dataclasses
 import datetime
 import os
@@ -28,6 +32,8 @@ from typing import Callable
 POLL_S = 0.1
 KILL_AFTER_S = 30.0
 STOP_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+PASSED_ON = (signal.SIGUSR1, signal.SIGUSR2)  # the runs' own stop signals: forwarded, the runs save and stop
+STOPPED = 75  # the exit code of a run stopped at a step boundary with its state saved
 BAD_INPUT = 2  # the exit code of a refused input (errors.UserError)
 
 
@@ -78,9 +84,13 @@ class Pool:
         self.bad_input = False  # a run exited 2: start nothing more
         self.all_bad_input = True
         self.stop_code = None
+        self.passed_on: list[int] = []  # PASSED_ON signals that came, not yet forwarded
+        self.stopping = False  # a PASSED_ON signal came: the running jobs are stopping
         self._running: dict[object, _Running] = {}  # slot index (or "all") -> its job
         for sig in STOP_CODES:
             signal.signal(sig, self._signalled)
+        for sig in PASSED_ON:
+            signal.signal(sig, lambda signum, frame: self.passed_on.append(signum))
 
     def _signalled(self, signum, frame):
         # only noted: the loop stops the runs, between two of its steps (never halfway through starting one)
@@ -88,10 +98,29 @@ class Pool:
             self.stop_code = STOP_CODES[signum]
 
     def check_stop(self) -> None:
-        """Raises Stopped, after stopping every run, once the launcher has been signalled."""
+        """Raises Stopped, after stopping every run, once the launcher has been signalled. A signal of PASSED_ON goes
+        to every running job; once they have all ended (having saved), Stopped(STOPPED)."""
         if self.stop_code is not None:
             self._stop()
             raise Stopped(self.stop_code)
+        if self.passed_on:
+            self._pass_on()
+            raise Stopped(STOPPED)
+
+    def _pass_on(self) -> None:
+        self.stopping = True
+        while self._running and self.stop_code is None:
+            while self.passed_on:
+                signum = self.passed_on.pop(0)
+                for running in self._running.values():
+                    if isinstance(running.process, subprocess.Popen):
+                        _signal_group(running.process.pid, signum)
+            time.sleep(POLL_S)
+            self._reap(start_next=False)
+        if self.stop_code is not None:  # SIGTERM or Ctrl-C while the runs were saving
+            self._stop()
+            raise Stopped(self.stop_code)
+        print("stopped: the runs saved their state; the same command continues them", file=sys.stderr, flush=True)
 
     def failed(self, name: str) -> bool:
         """True when the job `name` failed or never started."""
@@ -172,14 +201,17 @@ class Pool:
                 print(line, end="", file=sys.stderr, flush=True)
             running.process = _Ended(127 if isinstance(e, FileNotFoundError) else 126)
 
-    def _reap(self) -> None:
+    def _reap(self, start_next: bool = True) -> None:
+        """Records the jobs that ended; a job whose command succeeded goes on with its next one (start_next)."""
         for slot, running in list(self._running.items()):
             code = running.process.poll()
             if code is None:
                 continue
             if code == 0 and running.commands:
-                self._next_command(running)
-                continue
+                if start_next:
+                    self._next_command(running)
+                    continue
+                code = STOPPED  # stopping: the job's next command does not start
             del self._running[slot]
             self._finished(running, 128 - code if code < 0 else code)  # killed by signal N: 128 + N, as bash
 
@@ -197,6 +229,9 @@ class Pool:
         if code == 0:
             last = last_line(job.log) if log is not None else ""
             print(f"[{job.name}] done{': ' + last if last else ''}", flush=True)
+            return
+        if code == STOPPED and self.stopping:
+            print(f"[{job.name}] stopped with its state saved (exit code {code})", file=sys.stderr, flush=True)
             return
         self.failures.append(f"{job.name}: exit code {code}" + (f", log {job.log}" if log is not None else ""))
         print(f"[{job.name}] FAILED with exit code {code}" + (f"; see {job.log}" if log is not None else ""),
