@@ -177,9 +177,11 @@ def test_without_a_gpu_it_says_so_first_and_checks_nothing(tmp_path, monkeypatch
 
 def test_make_gpu_check_runs_the_command(tmp_path):
     """make gpu-check is the GPU check: without a GPU it stops, and its first line says why."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    out = subprocess.run(["make", "gpu-check", f"GPU_CHECK_FLAGS=--out {tmp_path / 'check'}"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)
+    # as a user types it: not a sub-make of `make test` (which would print its "Entering directory" lines)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    out = subprocess.run(["make", "--no-print-directory", "gpu-check", f"GPU_CHECK_FLAGS=--out {tmp_path / 'check'}"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and out.stdout.splitlines()[-1].endswith(f"-m lab.gpu_check --out {tmp_path}/check")
     assert out.stderr.splitlines()[0].startswith(NO_GPU[0]) and NO_GPU[1] in out.stderr, out.stderr
     assert not (tmp_path / "check").exists()
