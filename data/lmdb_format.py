@@ -85,8 +85,11 @@ def _open(path: str, readonly: bool) -> lmdb.Environment:
     # The release's files are single files (subdir=False); a directory-style LMDB also opens. No lock file: a
     # reader never writes, and the one writer (write_lmdb) writes a private .partial file. LMDB memory-maps its
     # lock file, and touching that map on a full disk kills the process with SIGBUS, without a message.
+    # A reader asks for a 1-byte map, which LMDB raises to the data's size: with 0 it would take the writer's
+    # _MAP_SIZE stored in the file, 1 TiB of address space per open split, and a process that keeps ~120 splits
+    # open (the test suite; a long session) runs out of its 128 TiB ("Cannot allocate memory").
     return lmdb.open(path, subdir=os.path.isdir(path), readonly=readonly, lock=False,
-                     readahead=False, meminit=False, map_size=_MAP_SIZE if not readonly else 0)
+                     readahead=False, meminit=False, map_size=_MAP_SIZE if not readonly else 1)
 
 
 class LMDBReader:
