@@ -102,7 +102,8 @@ def test_csv(results):
     with open(out_dir / "report.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["init", "row_name", "dataset", "n", "mean_acc", "std_acc", "mean_loss", "best",
-                             "n_val", "mean_val_acc", "std_val_acc", "best_val", "settings"]
+                             "n_val", "mean_val_acc", "std_val_acc", "best_val", "settings", "metric", "mean_metric",
+                             "std_metric", "n_val_metric", "mean_val_metric", "std_val_metric"]
     assert {(r["dataset"], r["init"]) for r in rows} == set(values)  # the missing cell has no row
     for r in rows:
         runs = values[(r["dataset"], r["init"])]
@@ -115,6 +116,7 @@ def test_csv(results):
         else:
             assert r["std_acc"] == ""
         assert r["n_val"] == r["mean_val_acc"] == r["settings"] == ""
+        assert r["metric"] == "acc" and (r["mean_metric"], r["std_metric"]) == (r["mean_acc"], r["std_acc"])
     best = {(r["dataset"], r["init"]) for r in rows if r["best"] == "1"}
     assert best == {("cub", "self-further-pretrain-20000")}
 
