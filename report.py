@@ -1,4 +1,5 @@
-"""The paper's results table: test accuracy, mean ± std over the fine-tuning seeds, per (init, dataset).
+"""The paper's results table: the test score, mean ± std over the fine-tuning seeds, per (init, dataset); accuracy
+for image datasets, F1 for text datasets.
 
 Reads the result files that finetune.py writes, `<results_dir>/<dataset>/<init>/seed<k>.json`
 (only those: the per-run folders `seed<k>/` are skipped), where <init> is `initial` (fine-tuned from
@@ -11,14 +12,24 @@ Reads the result files that finetune.py writes, `<results_dir>/<dataset>/<init>/
 
 The table. Rows: "Fine-tuning (initial model)", "Further pre-training (<steps>)",
 "Self-distillation (<steps>)" (steps ascending within each), then other checkpoints by name.
-Columns: the paper's six datasets in its order (aircraft, chest_xray, cub, dtd, stanford_dogs,
-vgg_flower_102), then other datasets alphabetically. A cell is the test accuracy in percent,
+Columns: the paper's six image datasets in its order (aircraft, chest_xray, cub, dtd, stanford_dogs,
+vgg_flower_102), its four text datasets (chemprot, citation_intent, sciie, twitter_emotion), then other datasets
+alphabetically. A cell is the test score of the column's dataset in percent,
 `mean ± std (n=seeds)` with the sample standard deviation (ddof=1), or `mean (n=1)` for one seed;
-`—` where there are no results (never 0). If some results carry a validation accuracy
+`—` where there are no results (never 0). If some results carry a validation score
 (finetune.py --val_split), a second table shows it the same way, for those datasets. With --train, one more
-table shows the accuracy on the training images (train_acc: eval mode, after the last step, without the
+table shows the score on the training examples (train_acc, ...: eval mode, after the last step, without the
 --val_split part) the same way, without bold, for the results that have it (a result whose record does not hold
 it has None: training/record.py), and the --init line adds it.
+
+The score (paper.metric, written once there): accuracy for image datasets (test_acc); for text datasets -- the
+known ones by name (paper.TEXT_DATASETS), a user's own by its results' "modality": "text" -- micro-F1 for chemprot
+(test_micro_f1) and macro-F1 for every other (test_macro_f1), as Gururangan et al. 2020 report them; val_ and train_
+likewise. Image and text datasets share one table: when its columns share one metric the title names it (`Test
+accuracy (%)`, `Test macro-F1 (%)`), else each column's header does (`chemprot (micro-F1)`, `cub (accuracy)`), and a
+line below the table gives the rule whenever a text dataset is there. A dataset folder holding both image and text
+results (two metrics), or a result without its dataset's metric, is refused in one line naming the files: scores of
+different metrics are never averaged, nor compared for the bold.
 
 Only runs of the same settings are averaged. The settings are the run's arguments recorded in each
 seed<k>.json, except those that do not change the result (NOT_SETTINGS: the seed, paths, and
@@ -35,19 +46,23 @@ are at least two such cells; a single seed has no spread, so it is never bold an
 over several. A note below the table names the columns whose cells average different numbers of seeds.
 
 report.csv: one row per (init, dataset) that has results (per settings group for a mixed cell), columns
-init,row_name,dataset,n,mean_acc,std_acc,mean_loss,best,n_val,mean_val_acc,std_val_acc,best_val,settings;
-accuracies in percent, mean_loss the mean test cross-entropy, best / best_val 1 for the bold cells
-(else 0), std empty for a single seed, the val columns empty without validation results, settings the
-group's differing settings (`lr=0.001 steps=5000`) for a mixed cell, else empty. With --train, four more
-columns: n_train,mean_train_acc,std_train_acc,mean_train_loss (empty without training results).
+init,row_name,dataset,n,mean_acc,std_acc,mean_loss,best,n_val,mean_val_acc,std_val_acc,best_val,settings,
+metric,mean_metric,std_metric,n_val_metric,mean_val_metric,std_val_metric;
+the *_acc columns the accuracy (of text runs too), metric the dataset's (acc, macro_f1 or micro_f1) and *_metric
+the table's numbers of it (for images, the accuracy again); scores in percent, mean_loss the mean test
+cross-entropy, best / best_val 1 for the bold cells (else 0), std empty for a single seed, the val columns empty
+without validation results, settings the group's differing settings (`lr=0.001 steps=5000`) for a mixed cell, else
+empty. With --train, seven more columns: n_train,mean_train_acc,std_train_acc,mean_train_loss,n_train_metric,
+mean_train_metric,std_train_metric (empty without training results).
 
 Probes (probe.py), only when there are any: `<results_dir>/<dataset>/<init>/probe-linear-seed<k>.json` and
 `probe-knn.json`, which the fine-tuning table never reads (its files are seed<k>.json). Below the fine-tuning tables,
 a "Linear probe" table (mean ± std over seeds, as above, --seeds applies) and a "k-NN" table (one run per cell, no
 seed, never bold), with the same rows (the initial model's row named "Initial model (θ₀)") and columns, --steps
-applied, settings compared as above. Their numbers go to probe.csv beside report.csv, columns
-protocol,init,row_name,dataset,n,mean_acc,std_acc,mean_loss,best,settings (protocol: linear or knn). With only
-probe results, report.md holds the probe tables alone and report.csv is not written. --init shows fine-tuning only.
+applied, settings compared as above; their score is the accuracy, for every dataset. Their numbers go to probe.csv
+beside report.csv, columns protocol,init,row_name,dataset,n,mean_acc,std_acc,mean_loss,best,settings (protocol:
+linear or knn). With only probe results, report.md holds the probe tables alone and report.csv is not written.
+--init shows fine-tuning only.
 """
 import argparse
 import csv
@@ -76,7 +91,6 @@ PROBE_CSV_COLUMNS = ("protocol", "init", "row_name", "dataset", "n", "mean_acc",
                      "settings")
 MISSING = "—"
 MODALITIES = ("image", "text")  # a result's "modality" (absent: image)
-TEXT_TEST_SCORES = ("test_macro_f1", "test_micro_f1")
 CSV_COLUMNS = ("init", "row_name", "dataset", "n", "mean_acc", "std_acc", "mean_loss", "best",
                "n_val", "mean_val_acc", "std_val_acc", "best_val", "settings")
 TRAIN_CSV_COLUMNS = ("n_train", "mean_train_acc", "std_train_acc", "mean_train_loss")  # with --train
@@ -135,11 +149,6 @@ def read_result(path: str) -> dict:
     modality = result.get("modality", "image")
     if modality not in MODALITIES:
         raise utils.UserError(f"result file {path}: modality is {modality!r}, expected {' or '.join(MODALITIES)}")
-    if modality == "text":  # the table's metric for text; finetune.py writes both F1s
-        missing = [k for k in TEXT_TEST_SCORES if k not in result]
-        if missing:
-            raise utils.UserError(f"result file {path} is a text result without {' and '.join(missing)} (written by "
-                                  f"an older finetune.py? run it again)")
     scores = [f"{split}_{m}" for split in ("test", "val", "train") for m in paper.METRIC_NAMES]
     for key in ["test_acc"] + [k for k in scores if k != "test_acc" and result.get(k) is not None]:
         value = result[key]
@@ -263,7 +272,7 @@ def dataset_metrics(results_dir: str, found: dict[tuple[str, str], dict[int, dic
 
 
 def summarize(results_dir: str, datasets=None, seeds=None, pattern=RESULT_FILE) -> dict[tuple[str, str], dict]:
-    """{(dataset, init): summary} over the seeds of each (or those of `seeds` only); accuracies in percent.
+    """{(dataset, init): summary} over the seeds of each (or those of `seeds` only); scores in percent.
 
     summary: seeds (sorted list), n, mean_acc, std_acc (sample std; None for one seed), mean_loss,
     and n_val, mean_val_acc, std_val_acc over the seeds that have a validation accuracy (0 / None), and

@@ -405,7 +405,7 @@ def test_image_and_text_results_of_one_dataset_are_refused_not_averaged(tmp_path
 
 
 @pytest.mark.parametrize("dataset, extra, words", [
-    ("fortunes", {"modality": "text", "test_micro_f1": 0.5}, ["text result without test_macro_f1"]),
+    ("fortunes", {"modality": "text", "test_micro_f1": 0.5}, ["no test_macro_f1, the metric of fortunes"]),
     ("reviews", {"modality": "audio"}, ["modality is 'audio'"]),
     ("chemprot", {}, ["no test_micro_f1, the metric of chemprot"]),  # a known text dataset's results without F1
     ("fortunes", {"modality": "text", "test_macro_f1": 52.0, "test_micro_f1": 0.5}, ["test_macro_f1 is 52.0"]),
