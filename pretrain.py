@@ -29,7 +29,7 @@ from data import ImageDataset
 from data.identity import SplitInput
 from data.text import TextSplit
 from mae_common import MAE_BETAS, further_pretrain_dir, mae_args_parser, no_weight_decay
-from models import load_mae, load_mlm, load_tokenizer, mae_loss, mlm_loss, preprocessing_of, save_model
+from models import MLMObjective, load_mae, load_mlm, load_tokenizer, mae_loss, preprocessing_of, save_model
 from models.identity import WeightsInput
 from outputs.card import model_card
 from outputs.plots import plot_metrics
@@ -48,10 +48,10 @@ def training_loss(mae, images, noise):
     return loss, {"mae_loss": loss}
 
 
-def mlm_training_loss(mlm, masked_ids, labels, attention_mask, num_masked):
+def mlm_training_loss(model: MLMObjective, masked_ids, labels, attention_mask, num_masked):
     """The stage's objective on one batch of text: MLM's cross-entropy at the selected tokens (labels != -100),
     summed and divided by num_masked (Run.token_mean_divisor). masked_ids, labels, attention_mask (B, L)."""
-    loss = mlm_loss(mlm, masked_ids, attention_mask, labels, num_masked)
+    loss = model(masked_ids, labels, attention_mask, num_masked)
     return loss, {"mlm_loss": loss}
 
 
@@ -118,7 +118,7 @@ def main_text(args):
     # ---- optimizer: AdamW with RoBERTa's betas and epsilon, linear warmup then decay to 0
     optimizer, scheduler = run.adamw(mlm, text_common.no_weight_decay, text_common.MLM_BETAS,
                                      eps=text_common.MLM_EPS)
-    model = run.prepare(mlm, optimizer, scheduler)
+    model = run.prepare(MLMObjective(mlm), optimizer, scheduler)
 
     # ---- MLM training
     model.train()

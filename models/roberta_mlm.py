@@ -175,6 +175,18 @@ def first_token_feature(encoder: RobertaModel, input_ids: torch.Tensor, attentio
     return encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
 
 
+class MLMObjective(nn.Module):
+    """Further pre-training's model: the MLM loss as one module forward (mlm_loss), so that under DDP the step runs
+    through the wrapper's forward, which prepares the gradient all-reduce."""
+
+    def __init__(self, mlm: RobertaForMaskedLM):
+        super().__init__()
+        self.mlm = mlm
+
+    def forward(self, masked_ids, labels, attention_mask, num_masked=None):
+        return mlm_loss(self.mlm, masked_ids, attention_mask, labels, num_masked)
+
+
 class MLMWithFeature(nn.Module):
     """The self-distillation student: one module forward gives the MLM loss on the masked text and h(x) on the
     unmasked text, so a single backward pass (and a single DDP synchronisation) covers both terms.

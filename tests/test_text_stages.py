@@ -236,3 +236,73 @@ def test_a_text_model_on_an_image_dataset_is_one_line(tmp_path):
                                                   "--model_name", "roberta-tiny", "--device", "cpu"])
     with pytest.raises(UserError, match="roberta-tiny is a text model but 'cubs' is an image dataset"):
         pretrain.main(args)
+
+
+# ----------------------------------------------------------------------------- processes and resume
+
+TINY_TEXT = ["--model_name", "roberta-tiny", "--device", "cpu", "--workers", "0", "--log_every", "1",
+             "--max_length", "32", "--batch_size", "8", "--lr", "1e-3"]
+
+
+def _stage_argv(stage, setup, tmp_path, name, steps=3):
+    out = ["--output_dir", tmp_path / name]
+    if stage == "selftrain.py":
+        out += ["--teacher", tmp_path / "teacher"]
+    if stage == "finetune.py":
+        out += ["--scratch", "True", "--results_dir", tmp_path / "res"]
+    return [*TINY_TEXT, "--dataset", setup["dataset"], "--data_dir", setup["data_dir"], "--steps", steps,
+            "--checkpoint_dir", tmp_path / "ck", *out]
+
+
+def _teacher(setup, tmp_path):
+    pretrain.main(pretrain.get_args_parser().parse_args(list(map(str, [
+        *TINY_TEXT, "--dataset", setup["dataset"], "--data_dir", setup["data_dir"], "--steps", "2",
+        "--output_dir", tmp_path / "teacher"]))))
+
+
+def _weights(folder):
+    folder = os.path.join(folder, "model") if os.path.isdir(os.path.join(folder, "model")) else folder
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+@pytest.mark.parametrize("stage", ["pretrain.py", "selftrain.py", "finetune.py"])
+def test_two_processes_take_the_same_text_steps_as_one(stage, setup, tmp_path):
+    """DDP over gloo, global batch 8 (4 a process, each padded to its own longest text, hidden dropout 0.1 drawn for
+    the global batch, MLM's mean over the global batch's selected tokens) == one process with batch 8."""
+    from helpers import losses, torchrun
+    if stage == "selftrain.py":
+        _teacher(setup, tmp_path)
+    extra = ["--save_model"] if stage == "finetune.py" else []
+    for nproc, name in ((1, "one"), (2, "two")):
+        proc = torchrun(nproc, os.path.join(os.path.dirname(os.path.dirname(__file__)), stage),
+                        [*_stage_argv(stage, setup, tmp_path, name), *extra], tmp_path)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-4)
+    if stage == "finetune.py":
+        a, b = read_json(tmp_path / "one.json"), read_json(tmp_path / "two.json")
+        assert b["world_size"] == 2 and a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4)
+        assert a["test_macro_f1"] == pytest.approx(b["test_macro_f1"], abs=0.05)
+
+
+@pytest.mark.parametrize("script", [pretrain, selftrain, finetune], ids=["pretrain", "selftrain", "finetune"])
+def test_a_killed_text_run_resumes_bit_identically(script, setup, tmp_path):
+    import training
+    from helpers import Cut, cut_at, losses
+    stage = script.__name__ + ".py"
+    if script is selftrain:
+        _teacher(setup, tmp_path)
+    extra = ["--save_every", "2", "--save_model"] if script is finetune else ["--save_every", "2"]
+
+    def args(name):
+        return script.get_args_parser().parse_args(list(map(str, [*_stage_argv(stage, setup, tmp_path, name, 6),
+                                                                  *extra])))
+    script.main(args("whole"))
+    with training.supplied_draws(cut_at(stop=3)), pytest.raises(Cut):  # the state of step 2 is on disk
+        script.main(args("resumed"))
+    script.main(args("resumed"))
+    assert losses(tmp_path / "whole") == losses(tmp_path / "resumed")
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
