@@ -96,8 +96,9 @@ class Draws:
         if (stream, shape) not in self._uniform:
             def draw(start: int, stop: int) -> torch.Tensor:  # (stop - start, B_local, *shape)
                 rows = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
-                return torch.stack([torch.rand(self.global_batch, *shape, generator=generator(self.seed, stream, s))[rows]
-                                    for s in range(start, stop)])
+                drawn = [torch.rand(self.global_batch, *shape, generator=generator(self.seed, stream, s))[rows]
+                         for s in range(start, stop)]
+                return torch.stack(drawn)
             self._uniform[(stream, shape)] = DrawnAhead(draw, self.device, self.steps)
         return self._uniform[(stream, shape)][step]
 
@@ -120,9 +121,10 @@ _supplied = []  # factories (inputs, rank, world, device) -> draws, the innermos
 @contextlib.contextmanager
 def supplied_draws(make):
     """Runs created inside this block take their per-step randomness from what `make(inputs, rank, world, device)`
-    returns (inputs: DrawInputs), an object with Draws' three methods, instead of Draws: the one seam for replaying given masking noise, flips and data order through a stage's main()
-    (tests/test_golden.py replays the release's), or for observing and cutting a run at a step
-    (tests/helpers.cut_at). Nothing else about the run changes."""
+    returns (inputs: DrawInputs), an object with Draws' three methods, instead of Draws: the one seam for
+    replaying given masking noise, flips and data order through a stage's main() (tests/test_golden.py replays
+    the release's), or for observing and cutting a run at a step (tests/helpers.cut_at). Nothing else about the
+    run changes."""
     _supplied.append(make)
     try:
         yield

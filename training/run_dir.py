@@ -196,10 +196,10 @@ class RunDirectory:
     # -- finished, resumable
     def finished(self, arguments: dict, inputs: dict | None = None, reads: dict | None = None,
                  preprocessing=None) -> bool:
-        """Whether done_file exists; a finished run with other `arguments` ({flag: value}), that read other contents than
-        `inputs` ({label: fingerprint now, or None if unreadable}; `reads`: their training.Run reads), or that
-        applied another preprocessing than `preprocessing` (models.Preprocessing) is refused (never reported as
-        this one)."""
+        """Whether done_file exists; a finished run with other `arguments` ({flag: value}), that read other
+        contents than `inputs` ({label: fingerprint now, or None if unreadable}; `reads`: their training.Run
+        reads), or that applied another preprocessing than `preprocessing` (models.Preprocessing) is refused
+        (never reported as this one)."""
         if not os.path.exists(self.done_file):
             return False
         candidates = (self.done_file, self.record_path) if self.done_holds_record else (self.record_path,)
@@ -262,9 +262,10 @@ class RunDirectory:
         if overwrite and os.path.isdir(self.out_dir):
             theirs = [n for n in os.listdir(self.out_dir) if n not in RUN_FILES and not TEMPORARY_NAME.search(n)]
             if theirs and RECORD_FILE not in os.listdir(self.out_dir):
+                entries = f"{len(theirs)} other entr{'y' if len(theirs) == 1 else 'ies'}"
                 raise UserError(f"--overwrite moves only a run's directory aside, and {self.out_dir} holds no run "
-                                f"record ({RECORD_FILE}) but {len(theirs)} other entr{'y' if len(theirs) == 1 else 'ies'} "
-                                f"({', '.join(sorted(theirs)[:3])}); nothing was moved; choose another --output_dir")
+                                f"record ({RECORD_FILE}) but {entries} ({', '.join(sorted(theirs)[:3])}); nothing "
+                                f"was moved; choose another --output_dir")
         self.lock_path = lock_run_dir(self.out_dir)
         if overwrite:
             self._move_aside()
