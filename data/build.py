@@ -1,5 +1,5 @@
 """Writing a dataset folder <out>/<name>/{train,test}.lmdb + counts.json, the machinery shared by
-data.prepare's converters and data/sources.py's builders: the images decoded and loaded on threads, the
+data.prepare's converters, data/sources.py's builders and data/hf.py: the images decoded and loaded on threads, the
 refusals before anything is written (an image listed twice, a build that would not fit, a target that exists or
 holds the source), the counts read back and printed, and the move into place that keeps an old dataset aside.
 """
@@ -220,10 +220,12 @@ def move_into_place(partial: str, target: str, overwrite: bool) -> None:
     print(f"--overwrite: moved the previous {target} to {old} (delete it once the new one is checked)")
 
 
-def write_dataset(args, name: str, target: str, splits: dict, classes: list, summary: dict) -> dict:
+def write_dataset(args, name: str, target: str, splits: dict, classes: list, summary: dict,
+                  after: dict | None = None) -> dict:
     """Writes `splits` {split: (records, skipped: the list its records fill)} as <split>.lmdb with counts.json
-    (`summary` plus the classes and the counts read back) into a hidden folder <out>/.<name>.partial-*, moved to
-    `target` only once complete (an existing one kept aside, with --overwrite); returns counts.json's content."""
+    (`summary`, then the classes and the counts read back, then `after`: each builder keeps its own key order)
+    into a hidden folder <out>/.<name>.partial-*, moved to `target` only once complete (an existing one kept
+    aside, with --overwrite); returns counts.json's content."""
     partial = os.path.join(args.out, f".{name}.partial-{uuid.uuid4().hex[:8]}")
     try:
         os.mkdir(partial)
@@ -236,7 +238,7 @@ def write_dataset(args, name: str, target: str, splits: dict, classes: list, sum
             write_lmdb(path, split_records)
             counts[split] = count(LMDBReader(path).labels(), classes)  # what was written, read back
             counts[split]["skipped"] = skipped
-        summary = {**summary, "num_classes": len(classes), "classes": classes, "splits": counts}
+        summary = {**summary, "num_classes": len(classes), "classes": classes, "splits": counts, **(after or {})}
         with open(os.path.join(partial, "counts.json"), "w") as f:
             json.dump(summary, f, indent=1)
         move_into_place(partial, target, args.overwrite)

@@ -57,24 +57,19 @@ each encoded image, taken in the same pass; copies within one split are a warnin
 leak nothing), whoever built the splits.
 """
 import argparse
-import contextlib
-import json
 import os
 import random
 import sys
-import uuid
 
-import lmdb
 import numpy as np
 import scipy.io
 
 from data import hf, sources, text, text_sources
-from data.build import (EXPECTED_COUNTS, Source, check_listed_once, check_space, check_target, count,
-                        move_into_place, print_counts, records, remove, warn_expected)
+from data.build import (EXPECTED_COUNTS, Source, check_listed_once, check_space, check_target, records, report,
+                        warn_expected, write_dataset)
 from data.check import check
 from data.datasets import DATASETS, SPLITS, class_folders, file_kind, folder_split, image_files, unusable_file
 import outputs
-from data.lmdb_format import LMDBReader, write_lmdb
 from errors import UserError
 
 
@@ -346,41 +341,16 @@ def build(args) -> dict:
                   f"to free the space", file=sys.stderr)
 
     # ---- both splits into a hidden folder, moved into place only once complete
-    partial = os.path.join(args.out, f".{name}.partial-{uuid.uuid4().hex[:8]}")
-    try:
-        os.mkdir(partial)
-    except OSError as e:
-        raise UserError(f"cannot write into --out {args.out}: {outputs.failure(e, args.out)}") from None
-    try:
-        counts = {}
-        for split in SPLITS:
-            path = os.path.join(partial, f"{split}.lmdb")
-            skipped = []
-            write_lmdb(path, records(source.splits[split], args, skipped, desc=f"{name} {split}"))
-            counts[split] = count(LMDBReader(path).labels(), classes)  # what was written, read back
-            counts[split]["skipped"] = skipped
-        summary = {"name": name, "dataset": args.dataset, "src": os.path.abspath(args.src), "resize": args.resize,
-                   "num_classes": len(classes), "classes": classes, "splits": counts,
-                   "expected": EXPECTED_COUNTS.get(args.dataset)}
-        with open(os.path.join(partial, "counts.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-        move_into_place(partial, target, args.overwrite)
-    except (OSError, lmdb.Error) as e:  # a full disk (lmdb: DiskError), a folder made read-only meanwhile
-        raise UserError(f"cannot write {target}: {outputs.failure(e, args.out)}; nothing was changed there") from None
-    finally:
-        with contextlib.suppress(OSError):
-            remove(partial)
-
-    # ---- report
-    print(f"{name}: wrote {target}/train.lmdb ({counts['train']['total']} images) and "
-          f"{target}/test.lmdb ({counts['test']['total']} images), {len(classes)} classes")
-    print_counts(counts, classes)
-    print(f"counts stored in {os.path.join(target, 'counts.json')}")
+    written = {}
     for split in SPLITS:
-        if counts[split]["skipped"]:
-            print(f"warning: {name} {split}: skipped {len(counts[split]['skipped'])} unreadable images "
-                  f"(listed in counts.json)", file=sys.stderr)
-    warn_expected(args.dataset, name, counts)
+        skipped = []
+        written[split] = (records(source.splits[split], args, skipped, desc=f"{name} {split}"), skipped)
+    summary = write_dataset(args, name, target, written, classes,
+                            {"name": name, "dataset": args.dataset, "src": os.path.abspath(args.src),
+                             "resize": args.resize},
+                            after={"expected": EXPECTED_COUNTS.get(args.dataset)})
+    report(name, target, summary["splits"], classes)
+    warn_expected(args.dataset, name, summary["splits"])
     return summary
 
 

@@ -36,7 +36,6 @@ for each reason; fashion_mnist adds the indices of the chosen training images in
 import gzip
 import hashlib
 import io
-import json
 import os
 import re
 import shutil
@@ -56,9 +55,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from data.build import check_target, count, move_into_place, print_counts, remove
+from data.build import check_target, report, write_dataset
 from data.datasets import DATASETS, to_8bit
-from data.lmdb_format import LMDBReader, write_lmdb
 from errors import UserError
 
 # ---------------------------------------------------------------- settings
@@ -500,7 +498,7 @@ def _check_options(args) -> None:
 
 def build(args) -> dict:
     """data.prepare's build for the names of BUILDERS: the splits into a hidden folder, moved into place (with
-    --overwrite, over an existing one) only once complete, by data/build.py's helpers."""
+    --overwrite, over an existing one) only once complete, by data/build.py's write_dataset."""
     _check_options(args)
     name = args.name or args.dataset
     if name in DATASETS:
@@ -531,28 +529,11 @@ def build(args) -> dict:
 
     # ---- both splits into a hidden folder, moved into place only once complete
     os.makedirs(args.out, exist_ok=True)
-    partial = os.path.join(args.out, f".{name}.partial-{uuid.uuid4().hex[:8]}")
-    os.mkdir(partial)
-    try:
-        counts = {}
-        for split, records in splits.items():
-            path = os.path.join(partial, f"{split}.lmdb")
-            write_lmdb(path, records)
-            counts[split] = count(LMDBReader(path).labels(), classes)  # what was written, read back
-            counts[split]["skipped"] = []
-        summary = {"name": name, "dataset": args.dataset, "src": os.path.abspath(args.src) if args.src else None,
-                   "resize": None, "num_classes": len(classes), "classes": classes, "splits": counts,
-                   "expected": None, **info}
-        with open(os.path.join(partial, "counts.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-        move_into_place(partial, target, args.overwrite)
-    finally:
-        remove(partial)
-
-    print(f"{name}: wrote {target}/train.lmdb ({counts['train']['total']} images) and {target}/test.lmdb "
-          f"({counts['test']['total']} images), {len(classes)} classes")
-    print_counts(counts, classes)
-    print(f"counts stored in {os.path.join(target, 'counts.json')}")
+    summary = write_dataset(args, name, target, {split: (records, []) for split, records in splits.items()}, classes,
+                            {"name": name, "dataset": args.dataset,
+                             "src": os.path.abspath(args.src) if args.src else None, "resize": None},
+                            after={"expected": None, **info})
+    report(name, target, summary["splits"], classes)
     if args.dataset == "natural_crops":
         for split, left_out in info["flat_crops_left_out"].items():
             if left_out:

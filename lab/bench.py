@@ -120,7 +120,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="the GPU's dense bf16 peak for MFU (default: looked up from the device name)")
     g.add_argument("--side_by_side", type=utils.finite_float(0, low_open=True), default=1.0,
                    help="for the projection: the factor by which running fine-tuning runs side by side on one GPU "
-                        "multiplies their total img/s (e.g. 2.4, measured for 3 eager runs on an H200); 1: one at a time")
+                        "multiplies their total img/s (e.g. 2.4, measured for 3 eager runs on an H200); "
+                        "1: one at a time")
     g = p.add_argument_group("data path")
     g.add_argument("--data", action="store_true", help="measure the loader only, not the model steps")
     g.add_argument("--workers_list", type=utils.int_at_least(0), nargs="+", default=[0, 1, 2, 4, 8],
@@ -130,7 +131,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_batches", type=utils.int_at_least(1), default=20,
                    help="timed batches per measurement (rounded up to whole rounds of the workers)")
     g.add_argument("--image_size", type=utils.int_at_least(1), default=224, help="the size images are resized to")
-    p.add_argument("--device", type=utils.device_spec, default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    p.add_argument("--device", type=utils.device_spec, default="auto",
+                   help="auto (cuda if available), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=utils.threads_spec, default="auto", help=utils.THREADS_HELP)
     return p
 

@@ -1,4 +1,4 @@
-"""Does this repository run correctly, and how fast, on this machine? One command, for any CUDA machine (issue 20):
+"""Does this repository run correctly, and how fast, on this machine? One command, for any CUDA machine:
 
     python -m lab.gpu_check                 # or: make gpu-check; writes runs/gpu-check/report.md and report.json
     python -m lab.gpu_check --negative_control stale_inputs   # the same, with a departure the check must FAIL
@@ -70,7 +70,7 @@ CHECKS = {
 # the checks meant to notice each negative control (lab/gpu_check_parts.NEGATIVE_CONTROLS)
 NOTICED_BY = {"stale_inputs": [f"{stage}/cuda_graph" for stage in STAGE_TITLES],
               "fixed_dropout": ["finetune/dropout_in_graph"]}
-# seconds per part after setup. On an H200 (estimates from issue 11's figures: ~1,100 / 780 / 910 img/s eager) a
+# seconds per part after setup. On an H200 (estimates from measured eager figures: ~1,100 / 780 / 910 img/s) a
 # stage part takes about a minute and a bench part about as long; the caps leave room for a slower GPU, while the
 # total budget keeps the whole check within ~8 minutes
 CAPS = {"cuda": {"further-pretrain": 100, "self-distill": 120, "finetune": 110, "bench": 110, "bench-cuda-graph": 80,
@@ -85,7 +85,7 @@ CPU_PART = "CPU part of the GPU check (no GPU checked)"  # the report's title wh
 MARKER = ".gpu-check"  # marks a directory this tool wrote, which it may clear
 OUR_ENTRIES = ("report.md", "report.json", "logs", "parts", "runs", "setup", "data", MARKER)
 REQUIRED_PACKAGES = ("numpy", "PIL", "sklearn", "lmdb", "safetensors", "transformers")
-# targets for an H100/H200 (BENCHMARKS.md and issue 20), shown beside the bench's figures
+# targets for an H100/H200 (BENCHMARKS.md), shown beside the bench's figures
 TARGET_RATIO, TARGET_FINETUNE_MFU, TARGET_TABLE_HOURS = 3.0, 0.35, 5.0
 TARGET_IMAGES_PER_S = {"further-pretrain": 2400, "self-distill": 1300, "finetune": 2800}
 
@@ -128,7 +128,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="run lab.bench after the checks (default: on CUDA only; on a CPU a minimal one)")
     g.add_argument("--side_by_side", type=utils.finite_float(0, low_open=True), default=2.4,
                    help="the eager bench's projection: fine-tuning runs side by side multiply their img/s by this "
-                        "(2.4: 3 eager runs on an H200, issue 11); the --cuda_graph bench uses 1")
+                        "(2.4: measured for 3 eager runs on an H200); the --cuda_graph bench uses 1")
     g = p.add_argument_group("time")
     g.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
                    help="which parts to run (setup always runs: the others need it)")

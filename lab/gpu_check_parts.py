@@ -254,8 +254,8 @@ def departures(plan: Plan, mode: str):
         yield
         return
 
-    def make(args, rank, world, device):
-        return _DepartingDraws(training.Draws(args.seed, args.batch_size, args.steps, rank, world, device),
+    def make(inputs, rank, world, device):
+        return _DepartingDraws(training.Draws(inputs.seed, inputs.batch_size, inputs.steps, rank, world, device),
                                plan.negative_control)
     with training.supplied_draws(make):
         yield

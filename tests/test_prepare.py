@@ -53,6 +53,7 @@ def test_converter_round_trip(tmp_path, capsys, dataset):
     assert sorted(os.listdir(out / name)) == ["counts.json", "test.lmdb", "train.lmdb"]
     assert [e for e in os.listdir(out) if e.startswith(".")] == []
     counts = json.loads((out / name / "counts.json").read_text())
+    assert list(counts) == ["name", "dataset", "src", "resize", "num_classes", "classes", "splits", "expected"]
     assert counts["classes"] == classes and counts["num_classes"] == len(classes)
     for split in ("train", "test"):
         assert counts["splits"][split]["total"] == sum(per_label[split])

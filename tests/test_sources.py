@@ -313,6 +313,8 @@ def test_fashion_mnist_shots_per_class_and_the_whole_test_split(tmp_path):
     run("fashion_mnist", "--src", tmp_path / "src", "--out", tmp_path / "data", "--shots", 2)
     root = tmp_path / "data" / "fashion_mnist"
     counts = json.loads((root / "counts.json").read_text())
+    assert list(counts) == ["name", "dataset", "src", "resize", "num_classes", "classes", "splits", "expected",
+                            "shots", "seed", "train_indices", "packages"]
     assert counts["classes"] == sources.FASHION_MNIST_CLASSES and counts["num_classes"] == 10
     assert counts["shots"] == 2 and counts["seed"] == 0 and counts["packages"] is None
     chosen = counts["train_indices"]

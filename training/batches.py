@@ -9,12 +9,15 @@ from data import cache
 
 
 class Batches:
-    """Batches of a run (args: batch_size, steps, workers, data_cache) for one process of the job; `stage`
-    names the run in its notices."""
+    """Batches of a run for one process of the job: `batch_size` global, over steps 0 .. `steps`-1, decoded by
+    `workers` DataLoader workers, from the decode-once copy unless `data_cache` is "off"; `stage` names the run in
+    its notices."""
 
-    def __init__(self, args, process, draws, preprocessing, stage: str):
-        self.args, self.process, self.draws, self.stage = args, process, draws, stage
-        self.local_batch = process.local_batch(args.batch_size)
+    def __init__(self, process, draws, preprocessing, stage: str, *, batch_size: int, steps: int, workers: int,
+                 data_cache: str):
+        self.process, self.draws, self.stage = process, draws, stage
+        self.steps, self.workers, self.data_cache = steps, workers, data_cache
+        self.local_batch = process.local_batch(batch_size)
         if preprocessing is not None:  # None: a text run (no images to normalise)
             self.mean = torch.tensor(preprocessing.mean, device=process.device).view(1, 3, 1, 1)
             self.std = torch.tensor(preprocessing.std, device=process.device).view(1, 3, 1, 1)
@@ -32,7 +35,7 @@ class Batches:
         place of images: its texts padded to the longest of the batch."""
         device = self.process.device
         if getattr(dataset, "is_text", False):
-            for step in range(start_step, self.args.steps):
+            for step in range(start_step, self.steps):
                 index = self.draws.indices(len(dataset), step)
                 input_ids, attention_mask, labels = self._on_device(dataset.gather(index))
                 yield step, ((input_ids, attention_mask), labels, index)
@@ -40,8 +43,8 @@ class Batches:
         store = self._decoded(dataset)
         if store is None:  # the workers decode each step's batch: the sampler yields this process's indices
             loader = iter(self._loader(dataset, batch_sampler=_StepOrder(self.draws, len(dataset), start_step,
-                                                                        self.args.steps)))
-        for step in range(start_step, self.args.steps):
+                                                                        self.steps)))
+        for step in range(start_step, self.steps):
             index = self.draws.indices(len(dataset), step)  # (B_local,)
             images, labels = next(loader) if store is None else store.gather(index)
             yield step, (self.normalize(images), labels.to(device, non_blocking=True), index)
@@ -91,14 +94,14 @@ class Batches:
         return self._decoded(dataset) is not None
 
     def _loader(self, dataset, **kw):
-        workers = self.args.workers
+        workers = self.workers
         return torch.utils.data.DataLoader(
             dataset, num_workers=workers, pin_memory=self.process.device.type == "cuda",
             prefetch_factor=4 if workers > 0 else None, **kw)
 
     def _decoded(self, dataset):
         """The decode-once copy of `dataset` (a data.ImageDataset or a Subset of one), or None: streaming."""
-        if self.args.data_cache == "off":
+        if self.data_cache == "off":
             return None
         base, positions = dataset, None
         if isinstance(dataset, torch.utils.data.Subset):
@@ -124,7 +127,7 @@ class Batches:
                               f"{cache.RAM_FRACTION:.0%} of the available memory: streaming it through the workers")
                 return None
             start = time.perf_counter()
-            images, labels, how = cache.load_or_decode(dataset, self.args.workers, write=process.is_main,
+            images, labels, how = cache.load_or_decode(dataset, self.workers, write=process.is_main,
                                                        notice=process.print)
             where = "CPU memory"
             if process.device.type == "cuda":

@@ -3,6 +3,7 @@ masking noise and fine-tuning's flips (uniform draws per purpose), and dropout's
 draws the values of the whole global batch and keeps its own rows, so 1 and N processes take the same steps,
 and a resumed run needs no saved random-number state."""
 import contextlib
+import dataclasses
 import functools
 
 import torch
@@ -95,8 +96,9 @@ class Draws:
         if (stream, shape) not in self._uniform:
             def draw(start: int, stop: int) -> torch.Tensor:  # (stop - start, B_local, *shape)
                 rows = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
-                return torch.stack([torch.rand(self.global_batch, *shape, generator=generator(self.seed, stream, s))[rows]
-                                    for s in range(start, stop)])
+                drawn = [torch.rand(self.global_batch, *shape, generator=generator(self.seed, stream, s))[rows]
+                         for s in range(start, stop)]
+                return torch.stack(drawn)
             self._uniform[(stream, shape)] = DrawnAhead(draw, self.device, self.steps)
         return self._uniform[(stream, shape)][step]
 
@@ -104,15 +106,25 @@ class Draws:
         return mix_seed(self.seed, STREAM_DROPOUT, step)
 
 
-_supplied = []  # factories (args, rank, world, device) -> draws, the innermost supplied_draws block last
+@dataclasses.dataclass(frozen=True)
+class DrawInputs:
+    """What a run's draws follow from: the seed, the global batch size and the number of steps (--seed,
+    --batch_size, --steps)."""
+    seed: int
+    batch_size: int
+    steps: int
+
+
+_supplied = []  # factories (inputs, rank, world, device) -> draws, the innermost supplied_draws block last
 
 
 @contextlib.contextmanager
 def supplied_draws(make):
-    """Runs created inside this block take their per-step randomness from `make(args, rank, world, device)`, an
-    object with Draws' three methods, instead of Draws: the one seam for replaying given masking noise, flips
-    and data order through a stage's main() (tests/test_golden.py replays the release's), or for observing
-    and cutting a run at a step (tests/helpers.cut_at). Nothing else about the run changes."""
+    """Runs created inside this block take their per-step randomness from what `make(inputs, rank, world, device)`
+    returns (inputs: DrawInputs), an object with Draws' three methods, instead of Draws: the one seam for
+    replaying given masking noise, flips and data order through a stage's main() (tests/test_golden.py replays
+    the release's), or for observing and cutting a run at a step (tests/helpers.cut_at). Nothing else about the
+    run changes."""
     _supplied.append(make)
     try:
         yield
@@ -120,11 +132,11 @@ def supplied_draws(make):
         _supplied.remove(make)
 
 
-def make_draws(args, rank: int, world: int, device: torch.device):
-    """The draws of a run with these arguments: Draws, or what a supplied_draws block hands in."""
+def make_draws(inputs: DrawInputs, rank: int, world: int, device: torch.device):
+    """The draws of a run: Draws, or what a supplied_draws block hands in."""
     if _supplied:
-        return _supplied[-1](args, rank, world, device)
-    return Draws(args.seed, args.batch_size, args.steps, rank, world, device)
+        return _supplied[-1](inputs, rank, world, device)
+    return Draws(inputs.seed, inputs.batch_size, inputs.steps, rank, world, device)
 
 
 class GlobalBatchDropout(torch.nn.Module):

@@ -31,8 +31,8 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
 class Process:
     """One process of a training job.
 
-        Process.from_environment(args.device, args.precision)   # torchrun's RANK, WORLD_SIZE, LOCAL_RANK; joins the group
-        Process(rank=1, world=2, device=torch.device("cpu"))    # a view of process 1 of 2, without a group (tests)
+        Process.from_environment("auto", "auto", 4)           # torchrun's RANK, WORLD_SIZE, LOCAL_RANK; joins the group
+        Process(rank=1, world=2, device=torch.device("cpu"))  # a view of process 1 of 2, without a group (tests)
 
     precision: auto is bf16 autocast on CUDA and fp32 elsewhere; `autocast()` is the one context every forward
     runs under, so bf16 and fp32 share one code path."""

@@ -40,11 +40,12 @@ class _WandB:
         except ImportError:
             raise UserError(WANDB_HINT) from None
         self.wandb = wandb
-        args = record["args"]
-        self.run = wandb.init(id=run_id, resume="allow", dir=run_dir, config=args,
+        arguments = record["args"]  # the run's, all of them: W&B's config of the run
+        dataset = arguments.get("dataset")
+        self.run = wandb.init(id=run_id, resume="allow", dir=run_dir, config=arguments,
                               project=os.environ.get("WANDB_PROJECT", "self-distillation"),
-                              name=f"{stage} {args.get('dataset')} {os.path.basename(os.path.normpath(run_dir))}",
-                              tags=[stage, str(args.get("dataset"))])
+                              name=f"{stage} {dataset} {os.path.basename(os.path.normpath(run_dir))}",
+                              tags=[stage, str(dataset)])
 
     def send(self, entry: dict) -> None:
         self.run.log({k: v for k, v in entry.items() if k != "step"}, step=entry["step"])

@@ -8,7 +8,7 @@ import os
 import torch
 
 from training.batches import Batches
-from training.draws import make_draws, use_global_batch_dropout
+from training.draws import DrawInputs, make_draws, use_global_batch_dropout
 from training.metrics import Metrics
 from training.preemption import StepControl, Stopped
 from training.process import Process
@@ -64,8 +64,10 @@ class Run:
                                                                    self.process)
         self.state_path = self.directory and self.directory.state_path
         self.metrics_path = self.directory and self.directory.metrics_path
-        self.draws = make_draws(args, self.process.rank, self.process.world, self.device)
-        self.data = Batches(args, self.process, self.draws, preprocessing, stage)
+        self.draws = make_draws(DrawInputs(args.seed, args.batch_size, args.steps), self.process.rank,
+                                self.process.world, self.device)
+        self.data = Batches(self.process, self.draws, preprocessing, stage, batch_size=args.batch_size,
+                            steps=args.steps, workers=args.workers, data_cache=args.data_cache)
         self.accum_steps = args.accum_steps
         if self.data.local_batch % self.accum_steps:
             raise UserError(f"--batch_size {args.batch_size} must divide evenly into --accum_steps {self.accum_steps} "
@@ -84,13 +86,13 @@ class Run:
         torch.manual_seed(mix_seed(args.seed, self.process.rank))  # new heads, anything built before the loop
         # Checked here, before the stage loads anything, and again under the lock in prepare().
         self.already_done = (self.directory is not None and not args.overwrite
-                             and self.directory.finished(args, fingerprints(self.reads, strict=False), self.reads,
-                                                         preprocessing))
+                             and self.directory.finished(vars(args), fingerprints(self.reads, strict=False),
+                                                         self.reads, preprocessing))
         if self.already_done:
             self.print(f"[{stage}] already complete: {done_file} (same arguments; --overwrite moves it aside "
                        f"and runs again)")
         elif self.directory is not None and not args.overwrite:
-            self.directory.resumable(args, preprocessing=preprocessing)
+            self.directory.resumable(vars(args), preprocessing=preprocessing, compiled=args.compile)
 
     @classmethod
     def without_directory(cls, args, stage: str, preprocessing, process: Process | None = None) -> "Run":
@@ -102,8 +104,11 @@ class Run:
         the stage, following that rule) and its schedule (training/step.py); eps: AdamW's (torch's default, the
         release's, unless given). The record keeps what the arguments do not say: betas, eps and the rule (the first
         paragraph of its docstring)."""
-        optimizer, scheduler = optimizer_and_schedule(model, self.args, self.process, no_decay, betas, groups,
-                                                      schedule, eps)
+        optimizer, scheduler = optimizer_and_schedule(
+            model, self.process, no_decay, betas, groups, schedule, lr=self.args.lr,
+            weight_decay=self.args.weight_decay, warmup_steps=self.args.warmup_steps, steps=self.args.steps,
+            cuda_graph=self.args.cuda_graph, compile=self.args.compile, accum_steps=self.args.accum_steps,
+            grad_checkpointing=self.args.grad_checkpointing, eps=eps)
         rule = " ".join((no_decay.__doc__ or "").strip().split("\n\n")[0].split())
         self.optimizer_record = {"betas": list(betas), "eps": optimizer.defaults["eps"], "no_weight_decay": rule}
         return optimizer, scheduler
@@ -146,13 +151,15 @@ class Run:
         if size is not None:  # the size applied: the model's, when the image-processor file leaves it out
             self.preprocessing = self.preprocessing.check(size)
         # under the lock: another run may have finished
-        if directory.finished(self.args, inputs, self.reads, self.preprocessing):
+        if directory.finished(vars(self.args), inputs, self.reads, self.preprocessing):
             raise RunFailed(f"{directory.done_file} was completed by another run while this one was starting; "
                             f"nothing was written")
-        resumed = directory.resumable(self.args, inputs, self.reads, self.preprocessing)
+        resumed = directory.resumable(vars(self.args), inputs, self.reads, self.preprocessing,
+                                      compiled=self.args.compile)
         if resumed is not None:
             self.start_step = directory.load_state(self.model, self.optimizer, self.scheduler)
-        entry = directory.start_entry(self.args, self.preprocessing, self.start_step, self.optimizer_record, inputs)
+        entry = directory.start_entry(vars(self.args), self.preprocessing, self.start_step, self.optimizer_record,
+                                      inputs)
         self._record = directory.write_record(entry, resumed)
         live = None
         if self.is_main and self.args.report_to != "none":

@@ -161,20 +161,21 @@ def changed_preprocessing(record: dict, preprocessing) -> str:
                      if before[field] is not None and now[field] is not None and before[field] != now[field])
 
 
-def changed_numerics(record: dict, process, args) -> str:
+def changed_numerics(record: dict, process, compiled: bool) -> str:
     """What a resumed run would compute differently from the start it continues: the precision, the device type,
-    --compile ('' if none; one the record does not hold, None, is unknown, not changed)."""
+    --compile (`compiled`) ('' if none; one the record does not hold, None, is unknown, not changed)."""
     last = record["history"][-1]
-    now = {"precision": process.precision, "device_type": process.device.type, "compile": bool(args.compile)}
+    now = {"precision": process.precision, "device_type": process.device.type, "compile": bool(compiled)}
     there = {"precision": last["precision"], "device_type": last["device_type"], "compile": last["args"].get("compile")}
     return "; ".join(f"{k}: {there[k]!r} there, {now[k]!r} now" for k in now
                      if there[k] is not None and there[k] != now[k])
 
 
-def differences(before: dict, args) -> str:
+def differences(before: dict, arguments: dict) -> str:
     """'flag: value there, value now' for each argument that changes what the run computes ('' if none); `before`:
-    the record's arguments (read_record: flags added since a record's version hold the default they ran as)."""
-    now = json.loads(json.dumps(vars(args), default=str))
+    the record's arguments (read_record: flags added since a record's version hold the default they ran as);
+    `arguments`: this run's, {flag: value}."""
+    now = json.loads(json.dumps(arguments, default=str))
     return "; ".join(f"{k}: {before.get(k, '(not recorded)')!r} there, {now[k]!r} now" for k in now
                      if k not in RESULT_NEUTRAL_FLAGS and before.get(k, "(not recorded)") != now[k])
 
@@ -193,11 +194,12 @@ class RunDirectory:
         self.lock_path = None
 
     # -- finished, resumable
-    def finished(self, args, inputs: dict | None = None, reads: dict | None = None, preprocessing=None) -> bool:
-        """Whether done_file exists; a finished run with other arguments, that read other contents than
-        `inputs` ({label: fingerprint now, or None if unreadable}; `reads`: their training.Run reads), or that
-        applied another preprocessing than `preprocessing` (models.Preprocessing) is refused (never reported as
-        this one)."""
+    def finished(self, arguments: dict, inputs: dict | None = None, reads: dict | None = None,
+                 preprocessing=None) -> bool:
+        """Whether done_file exists; a finished run with other `arguments` ({flag: value}), that read other
+        contents than `inputs` ({label: fingerprint now, or None if unreadable}; `reads`: their training.Run
+        reads), or that applied another preprocessing than `preprocessing` (models.Preprocessing) is refused
+        (never reported as this one)."""
         if not os.path.exists(self.done_file):
             return False
         candidates = (self.done_file, self.record_path) if self.done_holds_record else (self.record_path,)
@@ -205,7 +207,7 @@ class RunDirectory:
         if path is None:
             return True  # a finished directory we did not write (no record): nothing to compare
         record = read_record(path)
-        changed = differences(record["args"], args)
+        changed = differences(record["args"], arguments)
         if changed:
             raise UserError(f"{self.done_file} is a finished run with other arguments ({changed}); pass "
                             f"--overwrite to move it aside and run again, or --output_dir for a new run")
@@ -220,17 +222,18 @@ class RunDirectory:
                             f"and run again, or --output_dir for a new run")
         return True
 
-    def resumable(self, args, inputs: dict | None = None, reads: dict | None = None,
-                  preprocessing=None) -> dict | None:
-        """The record of the unfinished run here (a saved state with the same arguments and, when given, the same
-        inputs, preprocessing and numerics), or None."""
+    def resumable(self, arguments: dict, inputs: dict | None = None, reads: dict | None = None,
+                  preprocessing=None, *, compiled: bool) -> dict | None:
+        """The record of the unfinished run here (a saved state with the same `arguments`, {flag: value}, and, when
+        given, the same inputs, preprocessing and numerics: precision, device type, --compile `compiled`), or
+        None."""
         if not os.path.exists(self.state_path):
             return None
         if not os.path.exists(self.record_path):
             raise UserError(f"{self.state_path} has no {RECORD_FILE} beside it, so it cannot be told whether it is "
                             f"this run; nothing was changed; --overwrite moves it aside and starts again")
         record = read_record(self.record_path)
-        changed = differences(record["args"], args)
+        changed = differences(record["args"], arguments)
         if changed:
             raise UserError(f"{self.out_dir} holds an unfinished run with other arguments ({changed}); pass "
                             f"the same arguments to resume it, --overwrite to move it aside and start again, or "
@@ -245,7 +248,7 @@ class RunDirectory:
                             f"since this run started; now read from {preprocessing.source}); nothing was changed; "
                             f"restore it to resume, or --overwrite moves this run aside and starts again, or "
                             f"--output_dir for a new run")
-        changed = changed_numerics(record, self.process, args)
+        changed = changed_numerics(record, self.process, compiled)
         if inputs is not None and changed:
             raise UserError(f"{self.out_dir} holds an unfinished run computed with other numerics ({changed}); resume "
                             f"it with the --precision, --device and --compile it ran with, or --overwrite / "
@@ -259,9 +262,10 @@ class RunDirectory:
         if overwrite and os.path.isdir(self.out_dir):
             theirs = [n for n in os.listdir(self.out_dir) if n not in RUN_FILES and not TEMPORARY_NAME.search(n)]
             if theirs and RECORD_FILE not in os.listdir(self.out_dir):
+                entries = f"{len(theirs)} other entr{'y' if len(theirs) == 1 else 'ies'}"
                 raise UserError(f"--overwrite moves only a run's directory aside, and {self.out_dir} holds no run "
-                                f"record ({RECORD_FILE}) but {len(theirs)} other entr{'y' if len(theirs) == 1 else 'ies'} "
-                                f"({', '.join(sorted(theirs)[:3])}); nothing was moved; choose another --output_dir")
+                                f"record ({RECORD_FILE}) but {entries} ({', '.join(sorted(theirs)[:3])}); nothing "
+                                f"was moved; choose another --output_dir")
         self.lock_path = lock_run_dir(self.out_dir)
         if overwrite:
             self._move_aside()
@@ -310,13 +314,13 @@ class RunDirectory:
         self.process.print(f"[{self.stage}] --overwrite: moved the previous run to {' and '.join(moved)}")
 
     # -- the record
-    def start_entry(self, args, preprocessing, start_step: int, optimizer: dict | None = None,
+    def start_entry(self, arguments: dict, preprocessing, start_step: int, optimizer: dict | None = None,
                     inputs: dict | None = None) -> dict:
-        """Who runs from which step, how, on what: one entry of the record's history per (re)start. `optimizer`:
-        what the arguments do not say (betas, eps, the no-weight-decay rule); `inputs`: {label: fingerprint} of
-        what the run reads."""
+        """Who runs from which step, how, on what: one entry of the record's history per (re)start. `arguments`:
+        all of the run's, {flag: value}, recorded as they are; `optimizer`: what the arguments do not say (betas,
+        eps, the no-weight-decay rule); `inputs`: {label: fingerprint} of what the run reads."""
         process = self.process
-        return {"stage": self.stage, "args": vars(args), "command": sys.argv, "git_commit": git_commit(),
+        return {"stage": self.stage, "args": arguments, "command": sys.argv, "git_commit": git_commit(),
                 "versions": library_versions(), "device": process.device_name(), "device_type": process.device.type,
                 "host": platform.node(), "world_size": process.world, "precision": process.precision,
                 "threads": torch.get_num_threads(),

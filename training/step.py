@@ -42,24 +42,28 @@ def linear_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.opt
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def optimizer_and_schedule(model, args, process, no_decay, betas, groups=None, schedule=linear_schedule,
-                           eps: float = 1e-8):
-    """A stage's AdamW (args.lr, args.weight_decay except where `no_decay(name, param)`, or the given `groups`) and
-    its schedule (linear_schedule, or another of the same signature) over args.steps after args.warmup_steps."""
-    if args.cuda_graph and process.world > 1:
+def optimizer_and_schedule(model, process, no_decay, betas, groups=None, schedule=linear_schedule, *, lr: float,
+                           weight_decay: float, warmup_steps: int, steps: int, cuda_graph: bool, compile: bool,
+                           accum_steps: int, grad_checkpointing: bool, eps: float = 1e-8):
+    """A stage's AdamW (peak rate `lr`, `weight_decay` except where `no_decay(name, param)`, or the given `groups`)
+    and its schedule (linear_schedule, or another of the same signature) over `steps` after `warmup_steps`.
+    `eps`: AdamW's (torch's default unless given). `cuda_graph` makes the optimizer static (adamw); it is refused
+    with the flags a captured step cannot take: several processes, `compile`, `accum_steps` > 1,
+    `grad_checkpointing`."""
+    if cuda_graph and process.world > 1:
         raise UserError("--cuda_graph runs in one process only; a torchrun job takes the eager step "
                         "(drop --cuda_graph)")
-    if args.cuda_graph and args.compile:
+    if cuda_graph and compile:
         raise UserError("--cuda_graph and --compile do not combine; pass one of them")
-    if args.cuda_graph and (args.accum_steps > 1 or args.grad_checkpointing):
+    if cuda_graph and (accum_steps > 1 or grad_checkpointing):
         # a captured step cannot seed dropout again for each micro-batch, and checkpointing's recomputation
         # reads and restores the random-number state, which a capture does not allow
         raise UserError(f"--cuda_graph does not combine with "
-                        f"{'--accum_steps > 1' if args.accum_steps > 1 else '--grad_checkpointing'}; pass one of them")
+                        f"{'--accum_steps > 1' if accum_steps > 1 else '--grad_checkpointing'}; pass one of them")
     if groups is None:
-        groups = param_groups(model, args.weight_decay, no_decay)
-    optimizer = adamw(groups, args.lr, betas, process.device, static=args.cuda_graph, eps=eps)
-    return optimizer, schedule(optimizer, args.warmup_steps, args.steps)
+        groups = param_groups(model, weight_decay, no_decay)
+    optimizer = adamw(groups, lr, betas, process.device, static=cuda_graph, eps=eps)
+    return optimizer, schedule(optimizer, warmup_steps, steps)
 
 
 def step_lr(lr: float, scheduler, step: int) -> float:
