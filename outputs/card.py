@@ -411,7 +411,7 @@ def _text_usage(reference: str) -> list[str]:
         "",
         "`AutoModelForMaskedLM.from_pretrained(model_id)` loads the model alone (encoder and LM head). Features:",
         "RoBERTa masks nothing itself, so the encoder's `<s>` token on the text is h(x), the feature",
-        "self-distillation matches (the load report lists the LM head's weights as unused: expected).",
+        "self-distillation matches (the load report lists the LM head's weights as UNEXPECTED: not needed here).",
         "",
         "```python",
         "import torch",
