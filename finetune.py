@@ -16,6 +16,13 @@ and the run's record and metrics in results/<dataset>/<init>/seed<k>/; <init> is
 --save_model also the classifier, in results/<dataset>/<init>/seed<k>/model/ (stock from_pretrained). A recipe other
 than the paper's (--recipe mae: layer decay, drop path, RandAugment, random erasing, mixup / cutmix, label smoothing,
 a cosine schedule; training/mae_recipe.py) writes to results/<dataset>/<init>/recipe-<name>/ instead: another row.
+
+On a text dataset the classifier is RoBERTa's (RobertaForSequenceClassification: `<s>` of the last layer through a
+dense tanh layer, then a linear layer), its encoder from a RoBERTa θ₀ or a text checkpoint, trained with the text
+recipe's defaults (text_common.py: batch 16, lr 2e-5, 10 epochs, ...); the result also holds macro-F1 and micro-F1
+(test_macro_f1, test_micro_f1, and on the training texts), and --save_model saves the tokenizer beside the model:
+
+    python finetune.py --dataset chemprot --ckpt_name further-pretrain-20000
 """
 import argparse
 import os
@@ -24,13 +31,15 @@ import torch
 import torch.nn.functional as F
 
 import outputs
+import text_common
 import training
 import utils
 from data import ImageDataset, check_labels
 from data.identity import SplitInput
+from data.text import TextSplit
 from mae_common import creating_command
-from models import (build_classifier, has_checkpoint, load_encoder_state, load_mae, preprocessing_of,
-                    save_model)
+from models import (build_classifier, build_text_classifier, has_checkpoint, load_encoder_state, load_mae, load_mlm,
+                    load_tokenizer, preprocessing_of, save_model, text_encoder_state)
 from models.identity import WeightsInput
 from outputs.card import model_card
 from outputs.plots import plot_metrics
@@ -88,7 +97,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"RandAugment, a timm rand-augment string, or none (mae: {mae['randaug']})")
     g.add_argument("--schedule", default=mae_recipe.not_given(release["schedule"]), choices=["linear", "cosine"],
                    help=f"after the linear warmup: linear or half-cosine decay to 0 (mae: {mae['schedule']})")
-    p.set_defaults(steps=10000, batch_size=32, lr=1e-4, warmup_steps=500, clip_grad=1.0,
+    p.set_defaults(steps=utils.not_given(10000), batch_size=utils.not_given(32), lr=utils.not_given(1e-4),
+                   warmup_steps=utils.not_given(500), clip_grad=1.0,
                    weight_decay=mae_recipe.not_given(release["weight_decay"]))
     return p
 
@@ -167,8 +177,8 @@ def check_ckpt_name(name: str) -> None:
                           f"{base or 'NAME'}")
 
 
-def main(args):
-    mae_recipe.resolve_recipe(args)  # the recipe's values for the pieces not given, before anything is recorded
+def where(args) -> tuple[str, str, str, str]:
+    """(init, the run directory, its result file, the checkpoint read): init is `initial` or --ckpt_name."""
     if not args.scratch:
         check_ckpt_name(args.ckpt_name)
     if args.scratch:  # no checkpoint is read; recorded as the defaults, so launchers passing other values agree
@@ -177,19 +187,32 @@ def main(args):
     init = "initial" if args.scratch else args.ckpt_name
     out_dir = args.output_dir or os.path.join(args.results_dir, args.dataset, init, mae_recipe.recipe_dir(args.recipe),
                                               f"seed{args.seed}")
-    result_path = os.path.normpath(out_dir) + ".json"
     checkpoint = args.model_name if args.scratch else os.path.join(args.checkpoint_dir, args.ckpt_name, args.dataset)
+    return init, out_dir, os.path.normpath(out_dir) + ".json", checkpoint
+
+
+def check_checkpoint(args, checkpoint: str) -> None:
+    if not args.scratch and not has_checkpoint(checkpoint):
+        raise utils.UserError(f"checkpoint not found: {checkpoint} (create it with "
+                              f"`{creating_command(args.ckpt_name, args.dataset, args.checkpoint_dir)}`, "
+                              f"or fine-tune from θ₀: `bash run_finetune.sh GPU {args.dataset} True`, "
+                              f"or finetune.py with --scratch True)")
+
+
+def main(args):
+    kind = text_common.run_modality(args)
+    if kind == "text":
+        return main_text(args)
+    mae_recipe.resolve_recipe(args)  # the recipe's values for the pieces not given, before anything is recorded
+    text_common.resolve_defaults(args, kind, "finetune")  # the other flags not given: the parser's values
+    init, out_dir, result_path, checkpoint = where(args)
     preprocessing = preprocessing_of(checkpoint, args.model_name)  # what the checkpoint was trained with
     reads = {"start": WeightsInput(checkpoint), **{f"{split} split": SplitInput(args.dataset, split, args.data_dir)
                                                    for split in ("train", "test")}}
     run = training.Run(args, out_dir, "finetune", result_path, preprocessing, done_holds_record=True, reads=reads)
     if run.already_done:  # even if its checkpoint has been deleted since
         return
-    if not args.scratch and not has_checkpoint(checkpoint):
-        raise utils.UserError(f"checkpoint not found: {checkpoint} (create it with "
-                              f"`{creating_command(args.ckpt_name, args.dataset, args.checkpoint_dir)}`, "
-                              f"or fine-tune from θ₀: `bash run_finetune.sh GPU {args.dataset} True`, "
-                              f"or finetune.py with --scratch True)")
+    check_checkpoint(args, checkpoint)
 
     # ---- the encoder to start from, and the data: train (optionally minus a held-out part) and test
     if args.scratch:
@@ -258,6 +281,109 @@ def main(args):
     run.print(f"[finetune] {args.dataset} from {init}, seed {args.seed}: test accuracy {100 * test['acc']:.2f}% "
               f"loss {test['loss']:.4f} (training set {100 * fit['acc']:.2f}%, loss {fit['loss']:.4f}) "
               f"-> {result_path}")
+
+
+def text_training_loss(classifier, input_ids, attention_mask, labels):
+    """Cross-entropy of RoBERTa's classifier on one batch of text: (B, L) input_ids and attention_mask, (B,)
+    labels. -> (loss, terms to log)."""
+    logits = classifier(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, classes)
+    loss = F.cross_entropy(logits.float(), labels)
+    return loss, {"cls_loss": loss}
+
+
+@torch.no_grad()
+def evaluate_text(model, run: training.Run, dataset) -> dict:
+    """Accuracy, mean cross-entropy, macro-F1 (the mean over the classes present in the labels or the predictions of
+    each class's F1, as scikit-learn's f1_score) and micro-F1 (over all decisions: accuracy, for one label a text)
+    over the whole dataset, summed over processes."""
+    model.eval()
+    classes = model.config.num_labels
+    true_pos, predicted, actual = (torch.zeros(classes, dtype=torch.float64) for _ in range(3))
+    loss_sum = 0.0
+    for (input_ids, attention_mask), labels in run.eval_batches(dataset):
+        with run.autocast():
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        guess, labels = logits.argmax(dim=-1).cpu(), labels.cpu()
+        true_pos += torch.bincount(labels[guess == labels], minlength=classes)
+        predicted += torch.bincount(guess, minlength=classes)
+        actual += torch.bincount(labels, minlength=classes)
+    totals = torch.tensor(run.all_reduce_sum([loss_sum, *true_pos.tolist(), *predicted.tolist(), *actual.tolist()]))
+    loss_sum, (true_pos, predicted, actual) = totals[0].item(), totals[1:].view(3, classes)
+    present = (predicted + actual) > 0
+    f1 = 2 * true_pos[present] / (predicted + actual)[present]
+    return {"acc": true_pos.sum().item() / len(dataset), "loss": loss_sum / len(dataset),
+            "macro_f1": f1.mean().item(), "micro_f1": true_pos.sum().item() / actual.sum().item()}
+
+
+def main_text(args):
+    """Stage 3 on text: RoBERTa's classification head on `<s>`, the encoder from θ₀ or a text checkpoint."""
+    full_texts = TextSplit(args.dataset, "train", args.data_dir)
+    test_texts = TextSplit(args.dataset, "test", args.data_dir)
+    train_idx, val_idx = train_val_split(len(full_texts), args.val_split)
+    text_common.resolve_defaults(args, "text", "finetune", len(train_idx))  # steps: 10 epochs
+    mae_recipe.resolve_recipe(args)
+    text_common.check_image_only_flags(args)
+    init, out_dir, result_path, checkpoint = where(args)
+    reads = {"start": WeightsInput(checkpoint), **{f"{split} split": SplitInput(args.dataset, split, args.data_dir)
+                                                   for split in ("train", "test")}}
+    run = training.Run(args, out_dir, "finetune", result_path, None, done_holds_record=True, reads=reads)
+    if run.already_done:  # even if its checkpoint has been deleted since
+        return
+    check_checkpoint(args, checkpoint)
+
+    # ---- the encoder to start from with its tokenizer, and the texts: train (minus a held-out part) and test
+    start, tokenizer = load_mlm(checkpoint), load_tokenizer(checkpoint)
+    full_train = text_common.tokenized(full_texts, tokenizer, args.max_length)
+    test_set = text_common.tokenized(test_texts, tokenizer, args.max_length)
+    train_set = full_train.subset(train_idx)
+
+    # ---- model: the encoder + RoBERTa's new classification head; AdamW with RoBERTa's betas and epsilon
+    model = build_text_classifier(start.config, text_encoder_state(start), full_train.num_classes(), args.dropout,
+                                  seed=args.seed)  # the head: a function of --seed alone
+    optimizer, scheduler = run.adamw(model, text_common.no_weight_decay, text_common.MLM_BETAS,
+                                     eps=text_common.MLM_EPS)
+    classifier = run.prepare(model, optimizer, scheduler)
+
+    # ---- supervised training
+    classifier.train()
+
+    def train_step(step, input_ids, attention_mask, labels):
+        for micro in run.micro_batches(input_ids, attention_mask, labels):  # --accum_steps K: K slices of the batch
+            with run.forward(step):  # autocast; dropout: these rows' masks, from (seed, step); DDP syncs at the last
+                loss, terms = text_training_loss(classifier, *micro)
+            run.backward(loss, terms)  # scaled by 1/K
+        run.step(step)  # clip, AdamW, schedule, non-finite check; log, save
+
+    for step, ((input_ids, attention_mask), labels, _) in run.batches(train_set):
+        train_step(step, input_ids, attention_mask, labels)
+
+    # ---- evaluation, once, after the last step: the test split, and (eval mode) the texts trained on
+    test = evaluate_text(model, run, test_set)
+    fit = evaluate_text(model, run, train_set)
+    result = {"test_acc": test["acc"], "test_loss": test["loss"], "test_macro_f1": test["macro_f1"],
+              "test_micro_f1": test["micro_f1"], "train_acc": fit["acc"], "train_loss": fit["loss"],
+              "train_macro_f1": fit["macro_f1"], "train_micro_f1": fit["micro_f1"], "modality": "text",
+              "dataset": args.dataset, "init": init, "seed": args.seed, "checkpoint": checkpoint,
+              "num_test": len(test_set), "num_train": len(train_set)}
+    if val_idx:
+        val = evaluate_text(model, run, full_train.subset(val_idx))
+        result.update(val_acc=val["acc"], val_loss=val["loss"], val_macro_f1=val["macro_f1"],
+                      val_micro_f1=val["micro_f1"], num_val=len(val_idx))
+    if run.is_main:
+        if args.save_model:  # before the result file, which marks the run done
+            model.config.id2label = dict(enumerate(full_train.classes))
+            model.config.label2id = {name: label for label, name in enumerate(full_train.classes)}
+            model_dir = os.path.join(out_dir, "model")
+            save_model(model, model_dir, card=model_card(model_dir, result), tokenizer=tokenizer)
+            result["model"] = model_dir
+        outputs.write_json(result_path, {**result, **run.record()})  # before finish() drops the state
+        if args.plot:
+            plot_metrics(run.metrics_path, os.path.join(out_dir, "loss_curves.png"))
+    run.finish()
+    run.print(f"[finetune] {args.dataset} from {init}, seed {args.seed}: test accuracy {100 * test['acc']:.2f}% "
+              f"macro-F1 {100 * test['macro_f1']:.2f} micro-F1 {100 * test['micro_f1']:.2f} loss {test['loss']:.4f} "
+              f"(training set {100 * fit['acc']:.2f}%) -> {result_path}")
 
 
 if __name__ == "__main__":

@@ -33,8 +33,9 @@ def mae_args_parser() -> argparse.ArgumentParser:
     """Flags of the two MAE stages (pre-training and self-distillation)."""
     p = argparse.ArgumentParser(add_help=False, parents=[utils.shared_parser()])
     g = p.add_argument_group("MAE")
-    g.add_argument("--mask_ratio", type=utils.finite_float(0, 1, low_open=True, high_open=True), default=0.75,
-                   help="fraction of patches hidden from the encoder")
+    g.add_argument("--mask_ratio", type=utils.finite_float(0, 1, low_open=True, high_open=True),
+                   default=utils.not_given(0.75),
+                   help="fraction of patches hidden from the encoder (text: of the tokens MLM selects)")
     g.add_argument("--norm_pix_loss", type=utils.str2bool, default=True,
                    help="reconstruct per-patch normalised pixels (True/False)")
     return p

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import outputs
+import text_common
 import training
 import utils
 from data import ImageDataset, check_labels
@@ -136,6 +137,10 @@ def evaluate(head, features, labels, batch: int) -> dict:
 
 
 def main(args):
+    if text_common.run_modality(args) == "text":
+        raise utils.UserError(f"probe.py probes image encoders (the CLS feature of a ViT-MAE); '{args.dataset}' is a "
+                              f"text dataset: compare text checkpoints with finetune.py")
+    text_common.resolve_defaults(args, "image")  # the flags not given: the parser's values, plain
     if args.accum_steps > 1:  # micro-batches would each normalise with their own statistics
         raise utils.UserError("the linear probe's BatchNorm normalises with the statistics of the whole batch: "
                               "--accum_steps does not apply to probe.py (its features are cached; lower "

@@ -1,4 +1,5 @@
-"""The paper's results table: test accuracy, mean ± std over the fine-tuning seeds, per (init, dataset).
+"""The paper's results table: the test score, mean ± std over the fine-tuning seeds, per (init, dataset); accuracy
+for image datasets, F1 for text datasets.
 
 Reads the result files that finetune.py writes, `<results_dir>/<dataset>/<init>/seed<k>.json`
 (only those: the per-run folders `seed<k>/` are skipped), where <init> is `initial` (fine-tuned from
@@ -11,14 +12,24 @@ Reads the result files that finetune.py writes, `<results_dir>/<dataset>/<init>/
 
 The table. Rows: "Fine-tuning (initial model)", "Further pre-training (<steps>)",
 "Self-distillation (<steps>)" (steps ascending within each), then other checkpoints by name.
-Columns: the paper's six datasets in its order (aircraft, chest_xray, cub, dtd, stanford_dogs,
-vgg_flower_102), then other datasets alphabetically. A cell is the test accuracy in percent,
+Columns: the paper's six image datasets in its order (aircraft, chest_xray, cub, dtd, stanford_dogs,
+vgg_flower_102), its four text datasets (chemprot, citation_intent, sciie, twitter_emotion), then other datasets
+alphabetically. A cell is the test score of the column's dataset in percent,
 `mean ± std (n=seeds)` with the sample standard deviation (ddof=1), or `mean (n=1)` for one seed;
-`—` where there are no results (never 0). If some results carry a validation accuracy
+`—` where there are no results (never 0). If some results carry a validation score
 (finetune.py --val_split), a second table shows it the same way, for those datasets. With --train, one more
-table shows the accuracy on the training images (train_acc: eval mode, after the last step, without the
+table shows the score on the training examples (train_acc, ...: eval mode, after the last step, without the
 --val_split part) the same way, without bold, for the results that have it (a result whose record does not hold
 it has None: training/record.py), and the --init line adds it.
+
+The score (paper.metric, written once there): accuracy for image datasets (test_acc); for text datasets -- the
+known ones by name (paper.TEXT_DATASETS), a user's own by its results' "modality": "text" -- micro-F1 for chemprot
+(test_micro_f1) and macro-F1 for every other (test_macro_f1), as Gururangan et al. 2020 report them; val_ and train_
+likewise. Image and text datasets share one table: when its columns share one metric the title names it (`Test
+accuracy (%)`, `Test macro-F1 (%)`), else each column's header does (`chemprot (micro-F1)`, `cub (accuracy)`), and a
+line below the table gives the rule whenever a text dataset is there. A dataset folder holding both image and text
+results (two metrics), or a result without its dataset's metric, is refused in one line naming the files: scores of
+different metrics are never averaged, nor compared for the bold.
 
 Only runs of the same settings are averaged. The settings are the run's arguments recorded in each
 seed<k>.json, except those that do not change the result (NOT_SETTINGS: the seed, paths, and
@@ -35,19 +46,23 @@ are at least two such cells; a single seed has no spread, so it is never bold an
 over several. A note below the table names the columns whose cells average different numbers of seeds.
 
 report.csv: one row per (init, dataset) that has results (per settings group for a mixed cell), columns
-init,row_name,dataset,n,mean_acc,std_acc,mean_loss,best,n_val,mean_val_acc,std_val_acc,best_val,settings;
-accuracies in percent, mean_loss the mean test cross-entropy, best / best_val 1 for the bold cells
-(else 0), std empty for a single seed, the val columns empty without validation results, settings the
-group's differing settings (`lr=0.001 steps=5000`) for a mixed cell, else empty. With --train, four more
-columns: n_train,mean_train_acc,std_train_acc,mean_train_loss (empty without training results).
+init,row_name,dataset,n,mean_acc,std_acc,mean_loss,best,n_val,mean_val_acc,std_val_acc,best_val,settings,
+metric,mean_metric,std_metric,n_val_metric,mean_val_metric,std_val_metric;
+the *_acc columns the accuracy (of text runs too), metric the dataset's (acc, macro_f1 or micro_f1) and *_metric
+the table's numbers of it (for images, the accuracy again); scores in percent, mean_loss the mean test
+cross-entropy, best / best_val 1 for the bold cells (else 0), std empty for a single seed, the val columns empty
+without validation results, settings the group's differing settings (`lr=0.001 steps=5000`) for a mixed cell, else
+empty. With --train, seven more columns: n_train,mean_train_acc,std_train_acc,mean_train_loss,n_train_metric,
+mean_train_metric,std_train_metric (empty without training results).
 
 Probes (probe.py), only when there are any: `<results_dir>/<dataset>/<init>/probe-linear-seed<k>.json` and
 `probe-knn.json`, which the fine-tuning table never reads (its files are seed<k>.json). Below the fine-tuning tables,
 a "Linear probe" table (mean ± std over seeds, as above, --seeds applies) and a "k-NN" table (one run per cell, no
 seed, never bold), with the same rows (the initial model's row named "Initial model (θ₀)") and columns, --steps
-applied, settings compared as above. Their numbers go to probe.csv beside report.csv, columns
-protocol,init,row_name,dataset,n,mean_acc,std_acc,mean_loss,best,settings (protocol: linear or knn). With only
-probe results, report.md holds the probe tables alone and report.csv is not written. --init shows fine-tuning only.
+applied, settings compared as above; their score is the accuracy, for every dataset. Their numbers go to probe.csv
+beside report.csv, columns protocol,init,row_name,dataset,n,mean_acc,std_acc,mean_loss,best,settings (protocol:
+linear or knn). With only probe results, report.md holds the probe tables alone and report.csv is not written.
+--init shows fine-tuning only.
 """
 import argparse
 import csv
@@ -75,15 +90,21 @@ PROBE_TITLES = {"linear": "Linear probe", "knn": "k-NN"}
 PROBE_CSV_COLUMNS = ("protocol", "init", "row_name", "dataset", "n", "mean_acc", "std_acc", "mean_loss", "best",
                      "settings")
 MISSING = "—"
+MODALITIES = ("image", "text")  # a result's "modality" (absent: image)
 CSV_COLUMNS = ("init", "row_name", "dataset", "n", "mean_acc", "std_acc", "mean_loss", "best",
                "n_val", "mean_val_acc", "std_val_acc", "best_val", "settings")
 TRAIN_CSV_COLUMNS = ("n_train", "mean_train_acc", "std_train_acc", "mean_train_loss")  # with --train
+# The dataset's metric (paper.metric) and the table's numbers of it; for image datasets, the accuracy again
+METRIC_CSV_COLUMNS = ("metric", "mean_metric", "std_metric", "n_val_metric", "mean_val_metric", "std_val_metric")
+TRAIN_METRIC_CSV_COLUMNS = ("n_train_metric", "mean_train_metric", "std_train_metric")  # with --train
 # Recorded arguments that do not change a run's result (utils.RESULT_NEUTRAL_FLAGS, the list resume uses too),
 # those implied by the cell (dataset, init) and the paths the inputs were read from: runs differing only in these
 # are averaged together.
 NOT_SETTINGS = utils.RESULT_NEUTRAL_FLAGS | {"seed", "dataset", "scratch", "ckpt_name", "data_dir", "checkpoint_dir"}
 NUMERICS = ("precision", "device_type")  # as each start ran: they change the numbers
 MIN_SEEDS_FOR_BEST = 2
+METRICS_NOTE = ("Metrics: accuracy for image datasets; for text datasets, micro-F1 for chemprot and macro-F1 for the "
+                "others (as Gururangan et al. 2020 report them), a user's text dataset included.")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -125,7 +146,11 @@ def read_result(path: str) -> dict:
         result = upgrade(result, path)
     if not isinstance(result, dict) or "test_acc" not in result:
         raise utils.UserError(f"result file {path} has no test_acc (not written by finetune.py?)")
-    for key in ["test_acc"] + [k for k in ("val_acc", "train_acc") if result.get(k) is not None]:
+    modality = result.get("modality", "image")
+    if modality not in MODALITIES:
+        raise utils.UserError(f"result file {path}: modality is {modality!r}, expected {' or '.join(MODALITIES)}")
+    scores = [f"{split}_{m}" for split in ("test", "val", "train") for m in paper.METRIC_NAMES]
+    for key in ["test_acc"] + [k for k in scores if k != "test_acc" and result.get(k) is not None]:
         value = result[key]
         if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
             raise utils.UserError(f"result file {path}: {key} is {value!r}, expected a fraction in [0, 1]")
@@ -196,7 +221,7 @@ def _comparable(all_settings: list[dict]) -> list[dict]:
     return [{k: v for k, v in st.items() if k not in unknown} for st in all_settings]
 
 
-def _stats(by_seed: dict[int, dict]) -> dict:
+def _stats(by_seed: dict[int, dict], metric: str = "acc") -> dict:
     results = list(by_seed.values())
     acc = [100.0 * r["test_acc"] for r in results]
     losses = [r["test_loss"] for r in results if isinstance(r.get("test_loss"), (int, float))]
@@ -206,43 +231,82 @@ def _stats(by_seed: dict[int, dict]) -> dict:
     mean_acc, std_acc = _mean_std(acc)
     mean_val, std_val = _mean_std(val)
     mean_train, std_train = _mean_std(train)
-    return {"seeds": sorted(by_seed), "n": len(acc), "mean_acc": mean_acc, "std_acc": std_acc,
-            "mean_loss": statistics.fmean(losses) if losses else None,
-            "n_val": len(val), "mean_val_acc": mean_val, "std_val_acc": std_val,
-            "n_train": len(train), "mean_train_acc": mean_train, "std_train_acc": std_train,
-            "min_train_acc": min(train) if train else None,
-            "mean_train_loss": statistics.fmean(train_losses) if train_losses else None}
+    stats = {"seeds": sorted(by_seed), "n": len(acc), "mean_acc": mean_acc, "std_acc": std_acc,
+             "mean_loss": statistics.fmean(losses) if losses else None,
+             "n_val": len(val), "mean_val_acc": mean_val, "std_val_acc": std_val,
+             "n_train": len(train), "mean_train_acc": mean_train, "std_train_acc": std_train,
+             "min_train_acc": min(train) if train else None,
+             "mean_train_loss": statistics.fmean(train_losses) if train_losses else None, "metric": metric}
+    # the table's score: the dataset's metric (paper.metric), over the results that hold it
+    for split, prefix in (("test", ""), ("val", "val_"), ("train", "train_")):
+        values = [100.0 * r[f"{split}_{metric}"] for r in results if r.get(f"{split}_{metric}") is not None]
+        stats[f"n_{prefix}metric"] = len(values)
+        stats[f"mean_{prefix}metric"], stats[f"std_{prefix}metric"] = _mean_std(values)
+    stats["min_train_metric"] = min((100.0 * r[f"train_{metric}"] for r in results
+                                     if r.get(f"train_{metric}") is not None), default=None)
+    return stats
+
+
+def dataset_metrics(results_dir: str, found: dict[tuple[str, str], dict[int, dict]]) -> dict[str, str]:
+    """{dataset: its metric} (paper.metric of its name and its results' modality), checked: every result of the
+    dataset holds test_<metric>, and no dataset holds runs of two metrics (image and text runs under one name),
+    which the table must never average together."""
+    metrics = {}
+    for (dataset, init), by_seed in found.items():
+        for seed, result in by_seed.items():
+            path = os.path.join(results_dir, dataset, init, f"seed{seed}.json")
+            modality = result.get("modality", "image")
+            metric = paper.metric(dataset, modality)
+            first = metrics.setdefault(dataset, (metric, path, modality))
+            if metric != first[0]:
+                raise utils.UserError(
+                    f"{os.path.join(results_dir, dataset)} holds {first[2]} and {modality} results ({first[1]}, "
+                    f"{path}), which the table reports in different metrics ({paper.METRIC_NAMES[first[0]]}, "
+                    f"{paper.METRIC_NAMES[metric]}) and must not average together: move one kind to another "
+                    f"--results_dir")
+            if not isinstance(result.get(f"test_{metric}"), (int, float)):
+                raise utils.UserError(f"result file {path} has no test_{metric}, the metric of {dataset} "
+                                      f"({paper.METRIC_NAMES[metric]}): not a fine-tuning result on {dataset}'s "
+                                      f"{'texts' if metric != 'acc' else 'images'}?")
+    return {dataset: metric for dataset, (metric, _, _) in metrics.items()}
 
 
 def summarize(results_dir: str, datasets=None, seeds=None, pattern=RESULT_FILE) -> dict[tuple[str, str], dict]:
-    """{(dataset, init): summary} over the seeds of each (or those of `seeds` only); accuracies in percent.
+    """{(dataset, init): summary} over the seeds of each (or those of `seeds` only); scores in percent.
 
     summary: seeds (sorted list), n, mean_acc, std_acc (sample std; None for one seed), mean_loss,
     and n_val, mean_val_acc, std_val_acc over the seeds that have a validation accuracy (0 / None), and
     n_train, mean_train_acc, std_train_acc, min_train_acc, mean_train_loss over those with a training accuracy;
+    metric, the dataset's (paper.metric: "acc", "macro_f1" or "micro_f1"), and the same statistics of it, which the
+    table shows: n_metric, mean_metric, std_metric, n_val_metric, mean_val_metric, std_val_metric, n_train_metric,
+    mean_train_metric, std_train_metric, min_train_metric (for accuracy, equal to the accuracy's);
     groups: [] when every seed has the same settings; otherwise the seeds were run with different
     settings, nothing is averaged (the means are None) and groups holds one such summary per settings,
     each with `settings`, {name: value} of the settings that differ between the groups."""
     summaries = {}
-    for key, by_seed in find_results(results_dir, datasets, seeds, pattern).items():
+    found = find_results(results_dir, datasets, seeds, pattern)
+    # probe results are scored by accuracy (probe.py)
+    metrics = dataset_metrics(results_dir, found) if pattern is RESULT_FILE else {}
+    for key, by_seed in found.items():
+        metric = metrics.get(key[0], "acc")
         groups = {}
         seeds = list(by_seed)
         for seed, settings in zip(seeds, _comparable([settings_of(by_seed[s]) for s in seeds])):
             same = json.dumps(settings, sort_keys=True, default=str)
             groups.setdefault(same, (settings, {}))[1][seed] = by_seed[seed]
         if len(groups) == 1:
-            summaries[key] = {**_stats(by_seed), "groups": []}
+            summaries[key] = {**_stats(by_seed, metric), "groups": []}
             continue
         all_settings = [settings for settings, _ in groups.values()]
         differing = sorted({k for st in all_settings for k in st
                             if any(other.get(k, MISSING) != st.get(k, MISSING) for other in all_settings)})
-        parts = [{**_stats(runs), "settings": {k: st.get(k, MISSING) for k in differing}}
+        parts = [{**_stats(runs, metric), "settings": {k: st.get(k, MISSING) for k in differing}}
                  for st, runs in groups.values()]
         parts.sort(key=lambda g: g["seeds"])
-        summaries[key] = {"seeds": sorted(by_seed), "n": len(by_seed), "mean_acc": None, "std_acc": None,
-                          "mean_loss": None, "n_val": sum(g["n_val"] for g in parts), "mean_val_acc": None,
-                          "std_val_acc": None, "n_train": sum(g["n_train"] for g in parts), "mean_train_acc": None,
-                          "std_train_acc": None, "min_train_acc": None, "mean_train_loss": None, "groups": parts}
+        counts = ("n", "n_val", "n_train", "n_metric", "n_val_metric", "n_train_metric")
+        summaries[key] = {**{k: None for k in parts[0] if k != "settings"},  # no mean over mixed settings
+                          **{k: sum(g[k] for g in parts) for k in counts},
+                          "seeds": sorted(by_seed), "metric": metric, "groups": parts}
     return summaries
 
 
@@ -277,7 +341,24 @@ def _step_count(init: str) -> int | None:
 
 
 def _column_order(dataset: str) -> tuple:
-    return (PAPER_DATASETS.index(dataset), "") if dataset in PAPER_DATASETS else (len(PAPER_DATASETS), dataset)
+    paper_order = PAPER_DATASETS + paper.PAPER_TEXT_DATASETS
+    return (paper_order.index(dataset), "") if dataset in paper_order else (len(paper_order), dataset)
+
+
+def column_metrics(summaries: dict, datasets: list[str]) -> dict[str, str]:
+    """{dataset: the metric its column shows}: its results' (summarize), or by name for a column without results."""
+    found = {d: s["metric"] for (d, _), s in summaries.items()}
+    return {d: found.get(d) or paper.metric(d) for d in datasets}
+
+
+def heading(what: str, datasets: list[str], metrics: dict[str, str]) -> tuple[str, list[str]]:
+    """A table's title and its column headers: the metric in the title when the columns share it (`Test accuracy
+    (%)`), else in each header (`chemprot (micro-F1)`) and the title names them all."""
+    names = list(dict.fromkeys(paper.METRIC_NAMES[metrics[d]] for d in datasets)) or [paper.METRIC_NAMES["acc"]]
+    if len(names) == 1:
+        return f"{what} {names[0]} (%)", list(datasets)
+    return (f"{what} {' / '.join(names)} (%), each column's metric in its header",
+            [f"{d} ({paper.METRIC_NAMES[metrics[d]]})" for d in datasets])
 
 
 def _best(summaries: dict, inits: list[str], dataset: str, mean_key: str, n_key: str) -> set[str]:
@@ -311,8 +392,8 @@ def mixed_notes(summaries: dict, inits: list[str], datasets: list[str]) -> dict[
 
 
 def markdown_table(summaries: dict, inits: list[str], datasets: list[str], mean_key: str, std_key: str,
-                   n_key: str, notes: dict, bold: bool = True, name=row_name) -> str:
-    header = [""] + datasets
+                   n_key: str, notes: dict, bold: bool = True, name=row_name, headers=None) -> str:
+    header = [""] + (headers or datasets)
     rows = []
     best = {d: _best(summaries, inits, d, mean_key, n_key) if bold else set() for d in datasets}
     for init in inits:
@@ -344,11 +425,12 @@ def _number(value: float | None) -> str:
 
 def csv_text(summaries: dict, inits: list[str], datasets: list[str], train: bool = False) -> str:
     """report.csv's content (with --train: the training-accuracy columns too)."""
-    best = {d: _best(summaries, inits, d, "mean_acc", "n") for d in datasets}
-    best_val = {d: _best(summaries, inits, d, "mean_val_acc", "n_val") for d in datasets}
+    best = {d: _best(summaries, inits, d, "mean_metric", "n_metric") for d in datasets}
+    best_val = {d: _best(summaries, inits, d, "mean_val_metric", "n_val_metric") for d in datasets}
     with io.StringIO(newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS + (TRAIN_CSV_COLUMNS if train else ()))
+        writer.writerow(CSV_COLUMNS + METRIC_CSV_COLUMNS + (TRAIN_CSV_COLUMNS + TRAIN_METRIC_CSV_COLUMNS if train
+                                                            else ()))
         for init in inits:
             for d in datasets:
                 s = summaries.get((d, init))
@@ -358,28 +440,33 @@ def csv_text(summaries: dict, inits: list[str], datasets: list[str], train: bool
                     row = [init, row_name(init), d, g["n"], _number(g["mean_acc"]), _number(g["std_acc"]),
                            _number(g["mean_loss"]), int(init in best[d] and g is s), g["n_val"] or "",
                            _number(g["mean_val_acc"]), _number(g["std_val_acc"]),
-                           int(init in best_val[d] and g is s) if g["n_val"] else "",
-                           settings_text(g.get("settings", {}))]
+                           int(init in best_val[d] and g is s) if g["n_val_metric"] else "",
+                           settings_text(g.get("settings", {})), s["metric"], _number(g["mean_metric"]),
+                           _number(g["std_metric"]), g["n_val_metric"] or "", _number(g["mean_val_metric"]),
+                           _number(g["std_val_metric"])]
                     if train:
                         row += [g["n_train"] or "", _number(g["mean_train_acc"]), _number(g["std_train_acc"]),
-                                _number(g["mean_train_loss"])]
+                                _number(g["mean_train_loss"]), g["n_train_metric"] or "",
+                                _number(g["mean_train_metric"]), _number(g["std_train_metric"])]
                     writer.writerow(row)
         return f.getvalue()
 
 
 def one_line(dataset: str, init: str, s: dict, train: bool = False) -> str:
-    """e.g. `cub self-further-pretrain-20000: test accuracy 85.21 ± 0.43 % over 5 seeds (1 2 3 4 5)`"""
-    spread = f" ± {s['std_acc']:.2f}" if s["std_acc"] is not None else ""
+    """e.g. `cub self-further-pretrain-20000: test accuracy 85.21 ± 0.43 % over 5 seeds (1 2 3 4 5)`; the dataset's
+    metric (`chemprot initial: test micro-F1 ...`)."""
+    metric = paper.METRIC_NAMES[s["metric"]]
+    spread = f" ± {s['std_metric']:.2f}" if s["std_metric"] is not None else ""
     seeds = " ".join(map(str, s["seeds"]))
-    line = (f"{dataset} {init}: test accuracy {s['mean_acc']:.2f}{spread} % over {s['n']} "
-            f"seed{'s' if s['n'] != 1 else ''} ({seeds})")
-    if s["n_val"]:
-        val_spread = f" ± {s['std_val_acc']:.2f}" if s["std_val_acc"] is not None else ""
-        line += f"; validation accuracy {s['mean_val_acc']:.2f}{val_spread} % (n={s['n_val']})"
-    if train and s["n_train"]:
-        train_spread = f" ± {s['std_train_acc']:.2f}" if s["std_train_acc"] is not None else ""
-        line += (f"; training accuracy {s['mean_train_acc']:.2f}{train_spread} % (lowest {s['min_train_acc']:.2f}, "
-                 f"n={s['n_train']})")
+    line = (f"{dataset} {init}: test {metric} {s['mean_metric']:.2f}{spread} % over {s['n_metric']} "
+            f"seed{'s' if s['n_metric'] != 1 else ''} ({seeds})")
+    if s["n_val_metric"]:
+        val_spread = f" ± {s['std_val_metric']:.2f}" if s["std_val_metric"] is not None else ""
+        line += f"; validation {metric} {s['mean_val_metric']:.2f}{val_spread} % (n={s['n_val_metric']})"
+    if train and s["n_train_metric"]:
+        train_spread = f" ± {s['std_train_metric']:.2f}" if s["std_train_metric"] is not None else ""
+        line += (f"; training {metric} {s['mean_train_metric']:.2f}{train_spread} % (lowest "
+                 f"{s['min_train_metric']:.2f}, n={s['n_train_metric']})")
     return line
 
 
@@ -505,31 +592,36 @@ def main(args):
     inits = sorted({i for _, i in summaries}, key=_row_order)
     notes = mixed_notes(summaries, inits, datasets)
 
-    sections = ["## Test accuracy (%)", "",
-                markdown_table(summaries, inits, datasets, "mean_acc", "std_acc", "n", notes)]
-    val_datasets = [d for d in datasets if any(s["n_val"] for (d2, _), s in summaries.items() if d2 == d)]
+    metrics = column_metrics(summaries, datasets)
+
+    def table(what, columns, key, **kw):  # the score of each column's metric: test, val_ or train_
+        title, headers = heading(what, columns, metrics)
+        return ["", f"## {title}", "", markdown_table(summaries, inits, columns, f"mean_{key}metric",
+                                                      f"std_{key}metric", f"n_{key}metric", notes, headers=headers,
+                                                      **kw)]
+    sections = table("Test", datasets, "")[1:]
+    val_datasets = [d for d in datasets if any(s["n_val_metric"] for (d2, _), s in summaries.items() if d2 == d)]
     if val_datasets:
-        sections += ["", "## Validation accuracy (%)", "",
-                     markdown_table(summaries, inits, val_datasets, "mean_val_acc", "std_val_acc", "n_val", notes)]
-    train_datasets = [d for d in datasets if any(s["n_train"] for (d2, _), s in summaries.items() if d2 == d)]
+        sections += table("Validation", val_datasets, "val_")
+    train_datasets = [d for d in datasets if any(s["n_train_metric"] for (d2, _), s in summaries.items() if d2 == d)]
     if args.train and train_datasets:
-        sections += ["", "## Training accuracy (%)", "",
-                     markdown_table(summaries, inits, train_datasets, "mean_train_acc", "std_train_acc", "n_train",
-                                    notes, bold=False)]
+        sections += table("Training", train_datasets, "train_", bold=False)
     elif args.train:
         sections += ["", "No training accuracy in these results (their records do not hold train_acc: run them "
                          "again with today's finetune.py to have it)."]
     sections += ["", "Mean ± sample standard deviation over fine-tuning seeds (n = number of seeds); "
                      f"**bold**: best mean of the column among its cells of n >= {MIN_SEEDS_FOR_BEST} seeds; "
                      f"{MISSING}: no results."]
-    uneven = uneven_seed_counts(summaries, inits, datasets, "n")
+    if set(metrics.values()) != {"acc"}:
+        sections += ["", METRICS_NOTE]
+    uneven = uneven_seed_counts(summaries, inits, datasets, "n_metric")
     if uneven:
         sections += ["", f"Different numbers of seeds within a column: {'; '.join(uneven)}."]
     if notes:
         sections += ["", "Mixed settings: these cells hold runs with different settings, not averaged:"]
         for (d, init), k in notes.items():
             groups = "; ".join(
-                f"{settings_text(g['settings'])}: {cell({**g, 'groups': []}, 'mean_acc', 'std_acc', 'n')}"
+                f"{settings_text(g['settings'])}: {cell({**g, 'groups': []}, 'mean_metric', 'std_metric', 'n_metric')}"
                 f", seeds {' '.join(map(str, g['seeds']))}" for g in summaries[(d, init)]["groups"])
             sections.append(f"[{k}] {d}, {row_name(init)}: {groups}")
     sections += probe_sections(args.results_dir, probes, args.datasets, len(notes) + 1)

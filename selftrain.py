@@ -13,6 +13,12 @@ distillation gradient reaches the student's encoder only; the decoder learns fro
     bash run_selftrain.sh 0 cub
     python selftrain.py --dataset digits --model_name vit-mae-tiny --steps 50 --batch_size 16 --device cpu
 
+On a text dataset the student is θ₀ (a RoBERTa: encoder and LM head) trained with MLM plus the same distillation
+loss, h(x) the `<s>` token of the last layer on the unmasked text (padding excluded by the attention mask), the
+teacher stage 1's RobertaForMaskedLM; the distillation gradient reaches the encoder, not the LM head:
+
+    python selftrain.py --dataset chemprot                 # teacher: checkpoints/further-pretrain-20000/chemprot
+
 Writes <checkpoint_dir>/self-further-pretrain-<steps>/<dataset>/ (same contents as stage 1).
 """
 import argparse
@@ -21,14 +27,17 @@ import os
 import torch
 
 import paper
+import text_common
 import training
 import utils
 from data import ImageDataset
 from data.identity import SplitInput
+from data.text import TextSplit
 from mae_common import (MAE_BETAS, creating_command, further_pretrain_dir, mae_args_parser, no_weight_decay,
                         self_distill_dir)
-from models import (MAEWithFeature, cls_feature, has_checkpoint, load_encoder, load_mae, preprocessing_of,
-                    save_model)
+from models import (MAEWithFeature, MLMWithFeature, cls_feature, first_token_feature, has_checkpoint, load_encoder,
+                    load_mae, load_mlm, load_tokenizer, preprocessing_of, save_model)
+from models.checkpoints import check_same_architecture
 from models.identity import WeightsInput
 from outputs.card import model_card
 from outputs.plots import plot_metrics
@@ -67,18 +76,37 @@ def training_loss(student: MAEWithFeature, images, noise, teacher_cls, distill_w
 def teacher_features(teacher, teacher_device, run: training.Run, dataset) -> torch.Tensor:
     """h_T(x) of every image of `dataset`, (N, D) on run.device, computed as each step would compute it
     (under run.autocast, in batches of the steps' shape), so a row equals the on-line h_T(x) of that image:
-    each row of the encoder's output depends on its own image only."""
+    each row of the encoder's output depends on its own image only. A text split: h_T(x) of each text, the `<s>`
+    token of the teacher's last layer on the unmasked text (padding excluded by the attention mask)."""
     table = None
-    for index, images in run.ordered_batches(dataset):
+    for index, inputs in run.ordered_batches(dataset):
         with torch.inference_mode(), run.autocast():  # the teacher is frozen: no graph to keep
-            features = cls_feature(teacher, images.to(teacher_device)).to(run.device)  # (B, D)
+            if isinstance(inputs, tuple):  # text: (input_ids, attention_mask)
+                features = first_token_feature(teacher, *(x.to(teacher_device) for x in inputs))
+            else:
+                features = cls_feature(teacher, inputs.to(teacher_device))
+            features = features.to(run.device)  # (B, D)
         if table is None:
             table = torch.empty(len(dataset), features.shape[-1], dtype=features.dtype, device=run.device)
         table[index] = features[:len(index)]
     return table
 
 
+def mlm_training_loss(student: MLMWithFeature, masked_ids, labels, attention_mask, input_ids, teacher_cls,
+                      num_masked, distill_weight: float):
+    """L = L_MLM(student; masked text) + λ · distill_loss(h_S(x), h_T(x)) on one batch of text: masked_ids, labels,
+    attention_mask, input_ids (the unmasked text) (B, L); teacher_cls (B, D) the frozen teacher's h_T(x);
+    num_masked: Run.token_mean_divisor. -> (loss, the terms to log)."""
+    mlm, student_cls = student(masked_ids, labels, input_ids, attention_mask, num_masked)  # scalar, (B, D)
+    distill = distill_loss(student_cls, teacher_cls)
+    return mlm + distill_weight * distill, {"mlm_loss": mlm, "distill_loss": distill}
+
+
 def main(args):
+    kind = text_common.run_modality(args)
+    text_common.resolve_defaults(args, kind, "mlm")  # the flags not given: the image or the text recipe's values
+    if kind == "text":
+        return main_text(args)
     out_dir = args.output_dir or self_distill_dir(args.checkpoint_dir, args.steps, args.dataset)
     teacher_path = args.teacher or further_pretrain_dir(args.checkpoint_dir, args.steps, args.dataset)
     preprocessing = preprocessing_of(args.model_name)  # θ₀'s image processor, as in the release
@@ -89,9 +117,7 @@ def main(args):
     if run.already_done:  # even if its teacher has been deleted since
         return
     if not has_checkpoint(teacher_path):
-        command = creating_command(paper.teacher(args.steps), args.dataset, args.checkpoint_dir)
-        raise utils.UserError(f"teacher not found: {teacher_path} (create it with `{command}`, "
-                              f"or pass --teacher PATH)")
+        raise teacher_missing(teacher_path, args)
 
     # ---- student: θ₀ again (encoder + decoder); teacher: the further pre-trained encoder, frozen
     student_mae = load_mae(args.model_name, args.mask_ratio, args.norm_pix_loss)  # sin-cos tables frozen
@@ -126,6 +152,64 @@ def main(args):
 
     if run.is_main:
         save_model(student_mae, out_dir, preprocessing, card=model_card(out_dir))  # the card travels with the weights
+        if args.plot:
+            plot_metrics(run.metrics_path, os.path.join(out_dir, "loss_curves.png"))
+    run.finish()
+    run.print(f"[self-distill] saved {out_dir}")
+
+
+def teacher_missing(teacher_path: str, args) -> utils.UserError:
+    command = creating_command(paper.teacher(args.steps), args.dataset, args.checkpoint_dir)
+    return utils.UserError(f"teacher not found: {teacher_path} (create it with `{command}`, or pass --teacher PATH)")
+
+
+def main_text(args):
+    """Stage 2 on text: the student θ₀ (a RoBERTa) trained with MLM + matching the frozen teacher's `<s>`."""
+    out_dir = args.output_dir or self_distill_dir(args.checkpoint_dir, args.steps, args.dataset)
+    teacher_path = args.teacher or further_pretrain_dir(args.checkpoint_dir, args.steps, args.dataset)
+    reads = {"θ₀": WeightsInput(args.model_name), "teacher": WeightsInput(teacher_path),
+             "train split": SplitInput(args.dataset, "train", args.data_dir)}
+    run = training.Run(args, out_dir, "self-distill", os.path.join(out_dir, "model.safetensors"), None, reads=reads)
+    if run.already_done:  # even if its teacher has been deleted since
+        return
+    if not has_checkpoint(teacher_path):
+        raise teacher_missing(teacher_path, args)
+
+    # ---- student: θ₀ again (encoder + LM head); teacher: the further pre-trained encoder, frozen
+    student_mlm, tokenizer = load_mlm(args.model_name), load_tokenizer(args.model_name)
+    teacher = load_mlm(teacher_path).roberta
+    check_same_architecture(teacher.config, student_mlm.config, f"teacher '{teacher_path}'")
+    teacher_device = training.resolve_device(args.teacher_device, run.local_rank) if args.teacher_device else run.device
+    teacher.to(teacher_device).eval().requires_grad_(False)
+    texts = text_common.tokenized(TextSplit(args.dataset, "train", args.data_dir), tokenizer,
+                                  args.max_length)
+
+    # ---- optimizer: as in further pre-training
+    optimizer, scheduler = run.adamw(student_mlm, text_common.no_weight_decay, text_common.MLM_BETAS,
+                                     eps=text_common.MLM_EPS)
+    student = run.prepare(MLMWithFeature(student_mlm), optimizer, scheduler)
+
+    # ---- the frozen teacher's h_T(x), once per training text (the unmasked text never changes)
+    teacher_table = teacher_features(teacher, teacher_device, run, texts)  # (N, D) on run.device
+
+    # ---- MLM + distillation, one backward pass for both terms
+    student.train()
+
+    def train_step(step, masked_ids, labels, attention_mask, input_ids, teacher_cls, num_masked):
+        for micro in run.micro_batches(masked_ids, labels, attention_mask, input_ids, teacher_cls):  # K slices
+            with run.forward(step):  # autocast; dropout seeded from (seed, step); DDP syncs after the last slice
+                loss, terms = mlm_training_loss(student, *micro, num_masked, distill_weight=args.distill_weight)
+            run.backward(loss, terms)  # scaled by 1/K
+        run.step(step)  # clip, AdamW, schedule, non-finite check; log, save
+
+    for step, ((input_ids, attention_mask), _, index) in run.batches(texts):
+        masked_ids, labels = text_common.draw_mlm_masks(run, step, input_ids, attention_mask, tokenizer,
+                                                        args.mask_ratio, args.max_length)  # as stage 1 draws them
+        train_step(step, masked_ids, labels, attention_mask, input_ids, teacher_table[index],
+                   run.token_mean_divisor((labels != -100).sum()))
+
+    if run.is_main:
+        save_model(student_mlm, out_dir, card=model_card(out_dir), tokenizer=tokenizer)
         if args.plot:
             plot_metrics(run.metrics_path, os.path.join(out_dir, "loss_curves.png"))
     run.finish()

@@ -115,6 +115,42 @@ def finite_float(low: float | None = None, high: float | None = None, *, low_ope
     return parse
 
 
+class NotGiven:
+    """Marks a flag's parser default that something else may replace when the flag is not given: the modality's
+    value (text_common.resolve_defaults) or --recipe's (training/mae_recipe.py). It prints and compares as the
+    value; resolved to a plain value before anything is recorded."""
+
+
+class NotGivenFloat(NotGiven, float):
+    pass
+
+
+class NotGivenInt(NotGiven, int):
+    pass
+
+
+class NotGivenStr(NotGiven, str):
+    pass
+
+
+def not_given(value):
+    """`value` as a replaceable parser default (see NotGiven)."""
+    kind = {float: NotGivenFloat, int: NotGivenInt, str: NotGivenStr}[type(value)]
+    return kind(value)
+
+
+def given_or(given, value):
+    """A flag's value: `value` (as a plain value of its type) where the flag was not given, else what was given."""
+    return type(value)(value) if isinstance(given, NotGiven) else given
+
+
+def plain(value):
+    """A NotGiven default as the plain value it stands for; any other value as it is."""
+    if isinstance(value, NotGiven):
+        return next(base(value) for base in (float, int, str) if isinstance(value, base))
+    return value
+
+
 def shared_parser() -> argparse.ArgumentParser:
     """Flags common to the three stages. Defaults are the paper's recipe for the MAE stages;
     finetune.py overrides the few that differ with set_defaults()."""
@@ -127,16 +163,20 @@ def shared_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int_at_least(0), default=4,
                    help="DataLoader worker processes per training process")
     g = p.add_argument_group("model")
-    g.add_argument("--model_name", default="facebook/vit-mae-base",
-                   help="the initial MAE model θ₀: a hub id, a local directory from save_pretrained, "
-                        "or vit-mae-tiny (a small built-in config for CPU runs)")
+    g.add_argument("--model_name", default=not_given("facebook/vit-mae-base"),
+                   help="the initial model θ₀, ViT-MAE for images, RoBERTa for text (a text dataset's default: "
+                        "roberta-base): a hub id, a local directory from save_pretrained, or vit-mae-tiny / "
+                        "roberta-tiny (small built-in models for CPU runs)")
+    g.add_argument("--max_length", type=int_at_least(8), default=512,
+                   help="text: tokens per text after truncation, special tokens included (images: unused)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int_at_least(1), default=paper.MAE_STEPS, help="optimizer steps")
-    g.add_argument("--batch_size", type=int_at_least(1), default=64,
+    g.add_argument("--batch_size", type=int_at_least(1), default=not_given(64),
                    help="global batch size (split evenly over the processes of a torchrun job)")
-    g.add_argument("--lr", type=finite_float(0, low_open=True), default=1.5e-4, help="peak learning rate (AdamW)")
+    g.add_argument("--lr", type=finite_float(0, low_open=True), default=not_given(1.5e-4),
+                   help="peak learning rate (AdamW)")
     g.add_argument("--weight_decay", type=finite_float(0), default=0.01, help="AdamW weight decay")
-    g.add_argument("--warmup_steps", type=int_at_least(0), default=0,
+    g.add_argument("--warmup_steps", type=int_at_least(0), default=not_given(0),
                    help="linear warmup steps, then linear decay to 0")
     g.add_argument("--clip_grad", type=finite_float(0, low_open=True, none=True), default=None,
                    help="clip the gradient norm to this value ('none': no clipping)")
@@ -246,6 +286,7 @@ def mix_seed(*parts: int) -> int:
 
 STREAM_ORDER, STREAM_NOISE, STREAM_FLIP, STREAM_DROPOUT, STREAM_SPLIT = range(5)
 STREAM_MIX, STREAM_ERASE, STREAM_RANDAUG = range(5, 8)  # fine-tuning's MAE recipe (training/mae_recipe.py)
+STREAM_HEAD = 8  # the text classifier's new head (models.roberta_mlm.build_text_classifier)
 
 
 def generator(seed: int, stream: int, index: int) -> torch.Generator:

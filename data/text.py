@@ -64,6 +64,15 @@ def is_text_dataset(root: str) -> bool:
     return os.path.isfile(split_path(root, "train"))
 
 
+def dataset_modality(name: str, data_dir: str) -> str:
+    """"text" for a text dataset (its train.jsonl is there, or it is not built yet and bears a text dataset's name),
+    "image" otherwise."""
+    root = os.path.join(data_dir, name)
+    if is_text_dataset(root) or name in TEXT_DATASETS and not os.path.isdir(root):
+        return "text"
+    return "image"
+
+
 def _examples(n: int, items) -> str:
     shown = "; ".join(items[:MAX_SHOWN])
     return shown + (f"; ... ({n} in all)" if n > MAX_SHOWN else "")

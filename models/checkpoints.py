@@ -182,10 +182,10 @@ def _load_exact(module: nn.Module, state: dict, what: str, allowed_missing=()) -
 
 
 def check_same_architecture(config: ViTMAEConfig, reference: ViTMAEConfig, what: str) -> None:
-    for key in _SHARED_ARCH:
-        if getattr(config, key) != getattr(reference, key):
+    for key in _SHARED_ARCH:  # a RoBERTa config has no image keys: None on both sides
+        if getattr(config, key, None) != getattr(reference, key, None):
             raise UserError(f"{what} does not match the model's architecture "
-                            f"({key}: {getattr(config, key)} vs {getattr(reference, key)})")
+                            f"({key}: {getattr(config, key, None)} vs {getattr(reference, key, None)})")
 
 
 def load_encoder(path: str, model_name: str, reference: ViTMAEConfig) -> ViTMAEModel:
@@ -198,17 +198,17 @@ def load_encoder(path: str, model_name: str, reference: ViTMAEConfig) -> ViTMAEM
 
 
 def save_model(model: nn.Module, out_dir: str, preprocessing: Preprocessing = Preprocessing(),
-               card: str | None = None) -> None:
+               card: str | None = None, tokenizer=None) -> None:
     """config.json + model.safetensors, readable by stock `from_pretrained`, the preprocessing the
-    model was trained with (a ViTImageProcessor file: resize, rescale to [0, 1], normalise), and the
-    model card `card` (README.md, outputs.card.model_card) when given.
+    model was trained with (a ViTImageProcessor file: resize, rescale to [0, 1], normalise) or, for a text model,
+    its `tokenizer` (save_pretrained's files), and the model card `card` (README.md, outputs.card.model_card).
 
     Written into a temporary folder first and moved in weights-last, so `model.safetensors` exists
     only once the whole checkpoint, card included, is there (the stages use it as their "done" marker)."""
     tmp = os.path.join(out_dir, ".saving")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write_model(model, tmp, preprocessing, card)
+        _write_model(model, tmp, preprocessing, card, tokenizer)
     except (OSError, RuntimeError) as e:  # a full disk, a read-only folder: nothing half-written is left
         shutil.rmtree(tmp, ignore_errors=True)
         raise RunFailed(f"cannot write the model into {out_dir}: {outputs.failure(e, out_dir)}") from None
@@ -218,11 +218,14 @@ def save_model(model: nn.Module, out_dir: str, preprocessing: Preprocessing = Pr
     os.rmdir(tmp)
 
 
-def _write_model(model: nn.Module, tmp: str, preprocessing: Preprocessing, card: str | None) -> None:
+def _write_model(model: nn.Module, tmp: str, preprocessing: Preprocessing, card: str | None, tokenizer) -> None:
     model.save_pretrained(tmp)
     if card is not None:
         with open(os.path.join(tmp, CARD_FILE), "w", encoding="utf-8") as f:
             f.write(card)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+        return
     size = model.config.image_size
     with open(os.path.join(tmp, PROCESSOR_FILE), "w") as f:
         json.dump({"image_processor_type": "ViTImageProcessor", "do_resize": True,

@@ -14,8 +14,8 @@ hub id whose files are in the local cache, or vit-mae-tiny. What is hashed is wh
   is recorded and compared apart, as applied: training.run_dir.changed_preprocessing);
 - a release model.pt: the file;
 - a hub id: the cached snapshot's files, as a model directory, plus its revision (the commit);
-- vit-mae-tiny: its state dict as built (the tensors of models.load_mae), so a change of its initialisation
-  code changes it.
+- vit-mae-tiny, roberta-tiny: its state dict as built (the tensors of models.load_mae / load_mlm), so a change of
+  its initialisation code changes it.
 "sha256" digests the per-file digests with their names. The SHA-256 of a weight file equals the Hub's LFS oid
 of that file, so a downloaded copy and the cached original agree. Paths and times never enter.
 
@@ -30,7 +30,8 @@ import torch
 
 from errors import UserError
 from models.checkpoints import RELEASE_CHECKPOINT
-from models.hub import TINY_NAME, looks_like_local_path
+from models.hub import TEXT_TINY_NAME, TINY_NAME, looks_like_local_path
+from models.roberta_mlm import load_mlm
 from models.vit_mae import load_mae
 
 WEIGHT_PATTERNS = ("model*.safetensors", "pytorch_model*.bin", "*.index.json")
@@ -67,15 +68,15 @@ def _model_dir(folder: str, kind: str = "model directory", **extra) -> dict:
     return _fingerprint(kind, folder, ["config.json", *names], **extra)
 
 
-def _tiny() -> dict:
+def _tiny(name: str) -> dict:
     h = hashlib.sha256(b"state dict\n")
-    state = load_mae(TINY_NAME).state_dict()
+    state = (load_mae(TINY_NAME) if name == TINY_NAME else load_mlm(TEXT_TINY_NAME)).state_dict()
     for key in sorted(state):
         tensor = state[key].detach().contiguous().cpu()
         h.update(f"{key} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
         h.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
     digest = h.hexdigest()
-    return {"kind": "built-in", "files": {TINY_NAME: digest}, "bytes": 0, "sha256": _combined({TINY_NAME: digest})}
+    return {"kind": "built-in", "files": {name: digest}, "bytes": 0, "sha256": _combined({name: digest})}
 
 
 def _hub_snapshot(name: str) -> str | None:
@@ -89,8 +90,8 @@ def _hub_snapshot(name: str) -> str | None:
 
 def weights_fingerprint(name: str) -> dict:
     """The content fingerprint of the weights `name` designates (see the module docstring)."""
-    if name == TINY_NAME:
-        return _tiny()
+    if name in (TINY_NAME, TEXT_TINY_NAME):
+        return _tiny(name)
     if os.path.isfile(name):  # the release's model.pt (any file name: it is read as one)
         return _fingerprint("release model.pt", os.path.dirname(name) or ".", [os.path.basename(name)])
     if os.path.isdir(name):

@@ -29,6 +29,7 @@ import outputs
 from errors import UserError
 from models.checkpoints import _load_exact
 from models.hub import TEXT_TINY_CONFIG, TEXT_TINY_NAME, _from_pretrained, _hub_offline_reason, looks_like_local_path
+from utils import STREAM_HEAD, mix_seed
 
 TINY_INIT_SEED = 0  # roberta-tiny's θ₀ is this seed's initialisation, the same in every stage and run
 MAX_LENGTH = 512  # tokens per text after truncation, specials included (RoBERTa's, and Gururangan et al.'s)
@@ -61,12 +62,27 @@ def tiny_tokenizer() -> RobertaTokenizer:
 
 
 def load_mlm(model_name: str) -> RobertaForMaskedLM:
-    """θ₀ as a RobertaForMaskedLM (encoder + LM head, the decoder tied to the word embeddings)."""
+    """θ₀ (or a stage's checkpoint) as a RobertaForMaskedLM (encoder + LM head, the decoder tied to the word
+    embeddings), with attention dropout off (no_attention_dropout)."""
     if model_name == TEXT_TINY_NAME:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_INIT_SEED)
             return RobertaForMaskedLM(RobertaConfig(**TEXT_TINY_CONFIG))  # transformers' RoBERTa init
-    return _from_pretrained(RobertaForMaskedLM, model_name, model_type="roberta")
+    return no_attention_dropout(_from_pretrained(RobertaForMaskedLM, model_name, model_type="roberta"))
+
+
+def no_attention_dropout(model: nn.Module) -> nn.Module:
+    """Attention dropout set to 0 (config and modules). transformers 5 passes its rate to the attention function
+    (SDPA's dropout_p) instead of applying an nn.Dropout, so its masks cannot be drawn per (seed, step, sample) as
+    every other dropout mask is (training/draws.py), and one process would not equal N. The hidden dropout stays."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "attention_probs_dropout_prob"):
+            config.attention_probs_dropout_prob = 0.0
+        if type(module).__name__.endswith("SelfAttention") and isinstance(getattr(module, "dropout", None),
+                                                                          nn.Dropout):
+            module.dropout.p = 0.0
+    return model
 
 
 def load_tokenizer(model_name: str):
@@ -147,8 +163,8 @@ def mlm_loss(mlm: RobertaForMaskedLM, input_ids: torch.Tensor, attention_mask: t
     logits = mlm.lm_head(hidden[selected])  # (M, V)
     total = F.cross_entropy(logits.float(), labels[selected], reduction="sum")
     if num_masked is None:
-        num_masked = selected.sum()
-    return total / torch.as_tensor(num_masked, device=total.device).clamp(min=1)
+        num_masked = selected.sum().clamp(min=1)
+    return total / torch.as_tensor(num_masked, device=total.device)
 
 
 def first_token_feature(encoder: RobertaModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -188,15 +204,18 @@ def text_encoder_state(mlm: RobertaForMaskedLM) -> dict:
     return {k[len("roberta."):]: v for k, v in mlm.state_dict().items() if k.startswith("roberta.")}
 
 
-def build_text_classifier(config: RobertaConfig, encoder_state: dict, num_classes: int, dropout: float = 0.1
-                          ) -> RobertaForSequenceClassification:
+def build_text_classifier(config: RobertaConfig, encoder_state: dict, num_classes: int, dropout: float = 0.1,
+                          seed: int = 0) -> RobertaForSequenceClassification:
     """RoBERTa's classifier (RobertaClassificationHead: `<s>` -> dropout, dense, tanh, dropout, linear) whose
-    encoder is `encoder_state`. Every encoder tensor comes from `encoder_state`; only the head is new.
-    Attention dropout 0, as the tiny model's (it cannot be drawn per sample; see models.hub.TEXT_TINY_CONFIG)."""
+    encoder is `encoder_state`. Every encoder tensor comes from `encoder_state`; only the head is new: transformers'
+    initialisation of a new RobertaForSequenceClassification under the seed mix_seed(seed, STREAM_HEAD), whatever
+    drew from the global generator before. Attention dropout 0 (see no_attention_dropout)."""
     settings = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id", "architectures")}
     settings.update(num_labels=num_classes, hidden_dropout_prob=dropout, attention_probs_dropout_prob=0.0,
                     classifier_dropout=None)  # None: the head's dropout is hidden_dropout_prob
-    model = RobertaForSequenceClassification(RobertaConfig(**settings))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(mix_seed(seed, STREAM_HEAD))
+        model = RobertaForSequenceClassification(RobertaConfig(**settings))
     _load_exact(model, {"roberta." + k: v for k, v in encoder_state.items()}, "the encoder checkpoint",
                 allowed_missing=CLASSIFIER_HEAD)
     return model
@@ -218,6 +237,40 @@ def pad_batch(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tens
         input_ids[row, :len(sequence)] = torch.tensor(sequence, dtype=torch.long)
         attention_mask[row, :len(sequence)] = 1
     return input_ids, attention_mask
+
+
+class TokenizedSplit:
+    """A text split (data.text.TextSplit) tokenised once (load_or_tokenize): the batches of training/batches.py
+    gather from it by index and pad each batch to its longest text. Item i: (its ids, its label)."""
+
+    is_text = True  # training/batches.py pads these batches instead of decoding images
+
+    def __init__(self, split, tokenizer, max_length: int = MAX_LENGTH, cache_dir: str | None = None):
+        self.name, self.split, self.classes = split.name, split.split, split.classes
+        self.ids = load_or_tokenize(tokenizer, split.texts, max_length, cache_dir)
+        self.labels = torch.tensor(split.labels, dtype=torch.long)
+        self.pad_token_id = tokenizer.pad_token_id
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        return self.ids[index], int(self.labels[index])
+
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def subset(self, indices: list[int]) -> "TokenizedSplit":
+        """The texts at `indices`, in that order (fine-tuning's held-out part and the rest)."""
+        part = object.__new__(TokenizedSplit)
+        part.__dict__.update(self.__dict__, ids=[self.ids[i] for i in indices], labels=self.labels[indices])
+        return part
+
+    def gather(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B,) positions -> (B, L) input_ids and attention_mask, L the longest of these texts, and (B,) labels."""
+        rows = index.tolist()
+        input_ids, attention_mask = pad_batch([self.ids[i] for i in rows], self.pad_token_id)
+        return input_ids, attention_mask, self.labels[index.cpu()]
 
 
 def token_cache_key(tokenizer, texts: list[str], max_length: int) -> str:

@@ -18,6 +18,7 @@ import contextlib
 import gzip
 import json
 import os
+import random
 import re
 import shutil
 import stat
@@ -557,3 +558,30 @@ def fake_imagefolder(root):
 
 FAKES = {"aircraft": fake_aircraft, "cub": fake_cub, "dtd": fake_dtd, "stanford_dogs": fake_stanford_dogs,
          "vgg_flower_102": fake_vgg_flower_102, "chest_xray": fake_chest_xray, "imagefolder": fake_imagefolder}
+
+
+WORDS = {"pos": "good great happy fine nice love joy bright calm kind".split(),
+         "neg": "bad awful sad poor hate pain grim dark cold mean".split()}
+
+
+def text_dataset(data_dir, name="toy", num_train=48, num_test=24, seed=0) -> str:
+    """A small two-label text dataset in the project's format (data/text.py), written directly: each text a few
+    words of its label's list and a serial number (no two texts equal). -> its name."""
+    rng = random.Random(seed)
+    root = os.path.join(str(data_dir), name)
+    os.makedirs(root, exist_ok=True)
+    classes = sorted(WORDS)
+    splits = {}
+    for split, n in (("train", num_train), ("test", num_test)):
+        rows = []
+        for i in range(n):
+            label = rng.randrange(len(classes))
+            words = [rng.choice(WORDS[classes[label]]) for _ in range(rng.randint(2, 14))]
+            rows.append({"text": " ".join(words) + f" {split}{i}", "label": label})
+        with open(os.path.join(root, f"{split}.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        per_class = [sum(row["label"] == c for row in rows) for c in range(len(classes))]
+        splits[split] = {"total": n, "per_class": per_class}
+    with open(os.path.join(root, "counts.json"), "w") as f:
+        json.dump({"dataset": name, "num_classes": len(classes), "classes": classes, "splits": splits}, f)
+    return name

@@ -99,7 +99,7 @@ def test_a_record_main_wrote_before_versions_upgrades_to_the_shape_written_now(s
     every value kept; a record written now has the version, and upgrading it changes nothing."""
     pretrain.main(pretrain.get_args_parser().parse_args(stage_args(steps=1)))
     now = _json(tmp_path / "ckpt" / "further-pretrain-1" / "digits" / training.RECORD_FILE)
-    assert now[VERSION_KEY] == SCHEMA_VERSION == 2
+    assert now[VERSION_KEY] == SCHEMA_VERSION == 3
     assert upgrade(now, "args.json") == now
 
     old = _main_wrote("pretrain-args.json")
@@ -221,3 +221,15 @@ def test_a_record_of_a_newer_or_unknown_version_is_refused_in_one_line_by_every_
     code, err = cli(report, ["--results_dir", tmp_path / "results"], monkeypatch, capsys)
     assert code == 2
     assert_one_line(err, "seed0.json", *words)
+
+
+def test_a_version_2_record_upgrades_with_the_max_length_its_image_run_ignored():
+    """A record main wrote at version 2 (before the text half's --max_length): every start gets the default, and
+    nothing else changes."""
+    old = _main_wrote("pretrain-args-v2.json")
+    new = upgrade(old, "pretrain-args-v2.json")
+    assert old[VERSION_KEY] == 2 and new[VERSION_KEY] == SCHEMA_VERSION
+    assert new["args"]["max_length"] == 512 and all(h["args"]["max_length"] == 512 for h in new["history"])
+    for entry in (new, *new["history"]):
+        del entry["args"]["max_length"]
+    assert {k: v for k, v in new.items() if k != VERSION_KEY} == {k: v for k, v in old.items() if k != VERSION_KEY}

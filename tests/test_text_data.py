@@ -1,10 +1,12 @@
 """Text datasets: each data.prepare text converter on files made here in exactly the public layouts (allenai task
 files, TweetEval's emotion folder, Debian's fortunes package tree, a user's CSV / JSON lines), read back through
-data.text's reader; the refusals (one line, exit 2); --check; the fingerprint; the real fortunes package if there."""
+data.text's reader; the refusals (one line, exit 2); --check; the fingerprint; the real fortunes package if there,
+built as `make fortunes` (make demo-text's data) builds it."""
 import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -202,6 +204,56 @@ def test_fortunes_from_the_real_package(tmp_path, capsys):
     assert all("\x08" not in t and "  " not in t and t == t.strip() for t, _ in food + test)
     run("--check", "fortunes", "--out", tmp_path / "data")
     assert "no test text is a training text" in capsys.readouterr().out
+
+
+def test_make_fortunes_fetches_the_package_into_an_ignored_folder_and_builds_the_dataset_once(tmp_path):
+    """`make fortunes` (what make demo-text builds first) as a user runs it, into a DATA_DIR made here: the .deb in
+    <DATA_DIR>/.downloads/ (taken from a build's data/.downloads, else downloaded now: skips without network),
+    unpacked there by data.prepare's fetch, the dataset built from it; a second make builds nothing; demo-text then
+    goes straight to run_all.sh on it; git ignores the default download and dataset folders."""
+    if not all(shutil.which(tool) for tool in ("make", "apt-get", "dpkg-deb")):
+        pytest.skip("no make, apt-get or dpkg-deb")
+    downloads = tmp_path / "data" / ".downloads"
+    downloads.mkdir(parents=True)
+    built = os.path.join(REPO, "data", ".downloads")
+    debs = [f for f in os.listdir(built) if f.startswith("fortunes_") and f.endswith(".deb")] \
+        if os.path.isdir(built) else []
+    if debs:
+        shutil.copy(os.path.join(built, debs[0]), downloads)
+    else:
+        done = subprocess.run(["apt-get", "download", "fortunes"], cwd=downloads, capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"apt-get download fortunes failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+
+    def make(*argv):  # -o: never (re)install the virtualenv from a test; PYTHON: this one
+        return subprocess.run(["make", "--no-print-directory", "-o", ".venv/.installed", *argv,
+                               f"DATA_DIR={tmp_path / 'data'}", f"PYTHON={sys.executable}"],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+    first = make("-n", "demo-text").stdout.strip().splitlines()  # builds the dataset, then runs the routes
+    assert len(first) == 2 and first[0].endswith(f"-m data.prepare fortunes --out {tmp_path / 'data'} --download_dir "
+                                                 f"{downloads}") and "run_all.sh" in first[1], first
+    done = make("fortunes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    counts_path = tmp_path / "data" / "fortunes" / "counts.json"
+    counts = json.load(open(counts_path))
+    assert counts["classes"] == FORTUNE_CATEGORIES and counts["packages"][0]["package"] == "fortunes"
+    assert 3000 < counts["splits"]["train"]["total"] + counts["splits"]["test"]["total"] < 4000
+    unpacked = [d for d in os.listdir(downloads) if d.startswith("fortunes_") and os.path.isdir(downloads / d)]
+    assert len(unpacked) == 1
+    assert "BSD" in open(downloads / unpacked[0] / "usr" / "share" / "doc" / "fortunes" / "copyright").read()
+    assert read_split(tmp_path / "data", "fortunes", "test")[1] == FORTUNE_CATEGORIES
+
+    built_at = os.stat(counts_path).st_mtime_ns
+    again = make("fortunes")
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout and \
+        os.stat(counts_path).st_mtime_ns == built_at
+    dry = make("-n", "demo-text").stdout.strip().splitlines()
+    assert len(dry) == 1 and " bash run_all.sh cpu fortunes --model_name roberta-tiny " in dry[0] and \
+        f"--data_dir {tmp_path / 'data'} " in dry[0], dry
+
+    ignored = subprocess.run(["git", "check-ignore", "data/.downloads/x.deb", "data/fortunes/counts.json"],
+                             cwd=REPO, capture_output=True, text=True)
+    assert ignored.stdout.split() == ["data/.downloads/x.deb", "data/fortunes/counts.json"]
 
 
 # ---------------------------------------------------------------- your own CSV or JSON lines

@@ -15,8 +15,9 @@ class Batches:
     def __init__(self, args, process, draws, preprocessing, stage: str):
         self.args, self.process, self.draws, self.stage = args, process, draws, stage
         self.local_batch = process.local_batch(args.batch_size)
-        self.mean = torch.tensor(preprocessing.mean, device=process.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(preprocessing.std, device=process.device).view(1, 3, 1, 1)
+        if preprocessing is not None:  # None: a text run (no images to normalise)
+            self.mean = torch.tensor(preprocessing.mean, device=process.device).view(1, 3, 1, 1)
+            self.std = torch.tensor(preprocessing.std, device=process.device).view(1, 3, 1, 1)
         self._splits = {}  # id(dataset) -> (dataset, (images, labels) or None: streamed)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -26,8 +27,16 @@ class Batches:
 
     def training(self, dataset, start_step: int):
         """(step, (images, labels, indices)) for steps start_step .. steps-1: images (B_local, 3, H, W) normalised
-        on the device, labels (B_local,) and the batch's positions in `dataset` (B_local,), from draws.indices."""
+        on the device, labels (B_local,) and the batch's positions in `dataset` (B_local,), from draws.indices.
+        A text split (models.roberta_mlm.TokenizedSplit) gives (input_ids, attention_mask), each (B_local, L), in
+        place of images: its texts padded to the longest of the batch."""
         device = self.process.device
+        if getattr(dataset, "is_text", False):
+            for step in range(start_step, self.args.steps):
+                index = self.draws.indices(len(dataset), step)
+                input_ids, attention_mask, labels = self._on_device(dataset.gather(index))
+                yield step, ((input_ids, attention_mask), labels, index)
+            return
         store = self._decoded(dataset)
         if store is None:  # the workers decode each step's batch: the sampler yields this process's indices
             loader = iter(self._loader(dataset, batch_sampler=_StepOrder(self.draws, len(dataset), start_step,
@@ -41,6 +50,11 @@ class Batches:
         """This process's share of a dataset, in order: (images, labels) batches of B_local."""
         device = self.process.device
         indices = torch.arange(self.process.rank, len(dataset), self.process.world)
+        if getattr(dataset, "is_text", False):
+            for index in indices.split(self.local_batch):
+                input_ids, attention_mask, labels = self._on_device(dataset.gather(index))
+                yield (input_ids, attention_mask), labels
+            return
         store = self._decoded(dataset)
         if store is None:
             loader = self._loader(torch.utils.data.Subset(dataset, indices.tolist()), batch_size=self.local_batch)
@@ -57,12 +71,20 @@ class Batches:
         `indices` names its real rows, which come first. For tables computed once per image."""
         n, b = len(dataset), self.local_batch
         order = torch.arange(-(-n // b) * b) % n  # whole batches
+        if getattr(dataset, "is_text", False):  # (input_ids, attention_mask) in place of images
+            for start, rows in zip(range(0, len(order), b), order.split(b)):
+                input_ids, attention_mask, _ = self._on_device(dataset.gather(rows))
+                yield rows[:n - start].to(self.process.device), (input_ids, attention_mask)
+            return
         store = self._decoded(dataset)
         loader = (iter(self._loader(torch.utils.data.Subset(dataset, order.tolist()), batch_size=b))
                   if store is None else None)
         for start, rows in zip(range(0, len(order), b), order.to(self.process.device).split(b)):
             images = next(loader)[0] if store is None else store.gather(rows)[0]
             yield rows[:n - start], self.normalize(images)
+
+    def _on_device(self, tensors):
+        return tuple(t.to(self.process.device, non_blocking=True) for t in tensors)
 
     def is_decoded(self, dataset) -> bool:
         """Whether batches of `dataset` are gathered from its decode-once copy (else streamed)."""

@@ -28,6 +28,7 @@ from timm.data.random_erasing import RandomErasing
 from timm.loss import SoftTargetCrossEntropy
 
 from errors import UserError
+import utils
 from training.step import linear_schedule
 from utils import STREAM_ERASE, STREAM_MIX, STREAM_RANDAUG, mix_seed
 
@@ -42,21 +43,7 @@ RANDAUG_INTERPOLATION = "bicubic"  # MAE's fine-tuning transform
 
 # ----------------------------------------------------------------------------- flags: --recipe sets the defaults
 
-class _NotGiven:
-    """Marks a flag's parser default: --recipe replaces it by the recipe's value, a flag given wins."""
-
-
-class NotGivenFloat(_NotGiven, float):
-    pass
-
-
-class NotGivenStr(_NotGiven, str):
-    pass
-
-
-def not_given(value):
-    """The release's value as a parser default that --recipe may replace (it prints and compares as the value)."""
-    return NotGivenFloat(value) if isinstance(value, float) else NotGivenStr(value)
+not_given = utils.not_given  # the release's value as a parser default that --recipe may replace
 
 
 def resolve_recipe(args) -> None:
@@ -65,7 +52,7 @@ def resolve_recipe(args) -> None:
     recipe = RECIPES[args.recipe]
     for name, value in recipe.items():
         given = getattr(args, name)
-        setattr(args, name, type(value)(value if isinstance(given, _NotGiven) else given))
+        setattr(args, name, type(value)(value if isinstance(given, utils.NotGiven) else given))
     if args.randaug != "none":
         randaug_transform(args.randaug, 32, (0.5,) * 3)  # raises on a string timm cannot read
 

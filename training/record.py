@@ -2,7 +2,7 @@
 record. Writers write SCHEMA_VERSION; every reader calls upgrade(), the one path by which a record an older version
 of this repository wrote is read in today's shape, so no reader asks which fields a record happens to hold.
 
-The shape (version 2):
+The shape (version 3):
     schema_version   SCHEMA_VERSION
     <START_FIELDS>   the first start's entry (training.run_dir.RunDirectory.start_entry), without its start_step
     history          one entry per (re)start: START_FIELDS and start_step, the step it started from
@@ -15,6 +15,8 @@ compared), never as a value.
 Version 1: every record written before the version was (no schema_version key), in the shapes it took over time:
 no history (one start), no inputs, no precision / device_type, no preprocessing (or its size null), no optimizer,
 no job, no --cuda_graph in the arguments, a result without train_acc / train_loss.
+Version 2: no --max_length in the arguments (the text half's flag; every run before it was an image run). Version 3
+adds it; a text run's start records no preprocessing (None: its tokenizer comes with the model it reads).
 
 A change of shape (a new field, a new flag) raises SCHEMA_VERSION and adds one step to _UPGRADES that brings a
 record of the version before to it; tests/test_record_schema.py fails on a start entry whose fields differ from
@@ -23,7 +25,7 @@ import copy
 
 from errors import UserError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 VERSION_KEY = "schema_version"
 
 # What each start records (RunDirectory.start_entry writes exactly these, and start_step).
@@ -81,4 +83,13 @@ def _from_version_1(record: dict) -> dict:
     return record
 
 
-_UPGRADES = [_from_version_1]  # _UPGRADES[v - 1] brings a record of version v to v + 1
+def _from_version_2(record: dict) -> dict:
+    """Version 2 -> 3: every start ran with --max_length's default (image runs, which do not read it)."""
+    def filled(entry: dict) -> dict:
+        if isinstance(entry.get("args"), dict):
+            entry = {**entry, "args": {"max_length": 512, **entry["args"]}}
+        return entry
+    return {**filled(record), "history": [filled(entry) for entry in record["history"]]}
+
+
+_UPGRADES = [_from_version_1, _from_version_2]  # _UPGRADES[v - 1] brings a record of version v to v + 1

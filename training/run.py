@@ -97,12 +97,13 @@ class Run:
         """A run with no directory: no lock, record, metrics or saved state; steps as a stage's run takes them."""
         return cls(args, None, stage, None, preprocessing, process=process)
 
-    def adamw(self, model, no_decay, betas, groups=None, schedule=linear_schedule):
+    def adamw(self, model, no_decay, betas, groups=None, schedule=linear_schedule, eps: float = 1e-8):
         """The stage's AdamW (no weight decay where `no_decay(name, param)`; `groups`: the parameter groups built by
-        the stage, following that rule) and its schedule (training/step.py). The record keeps what the arguments do
-        not say: betas, eps and the rule (the first paragraph of its docstring)."""
+        the stage, following that rule) and its schedule (training/step.py); eps: AdamW's (torch's default, the
+        release's, unless given). The record keeps what the arguments do not say: betas, eps and the rule (the first
+        paragraph of its docstring)."""
         optimizer, scheduler = optimizer_and_schedule(model, self.args, self.process, no_decay, betas, groups,
-                                                      schedule)
+                                                      schedule, eps)
         rule = " ".join((no_decay.__doc__ or "").strip().split("\n\n")[0].split())
         self.optimizer_record = {"betas": list(betas), "eps": optimizer.defaults["eps"], "no_weight_decay": rule}
         return optimizer, scheduler
@@ -168,6 +169,14 @@ class Run:
     def masking_noise(self, step: int, num_patches: int) -> torch.Tensor:
         """MAE masking noise (B_local, N): the patches with the smallest values stay visible."""
         return self.draws.uniform(step, STREAM_NOISE, num_patches)
+
+    def token_mean_divisor(self, count: torch.Tensor) -> float:
+        """For a loss summed over the selected tokens of a micro-batch: what to divide that sum by so that the
+        step's gradient is the mean over the selected tokens of the whole global batch. `count`: this process's
+        selected tokens in the step's batch. Run.backward scales each micro-batch by 1/K and DDP averages over
+        the W processes, so the divisor is the global count / (K · W). One all-reduce of a number per step."""
+        total = self.process.sum([float(count)])[0]
+        return max(total, 1.0) / (self.accum_steps * self.process.world)
 
     def global_rand(self, step: int, stream: int, *shape: int) -> torch.Tensor:
         """This process's rows of a (global_batch, *shape) uniform tensor drawn from (seed, stream, step)."""

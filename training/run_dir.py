@@ -319,7 +319,8 @@ class RunDirectory:
         return {"stage": self.stage, "args": vars(args), "command": sys.argv, "git_commit": git_commit(),
                 "versions": library_versions(), "device": process.device_name(), "device_type": process.device.type,
                 "host": platform.node(), "world_size": process.world, "precision": process.precision,
-                "threads": torch.get_num_threads(), "preprocessing": dataclasses.asdict(preprocessing),
+                "threads": torch.get_num_threads(),
+                "preprocessing": None if preprocessing is None else dataclasses.asdict(preprocessing),
                 "optimizer": optimizer, "inputs": inputs or {},
                 "started": datetime.datetime.now().isoformat(timespec="seconds"), "start_step": start_step,
                 "job": scheduler.job_identity()}

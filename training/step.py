@@ -19,17 +19,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_decay) -> list[
 
 
 def adamw(groups: list[dict], lr: float, betas: tuple[float, float], device: torch.device,
-          static: bool = False) -> torch.optim.AdamW:
+          static: bool = False, eps: float = 1e-8) -> torch.optim.AdamW:
     """AdamW, fused on CUDA. static (--cuda_graph): the learning rate is a tensor the schedule fills in
     place, and on CUDA the step is capturable (its state stays on the device), so a captured graph reads
     the current rate. On CPU the tensor is float64, so the update equals the one from a Python float."""
     if not static:
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device.type == "cuda")
     cuda = device.type == "cuda"
     lr_tensor = torch.tensor(lr, dtype=torch.float32 if cuda else torch.float64, device=device)
     # a group's own rate (layer decay) is a tensor too: a captured graph reads each group's current rate
     groups = [{**g, "lr": lr_tensor.new_tensor(g["lr"])} if "lr" in g else g for g in groups]
-    return torch.optim.AdamW(groups, lr=lr_tensor, betas=betas, fused=cuda, capturable=cuda)
+    return torch.optim.AdamW(groups, lr=lr_tensor, betas=betas, eps=eps, fused=cuda, capturable=cuda)
 
 
 def linear_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -42,7 +42,8 @@ def linear_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.opt
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def optimizer_and_schedule(model, args, process, no_decay, betas, groups=None, schedule=linear_schedule):
+def optimizer_and_schedule(model, args, process, no_decay, betas, groups=None, schedule=linear_schedule,
+                           eps: float = 1e-8):
     """A stage's AdamW (args.lr, args.weight_decay except where `no_decay(name, param)`, or the given `groups`) and
     its schedule (linear_schedule, or another of the same signature) over args.steps after args.warmup_steps."""
     if args.cuda_graph and process.world > 1:
@@ -57,7 +58,7 @@ def optimizer_and_schedule(model, args, process, no_decay, betas, groups=None, s
                         f"{'--accum_steps > 1' if args.accum_steps > 1 else '--grad_checkpointing'}; pass one of them")
     if groups is None:
         groups = param_groups(model, args.weight_decay, no_decay)
-    optimizer = adamw(groups, args.lr, betas, process.device, static=args.cuda_graph)
+    optimizer = adamw(groups, args.lr, betas, process.device, static=args.cuda_graph, eps=eps)
     return optimizer, schedule(optimizer, args.warmup_steps, args.steps)
 
 

@@ -35,7 +35,8 @@ SHARED = [("--steps", "0", "must be at least 1, got 0"), ("--steps", "-5", "must
           ("--workers", "-1", "must be at least 0, got -1"), ("--seed", "-1", "must be at least 0, got -1"),
           ("--device", "cuda:x", "expected auto, cpu, cuda or cuda:N, got 'cuda:x'"),
           ("--device", "cudafoo", "expected auto, cpu, cuda or cuda:N"), ("--device", "cuda:-1", "cuda:N"),
-          ("--accum_steps", "0", "must be at least 1, got 0"), ("--accum_steps", "1.5", "expected a whole number")]
+          ("--accum_steps", "0", "must be at least 1, got 0"), ("--accum_steps", "1.5", "expected a whole number"),
+          ("--max_length", "4", "must be at least 8, got 4")]
 NOT_NUMERIC = {"--out", "--device", "--teacher_device"}  # checked at parse time too, but not numbers
 MASK_RATIO = [("--mask_ratio", "1.5", "must be in (0, 1), got 1.5"), ("--mask_ratio", "1.0", "must be in (0, 1)"),
               ("--mask_ratio", "0", "must be in (0, 1), got 0"), ("--mask_ratio", "nan", "finite number")]

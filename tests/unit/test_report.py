@@ -8,8 +8,12 @@ import statistics
 
 import pytest
 
+import paper
+import report
 from errors import UserError
 from report import get_args_parser, main, summarize
+
+from helpers import assert_one_line, cli
 
 SEEDS = (1, 2, 3, 4, 5)
 
@@ -102,7 +106,8 @@ def test_csv(results):
     with open(out_dir / "report.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["init", "row_name", "dataset", "n", "mean_acc", "std_acc", "mean_loss", "best",
-                             "n_val", "mean_val_acc", "std_val_acc", "best_val", "settings"]
+                             "n_val", "mean_val_acc", "std_val_acc", "best_val", "settings", "metric", "mean_metric",
+                             "std_metric", "n_val_metric", "mean_val_metric", "std_val_metric"]
     assert {(r["dataset"], r["init"]) for r in rows} == set(values)  # the missing cell has no row
     for r in rows:
         runs = values[(r["dataset"], r["init"])]
@@ -115,6 +120,7 @@ def test_csv(results):
         else:
             assert r["std_acc"] == ""
         assert r["n_val"] == r["mean_val_acc"] == r["settings"] == ""
+        assert r["metric"] == "acc" and (r["mean_metric"], r["std_metric"]) == (r["mean_acc"], r["std_acc"])
     best = {(r["dataset"], r["init"]) for r in rows if r["best"] == "1"}
     assert best == {("cub", "self-further-pretrain-20000")}
 
@@ -245,3 +251,176 @@ def test_bold_only_among_cells_of_several_seeds(tmp_path, capsys):
     assert not rows["Further pre-training (20000)"][0].startswith("**")
     assert "among its cells of n >= 2 seeds" in markdown
     assert "Different numbers of seeds within a column: dtd (n=1, 3)." in markdown.splitlines()
+
+
+# ----------------------------------------------------------------------------- text datasets: their metric
+
+def write_text_result(results_dir, dataset, init, seed, acc, macro, micro, train=None, val=None, **extra):
+    """A text fine-tuning result: accuracy, macro-F1 and micro-F1 (fractions), each different, so a table that shows
+    the wrong one fails; `train` / `val`: (acc, macro, micro) of those splits."""
+    for split, scores in (("train", train), ("val", val)):
+        if scores is not None:
+            extra.update(dict(zip((f"{split}_acc", f"{split}_macro_f1", f"{split}_micro_f1"), scores)))
+    write_result(results_dir, dataset, init, seed, acc, modality="text", test_macro_f1=macro, test_micro_f1=micro,
+                 **extra)
+
+
+def pct(values):
+    """`mean ± std (n=k)` of fractions, as a cell shows them."""
+    values = [100 * v for v in values]
+    if len(values) == 1:
+        return f"{values[0]:.2f} (n=1)"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
+
+
+@pytest.fixture
+def mixed(tmp_path):
+    """Image and text results side by side: cub and digits (images), chemprot (micro-F1), fortunes (macro-F1) and
+    a user's own text dataset `reviews` (macro-F1, known only by its results' modality). In chemprot and fortunes
+    the routes rank differently by accuracy, macro-F1 and micro-F1, so the bold shows which one was compared."""
+    r = tmp_path / "results"
+    scores = {  # (dataset, init): [(acc, macro, micro)] per seed 1, 2
+        ("chemprot", "initial"): [(0.80, 0.50, 0.60), (0.82, 0.52, 0.62)],
+        ("chemprot", "further-pretrain-20000"): [(0.70, 0.60, 0.70), (0.72, 0.62, 0.72)],
+        ("chemprot", "self-further-pretrain-20000"): [(0.60, 0.70, 0.65), (0.62, 0.72, 0.66)],
+        ("fortunes", "initial"): [(0.40, 0.30, 0.40), (0.42, 0.31, 0.42)],
+        ("fortunes", "further-pretrain-20000"): [(0.30, 0.35, 0.30), (0.31, 0.36, 0.31)],
+        ("reviews", "initial"): [(0.90, 0.45, 0.90)],
+    }
+    for (dataset, init), seeds in scores.items():
+        for seed, (acc, macro, micro) in enumerate(seeds, 1):
+            write_text_result(r, dataset, init, seed, acc, macro, micro,
+                              train=(acc + 0.1, macro + 0.2, micro + 0.05))
+    for seed, (a, b) in enumerate(((0.50, 0.60), (0.52, 0.58)), 1):
+        write_result(r, "cub", "initial", seed, a, train_acc=a + 0.1)
+        write_result(r, "cub", "further-pretrain-20000", seed, b, train_acc=b + 0.1)
+    write_result(r, "digits", "initial", 1, 0.95)
+    return r, scores
+
+
+def test_text_and_image_datasets_in_one_table_each_with_its_metric(mixed, capsys):
+    results_dir, scores = mixed
+    run("--results_dir", results_dir)
+    markdown = capsys.readouterr().out
+    assert "## Test accuracy / micro-F1 / macro-F1 (%), each column's metric in its header" in markdown.splitlines()
+    header, rows = table_rows(markdown)
+    # the paper's image datasets, its text datasets, then the others alphabetically
+    assert header == ["", "cub (accuracy)", "chemprot (micro-F1)", "digits (accuracy)", "fortunes (macro-F1)",
+                      "reviews (macro-F1)"]
+    inits = dict(zip(rows, ["initial", "further-pretrain-20000", "self-further-pretrain-20000"]))
+    which = {"chemprot": 2, "fortunes": 1, "reviews": 1}  # micro, macro, macro
+    for name, cells in rows.items():
+        for column, text in zip(header[1:], cells):
+            dataset = column.split()[0]
+            if dataset in which:
+                runs = scores.get((dataset, inits[name]))
+                expected = pct([s[which[dataset]] for s in runs]) if runs else "—"
+                assert text.strip("*") == expected, (name, dataset)
+    # bold by the column's metric: chemprot's best micro-F1 is further pre-training's (by accuracy: the initial
+    # model's, by macro-F1: self-distillation's); fortunes': further pre-training's (by accuracy: the initial model's)
+    bold = {(column, name) for name, cells in rows.items() for column, text in zip(header[1:], cells)
+            if text.startswith("**")}
+    assert bold == {("chemprot (micro-F1)", "Further pre-training (20000)"), ("cub (accuracy)", "Further pre-training "
+                    "(20000)"), ("fortunes (macro-F1)", "Further pre-training (20000)")}
+    assert rows["Fine-tuning (initial model)"][0] == pct([0.50, 0.52])  # cub: accuracy
+    assert report.METRICS_NOTE in markdown.splitlines()
+
+
+def test_a_table_of_one_text_metric_names_it_in_its_title(mixed, capsys):
+    results_dir, scores = mixed
+    run("--results_dir", results_dir, "--datasets", "fortunes", "citation_intent")
+    markdown = capsys.readouterr().out
+    assert markdown.startswith("## Test macro-F1 (%)\n")
+    header, rows = table_rows(markdown)
+    assert header == ["", "citation_intent", "fortunes"]  # a named text column without results: macro-F1 too
+    assert rows["Fine-tuning (initial model)"] == ["—", pct([s[1] for s in scores[("fortunes", "initial")]])]
+    run("--results_dir", results_dir, "--datasets", "cub", "digits")  # images alone: as before, no metric note
+    markdown = capsys.readouterr().out
+    assert markdown.startswith("## Test accuracy (%)\n") and report.METRICS_NOTE not in markdown
+    assert table_rows(markdown)[0] == ["", "cub", "digits"]
+
+
+def test_text_training_and_validation_tables_and_csv_show_the_metric(mixed, tmp_path, capsys):
+    results_dir, scores = mixed
+    for seed in (1, 2):
+        write_text_result(results_dir, "sciie", "initial", seed, 0.5, 0.4, 0.5, val=(0.9, 0.3 + seed / 10, 0.8))
+    run("--results_dir", results_dir, "--train")
+    markdown = capsys.readouterr().out
+    val_title, val_table = markdown.split("## Validation ")[1].split("\n## ")[0].split("\n", 1)
+    assert val_title == "macro-F1 (%)"
+    assert table_rows(val_table)[1]["Fine-tuning (initial model)"] == [pct([0.4, 0.5])]
+    train_title, train_table = markdown.split("## Training ")[1].split("\n", 1)
+    assert train_title == "accuracy / micro-F1 / macro-F1 (%), each column's metric in its header"
+    header, rows = table_rows(train_table)
+    assert header == ["", "cub (accuracy)", "chemprot (micro-F1)", "fortunes (macro-F1)", "reviews (macro-F1)"]
+    assert rows["Further pre-training (20000)"] == [pct([0.70, 0.68]), pct([0.75, 0.77]), pct([0.55, 0.56]), "—"]
+
+    with open(results_dir / "report.csv") as f:
+        csv_rows = {(r["dataset"], r["init"]): r for r in csv.DictReader(f)}
+    for (dataset, init), runs in scores.items():
+        r = csv_rows[(dataset, init)]
+        metric = "micro_f1" if dataset == "chemprot" else "macro_f1"
+        column = 2 if dataset == "chemprot" else 1
+        assert r["metric"] == metric
+        assert float(r["mean_metric"]) == pytest.approx(100 * statistics.mean(s[column] for s in runs), abs=1e-4)
+        assert float(r["mean_acc"]) == pytest.approx(100 * statistics.mean(s[0] for s in runs), abs=1e-4)
+        assert float(r["mean_train_metric"]) == pytest.approx(
+            100 * statistics.mean(s[column] + (0.05 if column == 2 else 0.2) for s in runs), abs=1e-4)
+    assert csv_rows[("cub", "initial")]["metric"] == "acc"
+    assert {k for k, r in csv_rows.items() if r["best"] == "1"} == {
+        ("chemprot", "further-pretrain-20000"), ("fortunes", "further-pretrain-20000"),
+        ("cub", "further-pretrain-20000")}
+    assert csv_rows[("sciie", "initial")]["mean_val_metric"] == "45.0000"
+
+
+def test_the_init_line_of_a_text_dataset_names_its_metric(mixed, capsys):
+    results_dir, scores = mixed
+    run("--results_dir", results_dir, "--datasets", "chemprot", "fortunes", "cub", "--init", "initial", "--train")
+    lines = capsys.readouterr().out.splitlines()
+    micro = [100 * s[2] for s in scores[("chemprot", "initial")]]
+    assert lines[0] == (f"cub initial: test accuracy 51.00 ± {statistics.stdev([50, 52]):.2f} % over 2 seeds (1 2); "
+                        f"training accuracy 61.00 ± {statistics.stdev([60, 62]):.2f} % (lowest 60.00, n=2)")
+    assert lines[1].startswith(f"chemprot initial: test micro-F1 {statistics.mean(micro):.2f} ± "
+                               f"{statistics.stdev(micro):.2f} % over 2 seeds (1 2); training micro-F1 ")
+    assert lines[2].startswith("fortunes initial: test macro-F1 30.50 ± ")
+
+
+def test_text_runs_of_different_settings_are_not_averaged_and_their_note_shows_the_metric(tmp_path, capsys):
+    for seed, lr in ((1, 1e-4), (2, 1e-3)):
+        write_text_result(tmp_path, "chemprot", "initial", seed, 0.9, 0.5, 0.6 + seed / 10, args={"lr": lr})
+    run("--results_dir", tmp_path)
+    markdown = capsys.readouterr().out
+    assert table_rows(markdown)[1]["Fine-tuning (initial model)"] == ["mixed settings [1]"]
+    assert ("[1] chemprot, Fine-tuning (initial model): lr=0.0001: 70.00 (n=1), seeds 1; lr=0.001: 80.00 (n=1), "
+            "seeds 2") in markdown.splitlines()
+
+
+def test_image_and_text_results_of_one_dataset_are_refused_not_averaged(tmp_path, monkeypatch, capsys):
+    write_result(tmp_path, "reviews", "initial", 1, 0.5)
+    write_text_result(tmp_path, "reviews", "initial", 2, 0.6, 0.4, 0.6)
+    code, err = cli(report, ["--results_dir", tmp_path], monkeypatch, capsys)
+    assert code == 2
+    assert_one_line(err, str(tmp_path / "reviews"), "image and text results", "must not average together")
+    assert not os.path.exists(tmp_path / "report.md")
+
+
+@pytest.mark.parametrize("dataset, extra, words", [
+    ("fortunes", {"modality": "text", "test_micro_f1": 0.5}, ["no test_macro_f1, the metric of fortunes"]),
+    ("reviews", {"modality": "audio"}, ["modality is 'audio'"]),
+    ("chemprot", {}, ["no test_micro_f1, the metric of chemprot"]),  # a known text dataset's results without F1
+    ("fortunes", {"modality": "text", "test_macro_f1": 52.0, "test_micro_f1": 0.5}, ["test_macro_f1 is 52.0"]),
+])
+def test_a_text_result_without_its_metric_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys, dataset, extra,
+                                                                      words):
+    write_result(tmp_path, dataset, "initial", 1, 0.5, **extra)
+    code, err = cli(report, ["--results_dir", tmp_path], monkeypatch, capsys)
+    assert code == 2
+    assert_one_line(err, str(tmp_path / dataset / "initial" / "seed1.json"), *words)
+
+
+def test_the_metric_rule_and_the_text_datasets_are_those_data_builds():
+    from data.text import TEXT_DATASETS
+    assert set(paper.TEXT_DATASETS) == set(TEXT_DATASETS)
+    assert [paper.metric(d) for d in paper.PAPER_TEXT_DATASETS] == ["micro_f1", "macro_f1", "macro_f1", "macro_f1"]
+    assert paper.metric("fortunes") == paper.metric("mine", "text") == "macro_f1"
+    assert paper.metric("cub") == paper.metric("mine") == paper.metric("mine", "image") == "acc"
