@@ -306,3 +306,20 @@ def test_a_killed_text_run_resumes_bit_identically(script, setup, tmp_path):
     assert losses(tmp_path / "whole") == losses(tmp_path / "resumed")
     a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_run_all_runs_the_text_table_and_reports_its_metric(setup, tmp_path):
+    """The launcher users type, on a text dataset: the two MLM stages, fine-tuning from the three starting points,
+    then the report with the text dataset's metric (macro-F1 for a dataset of one's own)."""
+    from helpers import REPO, launch
+    flags = f"--model_name roberta-tiny --data_dir {setup['data_dir']} --workers 0 --max_length 32"
+    env = {"SEEDS": "1", "STEPS": "2", "FINETUNE_STEPS": "2", "MAE_FLAGS": "--batch_size 8",
+           "FINETUNE_FLAGS": "--batch_size 8"}
+    proc = launch(f"bash {REPO}/run_all.sh cpu {setup['dataset']} {flags}", tmp_path, env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for route in ("initial", "further-pretrain-2", "self-further-pretrain-2"):
+        result = read_json(tmp_path / "results" / setup["dataset"] / route / "seed1.json")
+        assert result["modality"] == "text" and result["args"]["steps"] == 2
+        assert result["args"]["model_name"] == "roberta-tiny" and result["args"]["max_length"] == 32
+    table = (tmp_path / "results" / "report.md").read_text()
+    assert "macro-F1" in table and "Self-distillation" in table, table
