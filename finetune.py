@@ -38,8 +38,8 @@ from data import ImageDataset, check_labels
 from data.identity import SplitInput
 from data.text import TextSplit
 from mae_common import creating_command
-from models import (build_classifier, build_text_classifier, has_checkpoint, load_encoder_state, load_mae, load_mlm,
-                    load_tokenizer, preprocessing_of, save_model, text_encoder_state)
+from models import (build_classifier, build_text_classifier, has_checkpoint, load_mlm, load_tokenizer,
+                    preprocessing_of, save_model, start_encoder_state, text_encoder_state)
 from models.identity import WeightsInput
 from outputs.card import model_card
 from outputs.plots import plot_metrics
@@ -65,8 +65,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="fraction of the training set held out for validation (0: none, as in the paper)")
     g.add_argument("--results_dir", default="results", help="where results/<dataset>/<init>/seed<k>.json go")
     g.add_argument("--save_model", action="store_true",
-                   help="also save the trained classifier (ViTForImageClassification, with its label names, "
-                        "preprocessing and model card) in the run's folder, <results_dir>/<dataset>/<init>/seed<k>/model/; "
+                   help="also save the trained classifier (ViTForImageClassification, or for text "
+                        "RobertaForSequenceClassification with its tokenizer; with its label names, "
+                        "preprocessing and model card) in the run's folder, "
+                        "<results_dir>/<dataset>/<init>/seed<k>/model/; "
                         "off by default: a ViT-Base classifier is about 330 MB per run")
     g = p.add_argument_group("MAE's fine-tuning recipe (each piece off in the paper's; training/mae_recipe.py)")
     release, mae = mae_recipe.RECIPES["release"], mae_recipe.RECIPES["mae"]
@@ -191,6 +193,13 @@ def where(args) -> tuple[str, str, str, str]:
     return init, out_dir, os.path.normpath(out_dir) + ".json", checkpoint
 
 
+def start_run(args, out_dir: str, result_path: str, checkpoint: str, preprocessing) -> training.Run:
+    """The fine-tuning run; its record fingerprints the weights it starts from and the two splits it reads."""
+    reads = {"start": WeightsInput(checkpoint), **{f"{split} split": SplitInput(args.dataset, split, args.data_dir)
+                                                   for split in ("train", "test")}}
+    return training.Run(args, out_dir, "finetune", result_path, preprocessing, done_holds_record=True, reads=reads)
+
+
 def check_checkpoint(args, checkpoint: str) -> None:
     if not args.scratch and not has_checkpoint(checkpoint):
         raise utils.UserError(f"checkpoint not found: {checkpoint} (create it with "
@@ -207,19 +216,13 @@ def main(args):
     text_common.resolve_defaults(args, kind, "finetune")  # the other flags not given: the parser's values
     init, out_dir, result_path, checkpoint = where(args)
     preprocessing = preprocessing_of(checkpoint, args.model_name)  # what the checkpoint was trained with
-    reads = {"start": WeightsInput(checkpoint), **{f"{split} split": SplitInput(args.dataset, split, args.data_dir)
-                                                   for split in ("train", "test")}}
-    run = training.Run(args, out_dir, "finetune", result_path, preprocessing, done_holds_record=True, reads=reads)
+    run = start_run(args, out_dir, result_path, checkpoint, preprocessing)
     if run.already_done:  # even if its checkpoint has been deleted since
         return
     check_checkpoint(args, checkpoint)
 
     # ---- the encoder to start from, and the data: train (optionally minus a held-out part) and test
-    if args.scratch:
-        initial = load_mae(args.model_name)
-        config, encoder_state = initial.config, initial.vit.state_dict()
-    else:
-        config, encoder_state = load_encoder_state(checkpoint, args.model_name)
+    config, encoder_state = start_encoder_state(args.scratch, checkpoint, args.model_name)
     preprocessing = preprocessing.check(config.image_size)
     full_train = ImageDataset(args.dataset, "train", args.data_dir, preprocessing.size, preprocessing.resample)
     test_set = ImageDataset(args.dataset, "test", args.data_dir, preprocessing.size, preprocessing.resample)
@@ -325,9 +328,7 @@ def main_text(args):
     mae_recipe.resolve_recipe(args)
     text_common.check_image_only_flags(args)
     init, out_dir, result_path, checkpoint = where(args)
-    reads = {"start": WeightsInput(checkpoint), **{f"{split} split": SplitInput(args.dataset, split, args.data_dir)
-                                                   for split in ("train", "test")}}
-    run = training.Run(args, out_dir, "finetune", result_path, None, done_holds_record=True, reads=reads)
+    run = start_run(args, out_dir, result_path, checkpoint, None)  # a text model has no image preprocessing
     if run.already_done:  # even if its checkpoint has been deleted since
         return
     check_checkpoint(args, checkpoint)

@@ -37,7 +37,7 @@ from data import ImageDataset, check_labels
 from data.identity import SplitInput
 from finetune import check_ckpt_name
 from mae_common import creating_command
-from models import build_encoder, cls_feature, has_checkpoint, load_encoder_state, load_mae, preprocessing_of
+from models import build_encoder, cls_feature, has_checkpoint, preprocessing_of, start_encoder_state
 from models.identity import WeightsInput
 from outputs.plots import plot_metrics
 
@@ -170,11 +170,7 @@ def main(args):
                               f"or probe θ₀: probe.py with --scratch True)")
 
     # ---- the frozen encoder and the data
-    if args.scratch:
-        initial = load_mae(args.model_name)
-        config, encoder_state = initial.config, initial.vit.state_dict()
-    else:
-        config, encoder_state = load_encoder_state(checkpoint, args.model_name)
+    config, encoder_state = start_encoder_state(args.scratch, checkpoint, args.model_name)
     encoder = build_encoder(config, encoder_state).requires_grad_(False)
     preprocessing = preprocessing.check(config.image_size)
     train_set = ImageDataset(args.dataset, "train", args.data_dir, preprocessing.size, preprocessing.resample)

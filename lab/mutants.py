@@ -22,7 +22,8 @@ from typing import NamedTuple
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIDELITY_TESTS = ["tests/test_golden.py", "tests/test_recipe.py", "tests/test_randomness.py",
                   "tests/test_stage_wiring.py", "tests/test_pipeline.py", "tests/unit/test_method.py",
-                  "tests/unit/test_invariants.py", "tests/test_conditions_the_suite_varies.py"]
+                  "tests/unit/test_invariants.py", "tests/test_conditions_the_suite_varies.py",
+                  "tests/test_roberta_mlm.py", "tests/test_text_stages.py"]
 
 
 class Edit(NamedTuple):
@@ -34,13 +35,12 @@ class Edit(NamedTuple):
 
 EDITS = [
     # ---- which weights go where
-    Edit("finetune reads the checkpoint but trains from θ₀'s encoder", "finetune.py",
-         "config, encoder_state = load_encoder_state(checkpoint, args.model_name)",
-         "config, encoder_state = load_encoder_state(checkpoint, args.model_name)\n"
-         "        encoder_state = load_mae(args.model_name).vit.state_dict()"),
-    Edit("finetune never reads the checkpoint", "finetune.py",
-         "    if args.scratch:\n        initial = load_mae(args.model_name)",
-         "    if True:\n        initial = load_mae(args.model_name)"),
+    Edit("finetune reads the checkpoint but trains from θ₀'s encoder", "models/vit_mae.py",
+         "    return load_encoder_state(checkpoint, model_name)\n",
+         "    return load_encoder_state(checkpoint, model_name)[0], load_mae(model_name).vit.state_dict()\n"),
+    Edit("finetune never reads the checkpoint", "models/vit_mae.py",
+         "    if scratch:\n        initial = load_mae(model_name)",
+         "    if True:\n        initial = load_mae(model_name)"),
     Edit("selftrain student starts from the teacher", "selftrain.py",
          "    teacher = load_encoder(teacher_path, args.model_name, reference=student_mae.config)\n",
          "    teacher = load_encoder(teacher_path, args.model_name, reference=student_mae.config)\n"
@@ -194,6 +194,22 @@ EDITS = [
          "torch.tensor(preprocessing.mean,", "torch.tensor((0.485, 0.456, 0.406),"),
     Edit("report averages precisions together", "report.py",
          'NUMERICS = ("precision", "device_type")', 'NUMERICS = ("device_type",)'),
+    # ---- the text half
+    Edit("text: h(x) on the masked text", "models/roberta_mlm.py",
+         "first_token_feature(self.mlm.roberta, input_ids, attention_mask))",
+         "first_token_feature(self.mlm.roberta, masked_ids, attention_mask))"),
+    Edit("text: MLM selects special tokens and padding", "models/roberta_mlm.py",
+         "selected = (noise[..., 0] < mlm_probability) & ~special_mask", "selected = noise[..., 0] < mlm_probability"),
+    Edit("text: MLM rate default 0.2", "text_common.py", "lr=1e-4, mask_ratio=0.15)", "lr=1e-4, mask_ratio=0.2)"),
+    Edit("text: classifier head seeded with a constant", "models/roberta_mlm.py",
+         "torch.manual_seed(mix_seed(seed, STREAM_HEAD))", "torch.manual_seed(mix_seed(0, STREAM_HEAD))"),
+    Edit("text: MLM loss averaged per process", "training/run.py",
+         "return max(total, 1.0) / (self.accum_steps * self.process.world)",
+         "return max(float(count), 1.0) / self.accum_steps"),
+    Edit("text: the teacher is θ₀", "selftrain.py",
+         "teacher = load_mlm(teacher_path).roberta", "teacher = load_mlm(args.model_name).roberta"),
+    Edit("text: fine-tuning weight decay default 0.01", "text_common.py", "lr=2e-5, weight_decay=0.1)",
+         "lr=2e-5, weight_decay=0.01)"),
     # ---- launchers
     Edit("launchers: 3 seeds", "paper.py", 'SEEDS = ("1", "2", "3", "4", "5")', 'SEEDS = ("1", "2", "3")'),
     Edit("the table: self-distillation route fine-tunes the teacher", "launch/graph.py",

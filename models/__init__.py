@@ -8,12 +8,12 @@ from models.roberta_mlm import (MAX_LENGTH, MLMObjective, MLMWithFeature, Tokeni
                                 first_token_feature, load_mlm, load_or_tokenize, load_tokenizer, mlm_loss, mlm_masks,
                                 pad_batch, special_tokens_mask, text_encoder_state, tokenize_texts)
 from models.vit_mae import (SINCOS_TABLES, MAEWithFeature, build_classifier, build_encoder, cls_feature, load_mae,
-                            mae_loss, sincos_2d_table)
+                            mae_loss, sincos_2d_table, start_encoder_state)
 
-__all__ = ["MAX_LENGTH", "SINCOS_TABLES", "TEXT_TINY_NAME", "TINY_NAME", "MAEWithFeature", "MLMObjective", "MLMWithFeature",
-           "TokenizedSplit",
-           "Preprocessing", "build_classifier", "build_encoder", "build_text_classifier", "cls_feature",
-           "first_token_feature", "has_checkpoint", "load_encoder", "load_encoder_state", "load_mae", "load_mlm",
-           "load_or_tokenize", "load_tokenizer", "mae_loss", "mlm_loss", "mlm_masks", "modality", "pad_batch",
-           "preprocessing_of", "read_release_checkpoint", "rename_v4_keys", "save_model", "sincos_2d_table",
-           "special_tokens_mask", "text_encoder_state", "tokenize_texts"]
+__all__ = ["MAX_LENGTH", "SINCOS_TABLES", "TEXT_TINY_NAME", "TINY_NAME", "build_classifier", "build_encoder",
+           "build_text_classifier", "cls_feature", "first_token_feature", "has_checkpoint", "load_encoder",
+           "load_encoder_state", "load_mae", "load_mlm", "load_or_tokenize", "load_tokenizer", "mae_loss",
+           "MAEWithFeature", "mlm_loss", "mlm_masks", "MLMObjective", "MLMWithFeature", "modality", "pad_batch",
+           "Preprocessing", "preprocessing_of", "read_release_checkpoint", "rename_v4_keys", "save_model",
+           "sincos_2d_table", "special_tokens_mask", "start_encoder_state", "text_encoder_state", "tokenize_texts",
+           "TokenizedSplit"]

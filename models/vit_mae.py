@@ -23,7 +23,7 @@ from transformers import (PreTrainedModel, ViTConfig, ViTForImageClassification,
                           ViTMAEModel)
 
 from errors import UserError
-from models.checkpoints import _SHARED_ARCH, _load_exact
+from models.checkpoints import _SHARED_ARCH, _load_exact, load_encoder_state
 from models.hub import TINY_CONFIG, TINY_NAME, _from_pretrained
 
 TINY_INIT_SEED = 0  # vit-mae-tiny's θ₀ is this seed's initialisation, the same in every stage and run
@@ -211,3 +211,12 @@ class DropPathGlobalBatch(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}, rank={self.rank}, world={self.world}"
+
+
+def start_encoder_state(scratch: bool, checkpoint: str, model_name: str) -> tuple[ViTMAEConfig, dict]:
+    """(config, encoder state dict) that fine-tuning and the probes start from: θ₀'s (`model_name`) with
+    --scratch True, else the checkpoint's (a stage's model directory or a release model.pt)."""
+    if scratch:
+        initial = load_mae(model_name)
+        return initial.config, initial.vit.state_dict()
+    return load_encoder_state(checkpoint, model_name)
