@@ -201,8 +201,8 @@ def _stats(by_seed: dict[int, dict]) -> dict:
     acc = [100.0 * r["test_acc"] for r in results]
     losses = [r["test_loss"] for r in results if isinstance(r.get("test_loss"), (int, float))]
     val = [100.0 * r["val_acc"] for r in results if r.get("val_acc") is not None]
-    train = [100.0 * r["train_acc"] for r in results if r["train_acc"] is not None]
-    train_losses = [r["train_loss"] for r in results if isinstance(r["train_loss"], (int, float))]
+    train = [100.0 * r["train_acc"] for r in results if r.get("train_acc") is not None]
+    train_losses = [r["train_loss"] for r in results if isinstance(r.get("train_loss"), (int, float))]
     mean_acc, std_acc = _mean_std(acc)
     mean_val, std_val = _mean_std(val)
     mean_train, std_train = _mean_std(train)
