@@ -79,15 +79,6 @@ def test_run_probe_from_a_checkpoint_passes_ckpt_and_ckpt_dir(tmp_path):
     assert _flag(argv, "--seed") is None and _flag(argv, "--scratch") == "True" and _flag(argv, "--probe") == "knn"
 
 
-def test_run_probe_of_a_missing_checkpoint_says_so_and_writes_nothing(data_dir, tmp_path):
-    proc = launch(f"bash {REPO}/run_probe.sh cpu digits False further-pretrain-7 ck {TINY_FLAGS} "
-                  f"--data_dir {data_dir}", tmp_path, {"SEEDS": "1"})
-    assert proc.returncode != 0
-    assert "checkpoint not found: ck/further-pretrain-7/digits" in proc.stderr, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    assert not list(tmp_path.rglob("probe-*.json"))
-
-
 def test_run_probe_bad_input_is_one_line_before_anything_runs(tmp_path):
     python, calls = _fake_python(tmp_path)
     for words, env, expected in (
