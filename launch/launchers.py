@@ -1,8 +1,7 @@
 """The launchers' Python side: run_pretrain.sh, run_selftrain.sh, run_finetune.sh, run_probe.sh and run_all.sh call
 `python -m launch LAUNCHER ARGS...` with their positional arguments and flags as the user typed them; the settings
 from the environment (STEPS, FINETUNE_STEPS, SEEDS, JOBS, MAE_FLAGS, FINETUNE_FLAGS, PROBES, PROBE_STEPS,
-PROBE_FLAGS) are read here. What each one
-runs is in its usage comment at the top of the .sh file.
+PROBE_FLAGS) are read here. What each one runs is in its usage comment at the top of the .sh file.
 
 Each run is `$PYTHON SCRIPT --device DEVICE ARGS` (stage_command); the launcher itself needs only the standard
 library (Python 3.11+) and errors.py, so it starts at once and runs on whichever python3 launch/launch.sh finds."""
@@ -161,7 +160,7 @@ def run_finetune(launcher: str, words: list[str]) -> int:
 def run_probe(launcher: str, words: list[str]) -> int:
     """A probe (probe.py's --probe, linear by default) of one init: the linear probe once per seed in $SEEDS,
     side by side; k-NN once (it trains nothing). Each run prints its test accuracy; report.py tabulates them."""
-    gpu, dataset, scratch, ckpt, ckpt_dir, init, flags = route_words(launcher, words)
+    gpu, dataset, scratch, _, ckpt_dir, init, flags = route_words(launcher, words)
     gpus = devices(launcher, gpu)
     pool = Pool(gpus, jobs_per_device(launcher, gpus))
     results_dir = graph.flag_value(flags, "--results_dir", "results")
@@ -225,7 +224,7 @@ def run_all(launcher: str, words: list[str]) -> int:
            f"run_finetune.sh")
     steps = steps_from(launcher, "STEPS", steps)
     finetune_steps = steps_from(launcher, "FINETUNE_STEPS", finetune_steps)
-    probe_steps = steps_from(launcher, "PROBE_STEPS", os.environ.get("PROBE_STEPS") or None)
+    probe_steps = steps_from(launcher, "PROBE_STEPS", None)
     try:
         probes = graph.probe_protocols(os.environ.get("PROBES", ""))
     except ValueError as e:
