@@ -227,3 +227,20 @@ def test_the_cluster_graph_has_probe_jobs_only_when_asked(monkeypatch):
         os.path.join("results", "digits", "further-pretrain-5", "probe-knn.json")]
     assert jobs["report"].after_any == [n for n in jobs if n != "report"]
     assert "--save_model" in jobs["digits finetune initial"].command  # fine-tuning keeps its own flags
+
+
+def test_the_report_reads_a_knn_result_of_todays_record(tmp_path, capsys):
+    """A k-NN result as probe.py writes it today (the current record version, no train_acc: nothing is trained)
+    goes into the k-NN table beside the fine-tuning one."""
+    import report
+    from training.record import SCHEMA_VERSION, VERSION_KEY
+    res = tmp_path / "results"
+    for name, result in (("seed1.json", {"test_acc": 0.5, "test_loss": 1.0, "train_acc": 0.6, "train_loss": 0.9}),
+                         ("probe-knn.json", {"test_acc": 0.25, "knn_k": 20, "knn_temperature": 0.07})):
+        (res / "digits" / "initial").mkdir(parents=True, exist_ok=True)
+        (res / "digits" / "initial" / name).write_text(json.dumps(
+            {VERSION_KEY: SCHEMA_VERSION, **result, "args": {"seed": 1},
+             "history": [{"inputs": {}, "precision": "fp32", "device_type": "cpu"}]}))
+    report.main(report.get_args_parser().parse_args(["--results_dir", str(res)]))
+    knn = capsys.readouterr().out.split("## k-NN: test accuracy (%)")[1]
+    assert "| Initial model (θ₀)" in knn and "25.00 (n=1)" in knn
