@@ -19,6 +19,10 @@
 # (saved every 1000 steps here; pass --save_every N to change it).
 # Flags for one kind of stage only: $MAE_FLAGS (further pre-training and self-distillation) and $FINETUNE_FLAGS
 # (fine-tuning), e.g. MAE_FLAGS="--lr 1e-3" FINETUNE_FLAGS="--lr 3e-3 --warmup_steps 40" (make demo does).
+# Probes as routes: PROBES=1 (or PROBES=linear, PROBES=knn) also probes each route's frozen encoder (run_probe.sh,
+# probe.py): the linear probe per seed and k-NN once, each after the run that makes its checkpoint; report.py then
+# shows the probe tables beside the fine-tuning table. $PROBE_STEPS: the linear probe's steps (default probe.py's
+# 2000); $PROBE_FLAGS: flags for the probes only (e.g. "--knn_k 10"). The flags for every stage go to the probes too.
 # Example: STEPS=50 FINETUNE_STEPS=50 SEEDS="1 2" bash run_all.sh cpu digits --model_name vit-mae-tiny
 set -euo pipefail
 source "$(dirname "$0")/launch/launch.sh"

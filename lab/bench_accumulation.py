@@ -9,9 +9,12 @@ the median step time.
 
     python -m lab.bench_accumulation                          # a ViT-Ti/16 MAE at 224 (random weights), batch 8
     python -m lab.bench_accumulation --model vit-b16 --batch_size 64   # CUDA: ViT-B/16 MAE, the paper's batch
+
+On a GPU, make gpu-check runs the latter as its part bench-accumulation (lab/gpu_check.py).
 """
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -39,6 +42,7 @@ MODELS = {"vit-ti16": dict(hidden_size=192, num_hidden_layers=12, num_attention_
           "vit-b16": {}}  # ViTMAEConfig's defaults: facebook/vit-mae-base
 CONFIGS = [(1, False), (4, False), (1, True), (4, True)]  # (accum_steps, grad_checkpointing)
 STAGES = {"further-pretrain": pretrain, "finetune": finetune}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -48,6 +52,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup_steps", type=utils.int_at_least(0), default=1, help="untimed steps first")
     p.add_argument("--steps", type=utils.int_at_least(1), default=3, help="timed steps")
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
+    p.add_argument("--image_size", type=utils.int_at_least(16), default=224,
+                   help="the images' side (a multiple of the 16-pixel patch); smaller only to exercise the code")
     p.add_argument("--device", type=utils.device_spec, default="auto")
     p.add_argument("--threads", type=utils.threads_spec, default="auto", help=utils.THREADS_HELP)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: 'stage,K,checkpointing' in this process
@@ -68,7 +74,7 @@ def measure_one(args, stage: str, accum_steps: int, checkpointing: bool) -> dict
     run_args = script.get_args_parser().parse_args(argv + (["--scratch", "True"] if script is finetune else []))
     run = training.Run.without_directory(run_args, f"bench {stage}", Preprocessing())
     torch.manual_seed(0)
-    mae = ViTMAEForPreTraining(ViTMAEConfig(**MODELS[args.model]))
+    mae = ViTMAEForPreTraining(ViTMAEConfig(**MODELS[args.model], image_size=args.image_size))
     mae_initialize(mae)
     freeze_sincos_tables(mae)
     g = torch.Generator().manual_seed(0)
@@ -115,7 +121,21 @@ def measure_one(args, stage: str, accum_steps: int, checkpointing: bool) -> dict
             "device": run.process.device_name()}
 
 
+def ratios(rows: list[dict]) -> list[tuple[dict, float | None, float | None]]:
+    """lab.bench_accumulation's rows, each with its img/s and peak memory over those of its stage's --accum_steps 1
+    without checkpointing (None where that row is missing or its memory is 0)."""
+    base = {r["stage"]: r for r in rows if r["accum_steps"] == 1 and not r["grad_checkpointing"]}
+    out = []
+    for r in rows:
+        b = base.get(r["stage"])
+        out.append((r, r["images_per_s"] / b["images_per_s"] if b else None,
+                    r["peak_mib"] / b["peak_mib"] if b and b["peak_mib"] > 0 else None))
+    return out
+
+
 def main(args) -> list[dict]:
+    if args.image_size % 16:
+        raise utils.UserError(f"--image_size {args.image_size} is not a multiple of the 16-pixel patch")
     if args.one is not None:
         stage, k, checkpointing = args.one.split(",")
         print(json.dumps(measure_one(args, stage, int(k), checkpointing == "1")))
@@ -128,19 +148,26 @@ def main(args) -> list[dict]:
                 continue
             cmd = [sys.executable, "-m", "lab.bench_accumulation", "--model", args.model, "--batch_size",
                    str(args.batch_size), "--warmup_steps", str(args.warmup_steps), "--steps", str(args.steps),
-                   "--device", args.device, "--threads", str(args.threads),
+                   "--device", args.device, "--threads", str(args.threads), "--image_size", str(args.image_size),
                    "--one", f"{stage},{k},{int(checkpointing)}"]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            # the repository on the child's path, wherever this runs from (make gpu-check's part, say)
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode:
+                last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+                raise RuntimeError(f"{stage} with --accum_steps {k}, checkpointing {'on' if checkpointing else 'off'}:"
+                                   f" {last}")
+            out = proc.stdout
             row = {"stage": stage, "accum_steps": k, "grad_checkpointing": checkpointing,
                    **json.loads(out.strip().splitlines()[-1])}
             rows.append(row)
             print(f"{stage:<18}{k:>12}{'on' if checkpointing else 'off':>15}{row['images_per_s']:>10.2f}"
                   f"{row['peak_mib']:>10.0f}", flush=True)
     if rows:
-        print(f"model {args.model}, batch {args.batch_size}, {args.steps} timed steps after {args.warmup_steps}, "
-              f"on {rows[0]['device']}")
+        print(f"model {args.model} at {args.image_size} px, batch {args.batch_size}, {args.steps} timed steps after "
+              f"{args.warmup_steps}, on {rows[0]['device']}")
     return rows
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    utils.run_cli(get_args_parser, main)

@@ -10,7 +10,8 @@
    bf16 noise; the teacher's features looked up against the ones computed on-line; dropout inside the replayed
    graph against the per-step seed (the rules: lab/gpu_check_rules.py, printed at the start and in the report);
 3. lab.bench: the three stages eager and with --cuda_graph against the release's computation, MFU, the
-   projection of the paper's whole table, the data path (informational: never fails the check);
+   projection of the paper's whole table, the data path; lab.bench_accumulation: peak memory and speed with and
+   without --accum_steps / --grad_checkpointing, side by side (informational: never fail the check);
 4. one report, Markdown and JSON, whose first lines say PASS/FAIL per check; exit code 1 when a correctness check
    did not pass (FAIL, ERROR, TIMEOUT), 2 for bad input, 0 otherwise;
 5. every part in a child process of its own with a time cap, inside a total budget (480 s by default), so the
@@ -41,8 +42,9 @@ import outputs
 import utils
 from lab import gpu_check_rules as rules
 
-PARTS = ("setup", "further-pretrain", "self-distill", "finetune", "bench", "bench-cuda-graph", "bench-data")
-BENCH_PARTS = ("bench", "bench-cuda-graph", "bench-data")
+PARTS = ("setup", "further-pretrain", "self-distill", "finetune", "bench", "bench-cuda-graph", "bench-data",
+         "bench-accumulation")
+BENCH_PARTS = ("bench", "bench-cuda-graph", "bench-data", "bench-accumulation")
 STAGE_TITLES = {"further-pretrain": "further pre-training", "self-distill": "self-distillation",
                 "finetune": "fine-tuning"}
 
@@ -66,6 +68,8 @@ CHECKS = {
     "bench": [("bench", "bench: the three stages, eager, against the release's computation; the projection")],
     "bench-cuda-graph": [("bench-cuda-graph", "bench: the three stages with --cuda_graph")],
     "bench-data": [("bench-data", "bench: the data path")],
+    "bench-accumulation": [("bench-accumulation", "bench: peak memory and speed with and without --accum_steps 4 "
+                                                  "and --grad_checkpointing")],
 }
 # the checks meant to notice each negative control (lab/gpu_check_parts.NEGATIVE_CONTROLS)
 NOTICED_BY = {"stale_inputs": [f"{stage}/cuda_graph" for stage in STAGE_TITLES],
@@ -73,8 +77,10 @@ NOTICED_BY = {"stale_inputs": [f"{stage}/cuda_graph" for stage in STAGE_TITLES],
 # seconds per part after setup. On an H200 (estimates from measured eager figures: ~1,100 / 780 / 910 img/s) a
 # stage part takes about a minute and a bench part about as long; the caps leave room for a slower GPU, while the
 # total budget keeps the whole check within ~8 minutes
+# bench-accumulation: 8 fresh processes (2 stages x 4 configurations), each starting CUDA and building ViT-B/16
+# for 4 steps; it comes last, so a tight budget cuts it, never a correctness part
 CAPS = {"cuda": {"further-pretrain": 100, "self-distill": 120, "finetune": 110, "bench": 110, "bench-cuda-graph": 80,
-                 "bench-data": 70},
+                 "bench-data": 70, "bench-accumulation": 120},
         "cpu": dict.fromkeys(PARTS[1:], 240)}
 SETUP_CAP = 120  # the device is known only once setup has run
 REPORT_RESERVE_S = 5  # kept back from the budget for killing a part and writing the report
@@ -509,6 +515,20 @@ def _bench_sections(report: dict) -> list[str]:
                           f"{projection['reference_gpu_hours'] / projection['ours_gpu_hours']:.2f}x."]
         if cuda:
             lines += ["", "Targets (H100/H200): " + "; ".join(_targets(result))]
+    if "bench-accumulation" in bench:
+        result = bench["bench-accumulation"]
+        memory = ("torch.cuda.max_memory_allocated over the steps (weights included)" if cuda else
+                  "what the steps added to the process's peak RSS")
+        lines += ["", "## Bench: gradient accumulation and activation checkpointing", "",
+                  f"`python -m lab.bench_accumulation {' '.join(result['argv'])}`: each configuration in a fresh "
+                  f"process; peak MiB: {memory}; the ratios against --accum_steps 1 without checkpointing.", "",
+                  "| stage | --accum_steps | --grad_checkpointing | img/s | peak MiB | img/s ratio | memory ratio |",
+                  "|---|---|---|---|---|---|---|"]
+        from lab.bench_accumulation import ratios
+        for r, speed, memory_ratio in ratios(result["rows"]):
+            lines.append(f"| {r['stage']} | {r['accum_steps']} | {'on' if r['grad_checkpointing'] else 'off'} | "
+                         f"{r['images_per_s']:.4g} | {r['peak_mib']:.0f} | {_cell(speed, '{:.2f}')} | "
+                         f"{_cell(memory_ratio, '{:.2f}')} |")
     if "bench-data" in bench:
         result = bench["bench-data"]
         lines += ["", "## Bench: the data path", "", f"`python -m lab.bench {' '.join(result['argv'])}`", "",

@@ -35,7 +35,7 @@ from data import ImageDataset
 from models import TINY_NAME, cls_feature, load_encoder, load_mae, preprocessing_of, save_model
 from models.hub import initial_config
 from models.vit_mae import SINCOS_TABLES, mae_initialize
-from lab import bench
+from lab import bench, bench_accumulation
 from lab import gpu_check_rules as rules
 
 DATASET = "digits"  # built in (scikit-learn), 1,297 training images: no download
@@ -146,9 +146,15 @@ def make_plan(args, device: torch.device) -> Plan:
         data_quick = (["--workers_list", "0", "4", "8", "16"] if cuda else
                       ["--workers_list", "0", "--data_images", "16", "--data_batches", "2", "--data_batch_size", "8",
                        "--image_size", "32"])
+        # lab.bench_accumulation: ViT-B/16 at the paper's batch on CUDA; on a CPU the fewest steps at 32 px
+        accumulation = (["--model", "vit-b16" if model == bench.VIT_B16 else "vit-ti16", "--batch_size", "64",
+                         "--steps", "3", "--warmup_steps", "1"] if cuda else
+                        ["--model", "vit-ti16", "--batch_size", "4", "--steps", "1", "--warmup_steps", "0",
+                         "--image_size", "32", "--stages", "finetune"])
         bench_argv = {"bench": [*common, *quick, "--side_by_side", str(args.side_by_side)],
                       "bench-cuda-graph": [*common, *quick, "--cuda_graph"],
-                      "bench-data": ["--device", str(device), "--data", *data_quick]}
+                      "bench-data": ["--device", str(device), "--data", *data_quick],
+                      "bench-accumulation": ["--device", str(device), *accumulation]}
     return Plan(out=os.path.abspath(args.out), device=str(device), device_type=device.type, model=model, steps=steps,
                 batch=batch, workers=workers, finetune_warmup_steps=max(1, steps // 10),
                 dropout_steps=min(steps, defaults["dropout_steps"]),
@@ -435,7 +441,23 @@ def dropout_check(events: Events, plan: Plan) -> None:
 
 # ----------------------------------------------------------------------------- the bench
 
+def bench_accumulation_part(events: Events, plan: Plan) -> None:
+    """lab.bench_accumulation on the plan's device: each stage's step with and without --accum_steps 4 and
+    --grad_checkpointing, each configuration in a fresh process (which starts CUDA for itself)."""
+    argv = plan.bench_argv["bench-accumulation"]
+    events.progress(f"bench-accumulation: python -m lab.bench_accumulation {' '.join(argv)}")
+    rows = bench_accumulation.main(bench_accumulation.get_args_parser().parse_args(argv))
+    events.emit("info", key="bench-accumulation", value={"argv": argv, "rows": rows})
+    compared = [(r, speed, memory) for r, speed, memory in bench_accumulation.ratios(rows) if speed is not None
+                and memory is not None and (r["accum_steps"], r["grad_checkpointing"]) != (1, False)]
+    summary = ", ".join(f"{r['stage']} K={r['accum_steps']}{' checkpointing' if r['grad_checkpointing'] else ''} "
+                        f"{speed:.2f}x img/s, {memory:.2f}x memory" for r, speed, memory in compared)
+    events.check("bench-accumulation", status="INFO", summary=summary or "no configuration to compare")
+
+
 def bench_part(events: Events, plan: Plan, part: str) -> None:
+    if part == "bench-accumulation":
+        return bench_accumulation_part(events, plan)
     argv = plan.bench_argv[part]
     events.progress(f"{part}: python -m lab.bench {' '.join(argv)}")
     rows = bench.main(bench.get_args_parser().parse_args(argv))

@@ -1,7 +1,7 @@
-"""The launchers' Python side: run_pretrain.sh, run_selftrain.sh, run_finetune.sh and run_all.sh call
+"""The launchers' Python side: run_pretrain.sh, run_selftrain.sh, run_finetune.sh, run_probe.sh and run_all.sh call
 `python -m launch LAUNCHER ARGS...` with their positional arguments and flags as the user typed them; the settings
-from the environment (STEPS, FINETUNE_STEPS, SEEDS, JOBS, MAE_FLAGS, FINETUNE_FLAGS) are read here. What each one
-runs is in its usage comment at the top of the .sh file.
+from the environment (STEPS, FINETUNE_STEPS, SEEDS, JOBS, MAE_FLAGS, FINETUNE_FLAGS, PROBES, PROBE_STEPS,
+PROBE_FLAGS) are read here. What each one runs is in its usage comment at the top of the .sh file.
 
 Each run is `$PYTHON SCRIPT --device DEVICE ARGS` (stage_command); the launcher itself needs only the standard
 library (Python 3.11+) and errors.py, so it starts at once and runs on whichever python3 launch/launch.sh finds."""
@@ -18,6 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USAGE = {"run_pretrain.sh": "bash run_pretrain.sh GPU DATASET [STEPS] [pretrain.py flags...]",
          "run_selftrain.sh": "bash run_selftrain.sh GPU DATASET [STEPS] [selftrain.py flags...]",
          "run_finetune.sh": "bash run_finetune.sh GPU DATASET [SCRATCH] [CKPT] [CKPT_DIR] [finetune.py flags...]",
+         "run_probe.sh": "bash run_probe.sh GPU DATASET [SCRATCH] [CKPT] [CKPT_DIR] [probe.py flags...]",
          "run_all.sh": "bash run_all.sh GPU [DATASET ...] [flags for every stage...]"}
 SCRATCH = {"True": True, "true": True, "TRUE": True, "1": True,
            "False": False, "false": False, "FALSE": False, "0": False}
@@ -103,8 +104,9 @@ def mae_stage(launcher: str, words: list[str]) -> None:
         raise UserError(f"cannot run {argv[0]} ($PYTHON): {e.strerror}") from None
 
 
-def run_finetune(launcher: str, words: list[str]) -> int:
-    """Fine-tuning, one run per seed in $SEEDS, side by side; then mean ± std (report.py)."""
+def route_words(launcher: str, words: list[str]) -> tuple:
+    """run_finetune.sh's and run_probe.sh's arguments: GPU DATASET [SCRATCH] [CKPT] [CKPT_DIR] [flags...] ->
+    (GPU, DATASET, SCRATCH, CKPT, CKPT_DIR, the init's name, the flags), the flags that it sets refused."""
     if len(words) < 2:
         raise usage_error(launcher, "GPU and DATASET are required")
     gpu, dataset = words[:2]
@@ -113,10 +115,28 @@ def run_finetune(launcher: str, words: list[str]) -> int:
     flags = given[3:] + flags  # a fourth word is the user's, as the stage gets it
     if scratch not in SCRATCH:
         raise usage_error(launcher, f"SCRATCH must be True or False, not '{scratch}'")
-    init = "initial" if SCRATCH[scratch] else ckpt
+    script = {"run_finetune.sh": "finetune.py", "run_probe.sh": "probe.py"}[launcher]
     refuse(flags, graph.SET_PER_RUN, launcher, f"give the dataset and the init as positional arguments "
            f"({USAGE[launcher]}) and the seeds as SEEDS=\"1 2 3\"; for a single run with its own --output_dir call "
-           f"finetune.py itself")
+           f"{script} itself")
+    return gpu, dataset, scratch, ckpt, ckpt_dir, "initial" if SCRATCH[scratch] else ckpt, flags
+
+
+def probe_job(dataset: str, scratch: str, init: str, protocol: str, seed: str | None, args, results_dir: str,
+              after=()) -> Job:
+    """One probe.py run as the pool's job: the linear probe of one seed, or k-NN (no seed); its log beside the
+    result probe.py writes (results/DATASET/INIT/probe-linear-seed<k>.json, probe-knn.json)."""
+    name = f"probe-linear-seed{seed}" if protocol == "linear" else "probe-knn"
+    args = ["--dataset", dataset, "--scratch", scratch, "--ckpt_name", init, "--probe", protocol,
+            *(["--seed", seed] if protocol == "linear" else []), *args]
+    return Job(f"{dataset} {init} probe {protocol}" + (f" seed {seed}" if protocol == "linear" else ""),
+               os.path.join(results_dir, dataset, init, f"{name}.log"),
+               lambda device: [stage_command(device, "probe.py", args)], after=after)
+
+
+def run_finetune(launcher: str, words: list[str]) -> int:
+    """Fine-tuning, one run per seed in $SEEDS, side by side; then mean ± std (report.py)."""
+    gpu, dataset, scratch, ckpt, ckpt_dir, init, flags = route_words(launcher, words)
     gpus = devices(launcher, gpu)
     pool = Pool(gpus, jobs_per_device(launcher, gpus))
     results_dir = graph.flag_value(flags, "--results_dir", "results")  # the summary reads what the runs wrote
@@ -137,17 +157,35 @@ def run_finetune(launcher: str, words: list[str]) -> int:
     return code
 
 
-def table_jobs(datasets, steps, seeds, mae_args, finetune_args, results_dir: str, ddp: bool) -> list[Job]:
+def run_probe(launcher: str, words: list[str]) -> int:
+    """A probe (probe.py's --probe, linear by default) of one init: the linear probe once per seed in $SEEDS,
+    side by side; k-NN once (it trains nothing). Each run prints its test accuracy; report.py tabulates them."""
+    gpu, dataset, scratch, _, ckpt_dir, init, flags = route_words(launcher, words)
+    gpus = devices(launcher, gpu)
+    pool = Pool(gpus, jobs_per_device(launcher, gpus))
+    results_dir = graph.flag_value(flags, "--results_dir", "results")
+    protocol = graph.flag_value(flags, "--probe", "linear")  # probe.py's parser refuses any other
+    seeds = (os.environ.get("SEEDS") or " ".join(graph.SEEDS)).split() if protocol == "linear" else [None]
+    args = ["--checkpoint_dir", ckpt_dir, *flags]
+    pool.run([probe_job(dataset, scratch, init, protocol, seed, args, results_dir) for seed in seeds])
+    status = pool.summary()
+    pool.check_stop()
+    return status
+
+
+def table_jobs(datasets, steps, seeds, mae_args, finetune_args, results_dir: str, ddp: bool, probes=(),
+               probe_args=()) -> list[Job]:
     """graph.table's runs as the pool's jobs: a dataset's two MAE stages one job, one after the other in one slot
     (ddp: each over every GPU, one dataset at a time); each route one job per seed, after its dataset's MAE stages
-    where it starts from one of their checkpoints."""
+    where it starts from one of their checkpoints; so each probe of `probes` (the linear one per seed, k-NN once)."""
     def mae_stages(dataset, stages):
         return lambda device: [stage_command(device, f"{stage}.py", ["--dataset", dataset, "--steps", steps,
                                                                         *mae_args]) for stage in stages]
 
     jobs, mae_job, stages = [], {}, {}
-    for node in graph.table(datasets, steps):
+    for node in graph.table(datasets, steps, probes):
         d = node.dataset
+        scratch = "True" if node.init == "initial" else "False"
         if node.stage in ("pretrain", "selftrain"):
             if d not in stages:
                 stages[d] = []
@@ -157,13 +195,16 @@ def table_jobs(datasets, steps, seeds, mae_args, finetune_args, results_dir: str
             stages[d].append(node.stage)  # in the table's order: the teacher first
         elif node.stage == "finetune":
             after = (mae_job[d].name,) if node.after_ok else ()
-            scratch = "True" if node.init == "initial" else "False"
             for seed in seeds:
                 args = ["--dataset", d, "--scratch", scratch, "--ckpt_name", node.init, "--seed", seed,
                         *finetune_args]
                 jobs.append(Job(f"{d} {node.init} seed {seed}",
                                 os.path.join(results_dir, d, node.init, f"seed{seed}.log"),
                                 lambda device, args=args: [stage_command(device, "finetune.py", args)], after=after))
+        elif node.stage == "probe":
+            after = (mae_job[d].name,) if node.after_ok else ()
+            jobs += [probe_job(d, scratch, node.init, node.probe, seed, probe_args, results_dir, after)
+                     for seed in (seeds if node.probe == "linear" else [None])]
     return jobs
 
 
@@ -183,6 +224,11 @@ def run_all(launcher: str, words: list[str]) -> int:
            f"run_finetune.sh")
     steps = steps_from(launcher, "STEPS", steps)
     finetune_steps = steps_from(launcher, "FINETUNE_STEPS", finetune_steps)
+    probe_steps = steps_from(launcher, "PROBE_STEPS", None)
+    try:
+        probes = graph.probe_protocols(os.environ.get("PROBES", ""))
+    except ValueError as e:
+        raise usage_error(launcher, str(e)) from None
     seeds = (os.environ.get("SEEDS") or " ".join(graph.SEEDS)).split()
     gpus = devices(launcher, gpu)
     pool = Pool(gpus, jobs_per_device(launcher, gpus))
@@ -190,15 +236,25 @@ def run_all(launcher: str, words: list[str]) -> int:
     who = f"{launcher}'s MAE_FLAGS / FINETUNE_FLAGS"
     refuse(mae_only + finetune_only, ("--steps",), who, "use STEPS=N / FINETUNE_STEPS=N")
     refuse(mae_only + finetune_only, graph.SET_PER_RUN, who, f"{launcher} sets them for each run")
+    probe_only = graph.probe_only_flags(os.environ)
+    refuse(probe_only, graph.SET_PER_RUN, f"{launcher}'s PROBE_FLAGS", f"{launcher} sets them for each run")
+    flag = graph.refused_flag(probe_only, graph.PROBE_SET_PER_RUN)
+    if flag:
+        raise UserError(f"{launcher}'s PROBE_FLAGS takes no {flag}: {graph.PROBE_SET_PER_RUN[flag]}")
     results_dir = graph.flag_value(flags + finetune_only, "--results_dir", "results")
     save = ["--save_every", graph.SAVE_EVERY_STEPS]
     mae_args = [*save, *graph.mae_flags(flags), *mae_only]
     finetune_args = [*save, *(["--steps", finetune_steps] if finetune_steps else []), *flags, *finetune_only]
+    # the probes write where the report reads, whatever fine-tuning's own --results_dir
+    probe_args = [*save, *(["--steps", probe_steps] if probe_steps else []), *graph.probe_flags(flags), *probe_only,
+                  "--results_dir", results_dir]
 
     ddp = len(gpus) > 1 and len(datasets) < len(gpus)
-    jobs = table_jobs(datasets, steps, seeds, mae_args, finetune_args, results_dir, ddp)
+    jobs = table_jobs(datasets, steps, seeds, mae_args, finetune_args, results_dir, ddp, probes, probe_args)
+    with_probes = f"; probes: {' '.join(probes)} ({probe_steps or 2000} steps)" if probes else ""
     print(f"=== {' '.join(datasets)}: further pre-training and self-distillation ({steps} steps), fine-tuning "
-          f"({finetune_steps or 10000} steps; seeds {' '.join(seeds)}); {len(pool.slots)} run(s) at a time", flush=True)
+          f"({finetune_steps or 10000} steps; seeds {' '.join(seeds)}){with_probes}; {len(pool.slots)} run(s) at a "
+          f"time", flush=True)
     pool.run(jobs)
     status = pool.summary()
     if status == 2:
@@ -218,4 +274,4 @@ def run_all(launcher: str, words: list[str]) -> int:
 
 
 LAUNCHERS = {"run_pretrain.sh": mae_stage, "run_selftrain.sh": mae_stage, "run_finetune.sh": run_finetune,
-             "run_all.sh": run_all}
+             "run_probe.sh": run_probe, "run_all.sh": run_all}

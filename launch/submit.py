@@ -5,11 +5,14 @@ and resumed where they stopped; `--status` says where each run is.
     PARTITION=gpu GPUS_PER_JOB=4 TIME_LIMIT=240 bash run_all.sh slurm cub
     bash run_all.sh slurm digits --cluster local --model_name vit-mae-tiny   # the same jobs on this machine
     python -m launch.submit --status                    # every run of the table: done, running, failed, pending
+    PROBES=1 bash run_all.sh slurm cub                  # the table with the probes as routes (probe.py)
 
 The job graph, per dataset: further pre-training; self-distillation once it succeeded; fine-tuning from θ₀ at once,
 from the teacher once further pre-training succeeded, from the student once self-distillation did -- each route one
 job that runs its seeds ($SEEDS) through run_finetune.sh's pool inside the allocation ($JOBS per GPU); report.py
-once every other job has ended, however it ended, so the table shows what finished. A job that fails cancels what
+once every other job has ended, however it ended, so the table shows what finished. With --probes (PROBES=1, or
+among linear knn), each route also has a job per probe, after the same job as its fine-tuning, that runs
+run_probe.sh (the linear probe over the seeds, k-NN once). A job that fails cancels what
 depends on it (SLURM: --kill-on-invalid-dep=yes; here: said in one line), so nothing waits for ever. Independent
 jobs of the same shape go as one array (the datasets' further pre-training, their fine-tuning from θ₀).
 
@@ -51,7 +54,8 @@ ENDED_BADLY = {"failed": "failed", "cancelled": "was cancelled", "stopped": "sto
 FROM_ENVIRONMENT = {"mae_steps": "STEPS", "finetune_steps": "FINETUNE_STEPS", "seeds": "SEEDS",
                     "jobs_per_gpu": "JOBS", "partition": "PARTITION", "gpus_per_job": "GPUS_PER_JOB",
                     "nodes": "NODES", "processes_per_node": "PROCESSES_PER_NODE", "cpus_per_gpu": "CPUS_PER_GPU",
-                    "time_limit_min": "TIME_LIMIT", "sbatch_args": "SBATCH_ARGS"}
+                    "time_limit_min": "TIME_LIMIT", "sbatch_args": "SBATCH_ARGS", "probes": "PROBES",
+                    "probe_steps": "PROBE_STEPS"}
 # the stage flags the graph sets for every run itself (graph.SET_PER_RUN), and what to do instead; and --overwrite,
 # which would move a run aside at every requeue
 HOW_INSTEAD = {"--dataset": "give the datasets as --datasets (the launchers: positional arguments)",
@@ -66,7 +70,8 @@ REFUSED = {**{flag: HOW_INSTEAD[flag] for flag in graph.SET_PER_RUN},
 
 # the launchers' positional arguments after GPU=slurm, as their usage lines say
 LAUNCHER_FORMS = {"run_all.sh": "[DATASET ...]", "run_pretrain.sh": "DATASET [STEPS]",
-                  "run_selftrain.sh": "DATASET [STEPS]", "run_finetune.sh": "DATASET [SCRATCH] [CKPT] [CKPT_DIR]"}
+                  "run_selftrain.sh": "DATASET [STEPS]", "run_finetune.sh": "DATASET [SCRATCH] [CKPT] [CKPT_DIR]",
+                  "run_probe.sh": "DATASET [SCRATCH] [CKPT] [CKPT_DIR]"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -86,16 +91,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--launcher", default=None, choices=list(LAUNCHER_FORMS),
                    help="the launchers' cluster form (bash run_all.sh slurm ...): the leading words are that "
                         "launcher's positional arguments after GPU")
-    g.add_argument("--stage", default="table", choices=["table", "pretrain", "selftrain", "finetune"],
+    g.add_argument("--stage", default="table", choices=["table", "pretrain", "selftrain", "finetune", "probe"],
                    help="table: the whole graph; or one job of one stage (the stage launchers' cluster form)")
     g.add_argument("--init", default=None,
-                   help="--stage finetune: initial or a checkpoint name (default self-further-pretrain-<mae_steps>)")
+                   help="--stage finetune / probe: initial or a checkpoint name (default "
+                        "self-further-pretrain-<mae_steps>)")
     g.add_argument("--mae_steps", type=utils.int_at_least(1), default=None,
                    help="steps of further pre-training and self-distillation (default $STEPS, else 20000)")
     g.add_argument("--finetune_steps", type=utils.int_at_least(1), default=None,
                    help="steps of fine-tuning (default $FINETUNE_STEPS, else finetune.py's)")
     g.add_argument("--seeds", nargs="+", type=utils.int_at_least(0), default=None,
                    help="fine-tuning seeds (default $SEEDS, else 1 2 3 4 5)")
+    g.add_argument("--probes", nargs="+", default=None,
+                   help="the table: also probe each route (probe.py): 1 (every probe), 0 (none, the default) or "
+                        f"among {' '.join(graph.PROBES)} (default $PROBES)")
+    g.add_argument("--probe_steps", type=utils.int_at_least(1), default=None,
+                   help="steps of the linear probe in the table (default $PROBE_STEPS, else probe.py's)")
     g.add_argument("--jobs_per_gpu", type=utils.int_at_least(1), default=None,
                    help="fine-tuning runs side by side per GPU (default $JOBS, else run_finetune.sh's: 3, 1 on CPU)")
     g = p.add_argument_group("where and how")
@@ -142,6 +153,8 @@ def _from_environment(args, parser) -> None:
     # the stage launchers take their steps as a positional argument (or finetune.py's default): as without a
     # cluster, they read neither STEPS nor FINETUNE_STEPS
     ignored = {"mae_steps", "finetune_steps"} if args.launcher not in (None, "run_all.sh") else set()
+    if args.stage != "table":  # the probes are routes of the table; one probe's steps are among its flags
+        ignored |= {"probes", "probe_steps"}
     for dest, variable in FROM_ENVIRONMENT.items():
         value = os.environ.get(variable, "").strip()
         if getattr(args, dest) is not None or not value or dest in ignored:
@@ -188,6 +201,11 @@ def _flags_for_one_kind(args) -> tuple[list[str], list[str]]:
     return graph.flags_for_one_kind(os.environ) if args.stage == "table" else ([], [])
 
 
+def _probe_only_flags(args) -> list[str]:
+    """run_all.sh's $PROBE_FLAGS (the table with probes only)."""
+    return graph.probe_only_flags(os.environ) if args.stage == "table" and args.probes else []
+
+
 # ----------------------------------------------------------------------------- the graph
 
 class Job:
@@ -214,14 +232,18 @@ def build_graph(args) -> list["Job"]:
     _refuse(flags, REFUSED, who)
     if args.launcher in ("run_pretrain.sh", "run_selftrain.sh"):
         _refuse(flags, {"--steps": f"give the steps as STEPS ({LAUNCHER_FORMS[args.launcher]})"}, who)
-    elif args.stage != "finetune":
+    elif args.stage not in ("finetune", "probe"):
         _refuse(flags, {"--steps": f"give the MAE stages' steps as STEPS=N (--mae_steps; now {args.mae_steps})"
                                    + (" and fine-tuning's as FINETUNE_STEPS=N (--finetune_steps)"
                                       if args.stage == "table" else "")}, who)
     mae_only, finetune_only = _flags_for_one_kind(args)
     _refuse(mae_only + finetune_only, {**REFUSED, "--steps": "use STEPS=N / FINETUNE_STEPS=N"},
             "MAE_FLAGS / FINETUNE_FLAGS")
+    probe_only = _probe_only_flags(args)
+    _refuse(probe_only, {**REFUSED, **graph.PROBE_SET_PER_RUN}, "PROBE_FLAGS")
     mae_flags = graph.mae_flags(flags) + mae_only
+    # the table's probes: the flags for every stage as probe.py takes them, then $PROBE_FLAGS
+    probe_flags = graph.probe_flags(flags) + probe_only if args.stage == "table" else flags
     flags = flags + finetune_only  # fine-tuning's (the MAE stages' when one stage is submitted, where both are empty)
     first = args.datasets[0]
     mae_base = ["--dataset", first, "--steps", args.mae_steps]
@@ -232,8 +254,13 @@ def build_graph(args) -> list["Job"]:
     finetune_args = None
     if args.stage in ("table", "finetune"):
         finetune_args = _stage_args("finetune", ["--dataset", first], flags)
-    checkpoint_dir = (finetune_args or mae_args).checkpoint_dir
-    results_dir = finetune_args.results_dir if finetune_args else "results"
+    probe_args = None
+    if args.stage == "probe" or args.stage == "table" and args.probes:
+        probe_args = _stage_args("probe", ["--dataset", first], probe_flags)
+    checkpoint_dir = (finetune_args or probe_args or mae_args).checkpoint_dir
+    results_dir = (finetune_args or probe_args).results_dir if finetune_args or probe_args else "results"
+    if args.stage == "table" and args.probes:  # the probes write where the report reads
+        probe_flags += ["--results_dir", results_dir]
 
     device = "cuda" if args.gpus_per_job else "cpu"
     python = sys.executable
@@ -264,19 +291,41 @@ def build_graph(args) -> list["Job"]:
         return Job(f"{dataset} finetune {init}", f"finetune-{'initial' if init == 'initial' else 'checkpoint'}",
                    command, gpus=args.gpus_per_job, after_ok=after, env=env, runs=runs)
 
+    def probe_job(dataset, init, protocol, after=()):
+        scratch = ["True"] if init == "initial" else ["False", init]
+        length = ["--steps", args.probe_steps] if args.probe_steps and args.stage == "table" else []
+        protocol_flag = ["--probe", protocol] if args.stage == "table" else []  # else among the user's flags
+        command = ["bash", os.path.join(REPO, "run_probe.sh"), DEVICES, dataset, *scratch, *save, *length,
+                   *probe_flags, *protocol_flag]
+        env = {"SEEDS": " ".join(map(str, args.seeds)), "PYTHON": python}
+        if args.jobs_per_gpu:
+            env["JOBS"] = str(args.jobs_per_gpu)
+        base = os.path.join(results_dir, dataset, init)
+        names = [f"probe-linear-seed{seed}" for seed in args.seeds] if protocol == "linear" else ["probe-knn"]
+        runs = [{"name": f"{dataset} {init} {name}", "dir": os.path.join(base, name),
+                 "done": os.path.join(base, f"{name}.json"), "log": os.path.join(base, f"{name}.log")}
+                for name in names]
+        return Job(f"{dataset} probe {protocol} {init}", f"probe-{'initial' if init == 'initial' else 'checkpoint'}",
+                   command, gpus=args.gpus_per_job, after_ok=after, env=env, runs=runs)
+
     if args.stage == "pretrain":
         jobs = [mae_job("pretrain", d) for d in args.datasets]
     elif args.stage == "selftrain":
         jobs = [mae_job("selftrain", d) for d in args.datasets]
     elif args.stage == "finetune":
         jobs = [finetune_job(d, args.init) for d in args.datasets]
+    elif args.stage == "probe":
+        jobs = [probe_job(d, args.init, probe_args.probe) for d in args.datasets]
     else:
         report = [python, os.path.join(REPO, "report.py"), "--results_dir", results_dir, "--datasets",
                   *args.datasets, "--steps", steps]
         jobs = []
-        for node in graph.table(args.datasets, steps):  # the names, order and dependencies of the table's runs
+        # the names, order and dependencies of the table's runs
+        for node in graph.table(args.datasets, steps, args.probes):
             if node.stage == "finetune":
                 jobs.append(finetune_job(node.dataset, node.init, node.after_ok))
+            elif node.stage == "probe":
+                jobs.append(probe_job(node.dataset, node.init, node.probe, node.after_ok))
             elif node.stage == "report":
                 jobs.append(Job(node.name, "report", report, after_any=node.after_any))
             else:
@@ -564,7 +613,8 @@ def run_state(run: dict, job_state: tuple[str, str], steps: int | None) -> str:
 
 # the settings a graph file records, each as --status compares it with the one given
 SETTINGS = {"datasets": "--datasets", "mae_steps": "--mae_steps (STEPS)", "finetune_steps": "--finetune_steps "
-            "(FINETUNE_STEPS)", "seeds": "--seeds (SEEDS)", "init": "--init", "stage_flags": "the stage flags"}
+            "(FINETUNE_STEPS)", "seeds": "--seeds (SEEDS)", "init": "--init", "stage_flags": "the stage flags",
+            "probes": "--probes (PROBES)", "probe_steps": "--probe_steps (PROBE_STEPS)"}
 
 
 def settings(args) -> dict:
@@ -651,8 +701,9 @@ def print_status(jobs: list[Job], args, log_dir: str) -> None:
             what, line = "cancelled", f"needs {blocked}, which did not succeed"
         states[name] = (what, line)
         print(f"{name:<40} {ids.get(name) or '-':<12} {what}" + (f": {line}" if line and what != "done" else ""))
-        steps = recorded.get("mae_steps") if record.get("kind") in ("pretrain", "selftrain") \
-            else recorded.get("finetune_steps")
+        kind = record.get("kind") or ""
+        steps = recorded.get("mae_steps") if kind in ("pretrain", "selftrain") \
+            else recorded.get("probe_steps") if kind.startswith("probe") else recorded.get("finetune_steps")
         for run in record.get("runs", []):
             run = {**run, **{k: os.path.join(cwd, run[k]) for k in ("dir", "done", "log") if run.get(k)}}
             print(f"    {run['name']:<36} {run_state(run, states[name], steps)}")
@@ -676,7 +727,7 @@ def launcher_form(args) -> None:
     if args.launcher == "run_all.sh":
         args.datasets = positional or args.datasets
         return
-    most = 2 if args.launcher != "run_finetune.sh" else 4
+    most = 2 if args.launcher in ("run_pretrain.sh", "run_selftrain.sh") else 4
     if not positional or len(positional) > most:
         raise utils.UserError(f"{'DATASET is required' if not positional else f'unexpected {positional[most]}'}; "
                               f"usage: {usage}")
@@ -688,11 +739,12 @@ def launcher_form(args) -> None:
         except argparse.ArgumentTypeError as e:
             raise utils.UserError(f"STEPS: {e}; usage: {usage}") from None
         return
-    defaults = ["False", "self-further-pretrain-20000", "checkpoints"]  # run_finetune.sh's SCRATCH, CKPT, CKPT_DIR
+    # run_finetune.sh's (and run_probe.sh's) SCRATCH, CKPT, CKPT_DIR
+    defaults = ["False", "self-further-pretrain-20000", "checkpoints"]
     scratch, ckpt, ckpt_dir = positional[1:] + defaults[len(positional) - 1:]
     if scratch not in ("True", "true", "TRUE", "1", "False", "false", "FALSE", "0"):
         raise utils.UserError(f"SCRATCH must be True or False, not '{scratch}'; usage: {usage}")
-    args.stage = "finetune"
+    args.stage = "finetune" if args.launcher == "run_finetune.sh" else "probe"
     args.init = "initial" if scratch in ("True", "true", "TRUE", "1") else ckpt
     args.stage_flags = ["--checkpoint_dir", ckpt_dir, *args.stage_flags]
 
@@ -714,6 +766,13 @@ def resolve(args) -> None:
             raise utils.UserError(f"dataset '{name}': {e}") from None
     args.mae_steps = args.mae_steps or 20000
     args.seeds = args.seeds or [1, 2, 3, 4, 5]
+    try:
+        args.probes = list(graph.probe_protocols(" ".join(args.probes or [])))
+    except ValueError as e:
+        raise utils.UserError(f"--probes / {e}") from None
+    if args.probes and args.stage != "table":
+        raise utils.UserError(f"--probes / PROBES adds the probes to the table, not to --stage {args.stage} (for one "
+                              f"probe: --stage probe, or bash run_probe.sh slurm ...)")
     args.init = args.init or graph.student(args.mae_steps)
     args.time_limit_min = args.time_limit_min or 240
     limit_s = time_limit_s(args)
@@ -805,9 +864,11 @@ def _results_dir(args) -> str:
 def _status_flags(args) -> list[str]:
     flags = ["--datasets", *args.datasets, "--mae_steps", str(args.mae_steps), "--seeds", *map(str, args.seeds)]
     if args.stage != "table":
-        flags += ["--stage", args.stage] + (["--init", args.init] if args.stage == "finetune" else [])
+        flags += ["--stage", args.stage] + (["--init", args.init] if args.stage in ("finetune", "probe") else [])
     if args.finetune_steps:
         flags += ["--finetune_steps", str(args.finetune_steps)]
+    if args.probes:
+        flags += ["--probes", *args.probes] + (["--probe_steps", str(args.probe_steps)] if args.probe_steps else [])
     if args.log_dir:
         flags += ["--log_dir", args.log_dir]
     return flags + args.stage_flags

@@ -41,7 +41,7 @@ def test_the_cpu_check_passes_and_writes_its_report(tmp_path, monkeypatch, capsy
     lines = markdown.splitlines()
     assert lines[0] == (f"# CPU part of the GPU check (no GPU checked): PASS ({len(CORRECTNESS)} of "
                         f"{len(CORRECTNESS)} correctness checks passed)")
-    assert [line.split()[:2] for line in lines[1:len(CORRECTNESS) + 4]] == (
+    assert [line.split()[:2] for line in lines[1:len(CORRECTNESS) + 1 + len(gpu_check.BENCH_PARTS)]] == (
         [["PASS", f"{c}:"] for c in CORRECTNESS] + [["SKIP", f"{b}:"] for b in gpu_check.BENCH_PARTS])
     assert lines[:len(report["first_lines"])] == report["first_lines"]
     assert "no GPU here" in lines[len(CORRECTNESS) + 1]
@@ -129,6 +129,47 @@ def test_a_part_past_its_cap_is_reported_as_timeout(tmp_path, monkeypatch, capsy
     assert part["setup"]["outcome"] == "DONE"
     assert part["finetune"]["outcome"] == "TIMEOUT" and part["finetune"]["reason"].startswith("not started: ")
     assert _statuses(report)["finetune/cuda_graph"] == "TIMEOUT"
+
+
+def test_the_accumulation_bench_is_a_part_of_the_report(tmp_path, monkeypatch, capsys):
+    """bench-accumulation runs lab.bench_accumulation on the check's device (on a CPU, asked for with --bench: its
+    fewest steps at 32 px, fine-tuning only) and reports each configuration with its ratios to --accum_steps 1
+    without checkpointing; informational, it never fails the check."""
+    code, err, report, markdown = _check(tmp_path, monkeypatch, capsys, "--parts", "bench-accumulation", "--bench")
+    assert code == 0, err
+    assert _statuses(report) == {"setup": "PASS", "bench-accumulation": "INFO"}
+    result = report["bench"]["bench-accumulation"]
+    assert result["argv"][:2] == ["--device", "cpu"]
+    rows = result["rows"]
+    assert [(r["stage"], r["accum_steps"], r["grad_checkpointing"]) for r in rows] == [
+        ("finetune", 1, False), ("finetune", 4, False), ("finetune", 1, True), ("finetune", 4, True)]
+    assert all(r["images_per_s"] > 0 for r in rows)
+    section = markdown.split("## Bench: gradient accumulation and activation checkpointing")[1].split("\n## ")[0]
+    assert "`python -m lab.bench_accumulation --device cpu " in section
+    table = [line for line in section.splitlines() if line.startswith("| finetune |")]
+    assert len(table) == 4 and table[0].split("|")[6].strip() == "1.00"  # the baseline's img/s ratio
+    base = rows[0]
+    assert table[3].split("|")[6].strip() == f"{rows[3]['images_per_s'] / base['images_per_s']:.2f}"
+    summary = {c["id"]: c["summary"] for c in report["checks"]}["bench-accumulation"]
+    assert summary.startswith(f"finetune K=4 {rows[1]['images_per_s'] / base['images_per_s']:.2f}x img/s"), summary
+
+
+def test_on_cuda_the_accumulation_bench_is_vit_b16_at_the_papers_batch():
+    """What the part runs on a GPU (planned here without one): ViT-B/16 at batch 64, both stages, every
+    configuration, on the check's device; a command lab.bench_accumulation's own parser takes."""
+    from lab import bench_accumulation, gpu_check_parts
+    plan = gpu_check_parts.make_plan(gpu_check.get_args_parser().parse_args([]), torch.device("cuda:1"))
+    argv = plan.bench_argv["bench-accumulation"]
+    args = bench_accumulation.get_args_parser().parse_args(argv)
+    assert (args.device, args.model, args.batch_size, args.image_size) == ("cuda:1", "vit-b16", 64, 224)
+    assert args.stages == list(bench_accumulation.STAGES) and args.steps >= 2
+    assert gpu_check.CAPS["cuda"]["bench-accumulation"] and gpu_check.PARTS[-1] == "bench-accumulation"
+    # the ratios the report shows
+    rows = [{"stage": "finetune", "accum_steps": k, "grad_checkpointing": c, "images_per_s": ips, "peak_mib": mib}
+            for k, c, ips, mib in ((4, False, 50.0, 300.0), (1, False, 100.0, 600.0), (1, True, 80.0, 0.0))]
+    assert [(speed, memory) for _, speed, memory in bench_accumulation.ratios(rows)] == [
+        (0.5, 0.5), (1.0, 1.0), (0.8, 0.0)]
+    assert bench_accumulation.ratios(rows[:1]) == [(rows[0], None, None)]  # no baseline: no ratio
 
 
 # ----------------------------------------------------------------------------- the command line
