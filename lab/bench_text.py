@@ -77,9 +77,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_length", type=max_length_spec, default=128,
                    help="tokens per text at most, special tokens included; the texts' lengths spread from a "
                         "quarter of it to it")
-    p.add_argument("--steps", type=utils.int_at_least(1), default=8,
+    p.add_argument("--steps", type=utils.int_at_least(1), default=10,
                    help="timed steps per round and loop (each a different batch; every round runs the same ones)")
-    p.add_argument("--rounds", type=utils.int_at_least(1), default=6,
+    p.add_argument("--rounds", type=utils.int_at_least(1), default=10,
                    help="rounds of (product, plain), interleaved")
     p.add_argument("--warmup_steps", type=utils.int_at_least(0), default=2, help="untimed steps of each loop first")
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="which stages to measure")
