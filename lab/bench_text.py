@@ -350,7 +350,7 @@ def main(args) -> list[dict]:
     theta0, tokenizer = initial_mlm(args.size), load_tokenizer(TEXT_TINY_NAME)
     batches = make_batches(args, tokenizer)
     c = theta0.config
-    print(f"model {TEXT_TINY_NAME if args.size == 'tiny' else 'roberta-base-sized (random weights)'} (width "
+    print(f"model {TEXT_TINY_NAME if args.size == 'tiny' else 'roberta-base-sized, random weights'} (width "
           f"{c.hidden_size}, {c.num_hidden_layers} layers, vocabulary {c.vocab_size}), fp32; batch {args.batch_size}, "
           f"texts up to {args.max_length} tokens, {sum(b.tokens for b in batches)} real tokens (of "
           f"{sum(b.input_ids.numel() for b in batches)} padded positions) per round; "
