@@ -213,7 +213,7 @@ EDITS = [
     # ---- launchers
     Edit("launchers: 3 seeds", "paper.py", 'SEEDS = ("1", "2", "3", "4", "5")', 'SEEDS = ("1", "2", "3")'),
     Edit("the table: self-distillation route fine-tunes the teacher", "launch/graph.py",
-         '"finetune", d, student(mae_steps),', '"finetune", d, teacher(mae_steps),'),
+         '*route(d, student(mae_steps), (f"{d} selftrain",))', '*route(d, teacher(mae_steps), (f"{d} selftrain",))'),
     Edit("run_finetune.sh: from θ₀ by default", "launch/launchers.py",
          '["False", graph.student(graph.MAE_STEPS), "checkpoints"]',
          '["True", graph.student(graph.MAE_STEPS), "checkpoints"]'),

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import finetune
+import models
 import pretrain
 import report
 import selftrain
@@ -313,7 +314,7 @@ def test_dropout_masks_are_drawn_for_the_global_batch():
     assert 0.5 < kept.float().mean() < 0.9
     assert torch.equal(training.GlobalBatchDropout(0.3, 0, 2).eval()(x), x)
     # the classifier's dropout modules are the ones replaced; the state dict is unchanged
-    initial = finetune.load_mae("vit-mae-tiny")
+    initial = models.load_mae("vit-mae-tiny")
     model = finetune.build_classifier(initial.config, initial.vit.state_dict(), 10, 0.1)
     keys = set(model.state_dict())
     training.draws.use_global_batch_dropout(model, rank=1, world=2)
