@@ -232,7 +232,7 @@ def main(args):
 
     # ---- model: the checkpoint's encoder + a new linear head; AdamW, layer-wise lr decay with --layer_decay
     model = build_classifier(config, encoder_state, full_train.num_classes(), args.dropout, args.drop_path,
-                             run.process.rank, run.process.world)
+                             run.process.rank, run.process.world, seed=args.seed)  # the head: from --seed alone
     no_decay = mae_recipe.mae_no_weight_decay if args.recipe == "mae" else no_weight_decay
     groups = (mae_recipe.layer_decay_groups(model, args.lr, args.weight_decay, no_decay, args.layer_decay)
               if args.layer_decay != 1 else None)
@@ -240,9 +240,10 @@ def main(args):
     classifier = run.prepare(model, optimizer, scheduler)
 
     # ---- supervised training: horizontal flip (the paper's only augmentation); the MAE recipe's pieces if asked
-    mae_recipe.check_mix_batch(args, run.process.local_batch(args.batch_size))
-    augment = mae_recipe.Augment(args, run.data.mean, run.data.std, run.process.rank, full_train.num_classes(),
-                                 config.image_size)
+    pieces = mae_recipe.Pieces.from_flags(vars(args))
+    mae_recipe.check_mix_batch(pieces, args.batch_size, run.process.local_batch(args.batch_size), args.accum_steps)
+    augment = mae_recipe.Augment(pieces, args.seed, run.data.mean, run.data.std, run.process.rank,
+                                 full_train.num_classes(), config.image_size)
     classifier.train()
 
     @run.graphed  # --cuda_graph: this step captured whole in one CUDA graph (training/cuda_graph.py)

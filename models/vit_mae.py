@@ -25,6 +25,7 @@ from transformers import (PreTrainedModel, ViTConfig, ViTForImageClassification,
 from errors import UserError
 from models.checkpoints import _SHARED_ARCH, _load_exact, load_encoder_state
 from models.hub import TINY_CONFIG, TINY_NAME, _from_pretrained
+from utils import mix_seed
 
 TINY_INIT_SEED = 0  # vit-mae-tiny's θ₀ is this seed's initialisation, the same in every stage and run
 
@@ -166,15 +167,21 @@ def checkpoint_activations(model: nn.Module) -> None:
 # ----------------------------------------------------------------------------- the fine-tuning classifier
 
 def build_classifier(config: ViTMAEConfig, encoder_state: dict, num_classes: int, dropout: float,
-                     drop_path: float = 0.0, rank: int = 0, world: int = 1) -> ViTForImageClassification:
+                     drop_path: float = 0.0, rank: int = 0, world: int = 1, seed: int | None = None
+                     ) -> ViTForImageClassification:
     """A ViT classifier (linear head on the final-LayerNorm CLS token) whose encoder is `encoder_state`.
 
-    Every encoder tensor comes from `encoder_state`; only `classifier.weight/bias` are new. drop_path > 0: stochastic
-    depth on both residual branches of every block (DropPathGlobalBatch, for process `rank` of `world`), at rates
-    rising linearly from 0 in the first block to drop_path in the last, as timm's ViT."""
+    Every encoder tensor comes from `encoder_state`; only `classifier.weight/bias` are new: transformers'
+    initialisation under the seed mix_seed(seed, rank) when `seed` is given (whatever drew from the global generator
+    before; under DDP process 0's head is broadcast), else from the global generator as it stands. drop_path > 0:
+    stochastic depth on both residual branches of every block (DropPathGlobalBatch, for process `rank` of `world`),
+    at rates rising linearly from 0 in the first block to drop_path in the last, as timm's ViT."""
     vit_config = ViTConfig(**{k: getattr(config, k) for k in _SHARED_ARCH}, num_labels=num_classes,
                            hidden_dropout_prob=dropout, attention_probs_dropout_prob=0.0)
-    model = ViTForImageClassification(vit_config)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(mix_seed(seed, rank))
+        model = ViTForImageClassification(vit_config)
     _load_exact(model, {"vit." + k: v for k, v in encoder_state.items()}, "the encoder checkpoint",
                 allowed_missing=("classifier.weight", "classifier.bias"))
     if drop_path > 0:

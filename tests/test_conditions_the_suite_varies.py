@@ -126,11 +126,15 @@ def test_streamed_runs_equal_the_decoded_run_and_resume_bit_identically(streamed
 
 def test_the_seed_sets_the_head_the_dropout_masks_the_flips_and_the_data_order(few, tmp_path, monkeypatch):
     """Fine-tuning runs of seeds 1, 1 and 2, each cut before step 2: the new classifier head, the dropout masks,
-    the flips and the images of each step are the same for the same seed, and all differ for another seed."""
-    def drawn(seed, name):
+    the flips and the images of each step are the same for the same seed, and all differ for another seed. The
+    second run of seed 1 draws from the global generator just before the head is built: the head is seeded by
+    --seed itself, not by what happened to draw before it."""
+    def drawn(seed, name, disturb=False):
         masks, inputs = [], []
         with monkeypatch.context() as m:
             seen = spy_prepare(m)
+            if disturb:
+                spy(m, finetune, "train_val_split", lambda *a: torch.rand(1000))
             spy(m, finetune, "training_loss",
                 lambda model, images, labels, flip: inputs.append((images.clone(), flip.clone())))
 
@@ -149,7 +153,7 @@ def test_the_seed_sets_the_head_the_dropout_masks_the_flips_and_the_data_order(f
                 "flips": [torch.stack([f for _, f in inputs])],  # both steps' 16 at once: 8 may agree by chance
                 "images": [i for i, _ in inputs]}
 
-    one, again, two = drawn(1, "a"), drawn(1, "b"), drawn(2, "c")
+    one, again, two = drawn(1, "a"), drawn(1, "b", disturb=True), drawn(2, "c")
     for what in one:
         assert all(torch.equal(x, y) for x, y in zip(one[what], again[what], strict=True)), f"seed 1: other {what}"
         assert not any(torch.equal(x, y) for x, y in zip(one[what], two[what], strict=True)), \

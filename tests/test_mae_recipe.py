@@ -172,7 +172,8 @@ def test_drop_path_follows_timm_drop_path_on_the_same_draws_and_rises_with_depth
 # ----------------------------------------------------------------------------- mixup / cutmix, erasing, RandAugment
 
 def augment_of(*argv, rank=0):
-    return mae_recipe.Augment(recipe_args(*argv), MEAN, STD, rank, NUM_CLASSES, 32)
+    args = recipe_args(*argv)
+    return mae_recipe.Augment(mae_recipe.Pieces.from_flags(vars(args)), args.seed, MEAN, STD, rank, NUM_CLASSES, 32)
 
 
 @pytest.mark.parametrize("flags", [("--mixup", "0.8"), ("--cutmix", "1.0"), ("--mixup", "0.8", "--cutmix", "1.0")])
@@ -279,10 +280,14 @@ def test_recipe_mae_sets_the_pieces_and_a_given_flag_wins():
 
 
 def test_odd_per_process_batch_with_mixup_is_refused():
-    mae_recipe.check_mix_batch(recipe_args("--recipe", "mae"), 8)
-    mae_recipe.check_mix_batch(recipe_args(), 7)
+    def check(local_batch, *argv):
+        args = recipe_args(*argv)
+        mae_recipe.check_mix_batch(mae_recipe.Pieces.from_flags(vars(args)), args.batch_size, local_batch,
+                                   args.accum_steps)
+    check(8, "--recipe", "mae")
+    check(7)
     with pytest.raises(utils.UserError, match="even number"):
-        mae_recipe.check_mix_batch(recipe_args("--cutmix", "1.0"), 7)
+        check(7, "--cutmix", "1.0")
 
 
 # ----------------------------------------------------------------------------- the results table

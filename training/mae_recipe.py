@@ -14,6 +14,7 @@ batch -- and puts their previous states back after, so a draw is a function of t
 N processes take the same steps, and a resumed run needs no saved random-number state (training/draws.py).
 """
 import contextlib
+import dataclasses
 import math
 import random
 import re
@@ -160,6 +161,25 @@ def randaug_transform(config: str, image_size: int, mean) -> RandAugment:
     return found[0]
 
 
+@dataclasses.dataclass(frozen=True)
+class Pieces:
+    """The recipe's pieces as a run resolved them (resolve_recipe): one field per key of RECIPES' recipes."""
+    layer_decay: float
+    drop_path: float
+    mixup: float
+    cutmix: float
+    label_smoothing: float
+    reprob: float
+    randaug: str
+    schedule: str
+    weight_decay: float
+
+    @classmethod
+    def from_flags(cls, flags: dict) -> "Pieces":
+        """The pieces among a run's flags (vars(args), resolved)."""
+        return cls(**{name: flags[name] for name in RECIPES["release"]})
+
+
 class Augment:
     """What the recipe does to a step's batch before the forward, in MAE's order: RandAugment (per image, on its
     uint8 pixels), random erasing (per image, normalised), mixup / cutmix (on the batch, with the smoothed
@@ -174,17 +194,19 @@ class Augment:
     onto its pair), with one λ and box per step from (seed, stream, step): the same in every process, so the
     pairs stay within a process when B_local is even."""
 
-    def __init__(self, args, mean: torch.Tensor, std: torch.Tensor, rank: int, num_classes: int, image_size: int):
-        self.seed, self.rank, self.mean, self.std = args.seed, rank, mean, std
-        self.num_classes, self.label_smoothing = num_classes, args.label_smoothing
-        self.randaug = (None if args.randaug == "none"
-                        else randaug_transform(args.randaug, image_size, mean.flatten().tolist()))
+    def __init__(self, pieces: Pieces, seed: int, mean: torch.Tensor, std: torch.Tensor, rank: int, num_classes: int,
+                 image_size: int):
+        self.seed, self.rank, self.mean, self.std = seed, rank, mean, std
+        self.num_classes, self.label_smoothing = num_classes, pieces.label_smoothing
+        self.randaug = (None if pieces.randaug == "none"
+                        else randaug_transform(pieces.randaug, image_size, mean.flatten().tolist()))
         # MAE's: one erased rectangle filled with per-pixel normal noise
-        self.erase = RandomErasing(args.reprob, mode="pixel", max_count=1, device="cpu") if args.reprob > 0 else None
+        self.erase = (RandomErasing(pieces.reprob, mode="pixel", max_count=1, device="cpu") if pieces.reprob > 0
+                      else None)
         self.mixup = None
-        if args.mixup > 0 or args.cutmix > 0:
-            self.mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=1.0, switch_prob=0.5,
-                               mode="batch", label_smoothing=args.label_smoothing, num_classes=num_classes)
+        if pieces.mixup > 0 or pieces.cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=pieces.mixup, cutmix_alpha=pieces.cutmix, prob=1.0, switch_prob=0.5,
+                               mode="batch", label_smoothing=pieces.label_smoothing, num_classes=num_classes)
 
     def __call__(self, step: int, images: torch.Tensor, labels: torch.Tensor):
         first = self.rank * images.shape[0]  # this process's first row in the global batch
@@ -230,12 +252,12 @@ class Augment:
         return mixed[back], targets[back]
 
 
-def check_mix_batch(args, local_batch: int) -> None:
+def check_mix_batch(pieces: Pieces, batch_size: int, local_batch: int, accum_steps: int) -> None:
     """Mixup pairs rows 2k, 2k+1 of the global batch: each process must hold whole pairs. Drop path draws for the
     rows of the whole batch a forward sees, which --accum_steps would cut into micro-batches."""
-    if args.drop_path > 0 and args.accum_steps > 1:
+    if pieces.drop_path > 0 and accum_steps > 1:
         raise UserError("--drop_path draws its masks for the batch a forward sees, so it does not yet combine with "
                         "--accum_steps > 1: pass one of them")
-    if (args.mixup > 0 or args.cutmix > 0) and local_batch % 2:
+    if (pieces.mixup > 0 or pieces.cutmix > 0) and local_batch % 2:
         raise UserError(f"--mixup / --cutmix mix pairs of images, but each process gets {local_batch} images a step "
-                        f"(--batch_size {args.batch_size}); use a batch size that gives each process an even number")
+                        f"(--batch_size {batch_size}); use a batch size that gives each process an even number")

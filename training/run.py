@@ -83,7 +83,8 @@ class Run:
         self._observers = list(_observers)
         self.optimizer_record = None  # set by adamw
         self._control = None  # stop signals and the time-based save (training/preemption.py), set by prepare
-        torch.manual_seed(mix_seed(args.seed, self.process.rank))  # new heads, anything built before the loop
+        torch.manual_seed(mix_seed(args.seed, self.process.rank))  # whatever draws before the loop (heads seed
+        # themselves: models.vit_mae.build_classifier, models.roberta_mlm.build_text_classifier)
         # Checked here, before the stage loads anything, and again under the lock in prepare().
         self.already_done = (self.directory is not None and not args.overwrite
                              and self.directory.finished(vars(args), fingerprints(self.reads, strict=False),
