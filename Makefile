@@ -36,7 +36,7 @@ fortunes: $(FORTUNES)
 # The text demo: the three routes on fortunes with the tiny built-in RoBERTa, through run_all.sh as make demo. The
 # text recipe (TAPT's, text_common.py) with a tiny model's settings: texts cut at 128 tokens (bytes: half the
 # fortunes are shorter), batch 16, lr 1e-3, 300 MLM steps for each MAE-like stage, 1000 fine-tuning steps (~5.7
-# epochs; 400 gave macro-F1 16-19 on every route, 1000 gives 21-26), 3 seeds. Measured time and table: README.
+# epochs; 400 gave mean macro-F1 16.6-18.4 per route, 1000 gives 21.7-25.9), 3 seeds. Measured time and table: README.
 DEMO_TEXT_DIR := runs/demo-text
 DEMO_TEXT_ENV := STEPS=300 FINETUNE_STEPS=1000 SEEDS="1 2 3" JOBS=2 MAE_FLAGS="--batch_size 16 --lr 1e-3" \
 	FINETUNE_FLAGS="--batch_size 16 --lr 1e-3"
