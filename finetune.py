@@ -122,6 +122,12 @@ def label_names(dataset: ImageDataset, num_classes: int) -> list[str]:
     return [str(name) for name in names]
 
 
+def name_labels(model, names: list[str]) -> None:
+    """The saved classifier's id2label / label2id: a pipeline then answers with the class names."""
+    model.config.id2label = dict(enumerate(names))
+    model.config.label2id = {name: label for label, name in enumerate(names)}
+
+
 def train_val_split(n: int, val_split: float) -> tuple[list[int], list[int]]:
     """(training indices, held-out indices) of n images: round(n · val_split) held out, the same ones for
     every seed. Neither part may be empty (the held-out part only when val_split > 0)."""
@@ -272,8 +278,7 @@ def main(args):
     if run.is_main:
         if args.save_model:  # before the result file, which marks the run done
             names = label_names(full_train, model.config.num_labels)
-            model.config.id2label = dict(enumerate(names))
-            model.config.label2id = {name: label for label, name in enumerate(names)}
+            name_labels(model, names)
             model_dir = os.path.join(out_dir, "model")
             save_model(model, model_dir, preprocessing, card=model_card(model_dir, result))  # card: every seed
             result["model"] = model_dir
@@ -374,8 +379,7 @@ def main_text(args):
                       val_micro_f1=val["micro_f1"], num_val=len(val_idx))
     if run.is_main:
         if args.save_model:  # before the result file, which marks the run done
-            model.config.id2label = dict(enumerate(full_train.classes))
-            model.config.label2id = {name: label for label, name in enumerate(full_train.classes)}
+            name_labels(model, full_train.classes)
             model_dir = os.path.join(out_dir, "model")
             save_model(model, model_dir, card=model_card(model_dir, result), tokenizer=tokenizer)
             result["model"] = model_dir

@@ -55,7 +55,7 @@ def _texts(setup, split="train"):
         return [json.loads(line) for line in f]
 
 
-def _collate(tokenizer, examples, noise, monkeypatch):
+def _collate(tokenizer, examples, noise, monkeypatch, mlm_probability=0.15):
     """DataCollatorForLanguageModeling on `examples`, its three Bernoulli draws and its random tokens taken from
     `noise` (B, max_length, 4): the draws the stage makes for the step."""
     planes = iter(range(3))
@@ -63,7 +63,7 @@ def _collate(tokenizer, examples, noise, monkeypatch):
         m.setattr(torch, "bernoulli", lambda p, generator=None: (noise[:, :p.shape[1], next(planes)] < p).float())
         m.setattr(torch, "randint", lambda high, size, dtype=None, generator=None:
                   (noise[:, :size[1], 3] * high).long().clamp(max=high - 1))
-        return DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15, seed=None)(examples)
+        return DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability, seed=None)(examples)
 
 
 def _optimizer(model, weight_decay):
@@ -74,7 +74,7 @@ def _optimizer(model, weight_decay):
     return optimizer, get_linear_schedule_with_warmup(optimizer, round(0.06 * STEPS), STEPS)
 
 
-def reference_mlm(setup, monkeypatch, teacher_dir=None):
+def reference_mlm(setup, monkeypatch, teacher_dir=None, mlm_probability=0.15):
     """Stage 1 (teacher_dir None) or stage 2 as a plain transformers loop: the model's own MLM loss on the collator's
     masks, plus for stage 2 ‖h_S(x) − h_T(x)‖² of the `<s>` token of the last layer on the unmasked text."""
     tokenizer = AutoTokenizer.from_pretrained(setup["theta0"])
@@ -85,7 +85,8 @@ def reference_mlm(setup, monkeypatch, teacher_dir=None):
     draws = Draws(SEED, BATCH, STEPS, 0, 1, torch.device("cpu"))  # the data order and noise the stage draws
     for step in range(STEPS):
         examples = [{"input_ids": ids[i]} for i in draws.indices(len(ids), step).tolist()]
-        batch = _collate(tokenizer, examples, draws.uniform(step, utils.STREAM_NOISE, MAX_LENGTH, 4), monkeypatch)
+        batch = _collate(tokenizer, examples, draws.uniform(step, utils.STREAM_NOISE, MAX_LENGTH, 4), monkeypatch,
+                         mlm_probability)
         loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
         if teacher is not None:
             plain = tokenizer.pad(examples, return_tensors="pt")
@@ -106,11 +107,13 @@ def _assert_same(ours: dict, reference: dict, atol=2e-5):
     assert worst < atol, worst
 
 
-def test_further_pretraining_on_text_is_a_plain_transformers_mlm_loop(setup, monkeypatch):
-    pretrain.main(_args(pretrain, setup))
-    ours = load_file(os.path.join(setup["root"], "ck", f"further-pretrain-{STEPS}", setup["dataset"],
-                                  "model.safetensors"))
-    reference = reference_mlm(setup, monkeypatch)
+@pytest.mark.parametrize("mask_ratio", [None, 0.3], ids=["default", "given"])
+def test_further_pretraining_on_text_is_a_plain_transformers_mlm_loop(setup, monkeypatch, tmp_path, mask_ratio):
+    """The text default (15 %) and a --mask_ratio given, each against the collator at that rate."""
+    given = [] if mask_ratio is None else ["--mask_ratio", str(mask_ratio)]
+    pretrain.main(_args(pretrain, setup, *given, "--output_dir", str(tmp_path / "run")))
+    ours = load_file(os.path.join(tmp_path, "run", "model.safetensors"))
+    reference = reference_mlm(setup, monkeypatch, mlm_probability=mask_ratio or 0.15)
     start = RobertaForMaskedLM.from_pretrained(setup["theta0"]).state_dict()
     assert max((ours[k] - start[k]).abs().max().item() for k in ours) > 1e-3  # it trained
     _assert_same(ours, reference)
